@@ -1,0 +1,138 @@
+"""The ``SATORI`` settings dict, read from Django settings.
+
+The app never reads the environment: the project does (for example with
+django-environ) and puts the values into ``settings.SATORI``. The accessor
+:func:`get_settings` returns a typed, frozen view that follows
+``override_settings`` because it is rebuilt whenever ``SATORI`` changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings as django_settings
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+AUTH_KEYS = ("USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET")
+
+DEFAULT_ACTION_PARAMS: dict[str, str] = {
+    "name": "action[name]",
+    "content": "action[content]",
+    "url": "action[url]",
+    "date": "action[date]",
+}
+
+DEFAULT_DELIVERY_PERMISSION_LABELS: dict[str, str] = {
+    "許可": "approval",
+    "拒否": "reject",
+    "approval": "approval",
+    "reject": "reject",
+}
+
+
+@dataclass(frozen=True)
+class SatoriSettings:
+    """Typed view of ``settings.SATORI``; see docs/configuration.md for each key."""
+
+    USER_KEY: str = ""
+    USER_SECRET: str = ""
+    COMPANY_KEY: str = ""
+    COMPANY_SECRET: str = ""
+    BASE_URL: str = "https://api.satr.jp"
+    #: Seconds for connect and for read, or a ``(connect, read)`` pair.
+    TIMEOUT: float | tuple[float, float] = 10.0
+
+    # Sync engine
+    SYNC_ENABLED: bool = True
+    DRY_RUN: bool = False
+    #: False: only push customers known to exist in SATORI (imported, or created by us).
+    CREATE_UNKNOWN: bool = True
+    #: "upsert" (overwrite) or "registration" (create, or fill blanks only).
+    PUSH_ENDPOINT: str = "upsert"
+    #: Single-customer calls per minute, shared by all workers; None disables the limit.
+    RATE_LIMIT_PER_MINUTE: int | None = 30
+    #: Django cache alias used for the shared rate limit.
+    RATE_LIMIT_CACHE: str = "default"
+    #: Saves of one customer within this many seconds give one call.
+    COALESCE_SECONDS: float = 2.0
+    #: More pending customers than this are sent through the bulk CSV API.
+    BULK_THRESHOLD: int = 200
+    MAX_ATTEMPTS: int = 8
+    RETRY_BACKOFF_SECONDS: float = 5.0
+    RETRY_BACKOFF_MAX_SECONDS: float = 900.0
+    #: How long a worker holds a customer while sending; a killed worker's claim expires.
+    LEASE_SECONDS: float = 120.0
+    #: Pending work older than this without progress is dispatched again by the sweep.
+    SWEEP_AFTER_SECONDS: float = 60.0
+    #: {"app_label.Model": {...}}: project models connected to Customer (docs/connecting-models.md).
+    MAPPINGS: Mapping[str, Any] = field(default_factory=dict)
+    #: {"identifier": "text" | "integer" | "date" | {"type": "select", "choices": [...]}}
+    CUSTOM_FIELDS: Mapping[str, Any] = field(default_factory=dict)
+    #: How several tags are joined in ``append_tags`` / ``delete_tags`` (unverified).
+    TAG_SEPARATOR: str = ","
+
+    # Bulk CSV API
+    BULK_CHUNK_SIZE: int = 10_000
+    BULK_DEFAULT_COLLECTION_ROUTE: str = ""
+    BULK_POLL_INTERVAL_SECONDS: float = 5.0
+    BULK_POLL_MAX_INTERVAL_SECONDS: float = 120.0
+    BULK_DEADLINE_SECONDS: float = 6 * 3600.0
+    BULK_STORAGE: str = "default"
+    BULK_EXPORT_ITERATOR_CHUNK: int = 2000
+
+    # Action API (path and parameter names are unverified, hence configurable)
+    ACTION_PATH: str = "/api/v4/public/customer/add_action.json"
+    ACTION_PARAMS: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTION_PARAMS))
+    ACTION_TIMEZONE: str = "Asia/Tokyo"
+
+    # Logs and the admin
+    REDACT_PERSONAL_DATA: bool = True
+
+    # Importing SATORI's admin CSV export
+    DELIVERY_PERMISSION_LABELS: Mapping[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_DELIVERY_PERMISSION_LABELS)
+    )
+
+    @property
+    def has_credentials(self) -> bool:
+        return all(getattr(self, key) for key in AUTH_KEYS)
+
+    def __repr__(self) -> str:
+        # Secrets never appear in reprs (tracebacks with locals, debug pages).
+        shown = {
+            f.name: ("********" if f.name in AUTH_KEYS and getattr(self, f.name) else
+                     getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        }
+        return f"SatoriSettings({shown!r})"
+
+
+SETTING_NAMES: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SatoriSettings))
+
+
+def raw_settings() -> dict[str, Any]:
+    value = getattr(django_settings, "SATORI", None) or {}
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> SatoriSettings:
+    """Return the current settings; unknown names are ignored here (checks report them)."""
+    raw = raw_settings()
+    known = {key: value for key, value in raw.items() if key in SETTING_NAMES}
+    if isinstance(known.get("TIMEOUT"), list):
+        known["TIMEOUT"] = tuple(known["TIMEOUT"])
+    if "ACTION_PARAMS" in known and isinstance(known["ACTION_PARAMS"], Mapping):
+        known["ACTION_PARAMS"] = {**DEFAULT_ACTION_PARAMS, **known["ACTION_PARAMS"]}
+    return SatoriSettings(**known)
+
+
+@receiver(setting_changed)
+def _reset_settings(*, setting: str, **kwargs: Any) -> None:
+    if setting == "SATORI":
+        get_settings.cache_clear()

@@ -1,0 +1,87 @@
+"""Errors raised by django-satori.
+
+Every error carries what SATORI said (``status``, ``message`` and the parsed
+``response``) so callers can show it as-is; none of them ever carries the API
+keys, because messages are built only from SATORI's reply or our own text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SatoriError(Exception):
+    """Base class: something went wrong talking to SATORI (or before it)."""
+
+    #: Whether sending the same request again later may succeed.
+    retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        response: Any = None,
+        http_status: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.response = response
+        self.http_status = http_status
+        self.field = field
+
+    def __str__(self) -> str:
+        parts = []
+        if self.status is not None:
+            parts.append(f"SATORI status {self.status}")
+        if self.field:
+            parts.append(f"field {self.field!r}")
+        prefix = ", ".join(parts)
+        return f"{prefix}: {self.message}" if prefix else self.message
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.message!r}, status={self.status!r}, "
+            f"field={self.field!r})"
+        )
+
+
+class SatoriConfigurationError(SatoriError):
+    """Settings are missing or wrong (for example an empty API key)."""
+
+
+class SatoriAuthenticationError(SatoriError):
+    """SATORI refused the keys. Not retryable: a person must fix the settings."""
+
+
+class SatoriPermissionError(SatoriAuthenticationError):
+    """The key's user lacks a permission for this customer or operation.
+
+    SATORI's "own records only" rule means valid keys can be refused for some
+    customers (those created by another user or key), so this is reported per
+    customer and never retried.
+    """
+
+
+class SatoriValidationError(SatoriError, ValueError):
+    """A value was refused, locally before sending or by SATORI. Names the field."""
+
+
+class SatoriNotFoundError(SatoriError):
+    """SATORI does not know the customer or the bulk process code."""
+
+
+class SatoriTransientError(SatoriError):
+    """A network error, timeout, 5xx, 429 or non-JSON reply: retry later."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class SatoriRateLimitError(SatoriTransientError):
+    """SATORI (or our own shared rate limit) asked us to slow down."""

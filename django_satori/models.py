@@ -1,0 +1,382 @@
+"""The local mirror of SATORI customers and everything needed to sync it.
+
+Data path: ``Customer.save()`` marks its :class:`SyncState` (the outbox row)
+pending in the same transaction -> after commit a task is queued -> the task
+claims the row, sends the customer's current data with the client -> SATORI's
+answer is written back to the same row and to :class:`SyncLog`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.db import models
+from django.utils.translation import gettext_lazy as _
+
+from .schema import EMAIL_MAX_LENGTH, normalize_email
+
+
+class SyncStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    SENDING = "sending", _("Sending")
+    IN_BULK = "in_bulk", _("In a bulk job")
+    SYNCED = "synced", _("Synced")
+    FAILED = "failed", _("Failed")
+    DRY_RUN = "dry_run", _("Dry run (not sent)")
+    NOT_IN_SATORI = "not_in_satori", _("Not in SATORI")
+    STOPPED = "stopped", _("Sync stopped")
+
+
+class Operation(models.TextChoices):
+    UPSERT = "upsert", _("Send customer")
+    DELETE = "delete", _("Delete customer")
+    NONE = "none", _("Nothing to do")
+
+
+class DeliveryPermission(models.TextChoices):
+    APPROVAL = "approval", _("Allowed (approval)")
+    REJECT = "reject", _("Refused (reject)")
+
+
+class Customer(models.Model):
+    """A customer as SATORI should see it. Field names follow SATORI's API keys."""
+
+    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, unique=True)
+    last_name = models.CharField(_("last name"), max_length=255, blank=True)
+    first_name = models.CharField(_("first name"), max_length=255, blank=True)
+    last_name_reading = models.CharField(_("last name (reading)"), max_length=255, blank=True)
+    first_name_reading = models.CharField(_("first name (reading)"), max_length=255, blank=True)
+    lead_company_name = models.CharField(_("company"), max_length=255, blank=True)
+    department = models.CharField(_("department"), max_length=255, blank=True)
+    phone_number = models.CharField(_("phone number"), max_length=64, blank=True)
+    mobile_phone_number = models.CharField(_("mobile phone number"), max_length=64, blank=True)
+    address = models.CharField(_("address"), max_length=512, blank=True)
+    memo = models.TextField(_("memo"), blank=True)
+    collection_route = models.CharField(_("collection route"), max_length=255, blank=True)
+    collection_date = models.DateField(_("collection date"), null=True, blank=True)
+    delivery_permission = models.CharField(
+        _("e-mail delivery permission"),
+        max_length=16,
+        choices=DeliveryPermission.choices,
+        blank=True,
+    )
+    tags = models.JSONField(_("tags"), default=list, blank=True)
+    #: ``{"custom:<identifier>": value}`` for SATORI custom fields.
+    custom_fields = models.JSONField(_("custom fields"), default=dict, blank=True)
+
+    #: The project object this customer mirrors ("app_label.model" and its pk).
+    source_model = models.CharField(_("source model"), max_length=100, blank=True, default="")
+    source_pk = models.CharField(_("source object id"), max_length=64, blank=True, default="")
+
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("SATORI customer")
+        verbose_name_plural = _("SATORI customers")
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["source_model", "source_pk"],
+                condition=~models.Q(source_model=""),
+                name="django_satori_customer_unique_source",
+            )
+        ]
+        permissions = [
+            ("sync_customer", _("Can send customers to SATORI")),
+            ("bulk_customer", _("Can start bulk CSV jobs")),
+        ]
+
+    def __str__(self) -> str:
+        return self.email
+
+    @classmethod
+    def from_db(cls, db: Any, field_names: Any, values: Any) -> Customer:
+        instance = super().from_db(db, field_names, values)
+        # Remembered so a changed e-mail can be followed in SATORI (see sync.record_change).
+        instance._loaded_email = instance.__dict__.get("email")
+        return instance
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.email = normalize_email(self.email)
+        super().save(*args, **kwargs)
+
+    @property
+    def hashcode(self) -> str:
+        state = getattr(self, "sync_state", None)
+        return state.hashcode if state else ""
+
+
+class SyncState(models.Model):
+    """One row per SATORI customer identity (e-mail): the outbox and the sync state.
+
+    A change to a customer marks this row pending (``version`` + 1) in the
+    change's own transaction, so the intent can never be lost. It outlives the
+    customer so that ``delete.json`` can still be called after a local delete.
+    """
+
+    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, unique=True)
+    customer = models.OneToOneField(
+        Customer,
+        verbose_name=_("customer"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="sync_state",
+    )
+    operation = models.CharField(
+        _("operation"), max_length=16, choices=Operation.choices, default=Operation.UPSERT
+    )
+    status = models.CharField(
+        _("sync status"),
+        max_length=16,
+        choices=SyncStatus.choices,
+        default=SyncStatus.PENDING,
+        db_index=True,
+    )
+    version = models.PositiveBigIntegerField(_("version"), default=1)
+    synced_version = models.PositiveBigIntegerField(_("synced version"), default=0)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    last_error = models.TextField(_("last error"), blank=True)
+    last_error_at = models.DateTimeField(_("last error at"), null=True, blank=True)
+    last_synced_at = models.DateTimeField(_("last synced"), null=True, blank=True)
+    #: SHA-256 of the payload SATORI last accepted; unchanged data is not sent again.
+    fingerprint = models.CharField(_("fingerprint"), max_length=64, blank=True)
+    #: Tags SATORI got from us, so a tag removed locally becomes ``delete_tags``.
+    sent_tags = models.JSONField(_("tags sent"), default=list, blank=True)
+    hashcode = models.CharField(_("SATORI hashcode"), max_length=128, blank=True, db_index=True)
+    #: Known to exist in SATORI (created by us or imported from SATORI's export).
+    in_satori = models.BooleanField(_("known in SATORI"), default=False)
+    #: The e-mail SATORI has for this customer when it was changed locally.
+    previous_email = models.CharField(
+        _("previous e-mail"), max_length=EMAIL_MAX_LENGTH, blank=True
+    )
+
+    not_before = models.DateTimeField(_("not before"), null=True, blank=True, db_index=True)
+    dispatched_at = models.DateTimeField(_("task queued at"), null=True, blank=True)
+    lease_until = models.DateTimeField(_("claimed until"), null=True, blank=True)
+    lease_token = models.CharField(max_length=32, blank=True)
+
+    bulk_part = models.ForeignKey(
+        "BulkPart",
+        verbose_name=_("bulk part"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    bulk_version = models.PositiveBigIntegerField(default=0)
+
+    #: Last-known values in SATORI (from an admin CSV export import), wire keys.
+    remote_values = models.JSONField(_("values in SATORI"), default=dict, blank=True)
+    remote_seen_at = models.DateTimeField(_("seen in SATORI export"), null=True, blank=True)
+
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("sync state")
+        verbose_name_plural = _("sync states (outbox)")
+        ordering = ["-updated_at"]
+        indexes = [models.Index(fields=["status", "not_before"], name="django_sato_status_nb")]
+
+    def __str__(self) -> str:
+        return f"{self.email} ({self.get_status_display()})"
+
+
+class ActionStatus(models.TextChoices):
+    PENDING = "pending", _("Pending")
+    SENDING = "sending", _("Sending")
+    SENT = "sent", _("Sent")
+    FAILED = "failed", _("Failed")
+    DRY_RUN = "dry_run", _("Dry run (not sent)")
+
+
+class CustomerAction(models.Model):
+    """A user-defined action for a customer's timeline; itself an outbox row."""
+
+    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, db_index=True)
+    customer = models.ForeignKey(
+        Customer,
+        verbose_name=_("customer"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="actions",
+    )
+    name = models.CharField(_("action name"), max_length=255)
+    content = models.TextField(_("content"), blank=True)
+    url = models.URLField(_("URL"), max_length=1000, blank=True)
+    occurred_at = models.DateTimeField(_("occurred at"))
+    status = models.CharField(
+        _("status"),
+        max_length=16,
+        choices=ActionStatus.choices,
+        default=ActionStatus.PENDING,
+        db_index=True,
+    )
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    last_error = models.TextField(_("last error"), blank=True)
+    not_before = models.DateTimeField(_("not before"), null=True, blank=True)
+    dispatched_at = models.DateTimeField(_("task queued at"), null=True, blank=True)
+    lease_until = models.DateTimeField(_("claimed until"), null=True, blank=True)
+    sent_at = models.DateTimeField(_("sent"), null=True, blank=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+
+    class Meta:
+        verbose_name = _("customer action")
+        verbose_name_plural = _("customer actions")
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_status_display()})"
+
+
+class SyncLog(models.Model):
+    """One call to SATORI (or one decision not to call): the sync history.
+
+    Request and response summaries never hold the API keys; personal values
+    are replaced by their length unless ``REDACT_PERSONAL_DATA`` is False.
+    """
+
+    class Outcome(models.TextChoices):
+        OK = "ok", _("Succeeded")
+        RETRY = "retry", _("Will retry")
+        FAILED = "failed", _("Failed")
+        SKIPPED = "skipped", _("Not sent")
+        DRY_RUN = "dry_run", _("Dry run")
+
+    created_at = models.DateTimeField(_("time"), auto_now_add=True, db_index=True)
+    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True, db_index=True)
+    endpoint = models.CharField(_("endpoint"), max_length=100)
+    outcome = models.CharField(_("outcome"), max_length=16, choices=Outcome.choices)
+    satori_status = models.IntegerField(_("SATORI status"), null=True, blank=True)
+    attempt = models.PositiveIntegerField(_("attempt"), default=0)
+    duration_ms = models.PositiveIntegerField(_("duration (ms)"), default=0)
+    request_summary = models.JSONField(_("request"), default=dict, blank=True)
+    response_summary = models.JSONField(_("response"), default=dict, blank=True)
+    message = models.TextField(_("message"), blank=True)
+
+    class Meta:
+        verbose_name = _("sync log entry")
+        verbose_name_plural = _("sync log")
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.get_outcome_display()}"
+
+
+class BulkMode(models.TextChoices):
+    UPSERT = "upsert", _("Upsert (create or update)")
+    REGISTRATION = "registration", _("Registration (create, fill blanks)")
+
+
+class BulkState(models.TextChoices):
+    CREATED = "created", _("Created")
+    EXPORTING = "exporting", _("Writing CSV")
+    UPLOADING = "uploading", _("Uploading")
+    PROCESSING = "processing", _("Processing in SATORI")
+    FINISHED = "finished", _("Finished")
+    FAILED = "failed", _("Failed")
+    CANCELLED = "cancelled", _("Cancelled")
+
+
+class BulkJob(models.Model):
+    """A bulk CSV upload of a selection of customers, split into parts of 10,000 rows."""
+
+    mode = models.CharField(_("mode"), max_length=16, choices=BulkMode.choices)
+    identity_type = models.CharField(_("identity type"), max_length=16, default="email")
+    state = models.CharField(
+        _("state"), max_length=16, choices=BulkState.choices, default=BulkState.CREATED,
+        db_index=True,
+    )
+    #: The selection, kept as a pickled ``Query`` of Customer (never a list of pks).
+    query = models.BinaryField(null=True, blank=True, editable=False)
+    description = models.CharField(_("selection"), max_length=255, blank=True)
+    row_count = models.PositiveIntegerField(_("rows"), default=0)
+    invalid_count = models.PositiveIntegerField(_("left out (invalid)"), default=0)
+    succeeded_count = models.PositiveIntegerField(_("succeeded"), default=0)
+    failed_count = models.PositiveIntegerField(_("failed"), default=0)
+    part_count = models.PositiveIntegerField(_("parts"), default=0)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("started by"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    error = models.TextField(_("error"), blank=True)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    started_at = models.DateTimeField(_("started"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    last_polled_at = models.DateTimeField(_("last status check"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("bulk job")
+        verbose_name_plural = _("bulk jobs")
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.get_mode_display()} ({self.get_state_display()})"
+
+
+class BulkPart(models.Model):
+    """One SATORI upload (at most 10,000 rows) of a :class:`BulkJob`."""
+
+    job = models.ForeignKey(BulkJob, verbose_name=_("job"), on_delete=models.CASCADE,
+                            related_name="parts")
+    number = models.PositiveIntegerField(_("part"))
+    state = models.CharField(
+        _("state"), max_length=16, choices=BulkState.choices, default=BulkState.CREATED,
+        db_index=True,
+    )
+    csv_file = models.FileField(_("CSV file"), upload_to="django_satori/bulk/", max_length=255,
+                                blank=True)
+    row_count = models.PositiveIntegerField(_("rows"), default=0)
+    succeeded_count = models.PositiveIntegerField(_("succeeded"), default=0)
+    failed_count = models.PositiveIntegerField(_("failed"), default=0)
+    process_code = models.CharField(_("process code"), max_length=128, blank=True)
+    poll_count = models.PositiveIntegerField(_("status checks"), default=0)
+    next_poll_at = models.DateTimeField(_("next status check"), null=True, blank=True)
+    uploaded_at = models.DateTimeField(_("uploaded"), null=True, blank=True)
+    last_polled_at = models.DateTimeField(_("last status check"), null=True, blank=True)
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    error = models.TextField(_("error"), blank=True)
+
+    class Meta:
+        verbose_name = _("bulk part")
+        verbose_name_plural = _("bulk parts")
+        ordering = ["job", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "number"], name="django_satori_part_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}/{self.number}"
+
+
+class BulkRowError(models.Model):
+    """A row SATORI refused, or one left out before upload because it was invalid."""
+
+    job = models.ForeignKey(BulkJob, verbose_name=_("job"), on_delete=models.CASCADE,
+                            related_name="row_errors")
+    part = models.ForeignKey(BulkPart, verbose_name=_("part"), null=True, blank=True,
+                             on_delete=models.CASCADE, related_name="row_errors")
+    #: SATORI's row number (the header is row 1); empty for rows left out locally.
+    row_number = models.PositiveIntegerField(_("row"), null=True, blank=True)
+    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True)
+    customer = models.ForeignKey(Customer, verbose_name=_("customer"), null=True, blank=True,
+                                 on_delete=models.SET_NULL, related_name="+")
+    field = models.CharField(_("field"), max_length=100, blank=True)
+    message = models.TextField(_("message"))
+    before_upload = models.BooleanField(_("left out before upload"), default=False)
+
+    class Meta:
+        verbose_name = _("bulk row error")
+        verbose_name_plural = _("bulk row errors")
+        ordering = ["job", "part", "row_number"]
+
+    def __str__(self) -> str:
+        return f"{self.email}: {self.message}"

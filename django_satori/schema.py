@@ -1,0 +1,213 @@
+"""SATORI's customer items and the rules we check before anything is sent.
+
+One place for the wire names (used by the client, the bulk CSV writer, the
+admin-export importer and the sandbox) and for local validation, so a bad
+value is refused with the field's name before it costs an API call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from django.utils.translation import gettext as _
+
+from .exceptions import SatoriValidationError
+
+#: Standard customer items, in the order we write them (key inside ``customer[...]``
+#: and the bulk CSV header). Keys marked weak in our SATORI notes are included
+#: because public clients sent them; see docs/satori-facts.md.
+STANDARD_FIELDS: tuple[str, ...] = (
+    "email",
+    "hashcode",
+    "last_name",
+    "first_name",
+    "last_name_reading",
+    "first_name_reading",
+    "lead_company_name",
+    "department",
+    "phone_number",
+    "mobile_phone_number",
+    "address",
+    "memo",
+    "collection_route",
+    "collection_date",
+    "delivery_permission",
+    "append_tags",
+    "delete_tags",
+)
+IDENTITY_TYPES: tuple[str, ...] = ("email", "hashcode")
+DELIVERY_PERMISSIONS: tuple[str, ...] = ("approval", "reject")
+CUSTOM_PREFIX = "custom:"
+EMAIL_MAX_LENGTH = 255
+CUSTOM_FIELD_TYPES: tuple[str, ...] = ("text", "integer", "date", "select")
+
+# Deliberately simple: SATORI's own rule is "a valid, half-width address"; we
+# refuse what is obviously broken and leave the fine print to SATORI.
+_EMAIL_RE = re.compile(
+    r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
+)
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_CUSTOM_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def normalize_email(value: Any, field: str = "email") -> str:
+    """Trim, NFKC (full-width to ASCII) and lower-case; refuse what SATORI would refuse."""
+    if value is None or not str(value).strip():
+        raise SatoriValidationError(_("An e-mail address is required."), field=field)
+    email = unicodedata.normalize("NFKC", str(value)).strip().lower()
+    if len(email) > EMAIL_MAX_LENGTH:
+        raise SatoriValidationError(
+            _("The e-mail address is longer than %(max)d characters.") % {"max": EMAIL_MAX_LENGTH},
+            field=field,
+        )
+    if not email.isascii():
+        raise SatoriValidationError(
+            _("The e-mail address must use half-width (ASCII) characters only."), field=field
+        )
+    if not _EMAIL_RE.match(email) or ".." in email.split("@", 1)[0]:
+        raise SatoriValidationError(_("This is not a valid e-mail address."), field=field)
+    return email
+
+
+def format_date(value: Any, field: str) -> str:
+    """Dates go as ``YYYY-MM-DD``; ``/`` separators are accepted and converted."""
+    if isinstance(value, dt.datetime):
+        value = value.date()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    text = str(value).strip().replace("/", "-")
+    if _DATE_RE.match(text):
+        try:
+            dt.date.fromisoformat(text)
+        except ValueError:
+            pass
+        else:
+            return text
+    raise SatoriValidationError(
+        _("Dates must be written as YYYY-MM-DD (got %(value)r).") % {"value": str(value)[:40]},
+        field=field,
+    )
+
+
+def custom_field_type(definition: Any) -> tuple[str, tuple[str, ...]]:
+    """Return ``(type, choices)`` for one entry of ``SATORI["CUSTOM_FIELDS"]``."""
+    if isinstance(definition, str):
+        return definition, ()
+    if isinstance(definition, Mapping):
+        return str(definition.get("type", "text")), tuple(definition.get("choices") or ())
+    raise TypeError(f"custom field definition must be a str or a dict, not {type(definition)}")
+
+
+def _clean_custom(identifier: str, value: Any, definitions: Mapping[str, Any]) -> str:
+    key = CUSTOM_PREFIX + identifier
+    if not _CUSTOM_ID_RE.match(identifier) or identifier not in definitions:
+        raise SatoriValidationError(
+            _("Unknown custom field %(key)s: declare it in SATORI['CUSTOM_FIELDS'] "
+              "with the identifier set in SATORI's admin screen.") % {"key": key},
+            field=key,
+        )
+    kind, choices = custom_field_type(definitions[identifier])
+    if kind == "integer":
+        text = str(value).strip()
+        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text):
+            raise SatoriValidationError(
+                _("%(key)s expects a whole number (got %(value)r).")
+                % {"key": key, "value": text[:40]},
+                field=key,
+            )
+        return text
+    if kind == "date":
+        return format_date(value, key)
+    text = _clean_text(value, key)
+    if kind == "select" and choices and text not in choices:
+        raise SatoriValidationError(
+            _("%(key)s must be one of: %(choices)s.") % {"key": key, "choices": ", ".join(choices)},
+            field=key,
+        )
+    return text
+
+
+def _clean_text(value: Any, field: str) -> str:
+    text = str(value)
+    if "\x00" in text:
+        raise SatoriValidationError(_("The value contains a NUL character."), field=field)
+    return text
+
+
+def join_tags(tags: Iterable[str], separator: str) -> str:
+    cleaned = []
+    for tag in tags:
+        tag = str(tag).strip()
+        if separator in tag:
+            raise SatoriValidationError(
+                _("The tag %(tag)r contains the tag separator %(sep)r.")
+                % {"tag": tag, "sep": separator},
+                field="append_tags",
+            )
+        if tag and tag not in cleaned:
+            cleaned.append(tag)
+    return separator.join(cleaned)
+
+
+def clean_customer(
+    values: Mapping[str, Any],
+    *,
+    custom_fields: Mapping[str, Any],
+    require_email: bool = True,
+) -> dict[str, str]:
+    """Validate and normalise one customer's items into wire strings.
+
+    ``values`` uses wire keys (``last_name``, ``custom:plan``). Empty values are
+    dropped: SATORI does not clear a field for an empty value, so sending one
+    would only suggest otherwise. Raises :class:`SatoriValidationError` naming
+    the first bad field.
+    """
+    cleaned: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None or (isinstance(value, str) and value == ""):
+            continue
+        if key.startswith(CUSTOM_PREFIX):
+            cleaned[key] = _clean_custom(key[len(CUSTOM_PREFIX):], value, custom_fields)
+        elif key not in STANDARD_FIELDS:
+            raise SatoriValidationError(
+                _("Unknown SATORI customer field %(key)r.") % {"key": key}, field=key
+            )
+        elif key == "email":
+            cleaned[key] = normalize_email(value)
+        elif key == "collection_date":
+            cleaned[key] = format_date(value, key)
+        elif key == "delivery_permission":
+            text = str(value).strip()
+            if text not in DELIVERY_PERMISSIONS:
+                raise SatoriValidationError(
+                    _("delivery_permission must be 'approval' or 'reject' (got %(value)r).")
+                    % {"value": text[:40]},
+                    field=key,
+                )
+            cleaned[key] = text
+        else:
+            cleaned[key] = _clean_text(value, key)
+    if require_email and "email" not in cleaned and "hashcode" not in cleaned:
+        raise SatoriValidationError(_("An e-mail address is required."), field="email")
+    return cleaned
+
+
+def customer_form_fields(identity_type: str, customer: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``customer[...]`` bracket pairs for the single-customer API (auth not included)."""
+    if identity_type not in IDENTITY_TYPES:
+        raise SatoriValidationError(
+            _("identity_type must be 'email' or 'hashcode'."), field="identity_type"
+        )
+    if not customer.get(identity_type):
+        raise SatoriValidationError(
+            _("identity_type is %(type)r but no %(type)s was given.") % {"type": identity_type},
+            field=identity_type,
+        )
+    pairs = [("customer[identity_type]", identity_type)]
+    pairs.extend((f"customer[{key}]", value) for key, value in customer.items())
+    return pairs
