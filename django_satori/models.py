@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.db import models
+from django.db import models, router, transaction
 from django.utils.translation import gettext_lazy as _
 
 from .schema import EMAIL_MAX_LENGTH, normalize_email
@@ -22,6 +22,7 @@ class SyncStatus(models.TextChoices):
     SENDING = "sending", _("Sending")
     IN_BULK = "in_bulk", _("In a bulk job")
     SYNCED = "synced", _("Synced")
+    DELETED = "deleted", _("Deleted in SATORI")
     FAILED = "failed", _("Failed")
     DRY_RUN = "dry_run", _("Dry run (not sent)")
     NOT_IN_SATORI = "not_in_satori", _("Not in SATORI")
@@ -99,8 +100,14 @@ class Customer(models.Model):
         return instance
 
     def save(self, *args: Any, **kwargs: Any) -> None:
+        from .sync import record_change
+
         self.email = normalize_email(self.email)
-        super().save(*args, **kwargs)
+        # One transaction for the row and its outbox entry: the intent to sync
+        # is committed exactly when the change is, or not at all.
+        with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
+            super().save(*args, **kwargs)
+            record_change(self)
 
     @property
     def hashcode(self) -> str:
@@ -248,7 +255,8 @@ class SyncLog(models.Model):
         DRY_RUN = "dry_run", _("Dry run")
 
     created_at = models.DateTimeField(_("time"), auto_now_add=True, db_index=True)
-    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True, db_index=True)
+    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True,
+                             db_index=True)
     endpoint = models.CharField(_("endpoint"), max_length=100)
     outcome = models.CharField(_("outcome"), max_length=16, choices=Outcome.choices)
     satori_status = models.IntegerField(_("SATORI status"), null=True, blank=True)
@@ -294,6 +302,8 @@ class BulkJob(models.Model):
     #: The selection, kept as a pickled ``Query`` of Customer (never a list of pks).
     query = models.BinaryField(null=True, blank=True, editable=False)
     description = models.CharField(_("selection"), max_length=255, blank=True)
+    #: Started by the sweep for a backlog of pending customers, not by a person.
+    automatic = models.BooleanField(_("automatic"), default=False)
     row_count = models.PositiveIntegerField(_("rows"), default=0)
     invalid_count = models.PositiveIntegerField(_("left out (invalid)"), default=0)
     succeeded_count = models.PositiveIntegerField(_("succeeded"), default=0)

@@ -1,2 +1,713 @@
+"""The sync engine, in the order a change travels.
+
+1. Recording (in the caller's transaction): ``Customer.save()`` and deletes
+   mark the customer's :class:`~django_satori.models.SyncState` row pending.
+   That row is the outbox: committed with the change, or not at all.
+2. Dispatch (after commit): a Celery task is queued with the row's id only.
+3. Sending (in the worker): the task claims the row, sends the customer's
+   *current* data, and writes SATORI's answer back to the same row.
+4. Safety net: :func:`sweep` (Celery beat and ``manage.py satori_sync``)
+   re-dispatches whatever stayed pending, and routes a large backlog through
+   the bulk CSV API instead of thousands of single calls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hashlib
+import json
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+from django.db import IntegrityError, models, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.db.models.signals import post_delete, post_save
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from . import ratelimit, signals
+from .conf import SatoriSettings, get_settings
+from .exceptions import (
+    SatoriError,
+    SatoriNotFoundError,
+    SatoriValidationError,
+)
+from .mapping import ModelMapping, get_mappings
+from .models import (
+    ActionStatus,
+    BulkJob,
+    BulkState,
+    Customer,
+    CustomerAction,
+    Operation,
+    SyncLog,
+    SyncState,
+    SyncStatus,
+)
+from .schema import STANDARD_FIELDS, join_tags, normalize_email
+
+log = logging.getLogger("django_satori.sync")
+
+#: Customer model fields sent as SATORI items of the same name.
+DATA_FIELDS: tuple[str, ...] = tuple(
+    f for f in STANDARD_FIELDS if f not in ("email", "hashcode", "append_tags", "delete_tags")
+)
+#: States a worker may pick up (SENDING only once its claim has expired).
+_SENDABLE = (SyncStatus.PENDING, SyncStatus.SENDING)
+_BULK_JOB_ACTIVE = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING,
+                    BulkState.PROCESSING)
+
+
+# --------------------------------------------------------------------------
+# 1. Recording changes, inside the caller's transaction
+# --------------------------------------------------------------------------
+
+def record_change(customer: Customer) -> None:
+    """Mark ``customer`` for sync; called by ``Customer.save()`` in its transaction."""
+    conf = get_settings()
+    if not conf.SYNC_ENABLED:
+        return
+    old_email = getattr(customer, "_loaded_email", None)
+    if old_email and old_email != customer.email:
+        _follow_email_change(customer, old_email)
+    customer._loaded_email = customer.email
+    state_id, became_pending = _mark_pending(customer.email, customer.pk, Operation.UPSERT, conf)
+    if became_pending:
+        _dispatch_on_commit(state_id, conf.COALESCE_SECONDS)
+
+
+def _customer_deleted(sender: Any, instance: Customer, **kwargs: Any) -> None:
+    conf = get_settings()
+    if not conf.SYNC_ENABLED:
+        return
+    email = getattr(instance, "_loaded_email", None) or instance.email
+    state_id, became_pending = _mark_pending(email, None, Operation.DELETE, conf)
+    if became_pending:
+        _dispatch_on_commit(state_id, conf.COALESCE_SECONDS)
+
+
+def _mark_pending(
+    email: str, customer_id: int | None, operation: str, conf: SatoriSettings
+) -> tuple[int, bool]:
+    """Bump the row's version and make it pending. Returns (id, whether it just became pending).
+
+    The row is locked until the caller's transaction ends, so a worker cannot
+    finish with an older version in between: the status we read is the truth.
+    """
+    now = timezone.now()
+    row = (SyncState.objects.select_for_update().filter(email=email)
+           .values_list("pk", "status").first())
+    if row is None:
+        try:
+            with transaction.atomic():
+                state = SyncState.objects.create(
+                    email=email, customer_id=customer_id, operation=operation,
+                    status=SyncStatus.PENDING,
+                    not_before=now + dt.timedelta(seconds=conf.COALESCE_SECONDS),
+                )
+            return state.pk, True
+        except IntegrityError:  # created by a concurrent transaction: update it instead
+            row = (SyncState.objects.select_for_update().filter(email=email)
+                   .values_list("pk", "status").get())
+    pk, status = row
+    changes: dict[str, Any] = {
+        "version": F("version") + 1, "status": SyncStatus.PENDING, "operation": operation,
+        "updated_at": now,
+    }
+    if customer_id is not None or operation == Operation.DELETE:
+        changes["customer_id"] = customer_id
+    became_pending = status != SyncStatus.PENDING
+    if became_pending:
+        # Saves within the window ride along with the first one (coalescing).
+        changes.update(not_before=now + dt.timedelta(seconds=conf.COALESCE_SECONDS),
+                       attempts=0, dispatched_at=None)
+    SyncState.objects.filter(pk=pk).update(**changes)
+    return pk, became_pending
+
+
+def _follow_email_change(customer: Customer, old_email: str) -> None:
+    """The customer's e-mail changed: carry SATORI's identity over to the new address.
+
+    With a known hashcode the next push identifies the customer by hashcode,
+    so SATORI changes the address instead of creating a second customer.
+    """
+    old = SyncState.objects.select_for_update().filter(email=old_email).first()
+    if old is None:
+        return
+    SyncState.objects.filter(pk=old.pk).update(
+        customer=None, operation=Operation.NONE, status=SyncStatus.SYNCED,
+        updated_at=timezone.now(),
+    )
+    carried = {"hashcode": old.hashcode, "in_satori": old.in_satori, "sent_tags": old.sent_tags,
+               "previous_email": old.previous_email or (old_email if old.in_satori else "")}
+    updated = SyncState.objects.filter(email=customer.email).update(**carried)
+    if not updated:
+        SyncState.objects.create(email=customer.email, version=0, **carried)
+
+
+def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
+    """Mark every customer in ``queryset`` pending (after ``update()``/``bulk_*()``).
+
+    ``queryset`` may be of :class:`Customer` or of a connected model. Large
+    selections are left to :func:`sweep`, which sends them through bulk jobs.
+    """
+    conf = get_settings()
+    mapping = get_mappings().get(queryset.model)
+    if mapping is not None:
+        count = 0
+        for instance in queryset.iterator(chunk_size=500):
+            if _sync_source(mapping, instance):
+                count += 1
+        return count
+    if queryset.model is not Customer:
+        raise TypeError(f"{queryset.model.__name__} is not Customer or a connected model "
+                        "(SATORI['MAPPINGS']).")
+    now = timezone.now()
+    with transaction.atomic():
+        missing = queryset.filter(sync_state__isnull=True).values_list("pk", "email")
+        batch = [SyncState(email=email, customer_id=pk, version=0)
+                 for pk, email in missing.iterator(chunk_size=2000)]
+        SyncState.objects.bulk_create(batch, batch_size=1000, ignore_conflicts=True)
+        states = SyncState.objects.filter(customer__in=queryset.values("pk"))
+        count = states.update(
+            version=F("version") + 1, status=SyncStatus.PENDING, operation=Operation.UPSERT,
+            attempts=0, not_before=now, dispatched_at=None, updated_at=now,
+        )
+        if count > conf.BULK_THRESHOLD:
+            transaction.on_commit(_enqueue_sweep)
+        else:
+            for state_id in states.values_list("pk", flat=True):
+                _dispatch_on_commit(state_id, 0)
+    return count
+
+
+# Connected project models ----------------------------------------------------
+
+def _source_saved(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) -> None:
+    mapping = get_mappings().get(sender)
+    if mapping is not None and not raw and get_settings().SYNC_ENABLED:
+        _sync_source(mapping, instance)
+
+
+def _sync_source(mapping: ModelMapping, instance: Any) -> bool:
+    """Update (or create) the Customer that mirrors ``instance``; its save records the change."""
+    pk = str(instance.pk)
+    customer = Customer.objects.filter(source_model=mapping.label, source_pk=pk).first()
+    if not mapping.wants_sync(instance):
+        if customer is not None:
+            _stop(customer, _("The connected object no longer wants to be synced."))
+        return False
+    values = mapping.customer_values(instance)
+    values["email"] = normalize_email(values["email"])
+    if customer is None:
+        customer = Customer.objects.filter(email=values["email"]).first() or Customer(
+            source_model=mapping.label, source_pk=pk)
+        customer.source_model, customer.source_pk = mapping.label, pk
+    for name, value in values.items():
+        setattr(customer, name, value)
+    customer.save()
+    return True
+
+
+def _source_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    mapping = get_mappings().get(sender)
+    if mapping is None or not get_settings().SYNC_ENABLED:
+        return
+    customer = Customer.objects.filter(source_model=mapping.label, source_pk=str(instance.pk))
+    if mapping.on_delete == "delete":
+        customer.delete()
+    else:
+        for c in customer:
+            _stop(c, _("The connected object was deleted; the customer stays in SATORI."))
+
+
+def _stop(customer: Customer, reason: str) -> None:
+    Customer.objects.filter(pk=customer.pk).update(source_model="", source_pk="")
+    SyncState.objects.filter(customer=customer).update(
+        status=SyncStatus.STOPPED, last_error=reason, updated_at=timezone.now())
+
+
+_connected: list[tuple[models.signals.ModelSignal, Any, str]] = []
+
+
 def connect_signals() -> None:
-    pass
+    """Connect deletes of Customer and saves/deletes of connected models (idempotent)."""
+    for signal, sender, uid in _connected:
+        signal.disconnect(sender=sender, dispatch_uid=uid)
+    _connected.clear()
+    wiring: list[tuple[models.signals.ModelSignal, Any, Any, str]] = [
+        (post_delete, Customer, _customer_deleted, "django_satori.customer_deleted"),
+    ]
+    for model, mapping in get_mappings().items():
+        wiring.append((post_save, model, _source_saved, f"django_satori.saved.{mapping.label}"))
+        wiring.append((post_delete, model, _source_deleted,
+                       f"django_satori.deleted.{mapping.label}"))
+    for signal, sender, receiver, uid in wiring:
+        signal.connect(receiver, sender=sender, dispatch_uid=uid, weak=False)
+        _connected.append((signal, sender, uid))
+
+
+# --------------------------------------------------------------------------
+# 2. Dispatch, after commit
+# --------------------------------------------------------------------------
+
+def _dispatch_on_commit(state_id: int, countdown: float) -> None:
+    transaction.on_commit(lambda: dispatch(state_id, countdown))
+
+
+def dispatch(state_id: int, countdown: float = 0) -> bool:
+    """Queue the push task. A broker outage only delays: the sweep sends it later."""
+    from .tasks import push_customer
+
+    try:
+        push_customer.apply_async((state_id,), countdown=max(0.0, countdown))
+    except Exception:  # the broker is down; the row stays pending for the sweep
+        log.warning("Could not queue the SATORI push for sync state %s; the periodic "
+                    "sweep will send it.", state_id, exc_info=True)
+        return False
+    return True
+
+
+def _enqueue_sweep() -> None:
+    from .tasks import sweep as sweep_task
+
+    try:
+        sweep_task.apply_async()
+    except Exception:
+        log.warning("Could not queue the SATORI sweep; beat will run it.", exc_info=True)
+
+
+# --------------------------------------------------------------------------
+# 3. Sending, in the worker
+# --------------------------------------------------------------------------
+
+class PushOutcome(enum.Enum):
+    SYNCED = "synced"
+    DELETED = "deleted"
+    UNCHANGED = "unchanged"
+    RETRY = "retry"
+    FAILED = "failed"
+    DRY_RUN = "dry_run"
+    SKIPPED = "skipped"
+    BUSY = "busy"
+    NOT_DUE = "not_due"
+
+
+PushResult = tuple["PushOutcome", float | None]
+
+
+def push(state_id: int) -> PushResult:
+    """Send one customer's current state to SATORI. Returns the outcome and, for a
+    later attempt, the delay in seconds before the task should run again."""
+    conf = get_settings()
+    if not conf.SYNC_ENABLED:
+        return PushOutcome.SKIPPED, None
+    now = timezone.now()
+    token = uuid.uuid4().hex
+    claimed = (
+        SyncState.objects.filter(pk=state_id, status__in=_SENDABLE, bulk_part__isnull=True)
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .update(status=SyncStatus.SENDING, lease_token=token,
+                lease_until=now + dt.timedelta(seconds=conf.LEASE_SECONDS))
+    )
+    if not claimed:
+        return _why_not_claimed(state_id, now)
+    state = SyncState.objects.select_related("customer").get(pk=state_id)
+    try:
+        if state.operation == Operation.DELETE:
+            return _send_delete(state, token, conf)
+        if state.operation == Operation.UPSERT and state.customer is not None:
+            return _send_upsert(state, token, conf)
+        _release(state, token, status=SyncStatus.SYNCED, synced_version=state.version)
+        return PushOutcome.SKIPPED, None
+    except Exception:
+        # Our own bug or the database: give the row back so nothing is stuck.
+        _release(state, token, status=SyncStatus.PENDING)
+        raise
+
+
+def _why_not_claimed(state_id: int, now: dt.datetime) -> PushResult:
+    row = SyncState.objects.filter(pk=state_id).values("status", "not_before").first()
+    due = row["not_before"] if row else None
+    if row and row["status"] == SyncStatus.PENDING and due and due > now:
+        return PushOutcome.NOT_DUE, (row["not_before"] - now).total_seconds()
+    return PushOutcome.BUSY, None
+
+
+def build_payload(customer: Customer, state: SyncState, conf: SatoriSettings) -> dict[str, Any]:
+    """The SATORI items for ``customer`` (wire keys), before validation."""
+    payload: dict[str, Any] = {"email": customer.email}
+    for name in DATA_FIELDS:
+        payload[name] = getattr(customer, name)
+    if not payload.get("collection_route") and conf.BULK_DEFAULT_COLLECTION_ROUTE:
+        payload["collection_route"] = conf.BULK_DEFAULT_COLLECTION_ROUTE
+    payload.update(customer.custom_fields or {})
+    tags = [str(t) for t in (customer.tags or [])]
+    payload["append_tags"] = join_tags(tags, conf.TAG_SEPARATOR)
+    removed = [t for t in (state.sent_tags or []) if t not in tags]
+    payload["delete_tags"] = join_tags(removed, conf.TAG_SEPARATOR)
+    return payload
+
+
+def fingerprint(payload: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResult:
+    from .client import get_client
+    from .schema import clean_customer
+
+    customer = state.customer
+    assert customer is not None
+    endpoint = "customer/registration.json" if conf.PUSH_ENDPOINT == "registration" \
+        else "customer/upsert.json"
+    if not conf.CREATE_UNKNOWN and not (state.in_satori or state.hashcode):
+        message = _("Not in SATORI, and SATORI['CREATE_UNKNOWN'] is False: not created.")
+        _release(state, token, status=SyncStatus.NOT_IN_SATORI, last_error=message)
+        _log(state.email, endpoint, SyncLog.Outcome.SKIPPED, message=message)
+        return PushOutcome.SKIPPED, None
+
+    payload = build_payload(customer, state, conf)
+    responses = signals.before_push.send(sender=Customer, customer=customer, payload=payload,
+                                         endpoint=endpoint)
+    if any(response is False for _receiver, response in responses):
+        message = _("A before_push receiver vetoed this push.")
+        _release(state, token, status=SyncStatus.STOPPED, last_error=message)
+        _log(state.email, endpoint, SyncLog.Outcome.SKIPPED, message=message)
+        return PushOutcome.SKIPPED, None
+    try:
+        wire = clean_customer(payload, custom_fields=conf.CUSTOM_FIELDS)
+    except SatoriValidationError as exc:
+        return _failed(state, token, endpoint, exc, conf, customer, summary={})
+    identity = "email"
+    if state.previous_email and state.hashcode:
+        identity, wire["hashcode"] = "hashcode", state.hashcode
+    digest = fingerprint(wire)
+    summary = _summary(endpoint, wire, conf)
+    if digest == state.fingerprint and identity == "email":
+        _release(state, token, status=SyncStatus.SYNCED, synced_version=state.version)
+        _log(state.email, endpoint, SyncLog.Outcome.SKIPPED, request=summary,
+             message=_("Unchanged since the last push: not sent again."))
+        return PushOutcome.UNCHANGED, None
+    if conf.DRY_RUN:
+        _release(state, token, status=SyncStatus.DRY_RUN)
+        _log(state.email, endpoint, SyncLog.Outcome.DRY_RUN, request=summary,
+             message=_("Dry run: this is what would have been sent."))
+        return PushOutcome.DRY_RUN, None
+    wait = ratelimit.acquire(conf)
+    if wait:
+        return _rate_limited(state, token, wait, conf)
+
+    client = get_client()
+    send = client.register_customer if conf.PUSH_ENDPOINT == "registration" \
+        else client.upsert_customer
+    started = time.monotonic()
+    try:
+        result = send(wire, identity_type=identity)
+    except SatoriError as exc:
+        return _failed(state, token, endpoint, exc, conf, customer, summary=summary,
+                       started=started)
+    sent_tags = [t for t in (customer.tags or [])]
+    _release(
+        state, token, status=SyncStatus.SYNCED, synced_version=state.version,
+        fingerprint=digest, sent_tags=sent_tags, in_satori=True, previous_email="",
+        hashcode=result.hashcode or state.hashcode, last_synced_at=timezone.now(),
+        last_error="", attempts=F("attempts") + 1,
+    )
+    _log(state.email, endpoint, SyncLog.Outcome.OK, status=result.status, request=summary,
+         response=getattr(result, "response_summary", {}), attempt=state.attempts + 1,
+         started=started)
+    signals.after_push.send(sender=Customer, email=state.email, customer=customer,
+                            endpoint=endpoint, result=result)
+    return PushOutcome.SYNCED, _again_if_changed(state)
+
+
+def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResult:
+    from .client import get_client
+
+    endpoint = "customer/delete.json"
+    if not state.in_satori and not state.hashcode:
+        # Never reached SATORI (or already deleted there): nothing to delete.
+        _release(state, token, status=SyncStatus.DELETED, synced_version=state.version)
+        return PushOutcome.DELETED, None
+    identity = {"hashcode": state.hashcode} if state.hashcode else {"email": state.email}
+    summary = _summary(endpoint, {"email": state.email, **identity}, conf)
+    if conf.DRY_RUN:
+        _release(state, token, status=SyncStatus.DRY_RUN)
+        _log(state.email, endpoint, SyncLog.Outcome.DRY_RUN, request=summary)
+        return PushOutcome.DRY_RUN, None
+    wait = ratelimit.acquire(conf)
+    if wait:
+        return _rate_limited(state, token, wait, conf)
+    started = time.monotonic()
+    try:
+        result: Any = get_client().delete_customer(**identity)
+    except SatoriNotFoundError as exc:
+        result = exc  # already gone: deleting twice is not an error
+    except SatoriError as exc:
+        return _failed(state, token, endpoint, exc, conf, None, summary=summary, started=started)
+    _release(state, token, status=SyncStatus.DELETED, synced_version=state.version,
+             in_satori=False, hashcode="", fingerprint="", sent_tags=[], last_error="",
+             last_synced_at=timezone.now(), attempts=F("attempts") + 1)
+    _log(state.email, endpoint, SyncLog.Outcome.OK, status=getattr(result, "status", None),
+         request=summary, started=started, attempt=state.attempts + 1,
+         message=str(result) if isinstance(result, SatoriError) else "")
+    signals.after_push.send(sender=Customer, email=state.email, customer=None,
+                            endpoint=endpoint, result=result)
+    return PushOutcome.DELETED, _again_if_changed(state)
+
+
+def _failed(state: SyncState, token: str, endpoint: str, exc: SatoriError, conf: SatoriSettings,
+            customer: Customer | None, *, summary: dict[str, Any],
+            started: float | None = None) -> PushResult:
+    attempt = state.attempts + 1
+    final = not exc.retryable or attempt >= conf.MAX_ATTEMPTS
+    message = str(exc)
+    if final:
+        _release(state, token, status=SyncStatus.FAILED, attempts=attempt, last_error=message,
+                 last_error_at=timezone.now())
+        delay = None
+    else:
+        delay = backoff(attempt, conf, getattr(exc, "retry_after", None))
+        _release(state, token, status=SyncStatus.PENDING, attempts=attempt, last_error=message,
+                 last_error_at=timezone.now(),
+                 not_before=timezone.now() + dt.timedelta(seconds=delay))
+    _log(state.email, endpoint, SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY,
+         status=exc.status, request=summary, attempt=attempt, message=message, started=started,
+         response={"status": exc.status, "message": exc.message})
+    log.info("SATORI %s failed for sync state %s (attempt %s, %s): %s", endpoint, state.pk,
+             attempt, "final" if final else f"retry in {delay:.0f}s", message)
+    signals.push_failed.send(sender=Customer, email=state.email, customer=customer,
+                             endpoint=endpoint, error=exc, final=final)
+    return (PushOutcome.FAILED, None) if final else (PushOutcome.RETRY, delay)
+
+
+def backoff(attempt: int, conf: SatoriSettings, retry_after: float | None = None) -> float:
+    """Exponential back-off with full jitter; SATORI's Retry-After is a floor."""
+    ceiling = min(conf.RETRY_BACKOFF_MAX_SECONDS, conf.RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1))
+    delay = random.uniform(ceiling / 2, ceiling)
+    return max(delay, float(retry_after or 0))
+
+
+def _rate_limited(state: SyncState, token: str, wait: float,
+                  conf: SatoriSettings) -> PushResult:
+    _release(state, token, status=SyncStatus.PENDING,
+             not_before=timezone.now() + dt.timedelta(seconds=wait))
+    backlog = SyncState.objects.filter(status=SyncStatus.PENDING).count()
+    if backlog > conf.BULK_THRESHOLD:
+        # Too much for single calls: leave it to the sweep, which starts a bulk job.
+        return PushOutcome.RETRY, None
+    return PushOutcome.RETRY, wait
+
+
+def _again_if_changed(state: SyncState) -> float | None:
+    """A save during the call left the row pending: run again for the newer version."""
+    still_pending = SyncState.objects.filter(pk=state.pk, status=SyncStatus.PENDING).exists()
+    return get_settings().COALESCE_SECONDS if still_pending else None
+
+
+def _release(state: SyncState, token: str, *, status: str,
+             synced_version: int | None = None, **fields: Any) -> int:
+    """Write the outcome and give up the claim, unless a newer change arrived meanwhile.
+
+    A newer version keeps the row pending: the data just sent is already stale.
+    """
+    changes: dict[str, Any] = {"lease_until": None, "lease_token": "",
+                               "updated_at": timezone.now(), **fields}
+    if synced_version is not None:
+        changes["synced_version"] = synced_version
+        changes["status"] = Case(When(version=synced_version, then=Value(status)),
+                                 default=Value(SyncStatus.PENDING))
+        changes["not_before"] = None
+    else:
+        changes["status"] = Case(When(version=state.version, then=Value(status)),
+                                 default=Value(SyncStatus.PENDING))
+    return SyncState.objects.filter(pk=state.pk, lease_token=token).update(**changes)
+
+
+def _summary(endpoint: str, wire: dict[str, str], conf: SatoriSettings) -> dict[str, Any]:
+    from .redaction import redact_form
+
+    return {"endpoint": endpoint, "fields": redact_form(list(wire.items()),
+                                                        conf.REDACT_PERSONAL_DATA)}
+
+
+def _log(email: str, endpoint: str, outcome: str, *, status: int | None = None,
+         request: dict[str, Any] | None = None, response: dict[str, Any] | None = None,
+         message: str = "", attempt: int = 0, started: float | None = None) -> None:
+    duration = int((time.monotonic() - started) * 1000) if started else 0
+    SyncLog.objects.create(email=email, endpoint=endpoint, outcome=outcome, satori_status=status,
+                           request_summary=request or {}, response_summary=response or {},
+                           message=message, attempt=attempt, duration_ms=duration)
+
+
+# Actions ------------------------------------------------------------------------
+
+def add_action(email: str, name: str, *, content: str = "", url: str = "",
+               occurred_at: dt.datetime | None = None,
+               customer: Customer | None = None) -> CustomerAction:
+    """Record a user-defined action for ``email``; sent to SATORI after commit."""
+    email = normalize_email(email)
+    if not name or not str(name).strip():
+        raise SatoriValidationError(_("An action needs a name."), field="name")
+    if customer is None:
+        customer = Customer.objects.filter(email=email).first()
+    action = CustomerAction.objects.create(
+        email=email, customer=customer, name=str(name).strip(), content=content, url=url,
+        occurred_at=occurred_at or timezone.now(),
+    )
+    transaction.on_commit(lambda: dispatch_action(action.pk, 0))
+    return action
+
+
+def dispatch_action(action_id: int, countdown: float = 0) -> bool:
+    from .tasks import send_action
+
+    try:
+        send_action.apply_async((action_id,), countdown=max(0.0, countdown))
+    except Exception:
+        log.warning("Could not queue SATORI action %s; the sweep will send it.", action_id,
+                    exc_info=True)
+        return False
+    return True
+
+
+def send_action(action_id: int) -> tuple[str, float | None]:
+    """Send one action. Waits while its customer is still on the way to SATORI."""
+    from .client import get_client
+
+    conf = get_settings()
+    now = timezone.now()
+    endpoint = conf.ACTION_PATH.rsplit("/", 2)[-2:]
+    endpoint_name = "/".join(endpoint)
+    claimed = (CustomerAction.objects.filter(pk=action_id)
+               .filter(Q(status=ActionStatus.PENDING) |
+                       Q(status=ActionStatus.SENDING, lease_until__lt=now))
+               .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+               .update(status=ActionStatus.SENDING,
+                       lease_until=now + dt.timedelta(seconds=conf.LEASE_SECONDS)))
+    if not claimed:
+        return "busy", None
+    action = CustomerAction.objects.get(pk=action_id)
+    customer_state = SyncState.objects.filter(email=action.email).values(
+        "status", "in_satori").first()
+    on_its_way = customer_state and not customer_state["in_satori"] and customer_state[
+        "status"] in (SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK)
+    if on_its_way:
+        # An action for a customer SATORI does not have yet would be refused.
+        delay = max(conf.COALESCE_SECONDS, 5.0)
+        CustomerAction.objects.filter(pk=action_id).update(
+            status=ActionStatus.PENDING, lease_until=None,
+            not_before=now + dt.timedelta(seconds=delay))
+        return "waiting", delay
+    summary = _summary(endpoint_name, {"email": action.email, "name": action.name,
+                                       "content": action.content, "url": action.url}, conf)
+    if conf.DRY_RUN:
+        CustomerAction.objects.filter(pk=action_id).update(status=ActionStatus.DRY_RUN,
+                                                           lease_until=None)
+        _log(action.email, endpoint_name, SyncLog.Outcome.DRY_RUN, request=summary)
+        return "dry_run", None
+    wait = ratelimit.acquire(conf)
+    if wait:
+        CustomerAction.objects.filter(pk=action_id).update(
+            status=ActionStatus.PENDING, lease_until=None,
+            not_before=now + dt.timedelta(seconds=wait))
+        return "rate_limited", wait
+    attempt = action.attempts + 1
+    started = time.monotonic()
+    try:
+        result = get_client().add_action(email=action.email, name=action.name,
+                                         content=action.content, url=action.url,
+                                         occurred_at=action.occurred_at)
+    except SatoriError as exc:
+        final = not exc.retryable or attempt >= conf.MAX_ATTEMPTS
+        delay = None if final else backoff(attempt, conf, getattr(exc, "retry_after", None))
+        CustomerAction.objects.filter(pk=action_id).update(
+            status=ActionStatus.FAILED if final else ActionStatus.PENDING, attempts=attempt,
+            last_error=str(exc), lease_until=None,
+            not_before=None if final else timezone.now() + dt.timedelta(seconds=delay or 0))
+        _log(action.email, endpoint_name,
+             SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY, status=exc.status,
+             request=summary, attempt=attempt, message=str(exc), started=started)
+        return ("failed", None) if final else ("retry", delay)
+    CustomerAction.objects.filter(pk=action_id).update(
+        status=ActionStatus.SENT, attempts=attempt, last_error="", lease_until=None,
+        sent_at=timezone.now())
+    _log(action.email, endpoint_name, SyncLog.Outcome.OK, status=result.status,
+         request=summary, attempt=attempt, started=started)
+    return "sent", None
+
+
+# --------------------------------------------------------------------------
+# 4. The safety net
+# --------------------------------------------------------------------------
+
+def sweep(*, limit: int = 5000) -> dict[str, int]:
+    """Re-dispatch what stayed pending; route a large backlog through a bulk job.
+
+    Safe to run any time, from beat or by hand: a duplicate dispatch is a
+    no-op because a worker must claim a row before it sends it.
+    """
+    conf = get_settings()
+    now = timezone.now()
+    stale = now - dt.timedelta(seconds=conf.SWEEP_AFTER_SECONDS)
+    counts = {"reclaimed": 0, "dispatched": 0, "bulk": 0, "actions": 0}
+    if not conf.SYNC_ENABLED:
+        return counts
+    # A worker died holding a claim: give the row back.
+    counts["reclaimed"] = SyncState.objects.filter(
+        status=SyncStatus.SENDING, lease_until__lt=now).update(
+        status=SyncStatus.PENDING, lease_until=None, lease_token="", updated_at=now)
+    due = (SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
+           .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+           .filter(Q(dispatched_at__lt=stale) |
+                   Q(dispatched_at__isnull=True, updated_at__lt=stale) |
+                   Q(dispatched_at__isnull=True, not_before__lte=stale)))
+    upserts = due.filter(operation=Operation.UPSERT, customer__isnull=False)
+    if upserts.count() > conf.BULK_THRESHOLD:
+        counts["bulk"] = _route_to_bulk(upserts)
+        due = due.exclude(operation=Operation.UPSERT)
+    ids = list(due.values_list("pk", flat=True)[:limit])
+    if ids:
+        SyncState.objects.filter(pk__in=ids).update(dispatched_at=now)
+        counts["dispatched"] = sum(dispatch(pk) for pk in ids)
+    actions = (CustomerAction.objects.filter(
+        Q(status=ActionStatus.PENDING) | Q(status=ActionStatus.SENDING, lease_until__lt=now))
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .filter(created_at__lt=stale).values_list("pk", flat=True)[:limit])
+    counts["actions"] = sum(dispatch_action(pk) for pk in actions)
+    counts["bulk_polled"] = _poll_overdue_bulk_parts(now)
+    return counts
+
+
+def _route_to_bulk(pending: models.QuerySet[SyncState]) -> int:
+    from .bulk import start_bulk_job
+
+    if BulkJob.objects.filter(state__in=_BULK_JOB_ACTIVE, automatic=True).exists():
+        return 0  # one automatic job at a time; the next sweep takes the rest
+    customers = Customer.objects.filter(sync_state__in=pending)
+    with transaction.atomic():
+        job = start_bulk_job(customers, mode=pending_bulk_mode(), automatic=True,
+                             description=_("Backlog of pending customers"))
+    return job.pk
+
+
+def pending_bulk_mode() -> str:
+    return "registration" if get_settings().PUSH_ENDPOINT == "registration" else "upsert"
+
+
+def _poll_overdue_bulk_parts(now: dt.datetime) -> int:
+    from .bulk import poll_overdue_parts
+
+    return poll_overdue_parts(now)
+
+
+def pending_counts() -> dict[str, int]:
+    """How many customers are in each sync status (for commands and the admin)."""
+    rows = SyncState.objects.values_list("status").annotate(n=models.Count("pk"))
+    return {status: n for status, n in rows}
