@@ -1,0 +1,499 @@
+"""The sync engine in-process: save -> outbox row -> push -> sandbox -> state.
+
+Each test drives ``sync.push`` directly (what the Celery task runs) against
+the sandbox over real HTTP; tests/test_worker.py repeats the essentials with
+a real worker and a real Redis broker.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.db import transaction
+from django.test import override_settings
+from django.utils import timezone
+
+from django_satori import add_action, mark_for_sync, signals, sync
+from django_satori.models import (
+    ActionStatus,
+    Customer,
+    CustomerAction,
+    Operation,
+    SyncLog,
+    SyncState,
+    SyncStatus,
+)
+from tests.syncing import drain
+from tests.testapp.models import Member
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def satori(**changes):
+    from django.conf import settings
+
+    return override_settings(SATORI={**settings.SATORI, **changes})
+
+
+def customer_requests(sandbox, operation="upsert"):
+    return sandbox.state.requests_for(operation)
+
+
+def make_customer(**fields) -> Customer:
+    defaults = {"email": "taro@example.jp", "last_name": "山田", "first_name": "太郎",
+                "collection_route": "自社フォーム"}
+    return Customer.objects.create(**{**defaults, **fields})
+
+
+def test_a_save_sends_exactly_one_upsert_with_the_right_fields(satori_sandbox):
+    make_customer(lead_company_name="Example株式会社", collection_date=dt.date(2026, 1, 31),
+                  delivery_permission="approval", tags=["資料請求", "セミナー"],
+                  custom_fields={"custom:plan": "gold"})
+    assert drain() == 1
+    (request,) = customer_requests(satori_sandbox)
+    form = request.form_dict()
+    assert form["customer[identity_type]"] == "email"
+    assert form["customer[email]"] == "taro@example.jp"
+    assert form["customer[last_name]"] == "山田"
+    assert form["customer[lead_company_name]"] == "Example株式会社"
+    assert form["customer[collection_date]"] == "2026-01-31"
+    assert form["customer[delivery_permission]"] == "approval"
+    assert form["customer[append_tags]"] == "資料請求,セミナー"
+    assert form["customer[custom:plan]"] == "gold"
+    assert "customer[memo]" not in form  # empty values are not sent
+    remote = satori_sandbox.state.customer("taro@example.jp")
+    assert remote.fields["last_name"] == "山田"
+    assert remote.tags == {"資料請求", "セミナー"}
+    state = SyncState.objects.get(email="taro@example.jp")
+    assert state.status == SyncStatus.SYNCED
+    assert state.hashcode == remote.hashcode
+    assert state.in_satori and state.attempts == 1 and state.last_synced_at
+    assert state.synced_version == state.version
+    assert SyncLog.objects.filter(outcome=SyncLog.Outcome.OK).count() == 1
+
+
+def test_email_is_normalised_before_it_is_stored():
+    customer = make_customer(email="  ＴＡＲＯ@Example.JP ")
+    assert customer.email == "taro@example.jp"
+
+
+def test_hundred_saves_in_one_transaction_give_one_dispatch_and_one_call(
+    satori_sandbox, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=False) as callbacks, transaction.atomic():
+        customer = make_customer()
+        for i in range(100):
+            customer.memo = f"edit {i}"
+            customer.save()
+    assert len(callbacks) == 1
+    assert drain() == 1
+    (request,) = customer_requests(satori_sandbox)
+    assert request.form_dict()["customer[memo]"] == "edit 99"
+    assert SyncState.objects.get().version == 101
+
+
+def test_saves_within_the_coalescing_window_wait_and_ride_along(satori_sandbox):
+    with satori(COALESCE_SECONDS=30):
+        customer = make_customer()
+        customer.memo = "second save"
+        customer.save()
+        state = SyncState.objects.get()
+        outcome, again_in = sync.push(state.pk)
+        assert outcome is sync.PushOutcome.NOT_DUE and 25 < again_in <= 30
+        assert customer_requests(satori_sandbox) == []
+        SyncState.objects.update(not_before=timezone.now())
+        assert sync.push(state.pk)[0] is sync.PushOutcome.SYNCED
+    (request,) = customer_requests(satori_sandbox)
+    assert request.form_dict()["customer[memo]"] == "second save"
+
+
+def test_unchanged_data_is_not_sent_again(satori_sandbox):
+    customer = make_customer()
+    drain()
+    customer.save()  # same data
+    drain()
+    assert len(customer_requests(satori_sandbox)) == 1
+    assert SyncState.objects.get().status == SyncStatus.SYNCED
+    assert SyncLog.objects.filter(outcome=SyncLog.Outcome.SKIPPED).count() == 1
+
+
+def test_delete_sends_delete_json_after_the_row_is_gone(satori_sandbox):
+    customer = make_customer()
+    drain()
+    customer.delete()
+    state = SyncState.objects.get()
+    assert state.operation == Operation.DELETE and state.customer_id is None
+    drain()
+    (request,) = customer_requests(satori_sandbox, "delete")
+    assert request.form_dict()["customer[hashcode]"] or request.form_dict()["customer[email]"]
+    assert satori_sandbox.state.customer("taro@example.jp") is None
+    state.refresh_from_db()
+    assert state.status == SyncStatus.DELETED and not state.in_satori
+
+
+def test_a_customer_deleted_before_it_was_sent_costs_no_call(satori_sandbox):
+    with transaction.atomic():
+        make_customer().delete()
+    drain()
+    assert satori_sandbox.state.requests == []
+    assert SyncState.objects.get().status == SyncStatus.DELETED
+
+
+def test_delete_after_update_wins_and_update_after_delete_recreates(satori_sandbox):
+    customer = make_customer()
+    drain()
+    with transaction.atomic():
+        customer.memo = "changed"
+        customer.save()
+        customer.delete()
+    drain()
+    assert satori_sandbox.state.customer("taro@example.jp") is None
+    assert customer_requests(satori_sandbox) != [] and len(customer_requests(satori_sandbox)) == 1
+    make_customer(memo="back again")
+    drain()
+    assert satori_sandbox.state.customer("taro@example.jp").fields["memo"] == "back again"
+    assert SyncState.objects.get().status == SyncStatus.SYNCED
+
+
+def test_deleting_an_already_deleted_customer_counts_as_done(satori_sandbox):
+    customer = make_customer()
+    drain()
+    satori_sandbox.state.customers.clear()  # someone deleted it in SATORI's admin
+    customer.delete()
+    drain()
+    assert SyncState.objects.get().status == SyncStatus.DELETED
+
+
+def test_three_500s_then_success_is_synced_with_attempts_recorded(satori_sandbox):
+    satori_sandbox.faults.fail_first(3, kind="500")
+    with satori(RETRY_BACKOFF_SECONDS=0.01, RETRY_BACKOFF_MAX_SECONDS=0.02):
+        make_customer()
+        drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.SYNCED and state.attempts == 4
+    assert satori_sandbox.state.customer("taro@example.jp") is not None
+    outcomes = list(SyncLog.objects.order_by("id").values_list("outcome", flat=True))
+    assert outcomes == ["retry", "retry", "retry", "ok"]
+
+
+def test_retries_stop_after_max_attempts_with_the_error_visible(satori_sandbox):
+    satori_sandbox.faults.fail_first(10, kind="503")
+    with satori(RETRY_BACKOFF_SECONDS=0.01, RETRY_BACKOFF_MAX_SECONDS=0.02, MAX_ATTEMPTS=3):
+        make_customer()
+        drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED and state.attempts == 3
+    assert "503" in state.last_error
+
+
+def test_retry_after_is_honoured(satori_sandbox):
+    satori_sandbox.faults.retry_after = 7
+    satori_sandbox.faults.fail_first(1, kind="429")
+    with satori(RETRY_BACKOFF_SECONDS=0.01):
+        make_customer()
+        state = SyncState.objects.get()
+        outcome, again_in = sync.push(state.pk)
+    assert outcome is sync.PushOutcome.RETRY and again_in >= 7
+    state.refresh_from_db()
+    assert state.status == SyncStatus.PENDING
+    assert state.not_before >= timezone.now() + dt.timedelta(seconds=6)
+
+
+def test_a_400_fails_at_once_with_satoris_message_and_no_retry(satori_sandbox):
+    # SATORI's custom field is an integer; this project (wrongly) declared it as text.
+    satori_sandbox.configure(custom_fields={"plan": "integer"})
+    make_customer(custom_fields={"custom:plan": "gold"})
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED and state.attempts == 1
+    assert "custom:plan" in state.last_error
+    assert len(customer_requests(satori_sandbox)) == 1
+
+
+def test_a_permission_error_fails_at_once(satori_sandbox):
+    satori_sandbox.configure(deny_operations={"edit"})
+    satori_sandbox.state.seed_customer("taro@example.jp", created_by="someone-else")
+    make_customer()
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED and state.attempts == 1
+    assert "403" in state.last_error
+
+
+def test_local_validation_fails_without_a_call(satori_sandbox):
+    make_customer(custom_fields={"custom:age": "twenty"})
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED
+    assert "custom:age" in state.last_error
+    assert satori_sandbox.state.requests == []
+
+
+def test_a_change_during_the_call_leaves_the_row_pending_for_the_newer_version(satori_sandbox):
+    customer = make_customer()
+
+    def edit_while_sending(sender, customer, payload, **kwargs):
+        if payload.get("memo") != "newer":
+            other = Customer.objects.get(pk=customer.pk)
+            other.memo = "newer"
+            other.save()
+
+    signals.before_push.connect(edit_while_sending)
+    try:
+        state = SyncState.objects.get()
+        outcome, again_in = sync.push(state.pk)
+        assert outcome is sync.PushOutcome.SYNCED and again_in is not None
+        state.refresh_from_db()
+        assert state.status == SyncStatus.PENDING  # the version sent is already stale
+        drain()
+    finally:
+        signals.before_push.disconnect(edit_while_sending)
+    assert satori_sandbox.state.customer(customer.email).fields["memo"] == "newer"
+    assert SyncState.objects.get().status == SyncStatus.SYNCED
+
+
+def test_a_claimed_row_is_not_sent_twice(satori_sandbox):
+    make_customer()
+    state = SyncState.objects.get()
+    SyncState.objects.filter(pk=state.pk).update(
+        status=SyncStatus.SENDING, lease_until=timezone.now() + dt.timedelta(minutes=1))
+    assert sync.push(state.pk)[0] is sync.PushOutcome.BUSY
+    # The claim of a killed worker expires and the sweep hands the row back.
+    SyncState.objects.filter(pk=state.pk).update(
+        lease_until=timezone.now() - dt.timedelta(seconds=1))
+    assert sync.sweep()["reclaimed"] == 1
+    drain()
+    assert len(customer_requests(satori_sandbox)) == 1
+
+
+def test_removed_tags_become_delete_tags(satori_sandbox):
+    customer = make_customer(tags=["a", "b"])
+    drain()
+    customer.tags = ["b", "c"]
+    customer.save()
+    drain()
+    form = customer_requests(satori_sandbox)[-1].form_dict()
+    assert form["customer[append_tags]"] == "b,c"
+    assert form["customer[delete_tags]"] == "a"
+    assert satori_sandbox.state.customer(customer.email).tags == {"b", "c"}
+
+
+def test_an_email_change_is_followed_by_hashcode(satori_sandbox):
+    customer = make_customer()
+    drain()
+    hashcode = SyncState.objects.get(email="taro@example.jp").hashcode
+    customer.email = "taro.yamada@example.jp"
+    customer.save()
+    drain()
+    form = customer_requests(satori_sandbox)[-1].form_dict()
+    assert form["customer[identity_type]"] == "hashcode"
+    assert form["customer[hashcode]"] == hashcode
+    assert satori_sandbox.state.customer("taro@example.jp") is None
+    assert satori_sandbox.state.customer("taro.yamada@example.jp").hashcode == hashcode
+    new_state = SyncState.objects.get(email="taro.yamada@example.jp")
+    assert new_state.status == SyncStatus.SYNCED and not new_state.previous_email
+
+
+def test_registration_mode_does_not_overwrite(satori_sandbox):
+    satori_sandbox.state.seed_customer("taro@example.jp", fields={"last_name": "既存"})
+    with satori(PUSH_ENDPOINT="registration"):
+        make_customer(memo="filled in")
+        drain()
+    assert customer_requests(satori_sandbox, "registration")
+    remote = satori_sandbox.state.customer("taro@example.jp")
+    assert remote.fields["last_name"] == "既存" and remote.fields["memo"] == "filled in"
+
+
+def test_create_unknown_false_only_updates_known_customers(satori_sandbox):
+    with satori(CREATE_UNKNOWN=False):
+        make_customer()
+        known = make_customer(email="known@example.jp")
+        SyncState.objects.filter(email=known.email).update(in_satori=True)
+        drain()
+    assert SyncState.objects.get(email="taro@example.jp").status == SyncStatus.NOT_IN_SATORI
+    assert SyncState.objects.get(email="known@example.jp").status == SyncStatus.SYNCED
+    assert [r.form_dict()["customer[email]"] for r in customer_requests(satori_sandbox)] == [
+        "known@example.jp"]
+
+
+def test_dry_run_records_what_would_be_sent_and_sends_nothing(satori_sandbox):
+    with satori(DRY_RUN=True):
+        make_customer()
+        drain()
+    assert satori_sandbox.state.requests == []
+    assert SyncState.objects.get().status == SyncStatus.DRY_RUN
+    entry = SyncLog.objects.get()
+    assert entry.outcome == SyncLog.Outcome.DRY_RUN
+    assert "customer[last_name]" in entry.request_summary["fields"]
+
+
+def test_sync_disabled_records_nothing(satori_sandbox):
+    with satori(SYNC_ENABLED=False):
+        make_customer()
+    assert not SyncState.objects.exists()
+
+
+def test_before_push_may_change_or_veto_the_payload(satori_sandbox):
+    def add_route(sender, payload, **kwargs):
+        payload["memo"] = "added by a receiver"
+
+    def veto(sender, customer, **kwargs):
+        return False if customer.email.startswith("no") else None
+
+    failures = []
+    signals.before_push.connect(add_route)
+    signals.before_push.connect(veto)
+    signals.push_failed.connect(lambda sender, **kw: failures.append(kw["final"]), weak=False,
+                                dispatch_uid="t")
+    try:
+        make_customer()
+        make_customer(email="no@example.jp")
+        drain()
+    finally:
+        signals.before_push.disconnect(add_route)
+        signals.before_push.disconnect(veto)
+        signals.push_failed.disconnect(dispatch_uid="t")
+    assert satori_sandbox.state.customer("taro@example.jp").fields["memo"] == "added by a receiver"
+    assert satori_sandbox.state.customer("no@example.jp") is None
+    assert SyncState.objects.get(email="no@example.jp").status == SyncStatus.STOPPED
+    assert failures == []
+
+
+def test_push_failed_and_after_push_signals(satori_sandbox):
+    seen = []
+    signals.after_push.connect(lambda sender, **kw: seen.append(("ok", kw["endpoint"])),
+                               weak=False, dispatch_uid="a")
+    signals.push_failed.connect(lambda sender, **kw: seen.append(("failed", kw["final"])),
+                                weak=False, dispatch_uid="f")
+    satori_sandbox.faults.fail_first(1, kind="500")
+    try:
+        with satori(RETRY_BACKOFF_SECONDS=0.01, RETRY_BACKOFF_MAX_SECONDS=0.02):
+            make_customer()
+            drain()
+    finally:
+        signals.after_push.disconnect(dispatch_uid="a")
+        signals.push_failed.disconnect(dispatch_uid="f")
+    assert seen == [("failed", False), ("ok", "customer/upsert.json")]
+
+
+def test_rate_limit_defers_without_counting_an_attempt(satori_sandbox):
+    from django.core.cache import cache
+
+    cache.clear()
+    with satori(RATE_LIMIT_PER_MINUTE=2):
+        for i in range(3):
+            make_customer(email=f"user{i}@example.jp")
+        results = [sync.push(s.pk) for s in SyncState.objects.order_by("id")]
+    assert [r[0] for r in results] == [sync.PushOutcome.SYNCED, sync.PushOutcome.SYNCED,
+                                       sync.PushOutcome.RETRY]
+    assert results[2][1] > 0
+    deferred = SyncState.objects.get(email="user2@example.jp")
+    assert deferred.status == SyncStatus.PENDING and deferred.attempts == 0
+    assert len(customer_requests(satori_sandbox)) == 2
+
+
+def test_action_is_recorded_in_the_transaction_and_sent(satori_sandbox):
+    customer = make_customer()
+    drain()
+    with transaction.atomic():
+        action = add_action(customer.email, "資料請求", content="製品カタログ",
+                            url="https://example.jp/catalog")
+    assert action.customer == customer
+    outcome, _delay = sync.send_action(action.pk)
+    assert outcome == "sent"
+    (request,) = satori_sandbox.state.requests_for("action")
+    form = request.form_dict()
+    assert form["customer[email]"] == customer.email
+    assert form["action[name]"] == "資料請求"
+    assert form["action[url]"] == "https://example.jp/catalog"
+    action.refresh_from_db()
+    assert action.status == ActionStatus.SENT and action.sent_at
+
+
+def test_an_action_waits_until_its_new_customer_reached_satori(satori_sandbox):
+    with transaction.atomic():
+        customer = make_customer()
+        action = add_action(customer.email, "会員登録")
+    outcome, delay = sync.send_action(action.pk)
+    assert outcome == "waiting" and delay > 0
+    drain()
+    CustomerAction.objects.filter(pk=action.pk).update(not_before=None)
+    assert sync.send_action(action.pk)[0] == "sent"
+    assert len(satori_sandbox.state.customer(customer.email).actions) == 1
+
+
+def test_an_action_with_a_bad_email_names_the_field():
+    from django_satori.exceptions import SatoriValidationError
+
+    with pytest.raises(SatoriValidationError) as info:
+        add_action("not an address", "x")
+    assert info.value.field == "email"
+
+
+def test_a_connected_model_save_updates_its_customer_in_the_same_transaction(satori_sandbox):
+    with transaction.atomic():
+        member = Member.objects.create(email="Hanako@Example.jp", family_name="佐藤",
+                                       given_name="花子", company="佐藤商事", plan="gold",
+                                       tags="vip newsletter")
+    customer = Customer.objects.get()
+    assert customer.email == "hanako@example.jp"
+    assert (customer.source_model, customer.source_pk) == ("testapp.member", str(member.pk))
+    assert customer.custom_fields == {"custom:plan": "gold"}
+    assert customer.tags == ["newsletter", "vip"]
+    drain()
+    remote = satori_sandbox.state.customer("hanako@example.jp")
+    assert remote.fields["lead_company_name"] == "佐藤商事"
+    member.email = "hanako.sato@example.jp"
+    member.save()
+    assert Customer.objects.get().email == "hanako.sato@example.jp"
+    drain()
+    assert satori_sandbox.state.customer("hanako.sato@example.jp") is not None
+    member.delete()
+    assert not Customer.objects.exists()
+    drain()
+    assert satori_sandbox.state.customers == {}
+
+
+def test_a_connected_model_can_only_stop_syncing_on_delete(satori_sandbox, settings):
+    mappings = dict(settings.SATORI["MAPPINGS"])
+    mappings["testapp.Member"] = {**mappings["testapp.Member"], "on_delete": "stop"}
+    with satori(MAPPINGS=mappings):
+        member = Member.objects.create(email="keep@example.jp", family_name="残")
+        drain()
+        member.delete()
+        drain()
+    assert Customer.objects.filter(email="keep@example.jp").exists()
+    assert SyncState.objects.get().status == SyncStatus.STOPPED
+    assert satori_sandbox.state.customer("keep@example.jp") is not None
+
+
+def test_mark_for_sync_catches_up_after_queryset_update(satori_sandbox):
+    customers = [make_customer(email=f"u{i}@example.jp") for i in range(3)]
+    drain()
+    Customer.objects.update(memo="bulk edited")  # sends no signals
+    assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 0
+    assert mark_for_sync(Customer.objects.all()) == 3
+    drain()
+    for c in customers:
+        assert satori_sandbox.state.customer(c.email).fields["memo"] == "bulk edited"
+
+
+def test_mark_for_sync_on_a_connected_model_after_bulk_create(satori_sandbox):
+    Member.objects.bulk_create([Member(email=f"m{i}@example.jp", family_name="一括")
+                                for i in range(4)])
+    assert not Customer.objects.exists()
+    assert mark_for_sync(Member.objects.all()) == 4
+    drain()
+    assert len(satori_sandbox.state.customers) == 4
+
+
+def test_sweep_redispatches_pending_rows_whose_task_was_lost(satori_sandbox):
+    make_customer()
+    long_ago = timezone.now() - dt.timedelta(minutes=10)
+    SyncState.objects.update(updated_at=long_ago, not_before=long_ago, dispatched_at=None)
+    counts = sync.sweep()
+    assert counts["dispatched"] == 1
+    assert SyncState.objects.get().dispatched_at is not None
+    # Dispatched just now: the next sweep leaves it alone.
+    assert sync.sweep()["dispatched"] == 0
