@@ -390,3 +390,73 @@ class BulkRowError(models.Model):
 
     def __str__(self) -> str:
         return f"{self.email}: {self.message}"
+
+
+class ImportRunStatus(models.TextChoices):
+    RUNNING = "running", _("Running")
+    FINISHED = "finished", _("Finished")
+    FAILED = "failed", _("Failed")
+
+
+class ImportRun(models.Model):
+    """One import of SATORI's admin customer CSV export, and what it did.
+
+    Only real imports are kept; a dry run writes nothing, not even this row.
+    """
+
+    #: How many skipped rows are kept on the run; the command prints all of them.
+    MAX_STORED_SKIPS = 1000
+
+    filename = models.CharField(_("file"), max_length=255, blank=True)
+    encoding = models.CharField(_("encoding"), max_length=16, blank=True)
+    status = models.CharField(_("status"), max_length=16, choices=ImportRunStatus.choices,
+                              default=ImportRunStatus.RUNNING)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("started by"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    #: Also the ``remote_seen_at`` written for every row of this run.
+    started_at = models.DateTimeField(_("started"))
+    finished_at = models.DateTimeField(_("finished"), null=True, blank=True)
+    rows = models.PositiveIntegerField(_("rows read"), default=0)
+    created_count = models.PositiveIntegerField(_("customers created"), default=0)
+    linked_count = models.PositiveIntegerField(_("customers linked"), default=0)
+    refreshed_count = models.PositiveIntegerField(_("customers refreshed"), default=0)
+    skipped_count = models.PositiveIntegerField(_("rows skipped"), default=0)
+    #: Header names that were not understood (ignored), and undeclared custom fields.
+    unknown_columns = models.JSONField(_("ignored columns"), default=list, blank=True)
+    #: ``[{"line": 12, "email": "...", "reason": "..."}]``, the first MAX_STORED_SKIPS.
+    skipped_rows = models.JSONField(_("skipped rows"), default=list, blank=True)
+    message = models.TextField(_("message"), blank=True)
+
+    class Meta:
+        verbose_name = _("SATORI export import")
+        verbose_name_plural = _("SATORI export imports")
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.filename} ({self.get_status_display()})"
+
+
+class ImportedCustomer(models.Model):
+    """A local customer that exists only because an import created it from SATORI's export.
+
+    Such a customer, while no project object is connected to it, is what the
+    reconciliation report calls "only in SATORI".
+    """
+
+    customer = models.OneToOneField(Customer, verbose_name=_("customer"), primary_key=True,
+                                    on_delete=models.CASCADE, related_name="satori_import")
+    run = models.ForeignKey(ImportRun, verbose_name=_("import"), null=True, blank=True,
+                            on_delete=models.SET_NULL, related_name="created_customers")
+
+    class Meta:
+        verbose_name = _("customer created by an import")
+        verbose_name_plural = _("customers created by an import")
+
+    def __str__(self) -> str:
+        return str(self.customer_id)
