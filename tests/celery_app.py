@@ -15,3 +15,39 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 app = Celery("django_satori_tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@app.task(name="tests.celery_app.probe")
+def probe(path: str, hold_first_attempt: float = 0.0) -> None:
+    """Report what the worker sees to ``path``; the infrastructure tests read it.
+
+    Each run appends one JSON line. The first run may sleep ``hold_first_attempt``
+    seconds so a test can kill the worker while it holds an unacknowledged task.
+    """
+    import json
+    import time
+
+    from django.conf import settings
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    with open(path, "a+", encoding="utf-8") as report:
+        report.seek(0)
+        attempt = len(report.readlines()) + 1
+        report.write(
+            json.dumps(
+                {
+                    "attempt": attempt,
+                    "vendor": connection.vendor,
+                    "database": str(connection.settings_dict["NAME"]),
+                    "usernames": sorted(
+                        get_user_model().objects.values_list("username", flat=True)
+                    ),
+                    "satori_base_url": settings.SATORI.get("BASE_URL"),
+                    "satori_max_attempts": settings.SATORI.get("MAX_ATTEMPTS"),
+                }
+            )
+            + "\n"
+        )
+    if attempt == 1 and hold_first_attempt:
+        time.sleep(hold_first_attempt)

@@ -138,9 +138,12 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-# Unacked messages of a killed worker come back after this long, not after an hour.
+# Unacked messages of a killed worker come back after this long, not after an hour,
+# and the workers look for such messages every second rather than every 100.
 CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": int(os.environ.get("DJANGO_SATORI_TEST_VISIBILITY_TIMEOUT", "10"))
+    "visibility_timeout": int(os.environ.get("DJANGO_SATORI_TEST_VISIBILITY_TIMEOUT", "10")),
+    "unacked_restore_interval": 1,
+    "unacked_restore_throttle": 1,
 }
 
 LOGGING = {
