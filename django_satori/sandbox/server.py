@@ -1,0 +1,460 @@
+"""The sandbox HTTP server: ``SandboxServer(...).start()`` in a background thread.
+
+HTTP/1.1 with keep-alive, like the real service behind its load balancer, so
+client connection pooling is exercised. Loopback only unless told otherwise:
+the control endpoints have no authentication.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl
+
+from .api import ApiRequest, handle, route
+from .config import (
+    DEFAULT_ACTION_PATH,
+    REDACTED,
+    SandboxConfig,
+    SandboxKeys,
+    build_config,
+)
+from .faults import Faults
+from .forms import parse_body, parse_query
+from .i18n import _
+from .page import render
+from .rules import SandboxError
+from .state import Customer, RecordedRequest, SandboxState, redact_request
+
+__all__ = ["SandboxConfig", "SandboxKeys", "SandboxServer"]
+
+logger = logging.getLogger("django_satori.sandbox")
+
+MAX_BODY_BYTES = 64 * 1024 * 1024
+#: Idle keep-alive connections are closed after this many seconds.
+IDLE_TIMEOUT = 120.0
+_FAULT_REPLIES: dict[str, tuple[int, str]] = {
+    "500": (500, "Internal Server Error"),
+    "503": (503, "Service Unavailable"),
+    "429": (429, "Too Many Requests"),
+    "timeout": (504, "Gateway Timeout"),
+}
+_HTML_502 = (
+    "<!DOCTYPE html>\n<html><head><title>502 Bad Gateway</title></head>"
+    "<body><h1>502 Bad Gateway</h1><p>The upstream server did not answer.</p></body></html>\n"
+)
+
+
+def check_host(host: str, allow_remote: bool) -> None:
+    """Refuse a non-loopback address unless ``allow_remote`` (ValueError)."""
+    if allow_remote or host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(
+            _("Refusing to listen on %(host)s: the SATORI sandbox records everything sent to "
+              "it and its control endpoints have no authentication. Use 127.0.0.1, or pass "
+              "allow_remote=True (--allow-remote) on a network you trust.") % {"host": host}
+        )
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    sandbox: SandboxServer
+
+
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "SATORI-sandbox/1.0"
+    sys_version = ""
+    timeout = IDLE_TIMEOUT
+    server: _HTTPServer
+
+    # -- plumbing --------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.sandbox._track(self.connection, add=True)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.sandbox._track(self.connection, add=False)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        # Never the request line: status.json carries the keys in its query string.
+        logger.info("%s %s -> %s", self.command, self.path.partition("?")[0], code)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        logger.debug("HTTP error while reading a request")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_POST
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: Mapping[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, payload: Any,
+                   headers: Mapping[str, str] | None = None) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self._send(status, body, "application/json; charset=utf-8", headers)
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding"):
+            raise SandboxError(411, "Transfer-Encoding is not supported; send Content-Length")
+        length_header = self.headers.get("Content-Length")
+        if length_header is None:
+            if self.command in ("POST", "PUT", "PATCH"):
+                raise SandboxError(411, "Content-Length が必要です (Content-Length required)")
+            return b""
+        try:
+            length = int(length_header)
+        except ValueError:
+            raise SandboxError(400, "Content-Length is not a number") from None
+        if length < 0 or length > MAX_BODY_BYTES:
+            raise SandboxError(413, f"リクエストが大きすぎます (body larger than "
+                                    f"{MAX_BODY_BYTES} bytes)")
+        return self.rfile.read(length)
+
+    # -- routing ---------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        sandbox = self.server.sandbox
+        path, _sep, query = self.path.partition("?")
+        try:
+            body = self._read_body()
+        except SandboxError as exc:
+            # The body was not read, so this connection cannot carry another request.
+            self.close_connection = True
+            self._send_json(exc.status, {"status": exc.status, "message": exc.message})
+            return
+        try:
+            if path == "/" or path.startswith("/_sandbox/"):
+                self._control(sandbox, path, body)
+            else:
+                self._api(sandbox, path, query, body)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:  # a sandbox bug: say so instead of hanging the client
+            logger.exception("SATORI sandbox failed on %s %s", self.command, path)
+            self.close_connection = True
+            self._send_json(500, {"status": 500, "message": "sandbox internal error"})
+
+    def _api(self, sandbox: SandboxServer, path: str, query: str, body: bytes) -> None:
+        config = sandbox.config
+        record = RecordedRequest(
+            method=self.command,
+            path=path,
+            query=parse_qsl(query, keep_blank_values=True, errors="replace"),
+            headers=list(self.headers.items()),
+            body=body,
+        )
+        error: SandboxError | None = None
+        request: ApiRequest | None = None
+        try:
+            operation = route(self.command, path, config)
+            record.operation = operation
+            if self.command == "GET":
+                request = ApiRequest(operation, parse_query(query))
+            else:
+                if query:
+                    raise SandboxError(400, "URLにパラメータを付けないでください (parameters "
+                                            "belong in the body, not the query string)")
+                media, pairs, files = parse_body(self.headers.get("Content-Type"), body)
+                record.form, record.files = pairs, files
+                request = ApiRequest(operation, pairs, media, files)
+        except SandboxError as exc:
+            error = exc
+        sandbox.state.record(record)
+
+        if record.operation is not None:
+            fault = self._inject(sandbox, record)
+            if fault:
+                return
+        try:
+            if error is not None:
+                raise error
+            assert request is not None
+            status, payload = 200, handle(request, config, sandbox.state)
+            headers: Mapping[str, str] = {}
+        except SandboxError as exc:
+            status, payload = exc.status, {"status": exc.status, "message": exc.message}
+            headers = exc.headers
+        record.status = status
+        self._send_json(status, payload, headers)
+
+    def _inject(self, sandbox: SandboxServer, record: RecordedRequest) -> bool:
+        """Apply delay and fault injection; True if a fault took the request."""
+        faults = sandbox.faults
+        if faults.delay > 0:
+            sandbox._stopping.wait(faults.delay)
+        assert record.operation is not None
+        kind = faults.pick(record.operation)
+        if kind is None:
+            return False
+        record.fault = kind
+        sandbox.state.count_fault(kind)
+        if kind == "drop":
+            self.close_connection = True
+            return True
+        if kind == "html":
+            record.status = 502
+            self._send(502, _HTML_502.encode(), "text/html; charset=utf-8")
+            return True
+        if kind == "timeout":
+            sandbox._stopping.wait(faults.timeout_seconds)
+        status, text = _FAULT_REPLIES[kind]
+        headers = {"Retry-After": str(faults.retry_after)} if kind == "429" else {}
+        record.status = status
+        self._send_json(status, {"status": status, "message": text}, headers)
+        return True
+
+    def _control(self, sandbox: SandboxServer, path: str, body: bytes) -> None:
+        method = self.command
+        sandbox.state.finish_due_jobs()
+        if path == "/" and method == "GET":
+            page = render(sandbox.snapshot(), sandbox.describe())
+            self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
+        elif path == "/_sandbox/state" and method == "GET":
+            self._send_json(200, {**sandbox.snapshot(), "config": sandbox.describe(),
+                                  "faults": sandbox.faults.as_dict()})
+        elif path == "/_sandbox/requests" and method == "GET":
+            self._send_json(200, sandbox.snapshot()["requests"])
+        elif path == "/_sandbox/reset" and method == "POST":
+            sandbox.reset()
+            self._send_json(200, {"ok": True})
+        elif path == "/_sandbox/faults" and method in ("GET", "POST"):
+            if method == "POST":
+                try:
+                    data = json.loads(body.decode("utf-8") or "{}")
+                    if not isinstance(data, dict):
+                        raise ValueError("expected a JSON object")
+                    sandbox.faults.configure(data)
+                except (ValueError, UnicodeDecodeError) as exc:
+                    self._send_json(400, {"ok": False, "error": str(exc)})
+                    return
+            self._send_json(200, sandbox.faults.as_dict())
+        elif path == "/_sandbox/forget-process-codes" and method == "POST":
+            self._send_json(200, {"forgotten": sandbox.state.forget_process_codes()})
+        elif path in ("/", "/_sandbox/state", "/_sandbox/requests", "/_sandbox/reset",
+                      "/_sandbox/faults", "/_sandbox/forget-process-codes"):
+            self._send_json(405, {"ok": False, "error": f"method {method} not allowed"})
+        else:
+            self._send_json(404, {"ok": False, "error": f"no such sandbox endpoint {path}"})
+
+
+class SandboxServer:
+    """A strict fake SATORI. ``start()`` it, point ``SATORI["BASE_URL"]`` at ``url``."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        keys: SandboxKeys | None = None,
+        custom_fields: Mapping[str, Any] | None = None,
+        bulk_processing_seconds: float = 1.0,
+        process_code_ttl: float = 3600.0,
+        tag_separator: str = ",",
+        action_path: str = DEFAULT_ACTION_PATH,
+        action_params: Mapping[str, str] | None = None,
+        envelope: str = "body",
+        own_only: bool = False,
+        deny_operations: Iterable[str] = (),
+        allow_remote: bool = False,
+    ) -> None:
+        check_host(host, allow_remote)
+        self.host = host
+        self.port = port
+        self._config = build_config(
+            keys=keys or SandboxKeys(),
+            custom_fields=custom_fields,
+            bulk_processing_seconds=bulk_processing_seconds,
+            process_code_ttl=process_code_ttl,
+            tag_separator=tag_separator,
+            action_path=action_path,
+            action_params=action_params,
+            envelope=envelope,
+            own_only=own_only,
+            deny_operations=frozenset(deny_operations),
+        )
+        self.state = SandboxState()
+        self.faults = Faults()
+        self._httpd: _HTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<SandboxServer {self.url if self._httpd else 'not started'}>"
+
+    # -- configuration ---------------------------------------------------------
+
+    @property
+    def config(self) -> SandboxConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: SandboxConfig) -> None:
+        if not isinstance(value, SandboxConfig):
+            raise TypeError("config must be a SandboxConfig")
+        self._config = value
+
+    @property
+    def keys(self) -> SandboxKeys:
+        return self._config.keys
+
+    def configure(self, **changes: Any) -> SandboxConfig:
+        """Change options of a running server; returns the previous config to restore."""
+        with self._lock:
+            previous = self._config
+            self._config = build_config(previous, **changes)
+            return previous
+
+    def describe(self) -> dict[str, Any]:
+        """The options, JSON-able, keys hidden."""
+        config = self._config
+        return {
+            "keys": REDACTED,
+            "custom_fields": None if config.custom_fields is None else {
+                k: {"type": v.kind, "choices": list(v.choices)}
+                for k, v in config.custom_fields.items()
+            },
+            "bulk_processing_seconds": config.bulk_processing_seconds,
+            "process_code_ttl": config.process_code_ttl,
+            "tag_separator": config.tag_separator,
+            "action_path": config.action_path,
+            "action_params": dict(config.action_params),
+            "envelope": config.envelope,
+            "own_only": config.own_only,
+            "deny_operations": sorted(config.deny_operations),
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        if self._httpd is None:
+            raise RuntimeError("the sandbox server is not started")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> SandboxServer:
+        if self._httpd is not None:
+            raise RuntimeError("the sandbox server is already started")
+        self._stopping.clear()
+        cls = _HTTPServer6 if ":" in self.host else _HTTPServer
+        httpd = cls((self.host, self.port), _Handler)
+        httpd.sandbox = self
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        self._threads = [
+            threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
+                             name=f"satori-sandbox-{self.port}", daemon=True),
+            threading.Thread(target=self._tick, name=f"satori-sandbox-jobs-{self.port}",
+                             daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self) -> None:
+        httpd = self._httpd
+        if httpd is None:
+            return
+        self._stopping.set()  # wakes requests held by "timeout" faults or delays
+        httpd.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        httpd.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
+        self._httpd = None
+
+    def __enter__(self) -> SandboxServer:
+        return self if self._httpd is not None else self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _tick(self) -> None:
+        # Finishes bulk jobs on time even when nobody polls status.json.
+        while not self._stopping.wait(0.05):
+            self.state.finish_due_jobs()
+
+    def _track(self, connection: socket.socket, *, add: bool) -> None:
+        with self._lock:
+            if add:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
+
+    # -- state -----------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget customers, jobs, recorded requests and fault settings."""
+        self.state.reset()
+        self.faults.clear()
+
+    def seed_customer(self, email: str, **kwargs: Any) -> Customer:
+        """Add a customer as if another SATORI user created it (see ``SandboxState``)."""
+        return self.state.seed_customer(email, **kwargs)
+
+    def finish_bulk_jobs(self) -> int:
+        """Finish every processing job now, whatever its processing time."""
+        return self.state.finish_due_jobs(force=True)
+
+    def wait_for_jobs(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while any(j.finished_at is None for j in list(self.state.jobs.values())):
+            if time.monotonic() > deadline:
+                raise TimeoutError("bulk jobs still processing")
+            time.sleep(0.02)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state as JSON-able data, with key values replaced by ``********``."""
+        return self.state.snapshot(self._config.keys.values())
+
+    def redacted_requests(self) -> list[dict[str, Any]]:
+        secrets_ = self._config.keys.values()
+        with self.state.lock:
+            return [redact_request(r, secrets_) for r in self.state.requests]
