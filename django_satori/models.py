@@ -304,8 +304,14 @@ class BulkJob(models.Model):
     description = models.CharField(_("selection"), max_length=255, blank=True)
     #: Started by the sweep for a backlog of pending customers, not by a person.
     automatic = models.BooleanField(_("automatic"), default=False)
+    #: Only write the CSV parts (to check them); nothing is uploaded or claimed.
+    dry_run = models.BooleanField(_("dry run"), default=False)
+    #: Rows per part; empty means SATORI['BULK_CHUNK_SIZE'].
+    chunk_size = models.PositiveIntegerField(_("rows per part"), null=True, blank=True)
     row_count = models.PositiveIntegerField(_("rows"), default=0)
     invalid_count = models.PositiveIntegerField(_("left out (invalid)"), default=0)
+    #: Selected but not put in a file: being sent singly, or in another bulk job.
+    skipped_count = models.PositiveIntegerField(_("left out (busy)"), default=0)
     succeeded_count = models.PositiveIntegerField(_("succeeded"), default=0)
     failed_count = models.PositiveIntegerField(_("failed"), default=0)
     part_count = models.PositiveIntegerField(_("parts"), default=0)
@@ -348,6 +354,7 @@ class BulkPart(models.Model):
     succeeded_count = models.PositiveIntegerField(_("succeeded"), default=0)
     failed_count = models.PositiveIntegerField(_("failed"), default=0)
     process_code = models.CharField(_("process code"), max_length=128, blank=True)
+    upload_attempts = models.PositiveIntegerField(_("upload attempts"), default=0)
     poll_count = models.PositiveIntegerField(_("status checks"), default=0)
     next_poll_at = models.DateTimeField(_("next status check"), null=True, blank=True)
     uploaded_at = models.DateTimeField(_("uploaded"), null=True, blank=True)
