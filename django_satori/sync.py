@@ -255,6 +255,12 @@ def connect_signals() -> None:
 # 2. Dispatch, after commit
 # --------------------------------------------------------------------------
 
+#: One quick retry, then give up: the row is safe in the outbox and the sweep
+#: sends it later, so a save must not hang while the broker is down.
+PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2,
+                 "interval_max": 0.3}
+
+
 def _dispatch_on_commit(state_id: int, countdown: float) -> None:
     transaction.on_commit(lambda: dispatch(state_id, countdown))
 
@@ -264,7 +270,8 @@ def dispatch(state_id: int, countdown: float = 0) -> bool:
     from .tasks import push_customer
 
     try:
-        push_customer.apply_async((state_id,), countdown=max(0.0, countdown))
+        push_customer.apply_async((state_id,), countdown=max(0.0, countdown),
+                                  retry_policy=PUBLISH_RETRY)
     except Exception:  # the broker is down; the row stays pending for the sweep
         log.warning("Could not queue the SATORI push for sync state %s; the periodic "
                     "sweep will send it.", state_id, exc_info=True)
@@ -569,7 +576,8 @@ def dispatch_action(action_id: int, countdown: float = 0) -> bool:
     from .tasks import send_action
 
     try:
-        send_action.apply_async((action_id,), countdown=max(0.0, countdown))
+        send_action.apply_async((action_id,), countdown=max(0.0, countdown),
+                                retry_policy=PUBLISH_RETRY)
     except Exception:
         log.warning("Could not queue SATORI action %s; the sweep will send it.", action_id,
                     exc_info=True)
