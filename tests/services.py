@@ -433,8 +433,24 @@ def _started(
         server.cleanup()
 
 
-def run(argv: Sequence[str], *, postgres: bool, postgres_args: Sequence[str]) -> int:
-    """Run ``argv`` on SQLite, then on PostgreSQL; return 0 only if every pass passed."""
+def run(
+    argv: Sequence[str],
+    *,
+    postgres: bool,
+    postgres_args: Sequence[str],
+    junit_dir: Path | None = None,
+) -> int:
+    """Run ``argv`` on SQLite, then on PostgreSQL; return 0 only if every pass passed.
+
+    With ``junit_dir``, each pass also gets ``--junitxml=<dir>/junit-<pass>.xml``.
+    """
+
+    def report(name: str) -> list[str]:
+        if junit_dir is None:
+            return []
+        junit_dir.mkdir(parents=True, exist_ok=True)
+        return [f"--junitxml={junit_dir / f'junit-{name.lower()}.xml'}"]
+
     required = in_ci()
     base_env = {k: v for k, v in os.environ.items() if k not in {DATABASE_URL_ENV, REDIS_DIR_ENV}}
     results: list[tuple[str, int]] = []
@@ -448,13 +464,14 @@ def run(argv: Sequence[str], *, postgres: bool, postgres_args: Sequence[str]) ->
         if isinstance(redis, RedisServer):
             base_env["REDIS_URL"] = base_env["CELERY_BROKER_URL"] = redis.url
             base_env[REDIS_DIR_ENV] = str(redis.workdir)
-        results.append(("SQLite", _run_pass("SQLite", argv, base_env)))
+        results.append(("SQLite", _run_pass("SQLite", [*argv, *report("SQLite")], base_env)))
         if isinstance(pg, PostgresServer):
             if isinstance(redis, RedisServer):
                 redis.start()  # a test may have left it stopped
                 redis.flushall()  # nothing queued by the first pass may leak into this one
             env = {**base_env, DATABASE_URL_ENV: pg.url}
-            results.append(("PostgreSQL", _run_pass("PostgreSQL", [*argv, *postgres_args], env)))
+            pg_argv = [*argv, *postgres_args, *report("PostgreSQL")]
+            results.append(("PostgreSQL", _run_pass("PostgreSQL", pg_argv, env)))
     _say("summary:")
     for name, code in results:
         _say(f"  {name + ' pass':<16} {'passed' if code == 0 else f'FAILED (exit {code})'}")
@@ -473,6 +490,9 @@ def main(args: Sequence[str] | None = None) -> int:
         default="-m 'not browser'",
         help="extra arguments for the PostgreSQL pass (shell-quoted; default: %(default)s)",
     )
+    run_parser.add_argument(
+        "--junit-dir", type=Path, help="give each pytest pass --junitxml=DIR/junit-<pass>.xml"
+    )
     run_parser.add_argument("command", nargs=argparse.REMAINDER, help="-- command ...")
     options = parser.parse_args(args)
     command = list(options.command)
@@ -486,6 +506,7 @@ def main(args: Sequence[str] | None = None) -> int:
             command,
             postgres=not options.no_postgres,
             postgres_args=shlex.split(options.postgres_args),
+            junit_dir=options.junit_dir,
         )
     except KeyboardInterrupt:
         _say("interrupted; services stopped")
