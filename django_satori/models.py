@@ -92,13 +92,6 @@ class Customer(models.Model):
     def __str__(self) -> str:
         return self.email
 
-    @classmethod
-    def from_db(cls, db: Any, field_names: Any, values: Any) -> Customer:
-        instance = super().from_db(db, field_names, values)
-        # Remembered so a changed e-mail can be followed in SATORI (see sync.record_change).
-        instance._loaded_email = instance.__dict__.get("email")
-        return instance
-
     def save(self, *args: Any, **kwargs: Any) -> None:
         from .sync import record_change
 
@@ -108,6 +101,13 @@ class Customer(models.Model):
         with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
             super().save(*args, **kwargs)
             record_change(self)
+
+    @classmethod
+    def from_db(cls, db: Any, field_names: Any, values: Any) -> Customer:
+        instance = super().from_db(db, field_names, values)
+        # Remembered so a changed e-mail can be followed in SATORI (see sync.record_change).
+        instance._loaded_email = instance.__dict__.get("email")
+        return instance
 
     @property
     def hashcode(self) -> str:
