@@ -11,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.db import models, router, transaction
 from django.utils.translation import gettext_lazy as _
 
+from .exceptions import SatoriValidationError
 from .schema import EMAIL_MAX_LENGTH, normalize_email
 
 
@@ -101,6 +103,30 @@ class Customer(models.Model):
         with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
             super().save(*args, **kwargs)
             record_change(self)
+
+    def clean(self) -> None:
+        """Form validation (admin, ModelForms): SATORI's rules, reported on the field."""
+        from .conf import get_settings
+        from .schema import clean_customer
+
+        errors: dict[str, list[str]] = {}
+        try:
+            self.email = normalize_email(self.email)
+        except SatoriValidationError as exc:
+            errors["email"] = [exc.message]
+        if not isinstance(self.tags, list) or not all(isinstance(t, str) for t in self.tags):
+            errors["tags"] = [_("Tags must be a list of names.")]
+        if not isinstance(self.custom_fields, dict):
+            errors["custom_fields"] = [_('Custom fields must be an object such as '
+                                        '{"custom:plan": "gold"}.')]
+        else:
+            try:
+                clean_customer(self.custom_fields, custom_fields=get_settings().CUSTOM_FIELDS,
+                               require_email=False)
+            except SatoriValidationError as exc:
+                errors["custom_fields"] = [f"{exc.field}: {exc.message}"]
+        if errors:
+            raise ValidationError(errors)
 
     @classmethod
     def from_db(cls, db: Any, field_names: Any, values: Any) -> Customer:

@@ -502,3 +502,18 @@ def test_sweep_redispatches_pending_rows_whose_task_was_lost(satori_sandbox):
     assert SyncState.objects.get().dispatched_at is not None
     # Dispatched just now: the next sweep leaves it alone.
     assert sync.sweep()["dispatched"] == 0
+
+
+def test_model_validation_names_the_field():
+    from django.core.exceptions import ValidationError
+
+    customer = Customer(email="ｈａｎａｋｏ@example.jp", custom_fields={"custom:age": "x"},
+                        tags="not a list")
+    with pytest.raises(ValidationError) as info:
+        customer.full_clean()
+    assert set(info.value.message_dict) == {"custom_fields", "tags"}
+    assert "custom:age" in info.value.message_dict["custom_fields"][0]
+    assert customer.email == "hanako@example.jp"  # full-width is normalised, not refused
+    with pytest.raises(ValidationError) as info:
+        Customer(email="山田@example.jp").full_clean()
+    assert "email" in info.value.message_dict
