@@ -15,6 +15,11 @@ class SatoriError(Exception):
 
     #: Whether sending the same request again later may succeed.
     retryable: bool = False
+    #: Set by the client when the error came from a call: the endpoint name and
+    #: redacted request/response summaries (safe to log and store).
+    endpoint: str | None = None
+    request_summary: dict[str, str] | None = None
+    response_summary: Any = None
 
     def __init__(
         self,

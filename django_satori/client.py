@@ -1,0 +1,1074 @@
+"""HTTP client for SATORI's seven public endpoints, in SATORI's own wire format.
+
+* Single customer (``customer/registration|upsert|delete.json``) and the
+  action API: POST, ``application/x-www-form-urlencoded; charset=UTF-8``, the
+  four keys as top-level fields and customer items as ``customer[...]``.
+* Bulk CSV upload (``bulk_customers/registration|upsert.json``): multipart
+  with the keys, ``identity_type`` and the file field ``customer_csv_file``.
+  The file is streamed from disk, never copied into one big body.
+* Bulk status (``bulk_customers/status.json``): GET with the keys **in the
+  query string**. That URL is therefore never logged or put into an error,
+  and requests' own exceptions (whose text contains the URL) are never chained.
+
+Every reply goes through :func:`parse_response`: SATORI's JSON ``status`` wins
+over the HTTP code, and anything unexpected becomes one of our typed errors.
+
+Permission errors (``SatoriPermissionError``) deserve a note: since 2025 SATORI
+applies the key owner's permission rules to API calls, and with the rule
+"own records only" valid keys are refused for customers that another user or
+key created. Such errors are per customer and are never worth retrying.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import http.client
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import zoneinfo
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import IO, Any, BinaryIO
+from urllib.parse import urlencode, urlsplit
+
+import requests
+import urllib3.exceptions
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+from django.utils.translation import gettext as _
+
+from . import __version__
+from .conf import AUTH_KEYS, SatoriSettings, get_settings
+from .exceptions import (
+    SatoriAuthenticationError,
+    SatoriConfigurationError,
+    SatoriError,
+    SatoriNotFoundError,
+    SatoriPermissionError,
+    SatoriRateLimitError,
+    SatoriTransientError,
+    SatoriValidationError,
+)
+from .redaction import (
+    AUTH_FIELDS,
+    install_log_filters,
+    redact_form,
+    redact_text,
+    scrub,
+    scrub_data,
+    secret_needles,
+)
+from .schema import (
+    IDENTITY_TYPES,
+    STANDARD_FIELDS,
+    clean_customer,
+    customer_form_fields,
+    join_tags,
+    normalize_email,
+)
+
+logger = logging.getLogger("django_satori.client")
+install_log_filters()
+
+USER_AGENT = f"django-satori/{__version__} python-requests/{requests.__version__}"
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded; charset=UTF-8"
+CSV_FIELD = "customer_csv_file"
+
+#: endpoint name -> (HTTP method, path under BASE_URL)
+ENDPOINTS: dict[str, tuple[str, str]] = {
+    "customer/registration": ("POST", "/api/v4/public/customer/registration.json"),
+    "customer/upsert": ("POST", "/api/v4/public/customer/upsert.json"),
+    "customer/delete": ("POST", "/api/v4/public/customer/delete.json"),
+    "bulk/registration": ("POST", "/api/v4/public/bulk_customers/registration.json"),
+    "bulk/upsert": ("POST", "/api/v4/public/bulk_customers/upsert.json"),
+    "bulk/status": ("GET", "/api/v4/public/bulk_customers/status.json"),
+}
+ACTION_ENDPOINT = "customer/add_action"
+
+#: Retry-After values above this are capped: the sync engine plans in minutes.
+MAX_RETRY_AFTER_SECONDS = 24 * 3600.0
+#: Error messages quoted from SATORI are cut to this length.
+MAX_MESSAGE_CHARS = 500
+#: Non-seekable CSV streams are spooled to a temporary file above this size.
+SPOOL_MAX_BYTES = 8 * 1024 * 1024
+
+_FIELD_IN_BRACKETS = re.compile(r"customer\[([A-Za-z0-9_:]+)\]")
+_CUSTOM_IN_TEXT = re.compile(r"custom:[A-Za-z0-9_]+")
+_EXTRA_FIELD_NAMES = ("identity_type", "process_code", CSV_FIELD)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class CustomerResult:
+    """Outcome of a single-customer or action call. ``hashcode`` when SATORI sent one."""
+
+    endpoint: str
+    status: int
+    hashcode: str | None
+    message: Any = field(repr=False)
+    response: Any = field(repr=False)
+    http_status: int = 200
+    elapsed_ms: float = field(default=0.0, repr=False)
+    #: The request with keys masked and personal values redacted (safe to store).
+    request_summary: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The reply with keys removed and personal values redacted (safe to store).
+    response_summary: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class BulkUploadResult:
+    """SATORI accepted a CSV; poll :meth:`SatoriClient.bulk_status` with ``process_code``."""
+
+    process_code: str
+    status: int
+    message: Any = field(repr=False)
+    response: Any = field(repr=False)
+    http_status: int = 200
+    elapsed_ms: float = field(default=0.0, repr=False)
+    request_summary: dict[str, str] = field(default_factory=dict, repr=False)
+    response_summary: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class FailedRow:
+    """One refused CSV row. ``row_number`` counts the header as row 1."""
+
+    row_number: int
+    message: str
+
+
+@dataclass(frozen=True)
+class BulkStatus:
+    """Progress of a bulk job; only ``process_status == "finished"`` means done."""
+
+    process_code: str
+    process_status: str
+    finished: bool
+    succeeded_rows: list[Any] = field(repr=False)
+    failed_rows: list[FailedRow] = field(repr=False)
+    response: Any = field(repr=False)
+    status: int = 200
+    http_status: int = 200
+    elapsed_ms: float = field(default=0.0, repr=False)
+    request_summary: dict[str, str] = field(default_factory=dict, repr=False)
+    response_summary: Any = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class SatoriReply:
+    """A successful reply: the JSON, its status and where its payload sits."""
+
+    status: int
+    message: Any
+    payload: dict[str, Any]
+    data: dict[str, Any]
+    http_status: int
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_response(
+    body: bytes,
+    http_status: int,
+    headers: Mapping[str, str] | None = None,
+    *,
+    needles: tuple[str, ...] = (),
+) -> SatoriReply:
+    """Turn one HTTP reply into a :class:`SatoriReply` or raise a typed error.
+
+    Only :class:`SatoriError` subclasses ever leave this function, whatever the
+    bytes. ``needles`` (from :func:`redaction.secret_needles`) are removed from
+    the parsed JSON and from any text quoted in an error.
+    """
+    headers = headers or {}
+    content_type = _header(headers, "Content-Type")[:100]
+    retry_after = _retry_after_header(_header(headers, "Retry-After"))
+
+    if 300 <= http_status < 400:
+        # A redirect is never SATORI's answer; following it would re-send the
+        # keys (status.json's query string) to wherever Location points.
+        raise SatoriConfigurationError(
+            _("SATORI answered with a redirect (HTTP %(code)s); check SATORI['BASE_URL'] "
+              "(it should be https://api.satr.jp).") % {"code": http_status},
+            http_status=http_status,
+        )
+
+    data, ok = _load_json(body)
+    if not ok:
+        raise SatoriTransientError(
+            _("SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, %(size)d "
+              "bytes); probably a proxy or maintenance page.")
+            % {"code": http_status, "type": scrub(content_type or "none", needles),
+               "size": len(body)},
+            http_status=http_status,
+            retry_after=retry_after,
+        )
+    data = scrub_data(data, needles)
+
+    status = _coerce_status(data.get("status")) if isinstance(data, dict) else None
+    if status is None:
+        if 200 <= http_status < 300 or not 100 <= http_status < 600:
+            raise SatoriError(
+                _("SATORI's reply has an unexpected shape (HTTP %(code)s, JSON %(kind)s "
+                  "without a usable status).")
+                % {"code": http_status, "kind": type(data).__name__},
+                http_status=http_status,
+                response=data,
+            )
+        status = http_status  # e.g. a gateway's JSON error: the HTTP code is all we have
+
+    message = data.get("message") if isinstance(data, dict) else None
+    if 200 <= status < 300 and isinstance(data, dict):
+        return SatoriReply(
+            status=status,
+            message=message,
+            payload=_payload(data),
+            data=data,
+            http_status=http_status,
+        )
+
+    payload = _payload(data) if isinstance(data, dict) else {}
+    if retry_after is None:
+        retry_after = _retry_after_hint(payload, data)
+    raise error_for_status(
+        status,
+        _message_text(message, needles) or _("SATORI refused the request (status %(status)s).")
+        % {"status": status},
+        http_status=http_status,
+        response=data,
+        retry_after=retry_after,
+        field=_field_from_message(message),
+    )
+
+
+def error_for_status(
+    status: int,
+    message: str,
+    *,
+    http_status: int | None = None,
+    response: Any = None,
+    retry_after: float | None = None,
+    field: str | None = None,
+) -> SatoriError:
+    """The error class for a non-success SATORI status (JSON status, or HTTP code)."""
+    common: dict[str, Any] = {"status": status, "http_status": http_status, "response": response}
+    if status == 401:
+        return SatoriAuthenticationError(message, **common)
+    if status == 403:
+        return SatoriPermissionError(message, **common)
+    if status == 404:
+        return SatoriNotFoundError(message, **common)
+    if status == 429:
+        return SatoriRateLimitError(message, retry_after=retry_after, **common)
+    if status in (408, 425) or 500 <= status < 600:
+        return SatoriTransientError(message, retry_after=retry_after, **common)
+    if 400 <= status < 500:
+        return SatoriValidationError(message, field=field, **common)
+    return SatoriError(message, **common)
+
+
+def _header(headers: Mapping[str, str], name: str) -> str:
+    lowered = name.lower()
+    for key, value in headers.items():
+        if str(key).lower() == lowered:
+            return str(value)
+    return ""
+
+
+def _load_json(body: bytes) -> tuple[Any, bool]:
+    try:
+        return json.loads(body), True
+    except (ValueError, RecursionError, TypeError):
+        # ValueError covers bad JSON, bad UTF-8 and over-long integers.
+        return None, False
+
+
+def _coerce_status(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    elif isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 3:
+        value = int(value.strip())
+    if isinstance(value, int) and 100 <= value < 600:
+        return value
+    return None
+
+
+def _payload(data: dict[str, Any]) -> dict[str, Any]:
+    """Where the useful part of a reply sits: ``body``, else ``message`` (an object), else top."""
+    for key in ("body", "message"):
+        value = data.get(key)
+        if isinstance(value, dict):
+            return value
+    return data
+
+
+def _message_text(message: Any, needles: tuple[str, ...]) -> str:
+    if message is None:
+        return ""
+    if isinstance(message, str):
+        text = message
+    else:
+        try:
+            text = json.dumps(message, ensure_ascii=False, default=str)
+        except (ValueError, TypeError, RecursionError):
+            text = type(message).__name__
+    text = scrub(text, needles).strip()
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 1] + "…"
+
+
+def _field_from_message(message: Any) -> str | None:
+    """Name the customer item an error is about, when SATORI's message says so."""
+    if isinstance(message, dict):
+        for key in message:
+            found = _field_from_text(str(key))
+            if found:
+                return found
+        return None
+    if isinstance(message, list):
+        for item in message:
+            found = _field_from_message(item)
+            if found:
+                return found
+        return None
+    return _field_from_text(message) if isinstance(message, str) else None
+
+
+def _field_from_text(text: str) -> str | None:
+    match = _FIELD_IN_BRACKETS.search(text)
+    if match:
+        return match.group(1)
+    match = _CUSTOM_IN_TEXT.search(text)
+    if match:
+        return match.group(0)
+    best: tuple[int, int, str] | None = None
+    for name in (*STANDARD_FIELDS, *_EXTRA_FIELD_NAMES):
+        hit = re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text)
+        # The earliest mention wins; at the same spot the longer name does.
+        if hit and (best is None or (hit.start(), -len(name)) < best[:2]):
+            best = (hit.start(), -len(name), name)
+    return best[2] if best else None
+
+
+def _retry_after_header(value: str) -> float | None:
+    value = value.strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when is None:  # pragma: no cover - older Pythons returned None
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    return _clamp_retry_after(seconds)
+
+
+def _retry_after_hint(payload: dict[str, Any], data: Any) -> float | None:
+    for source in (payload, data if isinstance(data, dict) else {}):
+        for key in ("retry_after", "retryAfter", "Retry-After"):
+            value = source.get(key)
+            if isinstance(value, bool):
+                continue
+            if isinstance(value, int | float):
+                return _clamp_retry_after(float(value))
+            if isinstance(value, str):
+                try:
+                    return _clamp_retry_after(float(value.strip()))
+                except ValueError:
+                    continue
+    return None
+
+
+def _clamp_retry_after(seconds: float) -> float | None:
+    if not math.isfinite(seconds):
+        return None
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class _SafeRepr:
+    """Holds wire data whose repr must not show it (locals in error reports)."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
+
+
+class _Wire(_SafeRepr):
+    """One request ready to send. The query string (status.json) holds the keys."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        *,
+        body: bytes | _MultipartStream | None = None,
+        content_type: str | None = None,
+        query: str = "",
+        summary: dict[str, str],
+    ) -> None:
+        self.endpoint = endpoint
+        self.method = method
+        self.path = path
+        self.body = body
+        self.content_type = content_type
+        self.query = query
+        self.summary = summary
+
+
+class _MultipartStream(_SafeRepr):
+    """A ``multipart/form-data`` body read piece by piece, with a known length.
+
+    requests sends a readable object with ``__len__`` as a streamed body with
+    ``Content-Length`` (not chunked, which SATORI was never seen to accept).
+    """
+
+    def __init__(self, fields: list[tuple[str, str]], file_field: str, filename: str,
+                 file_type: str, file: IO[bytes], file_size: int) -> None:
+        self.boundary = uuid.uuid4().hex
+        head = b"".join(self._part_header(name) + value.encode("utf-8") + b"\r\n"
+                        for name, value in fields)
+        head += self._part_header(file_field, filename, file_type)
+        tail = f"\r\n--{self.boundary}--\r\n".encode("ascii")
+        self._parts: list[bytes | tuple[IO[bytes], int]] = [head, (file, file_size), tail]
+        self._length = len(head) + file_size + len(tail)
+        self._index = 0
+        self._offset = 0
+
+    @property
+    def content_type(self) -> str:
+        return f"multipart/form-data; boundary={self.boundary}"
+
+    def _part_header(self, name: str, filename: str | None = None,
+                     content_type: str | None = None) -> bytes:
+        disposition = f'Content-Disposition: form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        lines = [f"--{self.boundary}", disposition]
+        if content_type:
+            lines.append(f"Content-Type: {content_type}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self) -> Iterator[bytes]:
+        while chunk := self.read(64 * 1024):
+            yield chunk
+
+    def read(self, size: int = -1) -> bytes:
+        out = bytearray()
+        while self._index < len(self._parts) and (size < 0 or len(out) < size):
+            part = self._parts[self._index]
+            want = -1 if size < 0 else size - len(out)
+            if isinstance(part, bytes):
+                piece = part[self._offset:] if want < 0 else part[self._offset:self._offset + want]
+                self._offset += len(piece)
+                done = self._offset >= len(part)
+            else:
+                file, remaining = part
+                left = remaining - self._offset
+                piece = file.read(left if want < 0 else min(want, left))
+                self._offset += len(piece)
+                if not piece and self._offset < remaining:
+                    # The file shrank under us: Content-Length would now be a lie.
+                    raise OSError("the CSV file ended before its announced size")
+                done = self._offset >= remaining
+            out += piece
+            if done:
+                self._index += 1
+                self._offset = 0
+        return bytes(out)
+
+
+def _csv_source(csv_file: Any) -> tuple[IO[bytes], int, bool]:
+    """``(binary file, bytes left to send, whether we own the file)``.
+
+    Seekable files are sent from their current position without copying;
+    other streams are spooled once to a temporary file so the length is known.
+    """
+    if isinstance(csv_file, str):
+        csv_file = csv_file.encode("utf-8")
+    if isinstance(csv_file, bytes | bytearray | memoryview):
+        data = bytes(csv_file)
+        return io.BytesIO(data), len(data), True
+    if not hasattr(csv_file, "read") or isinstance(csv_file, io.TextIOBase):
+        raise TypeError("csv_file must be bytes or a file object opened in binary mode")
+    try:
+        start = csv_file.tell()
+        end = csv_file.seek(0, io.SEEK_END)
+        csv_file.seek(start)
+        return csv_file, max(0, end - start), False
+    except (AttributeError, OSError, ValueError):
+        spool: Any = tempfile.SpooledTemporaryFile(max_size=SPOOL_MAX_BYTES)  # noqa: SIM115
+        shutil.copyfileobj(csv_file, spool)
+        size = spool.tell()
+        spool.seek(0)
+        return spool, size, True
+
+
+def _safe_filename(filename: str) -> str:
+    # The name goes inside a quoted header; keep it to characters that need no escaping.
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", str(filename)).strip("._") or "customers"
+    return cleaned if cleaned.lower().endswith(".csv") else cleaned + ".csv"
+
+
+# --------------------------------------------------------------------------- client
+
+
+class SatoriClient:
+    """One client per settings object; one keep-alive HTTP session per client.
+
+    Use :func:`get_client` for the shared per-thread instance. Methods raise
+    :class:`~django_satori.exceptions.SatoriError` subclasses only.
+    """
+
+    def __init__(
+        self,
+        conf: SatoriSettings | None = None,
+        *,
+        session: requests.Session | None = None,
+    ) -> None:
+        self.conf = conf if conf is not None else get_settings()
+        self._owns_session = session is None
+        self._session = session if session is not None else requests.Session()
+        self._session.headers["User-Agent"] = USER_AGENT
+        self._session.headers["Accept"] = "application/json"
+        self._needles = secret_needles(self.conf)
+        self._base_url = str(self.conf.BASE_URL or "").rstrip("/")
+        self._timeout = _timeout(self.conf.TIMEOUT)
+
+    def __repr__(self) -> str:
+        parts = urlsplit(self._base_url)
+        # Host only: a BASE_URL could carry user:password@ or a query.
+        shown = f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if _port(parts) else ''}"
+        return f"<SatoriClient {shown}>"
+
+    def __enter__(self) -> SatoriClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the HTTP session (only if this client created it)."""
+        if self._owns_session:
+            self._session.close()
+
+    # ---------------------------------------------------------------- single customer
+
+    def register_customer(
+        self, customer: Mapping[str, Any], *, identity_type: str = "email"
+    ) -> CustomerResult:
+        """Create the customer, or only fill blanks / add tags if it exists."""
+        return self._customer_call("customer/registration", customer, identity_type)
+
+    def upsert_customer(
+        self, customer: Mapping[str, Any], *, identity_type: str = "email"
+    ) -> CustomerResult:
+        """Create or overwrite the customer. Unknown e-mail addresses are created."""
+        return self._customer_call("customer/upsert", customer, identity_type)
+
+    def delete_customer(
+        self, *, email: str | None = None, hashcode: str | None = None
+    ) -> CustomerResult:
+        """Delete one customer, named by exactly one of ``email`` / ``hashcode``."""
+        identity_type, value = self._identity(email, hashcode)
+        return self._customer_call("customer/delete", {identity_type: value}, identity_type)
+
+    def _customer_call(
+        self, endpoint: str, customer: Mapping[str, Any], identity_type: str
+    ) -> CustomerResult:
+        self._check_configuration()
+        values = dict(customer)
+        for key in ("append_tags", "delete_tags"):
+            if isinstance(values.get(key), list | tuple | set | frozenset):
+                values[key] = self._join_tags(values[key], key)
+        cleaned = clean_customer(values, custom_fields=self.conf.CUSTOM_FIELDS)
+        pairs = customer_form_fields(identity_type, cleaned)
+        method, path = ENDPOINTS[endpoint]
+        wire = self._form_wire(endpoint, method, path, pairs)
+        reply, elapsed = self._call(wire)
+        return CustomerResult(
+            endpoint=endpoint,
+            status=reply.status,
+            hashcode=_hashcode(reply),
+            message=reply.message,
+            response=reply.data,
+            http_status=reply.http_status,
+            elapsed_ms=elapsed,
+            request_summary=wire.summary,
+            response_summary=self._response_summary(reply.data),
+        )
+
+    def _join_tags(self, tags: Any, key: str) -> str:
+        try:
+            return join_tags(tags, self.conf.TAG_SEPARATOR)
+        except SatoriValidationError as exc:
+            exc.field = key  # schema.join_tags always names append_tags
+            raise
+
+    # ---------------------------------------------------------------- action
+
+    def add_action(
+        self,
+        *,
+        email: str | None = None,
+        hashcode: str | None = None,
+        name: str,
+        content: str = "",
+        url: str = "",
+        occurred_at: dt.datetime | None = None,
+    ) -> CustomerResult:
+        """Record a user-defined action on a customer's timeline.
+
+        The path and parameter names come from ``ACTION_PATH`` / ``ACTION_PARAMS``
+        because SATORI's documentation for this API could not be verified.
+        ``occurred_at`` is sent in ``ACTION_TIMEZONE``; naive values are taken
+        to be in that zone already; the default is now.
+        """
+        self._check_configuration()
+        identity_type, value = self._identity(email, hashcode)
+        params = self.conf.ACTION_PARAMS
+        title = "" if name is None else str(name).strip()
+        if not title:
+            raise SatoriValidationError(_("An action needs a name."), field="name")
+        pairs: list[tuple[str, str]] = [
+            ("customer[identity_type]", identity_type),
+            (f"customer[{identity_type}]", value),
+            (params["name"], _no_nul(title, "name")),
+        ]
+        if content:
+            pairs.append((params["content"], _no_nul(str(content), "content")))
+        if url:
+            pairs.append((params["url"], _absolute_url(str(url))))
+        pairs.append((params["date"], self._action_time(occurred_at)))
+        path = "/" + str(self.conf.ACTION_PATH).lstrip("/")
+        wire = self._form_wire(ACTION_ENDPOINT, "POST", path, pairs,
+                               visible=(params["name"], params["date"]))
+        reply, elapsed = self._call(wire)
+        return CustomerResult(
+            endpoint=ACTION_ENDPOINT,
+            status=reply.status,
+            hashcode=_hashcode(reply),
+            message=reply.message,
+            response=reply.data,
+            http_status=reply.http_status,
+            elapsed_ms=elapsed,
+            request_summary=wire.summary,
+            response_summary=self._response_summary(reply.data),
+        )
+
+    def _action_time(self, occurred_at: dt.datetime | None) -> str:
+        try:
+            zone: zoneinfo.ZoneInfo | None = zoneinfo.ZoneInfo(str(self.conf.ACTION_TIMEZONE))
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            zone = None
+        if zone is None:
+            raise SatoriConfigurationError(
+                _("SATORI['ACTION_TIMEZONE'] %(zone)r is not a known time zone.")
+                % {"zone": str(self.conf.ACTION_TIMEZONE)[:64]}
+            )
+        if occurred_at is None:
+            occurred_at = dt.datetime.now(zone)
+        elif not isinstance(occurred_at, dt.datetime):
+            raise SatoriValidationError(
+                _("occurred_at must be a datetime."), field="date"
+            )
+        elif occurred_at.tzinfo is not None and occurred_at.utcoffset() is not None:
+            occurred_at = occurred_at.astimezone(zone)
+        return occurred_at.strftime("%Y-%m-%d %H:%M:%S")
+
+    # ---------------------------------------------------------------- bulk
+
+    def bulk_register(
+        self, csv_file: bytes | BinaryIO, *, identity_type: str = "email",
+        filename: str = "customers.csv",
+    ) -> BulkUploadResult:
+        """Upload a UTF-8 CSV of new customers; returns the job's ``process_code``."""
+        return self._bulk_upload("bulk/registration", csv_file, identity_type, filename)
+
+    def bulk_upsert(
+        self, csv_file: bytes | BinaryIO, *, identity_type: str = "email",
+        filename: str = "customers.csv",
+    ) -> BulkUploadResult:
+        """Upload a UTF-8 CSV to create or update customers; returns the ``process_code``.
+
+        File objects are read from their current position. Re-uploading after
+        an ambiguous failure can create a duplicate job (SATORI has no
+        idempotency key), so this is never retried here.
+        """
+        return self._bulk_upload("bulk/upsert", csv_file, identity_type, filename)
+
+    def _bulk_upload(
+        self, endpoint: str, csv_file: Any, identity_type: str, filename: str
+    ) -> BulkUploadResult:
+        self._check_configuration()
+        if identity_type not in IDENTITY_TYPES:
+            raise SatoriValidationError(
+                _("identity_type must be 'email' or 'hashcode'."), field="identity_type"
+            )
+        file, size, owned = _csv_source(csv_file)
+        try:
+            if size == 0:
+                raise SatoriValidationError(_("The CSV file is empty."), field=CSV_FIELD)
+            wire = self._bulk_wire(endpoint, identity_type, file, size, filename)
+            reply, elapsed = self._call(wire)
+        finally:
+            if owned:
+                file.close()
+        process_code = _text_or_none(reply.payload.get("process_code"))
+        if process_code is None:
+            process_code = _text_or_none(reply.data.get("process_code"))
+        if process_code is None:
+            # Accepted or not? Unknown. Not retryable: a second upload may duplicate the job.
+            error = SatoriError(
+                _("SATORI accepted the CSV upload but sent no process_code (status %(status)s).")
+                % {"status": reply.status},
+                status=reply.status, http_status=reply.http_status, response=reply.data,
+            )
+            self._annotate(error, wire, reply.data)
+            raise error
+        return BulkUploadResult(
+            process_code=process_code,
+            status=reply.status,
+            message=reply.message,
+            response=reply.data,
+            http_status=reply.http_status,
+            elapsed_ms=elapsed,
+            request_summary=wire.summary,
+            response_summary=self._response_summary(reply.data),
+        )
+
+    def bulk_status(self, process_code: str) -> BulkStatus:
+        """Ask how a bulk job is doing. Anything but ``finished`` means keep waiting."""
+        self._check_configuration()
+        code = "" if process_code is None else str(process_code).strip()
+        if not code:
+            raise SatoriValidationError(_("A process_code is required."), field="process_code")
+        wire = self._status_wire(code)
+        reply, elapsed = self._call(wire)
+        payload = reply.payload
+        process_status = _text_or_none(payload.get("process_status")) or ""
+        try:
+            failed_rows = _failed_rows(payload.get("failed_rows"))
+        except SatoriError as error:
+            error.status, error.http_status, error.response = (
+                reply.status, reply.http_status, reply.data)
+            self._annotate(error, wire, reply.data)
+            raise
+        succeeded = payload.get("succeeded_rows")
+        return BulkStatus(
+            process_code=code,
+            process_status=process_status,
+            finished=process_status == "finished",
+            succeeded_rows=list(succeeded) if isinstance(succeeded, list) else [],
+            failed_rows=failed_rows,
+            response=reply.data,
+            status=reply.status,
+            http_status=reply.http_status,
+            elapsed_ms=elapsed,
+            request_summary=wire.summary,
+            response_summary=self._response_summary(reply.data),
+        )
+
+    # ---------------------------------------------------------------- plumbing
+
+    def _check_configuration(self) -> None:
+        missing = [key for key in AUTH_KEYS
+                   if not isinstance(getattr(self.conf, key), str)
+                   or not getattr(self.conf, key).strip()]
+        if missing:
+            raise SatoriConfigurationError(
+                _("SATORI keys missing or empty: %(keys)s. Copy them from SATORI's admin "
+                  "screen into settings.SATORI.") % {"keys": ", ".join(missing)}
+            )
+        parts = urlsplit(self._base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SatoriConfigurationError(
+                _("SATORI['BASE_URL'] must be an http(s) URL such as https://api.satr.jp.")
+            )
+        if self._timeout is None:
+            raise SatoriConfigurationError(
+                _("SATORI['TIMEOUT'] must be a number of seconds or a (connect, read) pair.")
+            )
+
+    def _auth_pairs(self) -> list[tuple[str, str]]:
+        return [(name, getattr(self.conf, key)) for name, key in zip(AUTH_FIELDS, AUTH_KEYS,
+                                                                     strict=True)]
+
+    @staticmethod
+    def _identity(email: str | None, hashcode: str | None) -> tuple[str, str]:
+        if bool(email) == bool(hashcode):
+            raise SatoriValidationError(
+                _("Give exactly one of email or hashcode."),
+                field="email" if not email else "hashcode",
+            )
+        if email:
+            return "email", normalize_email(email)
+        return "hashcode", _no_nul(str(hashcode).strip(), "hashcode")
+
+    # The wire builders keep the raw keys out of the locals of every frame an
+    # error passes through (error trackers record frame locals).
+
+    def _bulk_wire(self, endpoint: str, identity_type: str, file: IO[bytes], size: int,
+                   filename: str) -> _Wire:
+        safe_name = _safe_filename(filename)
+        fields = [*self._auth_pairs(), ("identity_type", identity_type)]
+        body = _MultipartStream(fields, CSV_FIELD, safe_name, "text/csv", file, size)
+        summary = redact_form(fields, self.conf.REDACT_PERSONAL_DATA)
+        summary[CSV_FIELD] = f"{safe_name} ({size} bytes)"
+        method, path = ENDPOINTS[endpoint]
+        return _Wire(endpoint, method, path, body=body, content_type=body.content_type,
+                     summary=summary)
+
+    def _status_wire(self, code: str) -> _Wire:
+        pairs = [*self._auth_pairs(), ("process_code", code)]
+        method, path = ENDPOINTS["bulk/status"]
+        return _Wire("bulk/status", method, path, query=urlencode(pairs, encoding="utf-8"),
+                     summary=redact_form(pairs, self.conf.REDACT_PERSONAL_DATA))
+
+    def _form_wire(self, endpoint: str, method: str, path: str,
+                   pairs: list[tuple[str, str]], visible: tuple[str, ...] = ()) -> _Wire:
+        form = [*self._auth_pairs(), *pairs]
+        return _Wire(
+            endpoint, method, path,
+            # urlencode quotes like PHP's http_build_query: brackets and ':' become
+            # %5B %5D %3A, spaces '+', non-ASCII as UTF-8 bytes.
+            body=urlencode(form, encoding="utf-8").encode("ascii"),
+            content_type=FORM_CONTENT_TYPE,
+            summary=redact_form(form, self.conf.REDACT_PERSONAL_DATA, visible=visible),
+        )
+
+    def _call(self, wire: _Wire) -> tuple[SatoriReply, float]:
+        """Send, parse, log. Raises our errors only, never with a requests error chained."""
+        headers = {"Content-Type": wire.content_type} if wire.content_type else {}
+        started = time.monotonic()
+        failure: SatoriError | None = None
+        try:
+            http_response = self._session.request(
+                wire.method,
+                self._base_url + wire.path + ("?" + wire.query if wire.query else ""),
+                data=wire.body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        # Order matters: every requests error is also an OSError.
+        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as exc:
+            failure = SatoriConfigurationError(
+                _("The request to SATORI could not be built (%(kind)s); check "
+                  "SATORI['BASE_URL'] and the keys.") % {"kind": type(exc).__name__})
+        except requests.Timeout as exc:
+            failure = SatoriTransientError(
+                _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__})
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as exc:
+            failure = SatoriTransientError(
+                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__})
+        except requests.RequestException as exc:
+            failure = SatoriError(
+                _("The request to SATORI failed (%(kind)s).") % {"kind": type(exc).__name__})
+        except (http.client.HTTPException, urllib3.exceptions.HTTPError, OSError) as exc:
+            failure = SatoriTransientError(
+                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__})
+        elapsed = (time.monotonic() - started) * 1000
+        if failure is not None:
+            # Raised outside the except blocks: no __context__, so the requests
+            # error (whose text holds the URL, keys included) is not chained.
+            self._annotate(failure, wire, None)
+            self._log(wire, elapsed, failure)
+            raise failure
+
+        try:
+            reply = parse_response(
+                http_response.content, http_response.status_code,
+                http_response.headers, needles=self._needles,
+            )
+        except SatoriError as error:
+            self._annotate(error, wire, error.response)
+            self._log(wire, elapsed, error)
+            raise
+        self._log(wire, elapsed, None, reply)
+        return reply, elapsed
+
+    def _annotate(self, error: SatoriError, wire: _Wire, data: Any) -> None:
+        # Extra attributes for the sync engine's SyncLog; safe to store.
+        error.endpoint = wire.endpoint
+        error.request_summary = wire.summary
+        error.response_summary = self._response_summary(data)
+
+    def _response_summary(self, data: Any) -> Any:
+        return scrub_data(data, self._needles, redact_personal=self.conf.REDACT_PERSONAL_DATA)
+
+    def _log(self, wire: _Wire, elapsed: float, error: SatoriError | None,
+             reply: SatoriReply | None = None) -> None:
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
+        shown = {k: v for k, v in wire.summary.items() if k not in AUTH_FIELDS}
+        if error is None and reply is not None:
+            logger.debug("SATORI %s %s: status %s (HTTP %s) in %.0f ms; request %s",
+                         wire.method, wire.path, reply.status, reply.http_status, elapsed, shown)
+            return
+        assert error is not None
+        text = scrub(str(error), self._needles)
+        if self.conf.REDACT_PERSONAL_DATA:
+            text = redact_text(text)
+        logger.debug("SATORI %s %s: %s %s (HTTP %s) in %.0f ms; request %s",
+                     wire.method, wire.path, type(error).__name__, text,
+                     error.http_status, elapsed, shown)
+
+
+def _port(parts: Any) -> int | None:
+    try:
+        return parts.port
+    except ValueError:
+        return None
+
+
+def _timeout(value: Any) -> float | tuple[float, float] | None:
+    """requests' timeout from the setting, or None when the setting is unusable."""
+    try:
+        if isinstance(value, list | tuple) and len(value) == 2:
+            pair = (float(value[0]), float(value[1]))
+            return pair if all(math.isfinite(v) and v > 0 for v in pair) else None
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _no_nul(text: str, field: str) -> str:
+    if "\x00" in text:
+        raise SatoriValidationError(_("The value contains a NUL character."), field=field)
+    return text
+
+
+def _absolute_url(url: str) -> str:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SatoriValidationError(
+            _("The action URL must be an absolute http(s) URL."), field="url"
+        )
+    return _no_nul(url.strip(), "url")
+
+
+def _text_or_none(value: Any) -> str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str | int):
+        text = str(value).strip()
+        return text or None
+    return None
+
+
+def _hashcode(reply: SatoriReply) -> str | None:
+    for source in (reply.payload, reply.data):
+        for key in ("customer[hashcode]", "hashcode"):
+            found = _text_or_none(source.get(key))
+            if found:
+                return found
+        customer = source.get("customer")
+        if isinstance(customer, dict):
+            found = _text_or_none(customer.get("hashcode"))
+            if found:
+                return found
+    return None
+
+
+def _failed_rows(value: Any) -> list[FailedRow]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise SatoriError(_("SATORI's failed_rows is not a list."))
+    rows = []
+    for item in value:
+        number = item.get("row_number") if isinstance(item, dict) else None
+        if isinstance(number, str) and number.strip().isdigit():
+            number = int(number.strip())
+        if isinstance(number, bool) or not isinstance(number, int):
+            # Guessing would count a refused row as sent; better to stop and say so.
+            raise SatoriError(_("SATORI's failed_rows has an entry without a row_number."))
+        message = item.get("message") if isinstance(item, dict) else None
+        rows.append(FailedRow(row_number=number,
+                              message=message if isinstance(message, str) else
+                              _message_text(message, ())))
+    return rows
+
+
+# --------------------------------------------------------------------------- shared client
+
+
+class _Shared(threading.local):
+    pid: int = 0
+    generation: int = -1
+    client: SatoriClient | None = None
+
+
+_shared = _Shared()
+_generation_lock = threading.Lock()
+_generation = 0
+
+
+def get_client() -> SatoriClient:
+    """This thread's client for the current settings.
+
+    ``requests.Session`` is not documented as thread-safe, so each thread gets
+    its own. The client is rebuilt when ``settings.SATORI`` changes and after a
+    fork (a Celery prefork child must not share its parent's sockets).
+    """
+    pid = os.getpid()
+    conf = get_settings()
+    client = _shared.client
+    if (client is not None and _shared.pid == pid and _shared.generation == _generation
+            and client.conf is conf):
+        return client
+    if client is not None and _shared.pid == pid:
+        client.close()
+    client = SatoriClient(conf)
+    _shared.client, _shared.pid, _shared.generation = client, pid, _generation
+    return client
+
+
+@receiver(setting_changed)
+def _settings_changed(*, setting: str, **kwargs: Any) -> None:
+    global _generation
+    if setting == "SATORI":
+        with _generation_lock:
+            _generation += 1
+
+
+__all__ = [
+    "BulkStatus",
+    "BulkUploadResult",
+    "CustomerResult",
+    "FailedRow",
+    "SatoriClient",
+    "SatoriReply",
+    "error_for_status",
+    "get_client",
+    "parse_response",
+]

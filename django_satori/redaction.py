@@ -1,0 +1,246 @@
+"""Keep the four API keys and customers' personal data out of logs and summaries.
+
+Two different jobs:
+
+* **Secrets** (the four SATORI keys) are removed everywhere, always. They
+  travel as form fields, and for ``status.json`` in the query string, so any
+  text that might have seen a request (a URL, an HTML error page echoing it,
+  a third-party log line) is passed through :func:`scrub`.
+* **Personal data** (e-mail, names, phones, address, memo, custom values) is
+  replaced by a length marker when ``SATORI["REDACT_PERSONAL_DATA"]`` is on,
+  so request/response summaries can be logged and stored in ``SyncLog``.
+
+Request forms are redacted by an allow-list (unknown keys count as personal);
+response data by a deny-list plus an e-mail pattern, because SATORI's reply
+is mostly status text whose keys we do not control.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import quote, quote_plus
+
+from .conf import AUTH_KEYS, SatoriSettings, get_settings
+from .schema import CUSTOM_PREFIX
+
+#: Wire names of the four keys (top-level form fields / query parameters).
+AUTH_FIELDS: tuple[str, ...] = tuple(key.lower() for key in AUTH_KEYS)
+MASK = "********"
+
+#: Customer items and bookkeeping fields whose values describe the operation,
+#: not the person, so they stay readable in summaries.
+NON_PERSONAL_FIELDS: frozenset[str] = frozenset({
+    "identity_type",
+    "hashcode",
+    "lead_company_name",
+    "department",
+    "collection_route",
+    "collection_date",
+    "delivery_permission",
+    "append_tags",
+    "delete_tags",
+    "process_code",
+    "customer_csv_file",
+})
+
+#: Keys whose values are personal wherever they show up in a reply.
+PERSONAL_FIELDS: frozenset[str] = frozenset({
+    "email",
+    "last_name",
+    "first_name",
+    "last_name_reading",
+    "first_name_reading",
+    "phone_number",
+    "mobile_phone_number",
+    "address",
+    "memo",
+})
+
+_BRACKETED = re.compile(r"^[A-Za-z0-9_]+\[([^\]]+)\]$")
+_EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+_AUTH_IN_QUERY = re.compile(
+    r"(?P<name>" + "|".join(AUTH_FIELDS) + r")(?P<sep>=|%3D|%3d)(?P<value>[^&\s\"'<>#]*)"
+)
+#: Deeper structures than this are cut; SATORI replies are two or three levels deep.
+_MAX_DEPTH = 32
+
+
+def redaction_marker(value: Any) -> str:
+    """What a personal value looks like in a summary: only its length survives."""
+    text = "" if value is None else str(value)
+    return f"<redacted {len(text)} chars>" if text else text
+
+
+def field_name(key: str) -> str:
+    """``customer[last_name]`` -> ``last_name``; other keys are returned as they are."""
+    match = _BRACKETED.match(key)
+    return match.group(1) if match and key.startswith("customer[") else key
+
+
+def is_personal_key(key: str, visible: Iterable[str] = ()) -> bool:
+    """Allow-list test for request fields: anything not known to be harmless is personal."""
+    if key in visible:
+        return False
+    name = field_name(key)
+    if name.startswith(CUSTOM_PREFIX):
+        return True
+    return name not in NON_PERSONAL_FIELDS
+
+
+def redact_form(
+    pairs: Iterable[tuple[str, Any]] | Mapping[str, Any],
+    redact_personal: bool,
+    *,
+    visible: Iterable[str] = (),
+) -> dict[str, str]:
+    """Summary of a request form: keys masked always, personal values when asked.
+
+    ``visible`` names extra wire keys that are safe to show (for example the
+    configured parameter name of an action's title).
+    """
+    items = pairs.items() if isinstance(pairs, Mapping) else pairs
+    visible = frozenset(visible)
+    summary: dict[str, str] = {}
+    for key, value in items:
+        text = "" if value is None else str(value)
+        if key in AUTH_FIELDS:
+            summary[key] = MASK
+        elif redact_personal and is_personal_key(key, visible):
+            summary[key] = redaction_marker(text)
+        else:
+            summary[key] = text
+    return summary
+
+
+def secret_needles(conf: SatoriSettings | None = None) -> tuple[str, ...]:
+    """Every spelling of the four key values that could end up in text.
+
+    Besides the raw value we look for its form- and URL-encoded forms, since
+    a URL or an echoed request body carries the encoded one. Longest first,
+    so a key that contains another key is replaced whole.
+    """
+    conf = conf if conf is not None else get_settings()
+    needles: set[str] = set()
+    for key in AUTH_KEYS:
+        value = getattr(conf, key, "")
+        if not isinstance(value, str) or not value:
+            continue
+        needles.update({value, quote_plus(value, safe=""), quote(value, safe="")})
+    return tuple(sorted(needles, key=len, reverse=True))
+
+
+def scrub_query(text: str) -> str:
+    """Mask ``user_key=...`` style parameters in any URL-ish text, whatever their values."""
+    return _AUTH_IN_QUERY.sub(lambda m: f"{m['name']}{m['sep']}{MASK}", text)
+
+
+def scrub(text: Any, conf: SatoriSettings | Iterable[str] | None = None) -> str:
+    """Remove the four key values (raw or percent-encoded) from arbitrary text.
+
+    ``conf`` is the settings to take the keys from (default: the current ones)
+    or an iterable of ready-made needles from :func:`secret_needles`.
+    """
+    result = "" if text is None else str(text)
+    needles = (
+        secret_needles(conf)
+        if conf is None or isinstance(conf, SatoriSettings)
+        else tuple(conf)
+    )
+    for needle in needles:
+        if needle:
+            result = result.replace(needle, MASK)
+    return scrub_query(result)
+
+
+def redact_text(text: str) -> str:
+    """Replace e-mail addresses in free text (SATORI error messages, failed rows)."""
+    return _EMAIL_IN_TEXT.sub(lambda m: redaction_marker(m.group(0)), text)
+
+
+def scrub_data(
+    data: Any,
+    needles: Iterable[str],
+    *,
+    redact_personal: bool = False,
+    _depth: int = 0,
+) -> Any:
+    """A JSON-like copy of ``data`` without key values (and personal data if asked).
+
+    Dict keys are scrubbed too. Structures deeper than a SATORI reply ever is
+    are cut short, so hostile input cannot exhaust the stack.
+    """
+    needles = tuple(needles)
+    if _depth > _MAX_DEPTH:
+        return "<too deeply nested>"
+    if isinstance(data, Mapping):
+        copied: dict[str, Any] = {}
+        for key, value in data.items():
+            clean_key = scrub(key, needles)
+            if redact_personal and _is_personal_reply_key(clean_key):
+                copied[clean_key] = (
+                    redaction_marker(value) if not isinstance(value, Mapping | list) else
+                    scrub_data(value, needles, redact_personal=True, _depth=_depth + 1)
+                )
+            else:
+                copied[clean_key] = scrub_data(
+                    value, needles, redact_personal=redact_personal, _depth=_depth + 1
+                )
+        return copied
+    if isinstance(data, list | tuple):
+        return [
+            scrub_data(item, needles, redact_personal=redact_personal, _depth=_depth + 1)
+            for item in data
+        ]
+    if isinstance(data, str):
+        text = scrub(data, needles)
+        return redact_text(text) if redact_personal else text
+    if data is None or isinstance(data, bool | int | float):
+        return data
+    return scrub(repr(data), needles)
+
+
+def _is_personal_key_name(name: str) -> bool:
+    return name in PERSONAL_FIELDS or name.startswith(CUSTOM_PREFIX)
+
+
+def _is_personal_reply_key(key: str) -> bool:
+    return _is_personal_key_name(field_name(key))
+
+
+def summarize_response(data: Any, conf: SatoriSettings) -> Any:
+    """What may be logged or stored of a parsed SATORI reply."""
+    return scrub_data(data, secret_needles(conf), redact_personal=conf.REDACT_PERSONAL_DATA)
+
+
+class QueryStringScrubber(logging.Filter):
+    """Mask API keys in records of loggers we do not own.
+
+    urllib3 logs every request line at DEBUG, including the query string, and
+    ``status.json`` carries the keys there. This filter rewrites such records
+    before any handler sees them.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record is the logging module's problem, not ours
+            return True
+        cleaned = scrub_query(message)
+        if cleaned != message:
+            record.msg = cleaned
+            record.args = ()
+        return True
+
+
+_FILTERED_LOGGERS = ("urllib3.connectionpool", "urllib3.connection", "requests")
+
+
+def install_log_filters() -> None:
+    """Attach :class:`QueryStringScrubber` to the HTTP libraries' loggers (idempotent)."""
+    for name in _FILTERED_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, QueryStringScrubber) for f in log.filters):
+            log.addFilter(QueryStringScrubber())
