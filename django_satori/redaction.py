@@ -166,11 +166,14 @@ def scrub_data(
     *,
     redact_personal: bool = False,
     _depth: int = 0,
+    _personal: bool = False,
 ) -> Any:
     """A JSON-like copy of ``data`` without key values (and personal data if asked).
 
-    Dict keys are scrubbed too. Structures deeper than a SATORI reply ever is
-    are cut short, so hostile input cannot exhaust the stack.
+    Dict keys are scrubbed too. Everything below a personal key (``email``,
+    ``memo``, ``custom:*``...) is redacted, however it is nested. Structures
+    deeper than a SATORI reply ever is are cut short, so hostile input cannot
+    exhaust the stack.
     """
     needles = tuple(needles)
     if _depth > _MAX_DEPTH:
@@ -179,35 +182,30 @@ def scrub_data(
         copied: dict[str, Any] = {}
         for key, value in data.items():
             clean_key = scrub(key, needles)
-            if redact_personal and _is_personal_reply_key(clean_key):
-                copied[clean_key] = (
-                    redaction_marker(value) if not isinstance(value, Mapping | list) else
-                    scrub_data(value, needles, redact_personal=True, _depth=_depth + 1)
-                )
-            else:
-                copied[clean_key] = scrub_data(
-                    value, needles, redact_personal=redact_personal, _depth=_depth + 1
-                )
+            copied[clean_key] = scrub_data(
+                value, needles, redact_personal=redact_personal, _depth=_depth + 1,
+                _personal=_personal or (redact_personal and _is_personal_reply_key(clean_key)),
+            )
         return copied
     if isinstance(data, list | tuple):
         return [
-            scrub_data(item, needles, redact_personal=redact_personal, _depth=_depth + 1)
+            scrub_data(item, needles, redact_personal=redact_personal, _depth=_depth + 1,
+                       _personal=_personal)
             for item in data
         ]
-    if isinstance(data, str):
-        text = scrub(data, needles)
-        return redact_text(text) if redact_personal else text
-    if data is None or isinstance(data, bool | int | float):
+    if data is None or isinstance(data, bool):
         return data
-    return scrub(repr(data), needles)
-
-
-def _is_personal_key_name(name: str) -> bool:
-    return name in PERSONAL_FIELDS or name.startswith(CUSTOM_PREFIX)
+    if _personal:
+        return redaction_marker(scrub(data, needles))
+    if isinstance(data, int | float):
+        return data
+    text = scrub(data if isinstance(data, str) else repr(data), needles)
+    return redact_text(text) if redact_personal else text
 
 
 def _is_personal_reply_key(key: str) -> bool:
-    return _is_personal_key_name(field_name(key))
+    name = field_name(key)
+    return name in PERSONAL_FIELDS or name.startswith(CUSTOM_PREFIX)
 
 
 def summarize_response(data: Any, conf: SatoriSettings) -> Any:
