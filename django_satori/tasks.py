@@ -59,3 +59,38 @@ def sweep() -> dict[str, int]:
 BEAT_SCHEDULE = {
     "django-satori-sweep": {"task": "django_satori.tasks.sweep", "schedule": 60.0},
 }
+
+
+# Bulk CSV jobs (see django_satori.bulk). Each step queues the next one; waiting
+# for SATORI is a task scheduled for later, never a sleeping worker.
+
+@shared_task(name="django_satori.tasks.run_bulk_job", **_COMMON)
+def run_bulk_job(job_id: int) -> str:
+    from . import bulk
+
+    _fresh_connections()
+    return str(bulk.run_job(job_id).state)
+
+
+@shared_task(name="django_satori.tasks.upload_bulk_part", **_COMMON)
+def upload_bulk_part(part_id: int) -> str:
+    from . import bulk
+
+    _fresh_connections()
+    outcome, delay = bulk.upload_part(part_id)
+    if outcome == "retry" and delay is not None:
+        bulk.enqueue_upload(part_id, delay)
+    elif outcome == "uploaded" and delay is not None:
+        bulk.enqueue_poll(part_id, delay)
+    return outcome
+
+
+@shared_task(name="django_satori.tasks.poll_bulk_part", **_COMMON)
+def poll_bulk_part(part_id: int) -> str:
+    from . import bulk
+
+    _fresh_connections()
+    outcome, delay = bulk.poll_part(part_id)
+    if delay is not None:
+        bulk.enqueue_poll(part_id, delay)
+    return outcome

@@ -1,0 +1,493 @@
+"""The admin: customers with their sync state, bulk jobs, and the read-only history.
+
+Actions never loop over a selection in the request: "all N matching" with a
+million customers is one UPDATE (Mark for sync) or a bulk job that stores the
+selection as a query (the bulk actions), so the page comes back at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import models, transaction
+from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.defaultfilters import truncatechars
+from django.urls import path, reverse
+from django.utils.html import format_html
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy, ngettext
+
+from . import bulk, sync
+from .conf import get_settings
+from .models import (
+    BulkJob,
+    BulkMode,
+    BulkPart,
+    BulkRowError,
+    BulkState,
+    Customer,
+    CustomerAction,
+    SyncLog,
+    SyncState,
+    SyncStatus,
+)
+from .redaction import scrub_data, secret_needles
+
+SYNC_PERMISSION = "django_satori.sync_customer"
+BULK_PERMISSION = "django_satori.bulk_customer"
+CSS = {"all": ("django_satori/admin.css",)}
+#: Entries of each history shown on a customer's page.
+RECENT = 20
+#: Row errors listed on a bulk job's page (the rest: the row error list, filtered).
+ROW_ERRORS_SHOWN = 200
+
+_BADGE_CLASS = {
+    SyncStatus.SYNCED: "ok", SyncStatus.PENDING: "wait", SyncStatus.SENDING: "busy",
+    SyncStatus.IN_BULK: "busy", SyncStatus.FAILED: "bad", SyncStatus.DELETED: "off",
+    SyncStatus.DRY_RUN: "off", SyncStatus.NOT_IN_SATORI: "off", SyncStatus.STOPPED: "off",
+    BulkState.CREATED: "wait", BulkState.EXPORTING: "busy", BulkState.UPLOADING: "busy",
+    BulkState.PROCESSING: "busy", BulkState.FINISHED: "ok", BulkState.CANCELLED: "off",
+}
+
+
+def badge(value: str, label: Any) -> str:
+    kind = "bad" if value == BulkState.FAILED else _BADGE_CLASS.get(value, "off")
+    return format_html('<span class="satori-badge satori-{}">{}</span>', kind, label)
+
+
+def safe_summary(data: Any) -> str:
+    """A stored request/response summary as indented JSON, key values removed once more."""
+    cleaned = scrub_data(data or {}, secret_needles())
+    return json.dumps(cleaned, ensure_ascii=False, indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------
+# Customers
+# --------------------------------------------------------------------------
+
+class SyncStatusFilter(admin.SimpleListFilter):
+    title = gettext_lazy("sync status")
+    parameter_name = "sync_status"
+    NONE = "none"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        return [*SyncStatus.choices, (self.NONE, gettext_lazy("Never marked for sync"))]
+
+    def queryset(self, request: HttpRequest, queryset: models.QuerySet[Any]) -> Any:
+        value = self.value()
+        if value == self.NONE:
+            return queryset.filter(sync_state__isnull=True)
+        if value in SyncStatus.values:
+            return queryset.filter(sync_state__status=value)
+        return queryset
+
+
+@admin.register(Customer)
+class CustomerAdmin(admin.ModelAdmin):
+    list_display = ("email", "name", "lead_company_name", "sync_status", "last_error",
+                    "last_synced")
+    list_filter = (SyncStatusFilter, "delivery_permission", "created_at")
+    search_fields = ("email", "last_name", "first_name", "last_name_reading",
+                     "first_name_reading", "lead_company_name")
+    list_select_related = ("sync_state",)
+    list_per_page = 100
+    date_hierarchy = None
+    readonly_fields = ("source_model", "source_pk", "created_at", "updated_at",
+                       "sync_status", "satori_hashcode", "sync_attempts", "satori_last_error",
+                       "last_synced")
+    fieldsets = (
+        (None, {"fields": ("email", ("last_name", "first_name"),
+                           ("last_name_reading", "first_name_reading"),
+                           ("lead_company_name", "department"),
+                           ("phone_number", "mobile_phone_number"), "address", "memo")}),
+        (gettext_lazy("SATORI items"), {"fields": (
+            ("collection_route", "collection_date"), "delivery_permission", "tags",
+            "custom_fields")}),
+        (gettext_lazy("Sync"), {"fields": (
+            "sync_status", "satori_hashcode", "sync_attempts", "last_synced",
+            "satori_last_error", ("source_model", "source_pk"), ("created_at", "updated_at"))}),
+    )
+    actions = ("sync_now", "bulk_upsert", "bulk_register", "retry_failed", "mark_for_sync")
+    change_form_template = "admin/django_satori/customer/change_form.html"
+
+    class Media:
+        css = CSS
+
+    # -- columns ----------------------------------------------------------------
+
+    @staticmethod
+    def _state(obj: Customer) -> SyncState | None:
+        try:
+            return obj.sync_state
+        except SyncState.DoesNotExist:
+            return None
+
+    @admin.display(description=gettext_lazy("name"), ordering="last_name")
+    def name(self, obj: Customer) -> str:
+        return " ".join(part for part in (obj.last_name, obj.first_name) if part)
+
+    @admin.display(description=gettext_lazy("sync status"), ordering="sync_state__status")
+    def sync_status(self, obj: Customer) -> str:
+        state = self._state(obj)
+        if state is None:
+            return badge("none", _("Never marked for sync"))
+        return badge(state.status, state.get_status_display())
+
+    @admin.display(description=gettext_lazy("last error"))
+    def last_error(self, obj: Customer) -> str:
+        state = self._state(obj)
+        return truncatechars(state.last_error, 80) if state and state.last_error else ""
+
+    @admin.display(description=gettext_lazy("last synced"),
+                   ordering="sync_state__last_synced_at")
+    def last_synced(self, obj: Customer) -> Any:
+        state = self._state(obj)
+        return state.last_synced_at if state else None
+
+    @admin.display(description=gettext_lazy("SATORI hashcode"))
+    def satori_hashcode(self, obj: Customer) -> str:
+        state = self._state(obj)
+        return state.hashcode if state else ""
+
+    @admin.display(description=gettext_lazy("attempts"))
+    def sync_attempts(self, obj: Customer) -> int:
+        state = self._state(obj)
+        return state.attempts if state else 0
+
+    @admin.display(description=gettext_lazy("last error (as SATORI worded it)"))
+    def satori_last_error(self, obj: Customer) -> str:
+        state = self._state(obj)
+        return state.last_error if state else ""
+
+    # -- the detail page: history next to the form -------------------------------
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        extra = dict(extra_context or {})
+        customer = self.get_object(request, object_id)
+        if customer is not None:
+            emails = {customer.email}
+            state = self._state(customer)
+            if state is not None and state.previous_email:
+                emails.add(state.previous_email)
+            extra.update(
+                satori_state=state,
+                satori_logs=[(entry, safe_summary(entry.request_summary),
+                              safe_summary(entry.response_summary))
+                             for entry in SyncLog.objects.filter(email__in=emails)[:RECENT]],
+                satori_actions=CustomerAction.objects.filter(customer=customer)[:RECENT],
+                satori_row_errors=BulkRowError.objects.filter(customer=customer)
+                .select_related("job", "part").order_by("-id")[:RECENT],
+            )
+        return super().change_view(request, object_id, form_url, extra)
+
+    # -- permissions ----------------------------------------------------------------
+
+    def has_sync_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(SYNC_PERMISSION)
+
+    def has_bulk_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(BULK_PERMISSION)
+
+    # -- actions --------------------------------------------------------------------
+
+    @admin.action(description=gettext_lazy("Sync now"), permissions=["sync"])
+    def sync_now(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
+        limit = get_settings().BULK_THRESHOLD
+        # Bounded by the threshold, so counting is cheap compared with what follows.
+        if queryset[:limit + 1].count() > limit:
+            self.message_user(request, _(
+                "More than %(limit)d customers selected: too many to send one by one. Use "
+                "\"Bulk upsert via CSV\", or \"Mark for sync\" to let the sweep send them.")
+                % {"limit": limit}, messages.WARNING)
+            return
+        count = sync.mark_for_sync(queryset)
+        self.message_user(request, ngettext(
+            "%(count)d customer is being sent to SATORI.",
+            "%(count)d customers are being sent to SATORI.", count) % {"count": count},
+            messages.SUCCESS)
+
+    @admin.action(description=gettext_lazy("Mark for sync"), permissions=["sync"])
+    def mark_for_sync(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
+        count = sync.mark_for_sync(queryset)
+        self.message_user(request, ngettext(
+            "%(count)d customer marked for sync; it is sent shortly.",
+            "%(count)d customers marked for sync; large selections go through a bulk job.",
+            count) % {"count": count}, messages.SUCCESS)
+
+    @admin.action(description=gettext_lazy("Retry failed"), permissions=["sync"])
+    def retry_failed(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
+        count = sync.mark_for_sync(queryset.filter(sync_state__status=SyncStatus.FAILED))
+        if count:
+            self.message_user(request, ngettext(
+                "%(count)d failed customer will be sent again.",
+                "%(count)d failed customers will be sent again.", count) % {"count": count},
+                messages.SUCCESS)
+        else:
+            self.message_user(request, _("None of the selected customers had failed."),
+                              messages.INFO)
+
+    @admin.action(description=gettext_lazy("Bulk upsert via CSV"), permissions=["bulk"])
+    def bulk_upsert(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
+        self._start_bulk(request, queryset, BulkMode.UPSERT)
+
+    @admin.action(description=gettext_lazy("Bulk register via CSV"), permissions=["bulk"])
+    def bulk_register(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
+        self._start_bulk(request, queryset, BulkMode.REGISTRATION)
+
+    def _start_bulk(self, request: HttpRequest, queryset: models.QuerySet[Customer],
+                    mode: str) -> None:
+        filters = request.GET.urlencode()
+        across = request.POST.get("select_across") == "1"
+        if across:
+            description = _("Admin: all matching %(filters)s") % {
+                "filters": filters or _("(no filter)")}
+        else:
+            description = _("Admin: %(n)d selected") % {
+                "n": len(request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME))}
+        with transaction.atomic():
+            job = bulk.start_bulk_job(queryset, mode=mode, user=request.user,
+                                      description=description)
+        url = reverse("admin:django_satori_bulkjob_change", args=[job.pk])
+        self.message_user(request, format_html(
+            '{} <a href="{}">{}</a>',
+            _("Bulk job #%(id)s started: the CSV is written and uploaded in the background.")
+            % {"id": job.pk}, url, _("Follow its progress")), messages.SUCCESS)
+
+
+# --------------------------------------------------------------------------
+# Bulk jobs
+# --------------------------------------------------------------------------
+
+class ReadOnlyMixin:
+    """History and machinery: visible, never edited by hand."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return bool(request.user.is_superuser)
+
+
+@admin.register(BulkJob)
+class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("id", "mode", "state_badge", "description", "row_count", "succeeded_count",
+                    "failed_count", "invalid_count", "progress", "created_at", "started_by")
+    list_filter = ("state", "mode", "automatic", "dry_run")
+    search_fields = ("description",)
+    list_select_related = ("started_by",)
+    change_form_template = "admin/django_satori/bulkjob/change_form.html"
+    fields = ("mode", "state", "description", "automatic", "dry_run", "started_by",
+              "created_at", "started_at", "finished_at", "last_polled_at", "error")
+
+    class Media:
+        css = CSS
+
+    @admin.display(description=gettext_lazy("state"), ordering="state")
+    def state_badge(self, obj: BulkJob) -> str:
+        return badge(obj.state, obj.get_state_display())
+
+    @admin.display(description=gettext_lazy("progress"))
+    def progress(self, obj: BulkJob) -> str:
+        return format_html('<progress class="satori-progress" max="100" value="{}"></progress>',
+                           job_percent(obj))
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A running job holds customers (SyncState.bulk_part): only ended ones go.
+        if obj is not None and obj.state not in bulk.TERMINAL_STATES:
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_model(self, request: HttpRequest, obj: BulkJob) -> None:
+        delete_job_files(obj)
+        super().delete_model(request, obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: models.QuerySet[BulkJob]) -> None:
+        queryset = queryset.filter(state__in=bulk.TERMINAL_STATES)
+        for job in queryset:
+            delete_job_files(job)
+        super().delete_queryset(request, queryset)
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("<int:job_id>/refresh/", wrap(self.refresh_view),
+                 name="django_satori_bulkjob_refresh"),
+            path("<int:job_id>/cancel/", wrap(self.cancel_view),
+                 name="django_satori_bulkjob_cancel"),
+            path("part/<int:part_id>/csv/", wrap(self.csv_view),
+                 name="django_satori_bulkpart_csv"),
+            *super().get_urls(),
+        ]
+
+    def _job_or_404(self, request: HttpRequest, job_id: int) -> BulkJob:
+        job = get_object_or_404(BulkJob, pk=job_id)
+        if not self.has_view_permission(request, job):
+            raise PermissionDenied
+        return job
+
+    def refresh_view(self, request: HttpRequest, job_id: int) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponse(status=405)
+        job = self._job_or_404(request, job_id)
+        if not request.user.has_perm(BULK_PERMISSION):
+            raise PermissionDenied
+        asked = bulk.refresh_job(job)
+        self.message_user(request, ngettext(
+            "Asked SATORI about %(n)d part.", "Asked SATORI about %(n)d parts.", asked)
+            % {"n": asked}, messages.INFO)
+        return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
+
+    def cancel_view(self, request: HttpRequest, job_id: int) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponse(status=405)
+        job = self._job_or_404(request, job_id)
+        if not request.user.has_perm(BULK_PERMISSION):
+            raise PermissionDenied
+        result = bulk.cancel_job(job)
+        self.message_user(request, result.message(),
+                          messages.WARNING if result.uploaded_parts else messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
+
+    def csv_view(self, request: HttpRequest, part_id: int) -> HttpResponse:
+        """The part's CSV holds personal data: served only to staff allowed to run bulk jobs."""
+        part = get_object_or_404(BulkPart.objects.select_related("job"), pk=part_id)
+        if not (self.has_view_permission(request, part.job)
+                and request.user.has_perm(BULK_PERMISSION)):
+            raise PermissionDenied
+        if not part.csv_file.name:
+            raise Http404(_("This part has no CSV file."))
+        try:
+            fileobj = bulk.bulk_storage().open(part.csv_file.name, "rb")
+        except OSError:
+            raise Http404(_("The CSV file is no longer in storage.")) from None
+        response = FileResponse(fileobj, as_attachment=True,
+                                filename=f"satori-bulk-{part.job_id}-{part.number}.csv",
+                                content_type="text/csv; charset=utf-8")
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
+                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        extra = dict(extra_context or {})
+        job = self.get_object(request, object_id)
+        if job is not None:
+            errors = job.row_errors.select_related("part").order_by("part__number",
+                                                                    "row_number", "id")
+            extra.update(
+                job=job,
+                parts=job.parts.all(),
+                row_errors=errors[:ROW_ERRORS_SHOWN],
+                row_error_total=job.row_errors.count(),
+                percent=job_percent(job),
+                running=job.state in bulk.ACTIVE_STATES,
+                can_operate=request.user.has_perm(BULK_PERMISSION),
+                can_cancel=job.state in bulk.ACTIVE_STATES,
+                state_badge=badge(job.state, job.get_state_display()),
+                title=str(job),
+            )
+        return super().change_view(request, object_id, form_url, extra)
+
+
+def job_percent(job: BulkJob) -> int:
+    """How much of the job is done, for the progress bar."""
+    if job.state in bulk.TERMINAL_STATES:
+        return 100
+    if not job.row_count:
+        return 0
+    done = job.succeeded_count + job.failed_count
+    return max(0, min(100, round(100 * done / job.row_count)))
+
+
+def delete_job_files(job: BulkJob) -> None:
+    storage = bulk.bulk_storage()
+    for name in job.parts.exclude(csv_file="").values_list("csv_file", flat=True):
+        with contextlib.suppress(OSError):
+            storage.delete(name)
+
+
+@admin.register(BulkRowError)
+class BulkRowErrorAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("job", "part", "row_number", "email", "customer_link", "field", "message",
+                    "before_upload")
+    list_filter = ("before_upload", "field")
+    search_fields = ("email", "message")
+    list_select_related = ("job", "part", "customer")
+    raw_id_fields = ("customer",)
+
+    @admin.display(description=gettext_lazy("customer"))
+    def customer_link(self, obj: BulkRowError) -> str:
+        if obj.customer_id is None:
+            return ""
+        url = reverse("admin:django_satori_customer_change", args=[obj.customer_id])
+        return format_html('<a href="{}">{}</a>', url, obj.email or obj.customer_id)
+
+
+# --------------------------------------------------------------------------
+# Outbox and history (read-only)
+# --------------------------------------------------------------------------
+
+@admin.register(SyncState)
+class SyncStateAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("email", "status_badge", "operation", "attempts", "short_error",
+                    "last_synced_at", "in_satori", "hashcode", "bulk_part")
+    list_filter = ("status", "operation", "in_satori")
+    search_fields = ("email", "hashcode", "previous_email")
+    list_select_related = ("bulk_part",)
+    exclude = ("lease_token", "fingerprint")
+
+    class Media:
+        css = CSS
+
+    @admin.display(description=gettext_lazy("sync status"), ordering="status")
+    def status_badge(self, obj: SyncState) -> str:
+        return badge(obj.status, obj.get_status_display())
+
+    @admin.display(description=gettext_lazy("last error"))
+    def short_error(self, obj: SyncState) -> str:
+        return truncatechars(obj.last_error, 80)
+
+
+@admin.register(SyncLog)
+class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("created_at", "email", "endpoint", "outcome", "satori_status", "attempt",
+                    "duration_ms", "short_message")
+    list_filter = ("outcome", "endpoint")
+    search_fields = ("email", "message")
+    date_hierarchy = "created_at"
+    fields = ("created_at", "email", "endpoint", "outcome", "satori_status", "attempt",
+              "duration_ms", "message", "request", "response")
+    readonly_fields = ("request", "response")
+
+    @admin.display(description=gettext_lazy("message"))
+    def short_message(self, obj: SyncLog) -> str:
+        return truncatechars(obj.message, 80)
+
+    @admin.display(description=gettext_lazy("request (redacted)"))
+    def request(self, obj: SyncLog) -> str:
+        return format_html("<pre>{}</pre>", safe_summary(obj.request_summary))
+
+    @admin.display(description=gettext_lazy("response (redacted)"))
+    def response(self, obj: SyncLog) -> str:
+        return format_html("<pre>{}</pre>", safe_summary(obj.response_summary))
+
+
+@admin.register(CustomerAction)
+class CustomerActionAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = ("occurred_at", "email", "name", "status", "attempts", "short_error",
+                    "sent_at")
+    list_filter = ("status",)
+    search_fields = ("email", "name")
+    date_hierarchy = "occurred_at"
+
+    @admin.display(description=gettext_lazy("last error"))
+    def short_error(self, obj: CustomerAction) -> str:
+        return truncatechars(obj.last_error, 80)

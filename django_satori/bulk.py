@@ -1,0 +1,948 @@
+"""Bulk CSV jobs: one code path for the admin actions, the commands and the sweep.
+
+A job travels through these steps, each one a Celery task that takes ids only
+and keeps its progress in the database, so a lost task is found again by
+:func:`poll_overdue_parts` (run by the sweep every minute):
+
+1. :func:`start_bulk_job` stores the selection as a pickled ``Query`` (never
+   a list of primary keys, so a million rows cost nothing here) and queues
+   :func:`run_job` after commit.
+2. :func:`run_job` streams the rows as ``values_list`` tuples, checks each one
+   locally (invalid rows are left out and recorded as :class:`BulkRowError`
+   before anything is uploaded), writes parts of at most ``BULK_CHUNK_SIZE``
+   rows to temporary files, claims the customers' outbox rows for the part
+   (so a single push cannot race it: ``sync.push`` refuses rows that have a
+   ``bulk_part``), saves each file to ``SATORI['BULK_STORAGE']`` and queues
+   its upload.
+3. :func:`upload_part` uploads one file and keeps SATORI's ``process_code``.
+4. :func:`poll_part` asks ``status.json`` from re-scheduled tasks (never a
+   sleeping worker) until SATORI says ``finished`` or the deadline passes, then
+   writes the per-row results back in batches.
+
+Customers whose part fails (refused upload, unknown process code, deadline)
+or is cancelled go back to where they were before: pending, or synced when
+the data SATORI has is already their current version. Nothing is lost.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import pickle
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from django.core.files import File
+from django.core.files.storage import Storage, storages
+from django.db import models, transaction
+from django.db.models import Case, Count, F, Q, Sum, Value, When
+from django.utils import timezone
+from django.utils.translation import gettext as _
+
+from . import bulk_csv
+from .conf import SatoriSettings, get_settings
+from .exceptions import SatoriError, SatoriNotFoundError, SatoriValidationError
+from .models import (
+    BulkJob,
+    BulkMode,
+    BulkPart,
+    BulkRowError,
+    BulkState,
+    Customer,
+    Operation,
+    SyncLog,
+    SyncState,
+    SyncStatus,
+)
+
+log = logging.getLogger("django_satori.bulk")
+
+ACTIVE_STATES = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING,
+                 BulkState.PROCESSING)
+TERMINAL_STATES = (BulkState.FINISHED, BulkState.FAILED, BulkState.CANCELLED)
+#: SATORI takes at most this many data rows per upload.
+MAX_CHUNK_SIZE = 10_000
+#: E-mails or primary keys per ``IN (...)``: below SQLite's old 999-variable limit.
+BATCH = 500
+#: Upload attempts for network errors, timeouts and 5xx before the part fails.
+UPLOAD_MAX_ATTEMPTS = 4
+#: An upload claimed this long ago without a process code was interrupted.
+UPLOAD_STALE_SECONDS = 900.0
+#: How far a running status check pushes ``next_poll_at`` (a claim on the poll).
+POLL_CLAIM_SECONDS = 120.0
+#: Rows between two progress callbacks of an export.
+PROGRESS_EVERY = 10_000
+
+T = TypeVar("T")
+
+
+def chunked(items: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def bulk_storage(conf: SatoriSettings | None = None) -> Storage:
+    return storages[(conf or get_settings()).BULK_STORAGE]
+
+
+# --------------------------------------------------------------------------
+# Starting and cancelling
+# --------------------------------------------------------------------------
+
+def start_bulk_job(
+    customers: models.QuerySet[Customer],
+    *,
+    mode: str,
+    user: Any = None,
+    description: str = "",
+    automatic: bool = False,
+    chunk_size: int | None = None,
+    dry_run: bool = False,
+) -> BulkJob:
+    """Record a bulk job for ``customers`` and queue its export after commit.
+
+    Returns at once whatever the size of the selection. With ``dry_run`` (or
+    ``SATORI['DRY_RUN']``) the parts are written but nothing is uploaded.
+    """
+    if customers.model is not Customer:
+        raise TypeError("start_bulk_job() needs a queryset of Customer.")
+    if mode not in BulkMode.values:
+        raise ValueError(f"mode must be one of {', '.join(BulkMode.values)}, not {mode!r}.")
+    if chunk_size is not None and not 1 <= int(chunk_size) <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be between 1 and {MAX_CHUNK_SIZE}.")
+    conf = get_settings()
+    job = BulkJob.objects.create(
+        mode=mode,
+        query=pickle.dumps(customers.query),
+        description=(description or "")[:255],
+        automatic=automatic,
+        dry_run=dry_run or conf.DRY_RUN,
+        chunk_size=chunk_size,
+        started_by=user if getattr(user, "is_authenticated", False) else None,
+    )
+    transaction.on_commit(lambda: enqueue_run(job.pk))
+    return job
+
+
+def job_queryset(job: BulkJob) -> models.QuerySet[Customer]:
+    """The job's selection, rebuilt from its pickled query (written only by this module)."""
+    queryset = Customer.objects.all()
+    queryset.query = pickle.loads(job.query)  # noqa: S301 - our own column, never user input
+    return queryset
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    cancelled_parts: int
+    uploaded_parts: int
+    released: int
+    already_done: bool = False
+
+    def message(self) -> str:
+        if self.already_done:
+            return _("The job had already ended; nothing was cancelled.")
+        text = _("Cancelled %(parts)d part(s) not yet uploaded; %(released)d customer(s) "
+                 "released.") % {"parts": self.cancelled_parts, "released": self.released}
+        if self.uploaded_parts:
+            text += " " + _("%(n)d part(s) had already been uploaded: SATORI offers no way to "
+                            "recall an upload, so they run to the end and their results are "
+                            "still recorded.") % {"n": self.uploaded_parts}
+        return text
+
+
+def cancel_job(job: BulkJob | int) -> CancelResult:
+    """Cancel what has not been uploaded yet. Uploaded parts cannot be recalled."""
+    job_id = job if isinstance(job, int) else job.pk
+    now = timezone.now()
+    with transaction.atomic():
+        job_row = BulkJob.objects.select_for_update().get(pk=job_id)
+        if job_row.state in TERMINAL_STATES:
+            return CancelResult(0, 0, 0, already_done=True)
+        not_uploaded = Q(state__in=(BulkState.CREATED, BulkState.EXPORTING)) | Q(
+            state=BulkState.UPLOADING, uploaded_at__isnull=True)
+        part_ids = list(job_row.parts.filter(not_uploaded).values_list("pk", flat=True))
+        cancelled = BulkPart.objects.filter(not_uploaded, pk__in=part_ids).update(
+            state=BulkState.CANCELLED, finished_at=now, error=_("Cancelled before upload."))
+        released = sum(_release_part(pk) for pk in part_ids)
+        in_flight = job_row.parts.filter(
+            state__in=(BulkState.UPLOADING, BulkState.PROCESSING)).count()
+        result = CancelResult(cancelled, in_flight, released)
+        job_row.state = BulkState.CANCELLED
+        job_row.error = result.message()
+        if not in_flight:
+            job_row.finished_at = now
+        job_row.save(update_fields=["state", "error", "finished_at"])
+    _refresh_job(job_id)
+    return result
+
+
+def refresh_job(job: BulkJob | int) -> int:
+    """Ask SATORI now about every processing part of ``job``; returns how many were asked."""
+    job_id = job if isinstance(job, int) else job.pk
+    asked = 0
+    for part_id in BulkPart.objects.filter(job_id=job_id, state=BulkState.PROCESSING) \
+            .values_list("pk", flat=True):
+        _outcome, delay = poll_part(part_id, force=True)
+        asked += 1
+        if delay is not None:
+            enqueue_poll(part_id, delay)
+    return asked
+
+
+# --------------------------------------------------------------------------
+# Queueing the next step (a broker outage only delays: see poll_overdue_parts)
+# --------------------------------------------------------------------------
+
+def _enqueue(task_name: str, object_id: int, countdown: float = 0) -> bool:
+    from . import tasks
+
+    try:
+        getattr(tasks, task_name).apply_async((object_id,), countdown=max(0.0, countdown))
+    except Exception:
+        log.warning("Could not queue %s(%s); the sweep will pick it up.", task_name, object_id,
+                    exc_info=True)
+        return False
+    return True
+
+
+def enqueue_run(job_id: int) -> bool:
+    return _enqueue("run_bulk_job", job_id)
+
+
+def enqueue_upload(part_id: int, countdown: float = 0) -> bool:
+    return _enqueue("upload_bulk_part", part_id, countdown)
+
+
+def enqueue_poll(part_id: int, countdown: float = 0) -> bool:
+    return _enqueue("poll_bulk_part", part_id, countdown)
+
+
+# --------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------
+
+def run_job(
+    job_id: int,
+    *,
+    on_part_ready: Callable[[int], Any] | None = None,
+    progress: Callable[[BulkJob, int], Any] | None = None,
+) -> BulkJob:
+    """Write the job's parts and hand each finished one to ``on_part_ready``.
+
+    By default a part's upload is queued as a task; the ``--wait`` commands
+    pass a function that uploads in-process instead.
+    """
+    now = timezone.now()
+    claimed = BulkJob.objects.filter(pk=job_id, state=BulkState.CREATED).update(
+        state=BulkState.EXPORTING, started_at=now)
+    job = BulkJob.objects.get(pk=job_id)
+    if not claimed:
+        if job.state != BulkState.EXPORTING:
+            return job  # a duplicate delivery: done already, or cancelled
+        _recover_interrupted_export(job)
+    export = _Export(job, get_settings(), on_part_ready or enqueue_upload, progress)
+    try:
+        export.run()
+    except Exception as exc:
+        _fail_export(job, exc)
+        raise
+    return BulkJob.objects.get(pk=job_id)
+
+
+def _recover_interrupted_export(job: BulkJob) -> None:
+    """A worker died while exporting (the task came back): start the export again.
+
+    Parts already handed over keep their customers; the rest are released and
+    the export runs again, skipping customers that are in a part already.
+    """
+    log.warning("Bulk job %s: the export was interrupted; starting it again.", job.pk)
+    stale = list(job.parts.filter(state=BulkState.EXPORTING).values_list("pk", flat=True))
+    for part_id in stale:
+        _release_part(part_id)
+    BulkPart.objects.filter(pk__in=stale).delete()
+    job.row_errors.filter(before_upload=True).delete()
+
+
+def _fail_export(job: BulkJob, exc: BaseException) -> None:
+    log.exception("Bulk job %s: the export failed.", job.pk)
+    stale = list(job.parts.filter(state=BulkState.EXPORTING).values_list("pk", flat=True))
+    for part_id in stale:
+        _release_part(part_id)
+    BulkPart.objects.filter(pk__in=stale).update(
+        state=BulkState.FAILED, error=_("The export stopped with an error."))
+    message = _("The export stopped with an error (%(kind)s); customers not yet uploaded were "
+                "released.") % {"kind": type(exc).__name__}
+    BulkJob.objects.filter(pk=job.pk, state=BulkState.EXPORTING).update(
+        state=BulkState.UPLOADING, error=message)
+    _refresh_job(job.pk)
+
+
+class _Export:
+    def __init__(self, job: BulkJob, conf: SatoriSettings,
+                 on_part_ready: Callable[[int], Any],
+                 progress: Callable[[BulkJob, int], Any] | None) -> None:
+        self.job = job
+        self.conf = conf
+        self.on_part_ready = on_part_ready
+        self.progress = progress
+        self.size = min(job.chunk_size or conf.BULK_CHUNK_SIZE, MAX_CHUNK_SIZE)
+        self.encoder = bulk_csv.RowEncoder(conf)
+        self.number = job.parts.aggregate(n=models.Max("number"))["n"] or 0
+        self.errors: list[BulkRowError] = []
+        self.invalid = 0
+        self.skipped = 0
+        self.seen = 0
+        # Claiming is what makes a bulk job exclusive; a dry run changes no outbox row.
+        self.claims = not job.dry_run
+        self.settle_dry_run = job.dry_run and job.automatic
+
+    def run(self) -> None:
+        rows = (job_queryset(self.job).order_by("pk").values_list(*bulk_csv.VALUE_FIELDS)
+                .iterator(chunk_size=self.conf.BULK_EXPORT_ITERATOR_CHUNK))
+        encode = self.encoder.encode
+        writer: bulk_csv.PartWriter | None = None
+        try:
+            for values in rows:
+                self.seen += 1
+                try:
+                    cells = encode(values)
+                except SatoriValidationError as exc:
+                    self._invalid(values, exc)
+                    continue
+                if writer is None:
+                    writer = bulk_csv.PartWriter(self.encoder.header)
+                writer.add(values[0], cells)
+                if len(writer) >= self.size:
+                    current, writer = writer, None
+                    if not self._finish_part(current):
+                        return
+                if self.progress is not None and self.seen % PROGRESS_EVERY == 0:
+                    self.progress(self.job, self.seen)
+            if writer is not None:
+                current, writer = writer, None
+                if not self._finish_part(current):
+                    return
+        finally:
+            if writer is not None:
+                writer.close()
+            self._flush_errors()
+        self._done()
+
+    # -- invalid rows -------------------------------------------------------------
+
+    def _invalid(self, values: Sequence[Any], exc: SatoriValidationError) -> None:
+        self.invalid += 1
+        email = str(values[1] or "")[:255]
+        self.errors.append(BulkRowError(
+            job=self.job, email=email, customer_id=values[0], field=(exc.field or "")[:100],
+            message=exc.message, before_upload=True))
+        if len(self.errors) >= BATCH:
+            self._flush_errors()
+
+    def _flush_errors(self) -> None:
+        if not self.errors:
+            return
+        errors, self.errors = self.errors, []
+        BulkRowError.objects.bulk_create(errors, batch_size=BATCH)
+        BulkJob.objects.filter(pk=self.job.pk).update(invalid_count=self.invalid)
+        if self.claims:
+            _mark_invalid(errors)
+
+    # -- parts ----------------------------------------------------------------------
+
+    def _finish_part(self, writer: bulk_csv.PartWriter) -> bool:
+        """Claim, save and hand over one part. False when the job was cancelled."""
+        try:
+            if BulkJob.objects.filter(pk=self.job.pk, state=BulkState.CANCELLED).exists():
+                return False
+            self.number += 1
+            part = BulkPart.objects.create(job=self.job, number=self.number,
+                                           state=BulkState.EXPORTING, row_count=len(writer))
+            if self.claims:
+                claimed = _claim(part, writer.members, self.conf)
+                self.skipped += len(writer) - len(claimed)
+                if len(claimed) < len(writer):
+                    writer.keep_only(claimed)
+            elif self.settle_dry_run:
+                _settle_dry_run([email for _pk, email in writer.members])
+            if not len(writer):
+                part.delete()
+                self.number -= 1
+                return True
+            name = bulk_storage(self.conf).save(
+                f"django_satori/bulk/job-{self.job.pk}-part-{part.number}.csv",
+                File(writer.finish()))
+            ready = BulkState.CREATED if self.job.dry_run else BulkState.UPLOADING
+            moved = BulkPart.objects.filter(pk=part.pk, state=BulkState.EXPORTING).update(
+                state=ready, csv_file=name, row_count=len(writer))
+            if not moved:  # cancelled while we wrote it
+                _release_part(part.pk)
+                return False
+            self._count()
+            if not self.job.dry_run:
+                self.on_part_ready(part.pk)
+            return True
+        finally:
+            writer.close()
+
+    def _count(self) -> None:
+        BulkJob.objects.filter(pk=self.job.pk).update(
+            skipped_count=self.skipped, invalid_count=self.invalid,
+            part_count=self.number, row_count=self._rows())
+
+    def _rows(self) -> int:
+        return BulkPart.objects.filter(job_id=self.job.pk).exclude(
+            state=BulkState.CANCELLED).aggregate(n=Sum("row_count"))["n"] or 0
+
+    def _done(self) -> None:
+        self._count()
+        now = timezone.now()
+        if self.job.dry_run:
+            BulkJob.objects.filter(pk=self.job.pk, state=BulkState.EXPORTING).update(
+                state=BulkState.FINISHED, finished_at=now)
+        else:
+            BulkJob.objects.filter(pk=self.job.pk, state=BulkState.EXPORTING).update(
+                state=BulkState.UPLOADING)
+        _refresh_job(self.job.pk)
+
+
+def _busy(now: dt.datetime) -> Q:
+    """Rows a worker is sending right now (their claim has not expired)."""
+    return Q(status=SyncStatus.SENDING, lease_until__gt=now)
+
+
+def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings) -> set[str]:
+    """Claim the outbox rows of ``members`` for ``part``; returns the e-mails claimed.
+
+    Left out: rows being sent singly right now or already in another part
+    (counted as skipped), rows whose e-mail changed locally (SATORI must be
+    told by hashcode, which only a single push does: they are dispatched),
+    and, with ``CREATE_UNKNOWN`` False, customers SATORI does not know.
+    """
+    now = timezone.now()
+    emails = [email for _pk, email in members]
+    identity_change = Q(previous_email__gt="", hashcode__gt="")
+    unknown = Q(in_satori=False, hashcode="")
+    free = SyncState.objects.filter(bulk_part__isnull=True).exclude(_busy(now)).exclude(
+        identity_change)
+    if not conf.CREATE_UNKNOWN:
+        free = free.exclude(unknown)
+    for batch in chunked(emails):
+        free.filter(email__in=batch).update(
+            bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version"),
+            operation=Operation.UPSERT, lease_until=None, lease_token="", updated_at=now)
+    claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
+    if len(claimed) == len(members):
+        return claimed
+    rest = [(pk, email) for pk, email in members if email not in claimed]
+    existing: set[str] = set()
+    handover: list[int] = []
+    for batch in chunked(rest):
+        rows = SyncState.objects.filter(email__in=[e for _pk, e in batch]).values_list(
+            "pk", "email", "bulk_part_id", "status", "lease_until", "previous_email",
+            "hashcode", "in_satori")
+        for pk, email, bulk_part, status, lease, previous, hashcode, in_satori in rows:
+            existing.add(email)
+            busy = bulk_part is not None or (status == SyncStatus.SENDING and lease and
+                                             lease > now)
+            if busy:
+                continue
+            if previous and hashcode:
+                handover.append(pk)
+            elif not conf.CREATE_UNKNOWN and not in_satori and not hashcode:
+                SyncState.objects.filter(pk=pk, bulk_part__isnull=True).update(
+                    status=SyncStatus.NOT_IN_SATORI, updated_at=now,
+                    last_error=_("Not in SATORI, and SATORI['CREATE_UNKNOWN'] is False: "
+                                 "not created."))
+    missing = [(pk, email) for pk, email in rest if email not in existing]
+    if missing:
+        # Customers written with update()/bulk_create() have no outbox row yet.
+        creatable = conf.CREATE_UNKNOWN
+        SyncState.objects.bulk_create(
+            [SyncState(email=email, customer_id=pk, operation=Operation.UPSERT,
+                       status=SyncStatus.IN_BULK if creatable else SyncStatus.NOT_IN_SATORI,
+                       bulk_part=part if creatable else None, bulk_version=1)
+             for pk, email in missing],
+            batch_size=BATCH, ignore_conflicts=True)
+        claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
+    if handover:
+        _hand_over(handover, now)
+    return claimed
+
+
+def _hand_over(state_ids: list[int], now: dt.datetime) -> None:
+    """Leave these to single pushes (which identify a changed e-mail by hashcode)."""
+    from .sync import dispatch
+
+    for batch in chunked(state_ids):
+        SyncState.objects.filter(pk__in=batch, bulk_part__isnull=True).update(
+            status=SyncStatus.PENDING, not_before=now, dispatched_at=now, updated_at=now)
+    for state_id in state_ids:
+        transaction.on_commit(lambda state_id=state_id: dispatch(state_id))
+
+
+def _mark_invalid(errors: list[BulkRowError]) -> None:
+    """Show a row's local error on its outbox row (failed), unless it changed since.
+
+    Without this the sweep would put the same invalid rows into every
+    automatic job. The version is compared in the UPDATE itself, so a save
+    that lands meanwhile keeps its row pending.
+    """
+    now = timezone.now()
+    by_email = {e.email: e.message for e in errors}
+    snapshot = list(SyncState.objects.filter(email__in=list(by_email), bulk_part__isnull=True)
+                    .exclude(_busy(now)).values_list("pk", "email", "version"))
+    for pk, email, version in snapshot:
+        SyncState.objects.filter(pk=pk, version=version, bulk_part__isnull=True).update(
+            status=SyncStatus.FAILED, last_error=by_email[email], last_error_at=now,
+            updated_at=now)
+
+
+def _settle_dry_run(emails: list[str]) -> None:
+    # An automatic job under SATORI['DRY_RUN']: like a single push, the row ends as dry_run,
+    # so the sweep does not start the same job again every minute.
+    now = timezone.now()
+    for batch in chunked(emails):
+        SyncState.objects.filter(email__in=batch, status=SyncStatus.PENDING,
+                                 bulk_part__isnull=True).update(
+            status=SyncStatus.DRY_RUN, updated_at=now)
+
+
+def _release_part(part_id: int, *, error: str = "", hold_seconds: float = 0) -> int:
+    """Give a part's customers back: synced if SATORI already has their current version,
+    else pending. ``hold_seconds`` keeps the sweep from retrying at once after a failure."""
+    now = timezone.now()
+    changes: dict[str, Any] = {
+        "bulk_part": None,
+        "status": Case(When(version=F("synced_version"), then=Value(SyncStatus.SYNCED)),
+                       default=Value(SyncStatus.PENDING)),
+        "dispatched_at": None,
+        "not_before": now + dt.timedelta(seconds=hold_seconds) if hold_seconds else None,
+        "updated_at": now,
+    }
+    if error:
+        changes.update(last_error=error, last_error_at=now)
+    return SyncState.objects.filter(bulk_part_id=part_id).update(**changes)
+
+
+# --------------------------------------------------------------------------
+# Upload
+# --------------------------------------------------------------------------
+
+def upload_part(part_id: int) -> tuple[str, float | None]:
+    """Upload one part. Returns (outcome, seconds until the next step or None).
+
+    Outcomes: "uploaded" (poll after the delay), "retry" (upload again after
+    the delay), "failed", "busy" (another task has it, or it is not ready).
+    """
+    conf = get_settings()
+    now = timezone.now()
+    claimed = BulkPart.objects.filter(
+        pk=part_id, state=BulkState.UPLOADING, uploaded_at__isnull=True,
+    ).update(uploaded_at=now, upload_attempts=F("upload_attempts") + 1)
+    if not claimed:
+        return "busy", None
+    part = BulkPart.objects.select_related("job").get(pk=part_id)
+    job = part.job
+    endpoint = "bulk_customers/%s.json" % (
+        "registration" if job.mode == BulkMode.REGISTRATION else "upsert")
+    started = time.monotonic()
+    try:
+        from .client import get_client
+
+        client = get_client()
+        send = client.bulk_register if job.mode == BulkMode.REGISTRATION else client.bulk_upsert
+        with bulk_storage(conf).open(part.csv_file.name, "rb") as fileobj:
+            result = send(fileobj, identity_type=job.identity_type,
+                          filename=f"customers-{job.pk}-{part.number}.csv")
+    except SatoriError as exc:
+        return _upload_failed(part, exc, endpoint, started, conf)
+    except OSError as exc:  # the stored file is gone (storage cleaned, wrong BULK_STORAGE)
+        message = _("The part's CSV file could not be read from storage (%(kind)s).") % {
+            "kind": type(exc).__name__}
+        _fail_part(part.pk, message)
+        return "failed", None
+    now = timezone.now()
+    delay = conf.BULK_POLL_INTERVAL_SECONDS
+    BulkPart.objects.filter(pk=part.pk).update(
+        state=BulkState.PROCESSING, process_code=result.process_code, uploaded_at=now,
+        next_poll_at=now + dt.timedelta(seconds=delay))
+    _log(endpoint, SyncLog.Outcome.OK, status=result.status, started=started,
+         request=result.request_summary, response=result.response_summary,
+         message=_("Job %(job)s part %(part)s: %(rows)d rows uploaded.")
+         % {"job": job.pk, "part": part.number, "rows": part.row_count})
+    _refresh_job(job.pk)
+    return "uploaded", delay
+
+
+def _upload_failed(part: BulkPart, exc: SatoriError, endpoint: str, started: float,
+                   conf: SatoriSettings) -> tuple[str, float | None]:
+    attempt = part.upload_attempts
+    retry = exc.retryable and attempt < UPLOAD_MAX_ATTEMPTS
+    _log(endpoint, SyncLog.Outcome.RETRY if retry else SyncLog.Outcome.FAILED,
+         status=exc.status, started=started, attempt=attempt,
+         request=getattr(exc, "request_summary", {}), response=getattr(exc, "response_summary",
+                                                                       {}),
+         message=str(exc))
+    if retry:
+        from .sync import backoff
+
+        delay = backoff(attempt, conf, getattr(exc, "retry_after", None))
+        # SATORI has no idempotency key: after a timeout the file may have been
+        # received, so this retry can start a second SATORI job for the same rows.
+        note = _("Upload attempt %(n)d failed: %(error)s. Trying again in %(delay)d s. If "
+                 "SATORI received the file before the error, it may process these rows "
+                 "twice; for upserts that is harmless.") % {
+            "n": attempt, "error": str(exc), "delay": int(delay)}
+        BulkPart.objects.filter(pk=part.pk, state=BulkState.UPLOADING).update(
+            uploaded_at=None, error=note)
+        return "retry", delay
+    if exc.retryable:
+        message = _("SATORI did not take the file after %(n)d attempts: %(error)s. If one of "
+                    "them reached SATORI, it may still process these rows.") % {
+            "n": attempt, "error": str(exc)}
+    else:
+        message = _("SATORI refused the file: %(error)s") % {"error": str(exc)}
+    _fail_part(part.pk, message)
+    return "failed", None
+
+
+def _fail_part(part_id: int, message: str) -> None:
+    """The part is over without results: its customers go back (see _release_part)."""
+    conf = get_settings()
+    now = timezone.now()
+    moved = BulkPart.objects.filter(pk=part_id).exclude(state__in=TERMINAL_STATES).update(
+        state=BulkState.FAILED, error=message, finished_at=now, next_poll_at=None)
+    if moved:
+        _release_part(part_id, error=message, hold_seconds=conf.RETRY_BACKOFF_MAX_SECONDS)
+        part = BulkPart.objects.get(pk=part_id)
+        log.warning("Bulk job %s part %s failed: %s", part.job_id, part.number, message)
+        _refresh_job(part.job_id)
+
+
+# --------------------------------------------------------------------------
+# Status and results
+# --------------------------------------------------------------------------
+
+def poll_delay(poll_count: int, conf: SatoriSettings) -> float:
+    """Seconds before the next status check: growing from the interval to the maximum."""
+    grown = conf.BULK_POLL_INTERVAL_SECONDS * 1.5 ** max(0, poll_count - 1)
+    return max(conf.BULK_POLL_INTERVAL_SECONDS, min(conf.BULK_POLL_MAX_INTERVAL_SECONDS, grown))
+
+
+def poll_part(part_id: int, *, force: bool = False) -> tuple[str, float | None]:
+    """Ask SATORI how one uploaded part is doing; apply its results when finished.
+
+    Returns (outcome, seconds until the next check or None when there is
+    nothing more to do). Outcomes: "processing", "finished", "failed",
+    "not_due" (someone else checks it, or it is not time yet).
+    """
+    conf = get_settings()
+    now = timezone.now()
+    due = BulkPart.objects.filter(pk=part_id, state=BulkState.PROCESSING)
+    if not force:
+        due = due.filter(Q(next_poll_at__isnull=True) |
+                         Q(next_poll_at__lte=now + dt.timedelta(seconds=1)))
+    claimed = due.update(next_poll_at=now + dt.timedelta(seconds=POLL_CLAIM_SECONDS),
+                         poll_count=F("poll_count") + 1, last_polled_at=now)
+    if not claimed:
+        return "not_due", None
+    part = BulkPart.objects.get(pk=part_id)
+    BulkJob.objects.filter(pk=part.job_id).update(last_polled_at=now)
+    uploaded = part.uploaded_at or now
+    if (now - uploaded).total_seconds() > conf.BULK_DEADLINE_SECONDS:
+        _fail_part(part.pk, _(
+            "SATORI had not finished this part %(hours).1f hours after the upload "
+            "(SATORI['BULK_DEADLINE_SECONDS']); its customers were put back so they are sent "
+            "again. SATORI may still apply the rows later.") % {
+            "hours": conf.BULK_DEADLINE_SECONDS / 3600})
+        return "failed", None
+    from .client import get_client
+
+    started = time.monotonic()
+    try:
+        status = get_client().bulk_status(part.process_code)
+    except SatoriNotFoundError as exc:
+        _log("bulk_customers/status.json", SyncLog.Outcome.FAILED, status=exc.status,
+             started=started, message=str(exc))
+        _fail_part(part.pk, _(
+            "SATORI no longer knows process code %(code)s (expired or unknown): %(error)s. "
+            "The results cannot be read, so its customers were put back to be sent again.")
+            % {"code": part.process_code, "error": str(exc)})
+        return "failed", None
+    except SatoriError as exc:
+        _log("bulk_customers/status.json", SyncLog.Outcome.RETRY if exc.retryable else
+             SyncLog.Outcome.FAILED, status=exc.status, started=started, message=str(exc))
+        if not exc.retryable:
+            _fail_part(part.pk, _("SATORI refused the status request: %(error)s") % {
+                "error": str(exc)})
+            return "failed", None
+        delay = max(poll_delay(part.poll_count, conf), float(getattr(exc, "retry_after", 0) or 0))
+        BulkPart.objects.filter(pk=part.pk, state=BulkState.PROCESSING).update(
+            next_poll_at=timezone.now() + dt.timedelta(seconds=delay),
+            error=_("Last status check failed: %(error)s") % {"error": str(exc)})
+        return "processing", delay
+    if not status.finished:
+        delay = poll_delay(part.poll_count, conf)
+        BulkPart.objects.filter(pk=part.pk, state=BulkState.PROCESSING).update(
+            next_poll_at=timezone.now() + dt.timedelta(seconds=delay), error="")
+        return "processing", delay
+    apply_results(part, [(row.row_number, row.message) for row in status.failed_rows])
+    _log("bulk_customers/status.json", SyncLog.Outcome.OK, status=status.status,
+         started=started, request=status.request_summary,
+         response={"process_status": status.process_status,
+                   "succeeded_rows": len(status.succeeded_rows),
+                   "failed_rows": len(status.failed_rows)},
+         message=_("Job %(job)s part %(part)s finished.") % {"job": part.job_id,
+                                                            "part": part.number})
+    return "finished", None
+
+
+def _field_in(message: str, columns: Iterable[str]) -> str:
+    """The first CSV column SATORI's message names, if any."""
+    best: tuple[int, str] | None = None
+    for name in columns:
+        hit = re.search(rf"(?<![A-Za-z0-9_:]){re.escape(name)}(?![A-Za-z0-9_])", message)
+        if hit and (best is None or hit.start() < best[0]):
+            best = (hit.start(), name)
+    return best[1] if best else ""
+
+
+def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> bool:
+    """Write a finished part's results back to its customers, in batches.
+
+    ``failed_rows`` are SATORI's (row_number, message); row 1 is the header.
+    Every other row of the file succeeded. A customer saved while the job ran
+    goes back to pending for its newer version. Returns False if another
+    check applied them first.
+    """
+    conf = get_settings()
+    failed = dict(failed_rows)
+    now = timezone.now()
+    with transaction.atomic():
+        won = BulkPart.objects.filter(pk=part.pk, state=BulkState.PROCESSING).update(
+            state=BulkState.FINISHED, finished_at=now, next_poll_at=None, error="")
+        if not won:
+            return False
+        failed_by_email: dict[str, tuple[int, str]] = {}
+        tags_by_email: dict[str, list[str]] = {}
+        columns: list[str] = []
+        with bulk_storage(conf).open(part.csv_file.name, "rb") as fileobj:
+            for row_number, columns, cells in bulk_csv.read_rows(fileobj):
+                email = cells[columns.index("email")]
+                message = failed.pop(row_number, None)
+                if message is not None:
+                    failed_by_email[email] = (row_number, message)
+                    continue
+                tags = cells[columns.index("append_tags")] if "append_tags" in columns else ""
+                if tags:
+                    tags_by_email[email] = tags.split(conf.TAG_SEPARATOR)
+        states = {email: (pk, customer_id, sent_tags) for pk, email, customer_id, sent_tags in
+                  SyncState.objects.filter(bulk_part=part).values_list(
+                      "pk", "email", "customer_id", "sent_tags")}
+        _write_failures(part, failed_by_email, states, columns, now)
+        succeeded = [email for email in states if email not in failed_by_email]
+        _write_successes(part, succeeded, states, tags_by_email, now)
+        note = ""
+        if failed:
+            note = _("SATORI reported %(n)d failed row number(s) that are not in the file: "
+                     "%(rows)s.") % {"n": len(failed),
+                                     "rows": ", ".join(map(str, sorted(failed)[:20]))}
+        BulkPart.objects.filter(pk=part.pk).update(
+            succeeded_count=len(succeeded), failed_count=len(failed_by_email), error=note)
+        pending = list(SyncState.objects.filter(pk__in=[v[0] for v in states.values()],
+                                                status=SyncStatus.PENDING)
+                       .values_list("pk", flat=True))
+    if pending and len(pending) <= conf.BULK_THRESHOLD:
+        from .sync import dispatch
+
+        for state_id in pending:  # saved during the job: send the newer version
+            dispatch(state_id)
+    _refresh_job(part.job_id)
+    return True
+
+
+def _write_failures(part: BulkPart, failed_by_email: dict[str, tuple[int, str]],
+                    states: dict[str, tuple[int, int | None, list[str]]],
+                    columns: list[str], now: dt.datetime) -> None:
+    errors = [
+        BulkRowError(job_id=part.job_id, part=part, row_number=row_number, email=email[:255],
+                     customer_id=states[email][1] if email in states else None,
+                     field=_field_in(message, columns)[:100], message=message)
+        for email, (row_number, message) in failed_by_email.items()
+    ]
+    BulkRowError.objects.bulk_create(errors, batch_size=BATCH)
+    rows = [SyncState(pk=states[email][0], last_error=message, last_error_at=now)
+            for email, (_n, message) in failed_by_email.items() if email in states]
+    for batch in chunked(rows):
+        SyncState.objects.bulk_update(batch, ["last_error", "last_error_at"])
+        SyncState.objects.filter(pk__in=[r.pk for r in batch], bulk_part=part).update(
+            status=Case(When(version=F("bulk_version"), then=Value(SyncStatus.FAILED)),
+                        default=Value(SyncStatus.PENDING)),
+            bulk_part=None, attempts=F("attempts") + 1, not_before=None,
+            dispatched_at=None, updated_at=now)
+
+
+def _write_successes(part: BulkPart, emails: list[str],
+                     states: dict[str, tuple[int, int | None, list[str]]],
+                     tags_by_email: dict[str, list[str]], now: dt.datetime) -> None:
+    # SATORI now has these tags too; a later single push removes any dropped locally.
+    grown = []
+    for email in emails:
+        sent = list(states[email][2] or [])
+        added = [t for t in tags_by_email.get(email, ()) if t and t not in sent]
+        if added:
+            grown.append(SyncState(pk=states[email][0], sent_tags=sent + added))
+    for batch in chunked(grown):
+        SyncState.objects.bulk_update(batch, ["sent_tags"])
+    ids = [states[email][0] for email in emails]
+    for batch in chunked(ids):
+        SyncState.objects.filter(pk__in=batch, bulk_part=part).update(
+            status=Case(When(version=F("bulk_version"), then=Value(SyncStatus.SYNCED)),
+                        default=Value(SyncStatus.PENDING)),
+            synced_version=F("bulk_version"), in_satori=True, last_synced_at=now,
+            attempts=0, last_error="", last_error_at=None, bulk_part=None,
+            # Unknown to us what exactly SATORI stored: the next single push sends in full.
+            fingerprint="", not_before=None, dispatched_at=None, updated_at=now)
+
+
+def _refresh_job(job_id: int) -> None:
+    """Recount the job from its parts and settle its state once every part has ended."""
+    now = timezone.now()
+    with transaction.atomic():
+        job = BulkJob.objects.select_for_update().get(pk=job_id)
+        parts = job.parts.all()
+        totals = parts.exclude(state=BulkState.CANCELLED).aggregate(
+            rows=Sum("row_count"), ok=Sum("succeeded_count"), bad=Sum("failed_count"))
+        states = list(parts.values_list("state", flat=True))
+        job.row_count = totals["rows"] or 0
+        job.succeeded_count = totals["ok"] or 0
+        job.failed_count = totals["bad"] or 0
+        job.part_count = len(states)
+        fields = ["row_count", "succeeded_count", "failed_count", "part_count"]
+        if job.state in (BulkState.UPLOADING, BulkState.PROCESSING, BulkState.CANCELLED):
+            live = [s for s in states if s not in TERMINAL_STATES]
+            if any(s in (BulkState.UPLOADING, BulkState.EXPORTING) for s in live):
+                new_state = job.state if job.state == BulkState.CANCELLED else BulkState.UPLOADING
+            elif live:
+                new_state = job.state if job.state == BulkState.CANCELLED else \
+                    BulkState.PROCESSING
+            else:
+                done = [s for s in states if s != BulkState.CANCELLED]
+                if job.state == BulkState.CANCELLED:
+                    new_state = BulkState.CANCELLED
+                elif done and all(s == BulkState.FAILED for s in done):
+                    new_state = BulkState.FAILED
+                else:
+                    new_state = BulkState.FINISHED
+                if job.finished_at is None:
+                    job.finished_at = now
+                    fields.append("finished_at")
+            if new_state != job.state:
+                job.state = new_state
+                fields.append("state")
+        job.save(update_fields=fields)
+
+
+# --------------------------------------------------------------------------
+# Safety net (called by sync.sweep every minute)
+# --------------------------------------------------------------------------
+
+def poll_overdue_parts(now: dt.datetime) -> int:
+    """Find bulk work whose task was lost and queue it again; returns how many were queued.
+
+    Status checks long overdue, uploads never picked up, exports never
+    started. An upload claimed long ago without a process code was cut off
+    mid-way: its part fails (SATORI may or may not have the file) and its
+    customers go back to be sent again.
+    """
+    conf = get_settings()
+    grace = dt.timedelta(seconds=max(60.0, conf.BULK_POLL_MAX_INTERVAL_SECONDS))
+    queued = 0
+    overdue = BulkPart.objects.filter(state=BulkState.PROCESSING).filter(
+        Q(next_poll_at__isnull=True) | Q(next_poll_at__lt=now - grace))
+    for part_id in overdue.values_list("pk", flat=True)[:1000]:
+        queued += enqueue_poll(part_id)
+    waiting = BulkPart.objects.filter(state=BulkState.UPLOADING, uploaded_at__isnull=True,
+                                      job__started_at__lt=now - grace)
+    for part_id in waiting.values_list("pk", flat=True)[:1000]:
+        queued += enqueue_upload(part_id)
+    cut_off = BulkPart.objects.filter(
+        state=BulkState.UPLOADING, process_code="",
+        uploaded_at__lt=now - dt.timedelta(seconds=UPLOAD_STALE_SECONDS))
+    for part_id in cut_off.values_list("pk", flat=True)[:1000]:
+        _fail_part(part_id, _(
+            "The upload was interrupted before SATORI's answer arrived, so there is no process "
+            "code. SATORI may or may not have received the file; its customers were put back "
+            "to be sent again."))
+    unstarted = BulkJob.objects.filter(state=BulkState.CREATED, created_at__lt=now - grace)
+    for job_id in unstarted.values_list("pk", flat=True)[:100]:
+        queued += enqueue_run(job_id)
+    return queued
+
+
+# --------------------------------------------------------------------------
+# Running a job in this process (commands with --wait, no worker needed)
+# --------------------------------------------------------------------------
+
+def drive_job(
+    job_id: int,
+    *,
+    progress: Callable[[BulkJob, int], Any] | None = None,
+    on_tick: Callable[[BulkJob], Any] | None = None,
+    sleep: Callable[[float], Any] = time.sleep,
+    timeout: float | None = None,
+) -> BulkJob:
+    """Run every step of a job in this process until it ends (for cron without Celery).
+
+    Waiting happens here, in the command's own process, never in a worker.
+    """
+    due: dict[int, tuple[float, str]] = {}
+
+    def ready(part_id: int) -> None:
+        due[part_id] = (time.monotonic(), "upload")
+
+    job = run_job(job_id, on_part_ready=ready, progress=progress)
+    started = time.monotonic()
+    while True:
+        now = time.monotonic()
+        for part_id, (when, step) in sorted(due.items(), key=lambda item: item[1][0]):
+            if when > now:
+                continue
+            del due[part_id]
+            if step == "upload":
+                outcome, delay = upload_part(part_id)
+                if outcome in ("uploaded", "retry") and delay is not None:
+                    due[part_id] = (time.monotonic() + delay,
+                                    "poll" if outcome == "uploaded" else "upload")
+            else:
+                outcome, delay = poll_part(part_id, force=True)
+                if delay is not None:
+                    due[part_id] = (time.monotonic() + delay, "poll")
+        job = BulkJob.objects.get(pk=job_id)
+        if on_tick is not None:
+            on_tick(job)
+        if not due or job.state in TERMINAL_STATES:
+            return job
+        if timeout is not None and time.monotonic() - started > timeout:
+            return job
+        sleep(max(0.05, min(when for when, _step in due.values()) - time.monotonic()))
+
+
+# --------------------------------------------------------------------------
+
+def _log(endpoint: str, outcome: str, *, status: int | None = None,
+         started: float | None = None, attempt: int = 0, request: Any = None,
+         response: Any = None, message: str = "") -> None:
+    duration = int((time.monotonic() - started) * 1000) if started else 0
+    SyncLog.objects.create(
+        endpoint=endpoint, outcome=outcome, satori_status=status, attempt=attempt,
+        duration_ms=duration, request_summary=request if isinstance(request, dict) else {},
+        response_summary=response if isinstance(response, dict) else {}, message=message)
+
+
+def job_counts_by_state() -> dict[str, int]:
+    return dict(BulkJob.objects.values_list("state").annotate(n=Count("pk")))
