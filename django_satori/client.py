@@ -264,7 +264,9 @@ def error_for_status(
     field: str | None = None,
 ) -> SatoriError:
     """The error class for a non-success SATORI status (JSON status, or HTTP code)."""
-    common: dict[str, Any] = {"status": status, "http_status": http_status, "response": response}
+    # ``field`` goes on every class: a 404 or 403 naming customer[email] says which identity.
+    common: dict[str, Any] = {"status": status, "http_status": http_status,
+                              "response": response, "field": field}
     if status == 401:
         return SatoriAuthenticationError(message, **common)
     if status == 403:
@@ -276,7 +278,7 @@ def error_for_status(
     if status in (408, 425) or 500 <= status < 600:
         return SatoriTransientError(message, retry_after=retry_after, **common)
     if 400 <= status < 500:
-        return SatoriValidationError(message, field=field, **common)
+        return SatoriValidationError(message, **common)
     return SatoriError(message, **common)
 
 

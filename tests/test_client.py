@@ -123,6 +123,9 @@ class CaptureServer(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; without this, Nagle plus delayed ACKs
+    # add 40 ms to every keep-alive request.
+    disable_nagle_algorithm = True
     server: CaptureServer
 
     def log_message(self, format: str, *args: Any) -> None:
@@ -1115,3 +1118,189 @@ def test_injected_session_is_used_and_left_open(capture: CaptureServer) -> None:
     session.get(capture.url + "/ping", timeout=5)
     session.close()
     assert len(capture.requests) == 2
+
+
+# --------------------------------------------------------------------------- sandbox round trips
+#
+# The strict sandbox (django_satori.sandbox) checks keys, permissions and every
+# field like SATORI would; ``satori_sandbox`` points settings.SATORI at it, so
+# these tests use the client exactly as the sync engine does: get_client().
+
+SANDBOX_CSV = (
+    "email,last_name,custom:plan,collection_route\n"
+    "hanako@example.jp,佐藤,gold,web\n"
+    "not-an-address,鈴木,silver,web\n"
+    "jiro@example.jp,田中,,\n"
+).encode()
+
+
+def _sent_form(sandbox: Any, operation: str) -> dict[str, str]:
+    (record,) = sandbox.state.requests_for(operation)
+    return record.form_dict()
+
+
+def test_sandbox_upsert_register_delete(satori_sandbox: Any) -> None:
+    satori = get_client()
+    assert satori.conf.BASE_URL == satori_sandbox.url
+
+    created = satori.upsert_customer({
+        "email": "Ｔａｒｏ@Example.com", "last_name": "山田", "first_name": "太郎",
+        "custom:plan": "gold", "append_tags": "資料請求,展示会", "collection_date": "2025/01/31",
+        "delivery_permission": "approval",
+    })
+    stored = satori_sandbox.state.customer("taro@example.com")
+    assert stored is not None
+    assert created.hashcode == stored.hashcode
+    assert stored.email == "taro@example.com"
+    assert stored.fields["last_name"] == "山田"
+    assert stored.fields["collection_date"] == "2025-01-31"
+    assert stored.custom == {"plan": "gold"}
+    assert stored.tags == {"資料請求", "展示会"}
+    assert _sent_form(satori_sandbox, "upsert")["customer[email]"] == "taro@example.com"
+
+    # registration fills blanks only (the sandbox follows SATORI's documented v3 rule)
+    again = satori.register_customer({"email": "taro@example.com", "last_name": "上書き",
+                                      "memo": "新しいメモ"})
+    assert again.hashcode == created.hashcode
+    assert stored.fields["last_name"] == "山田" and stored.fields["memo"] == "新しいメモ"
+
+    deleted = satori.delete_customer(hashcode=created.hashcode)
+    assert deleted.hashcode == created.hashcode
+    assert satori_sandbox.state.customer("taro@example.com") is None
+    with pytest.raises(SatoriNotFoundError) as info:
+        satori.delete_customer(email="taro@example.com")
+    assert (info.value.status, info.value.field) == (404, "email")
+
+
+def test_sandbox_add_action(satori_sandbox: Any) -> None:
+    satori = get_client()
+    satori.upsert_customer({"email": "a@example.jp"})
+    result = satori.add_action(
+        email="A@example.jp", name="セミナー参加", content="第3回", url="https://example.jp/s/3",
+        occurred_at=dt.datetime(2025, 3, 1, 1, 2, 3, tzinfo=dt.UTC),
+    )
+    (action,) = satori_sandbox.state.customer("a@example.jp").actions
+    assert (action.name, action.content, action.url, action.date) == (
+        "セミナー参加", "第3回", "https://example.jp/s/3", "2025-03-01 10:02:03")
+    assert result.endpoint == "customer/add_action"
+    with pytest.raises(SatoriNotFoundError):
+        satori.add_action(email="nobody@example.jp", name="x")
+
+
+@pytest.mark.parametrize("envelope", ["body", "message", "top"])
+def test_sandbox_bulk_upload_and_status(satori_sandbox: Any, envelope: str) -> None:
+    satori_sandbox.configure(envelope=envelope)
+    satori = get_client()
+    upload = satori.bulk_upsert(io.BytesIO(SANDBOX_CSV))
+    assert upload.status == 202
+    assert satori_sandbox.state.jobs.keys() == {upload.process_code}
+
+    status = satori.bulk_status(upload.process_code)
+    assert status.finished and status.process_status == "finished"
+    assert [row["row_number"] for row in status.succeeded_rows] == [2]
+    assert [row.row_number for row in status.failed_rows] == [3, 4]
+    assert "email" in status.failed_rows[0].message
+    assert "collection_route" in status.failed_rows[1].message
+    assert satori_sandbox.state.customer("hanako@example.jp").custom == {"plan": "gold"}
+
+    (record,) = satori_sandbox.state.requests_for("bulk_upsert")
+    (upload_file,) = record.files
+    assert (upload_file.name, upload_file.filename, upload_file.content_type) == (
+        "customer_csv_file", "customers.csv", "text/csv")
+    assert upload_file.content == SANDBOX_CSV
+    assert record.form_dict() == {**KEYS, "identity_type": "email"}
+
+
+def test_sandbox_bulk_register_processing_then_finished(satori_sandbox: Any) -> None:
+    satori_sandbox.configure(bulk_processing_seconds=0.4)
+    satori = get_client()
+    upload = satori.bulk_register(b"email,collection_route\nnew@example.jp,web\n")
+    first = satori.bulk_status(upload.process_code)
+    assert (first.finished, first.process_status) == (False, "processing")
+    deadline = time.monotonic() + 5
+    while not (status := satori.bulk_status(upload.process_code)).finished:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status.failed_rows == []
+    assert satori_sandbox.state.customer("new@example.jp") is not None
+    (record,) = satori_sandbox.state.requests_for("bulk_registration")
+    assert (record.method, record.path) == (
+        "POST", "/api/v4/public/bulk_customers/registration.json")
+    status_query = dict(satori_sandbox.state.requests_for("bulk_status")[0].query)
+    assert status_query == {**KEYS, "process_code": upload.process_code}
+
+    with pytest.raises(SatoriNotFoundError):
+        satori.bulk_status("no-such-code")
+
+
+def test_sandbox_whole_file_refusal_names_the_field(satori_sandbox: Any) -> None:
+    with pytest.raises(SatoriValidationError) as info:
+        get_client().bulk_upsert(b"email,collection_route\n\xff\xfe@example.jp,web\n")
+    assert (info.value.status, info.value.field) == (400, "customer_csv_file")
+    with pytest.raises(SatoriValidationError) as info:
+        get_client().bulk_upsert(b"email,last_name\n", identity_type="hashcode")
+    assert info.value.field == "hashcode"
+
+
+def test_sandbox_wrong_keys_and_permissions(satori_sandbox: Any) -> None:
+    satori = get_client()
+    satori_sandbox.state.seed_customer("theirs@example.jp", last_name="他人")
+
+    satori_sandbox.configure(own_only=True)
+    with pytest.raises(SatoriPermissionError) as info:
+        satori.upsert_customer({"email": "theirs@example.jp", "last_name": "x"})
+    assert not info.value.retryable and info.value.status == 403
+    satori.upsert_customer({"email": "mine@example.jp"})  # own records are fine
+
+    satori_sandbox.configure(own_only=False, deny_operations=["bulk_status"])
+    with pytest.raises(SatoriPermissionError):
+        satori.bulk_status("anything")
+
+    wrong = dataclasses.replace(satori.conf, COMPANY_SECRET="wrong-secret")
+    with SatoriClient(wrong) as stranger, pytest.raises(SatoriAuthenticationError) as auth:
+        stranger.upsert_customer({"email": "mine@example.jp"})
+    assert auth.value.status == 401 and not auth.value.retryable
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_class"),
+    [("500", SatoriTransientError), ("503", SatoriTransientError),
+     ("429", SatoriRateLimitError), ("html", SatoriTransientError),
+     ("drop", SatoriTransientError), ("timeout", SatoriTransientError)],
+)
+def test_sandbox_faults_on_every_endpoint_leak_nothing(
+    satori_sandbox: Any, caplog: pytest.LogCaptureFixture, kind: str,
+    error_class: type[SatoriError],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    satori_sandbox.faults.retry_after = 42
+    satori_sandbox.faults.timeout_seconds = 2.0
+    conf = dataclasses.replace(get_settings(), TIMEOUT=(2.0, 0.3))
+    satori_sandbox.state.seed_customer("a@example.jp", created_by=KEYS["user_key"])
+    calls = [
+        lambda s: s.upsert_customer({"email": "a@example.jp"}),
+        lambda s: s.register_customer({"email": "a@example.jp"}),
+        lambda s: s.delete_customer(email="a@example.jp"),
+        lambda s: s.bulk_upsert(b"email,collection_route\na@example.jp,web\n"),
+        lambda s: s.bulk_register(b"email,collection_route\na@example.jp,web\n"),
+        lambda s: s.bulk_status("pc-123"),
+        lambda s: s.add_action(email="a@example.jp", name="x"),
+    ]
+    texts: list[str] = []
+    with SatoriClient(conf) as satori:
+        for call in calls:
+            satori_sandbox.faults.fail_first(1, kind)
+            with pytest.raises(error_class) as info:
+                call(satori)
+            assert type(info.value) is error_class
+            assert info.value.retryable
+            if kind == "429":
+                assert info.value.retry_after == 42.0
+            if kind in ("drop", "timeout"):
+                _assert_unchained(info.value)
+            texts += _error_texts(info.value)
+        # The fault was consumed: the same client works again on the same endpoint.
+        assert satori.upsert_customer({"email": "a@example.jp"}).status == 200
+    assert satori_sandbox.state.faults_by_kind == {kind: len(calls)}
+    texts += [record.getMessage() for record in caplog.records] + [caplog.text]
+    assert _leaks(texts) == []

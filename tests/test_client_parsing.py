@@ -133,6 +133,7 @@ def test_error_for_status(status: int, error_class: type[SatoriError]) -> None:
         status, 200, {"x": 1}, "m")
     if isinstance(error, SatoriTransientError):
         assert error.retry_after == 3.0
+    assert error_for_status(status, "m", field="customer_csv_file").field == "customer_csv_file"
 
 
 def test_error_message_forms() -> None:
