@@ -229,6 +229,7 @@ def run_job(
     *,
     on_part_ready: Callable[[int], Any] | None = None,
     progress: Callable[[BulkJob, int], Any] | None = None,
+    progress_every: int = PROGRESS_EVERY,
 ) -> BulkJob:
     """Write the job's parts and hand each finished one to ``on_part_ready``.
 
@@ -243,7 +244,8 @@ def run_job(
         if job.state != BulkState.EXPORTING:
             return job  # a duplicate delivery: done already, or cancelled
         _recover_interrupted_export(job)
-    export = _Export(job, get_settings(), on_part_ready or enqueue_upload, progress)
+    export = _Export(job, get_settings(), on_part_ready or enqueue_upload, progress,
+                     max(1, progress_every))
     try:
         export.run()
     except Exception as exc:
@@ -283,8 +285,9 @@ def _fail_export(job: BulkJob, exc: BaseException) -> None:
 class _Export:
     def __init__(self, job: BulkJob, conf: SatoriSettings,
                  on_part_ready: Callable[[int], Any],
-                 progress: Callable[[BulkJob, int], Any] | None) -> None:
+                 progress: Callable[[BulkJob, int], Any] | None, every: int) -> None:
         self.job = job
+        self.every = every
         self.conf = conf
         self.on_part_ready = on_part_ready
         self.progress = progress
@@ -319,7 +322,7 @@ class _Export:
                     current, writer = writer, None
                     if not self._finish_part(current):
                         return
-                if self.progress is not None and self.seen % PROGRESS_EVERY == 0:
+                if self.progress is not None and self.seen % self.every == 0:
                     self.progress(self.job, self.seen)
             if writer is not None:
                 current, writer = writer, None
@@ -892,6 +895,7 @@ def drive_job(
     job_id: int,
     *,
     progress: Callable[[BulkJob, int], Any] | None = None,
+    progress_every: int = PROGRESS_EVERY,
     on_tick: Callable[[BulkJob], Any] | None = None,
     sleep: Callable[[float], Any] = time.sleep,
     timeout: float | None = None,
@@ -905,7 +909,8 @@ def drive_job(
     def ready(part_id: int) -> None:
         due[part_id] = (time.monotonic(), "upload")
 
-    job = run_job(job_id, on_part_ready=ready, progress=progress)
+    job = run_job(job_id, on_part_ready=ready, progress=progress,
+                  progress_every=progress_every)
     started = time.monotonic()
     while True:
         now = time.monotonic()

@@ -1,0 +1,82 @@
+"""``manage.py satori_bulk_status``: ask SATORI about running bulk jobs now and list them.
+
+Exit codes: 0 listed, 1 the job given with ``--job`` does not exist or a
+status check failed to reach SATORI, 2 wrong usage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.utils.translation import gettext as _
+from django.utils.translation import gettext_lazy
+
+from django_satori import bulk
+from django_satori.models import BulkJob, BulkPart, BulkState
+
+from ._bulk import ERRORS_SHOWN, FAILURE
+
+
+class Command(BaseCommand):
+    help = gettext_lazy(  # type: ignore[assignment]
+        "Check the bulk jobs still processing in SATORI now, then print a table of jobs."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--job", type=int, metavar="ID",
+                            help=_("Only this job, with its parts and row errors."))
+        parser.add_argument("--limit", type=int, default=20,
+                            help=_("How many recent jobs to list."))
+        parser.add_argument("--no-refresh", action="store_true",
+                            help=_("Only print what is known; do not ask SATORI."))
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        jobs = BulkJob.objects.all()
+        if options["job"] is not None:
+            jobs = jobs.filter(pk=options["job"])
+            if not jobs.exists():
+                raise CommandError(_("There is no bulk job #%(id)d.") % {"id": options["job"]},
+                                   returncode=FAILURE)
+        if not options["no_refresh"]:
+            parts = BulkPart.objects.filter(state=BulkState.PROCESSING, job__in=jobs)
+            for part_id in parts.values_list("pk", flat=True):
+                outcome, delay = bulk.poll_part(part_id, force=True)
+                self.stderr.write(_("part %(id)d: %(outcome)s") % {"id": part_id,
+                                                                   "outcome": outcome})
+                if delay is not None:
+                    bulk.enqueue_poll(part_id, delay)
+        self._table(list(jobs.select_related("started_by")[:max(1, options["limit"])]))
+        if options["job"] is not None:
+            self._details(BulkJob.objects.get(pk=options["job"]))
+
+    def _table(self, jobs: list[BulkJob]) -> None:
+        columns = (_("job"), _("mode"), _("state"), _("rows"), _("succeeded"), _("failed"),
+                   _("invalid"), _("parts"), _("created"), _("selection"))
+        rows = [[str(job.pk), job.mode, job.state, str(job.row_count), str(job.succeeded_count),
+                 str(job.failed_count), str(job.invalid_count), str(job.part_count),
+                 job.created_at.strftime("%Y-%m-%d %H:%M"), job.description]
+                for job in jobs]
+        if not rows:
+            self.stdout.write(_("No bulk jobs."))
+            return
+        widths = [max(len(str(c)) for c in column) for column in zip(columns, *rows,
+                                                                     strict=False)]
+        for line in (columns, *rows):
+            self.stdout.write("  ".join(str(c).ljust(w) for c, w in zip(line, widths,
+                                                                          strict=True)).rstrip())
+
+    def _details(self, job: BulkJob) -> None:
+        if job.error:
+            self.stdout.write(_("Error: %(error)s") % {"error": job.error})
+        for part in job.parts.all():
+            self.stdout.write(
+                _("part %(n)d: %(state)s, %(rows)d rows (%(ok)d ok, %(bad)d failed), process "
+                  "code %(code)s, %(polls)d checks%(error)s")
+                % {"n": part.number, "state": part.get_state_display(), "rows": part.row_count,
+                   "ok": part.succeeded_count, "bad": part.failed_count,
+                   "code": part.process_code or "—", "polls": part.poll_count,
+                   "error": f" — {part.error}" if part.error else ""})
+        for error in job.row_errors.order_by("part__number", "row_number", "id")[:ERRORS_SHOWN]:
+            self.stdout.write(f"  {error.email} [{error.row_number or '-'}] {error.field}: "
+                              f"{error.message}")
