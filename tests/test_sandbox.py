@@ -979,3 +979,38 @@ def test_use_sandbox_gives_a_keyless_project_the_sandbox_keys(module_server, set
         assert server.config.custom_fields is not None
         assert set(server.config.custom_fields) == {"plan"}
         assert upsert(server, email="a@example.jp", **{"custom:plan": "x"}).status_code == 200
+
+
+def test_the_pytest_plugin_imports_without_django():
+    code = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'django' or name.startswith('django.'):\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import django_satori.sandbox.pytest_plugin\n"
+        "from django_satori.sandbox.testing import project_settings\n"
+        "assert project_settings() is None\n"
+        "assert 'django' not in sys.modules\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, cwd=REPO_ROOT, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+
+
+def test_jobs_can_be_waited_for_or_finished_from_python(sandbox):
+    sandbox.configure(bulk_processing_seconds=0.2)
+    upload(sandbox, "email,collection_route\na@example.jp,web\n")
+    assert sandbox.state.customer("a@example.jp") is None
+    sandbox.wait_for_jobs(timeout=2)
+    assert sandbox.state.customer("a@example.jp") is not None
+    sandbox.configure(bulk_processing_seconds=60)
+    code = upload(sandbox, "email,collection_route\nb@example.jp,web\n").json()["body"][
+        "process_code"]
+    with pytest.raises(TimeoutError):
+        sandbox.wait_for_jobs(timeout=0.1)
+    assert sandbox.finish_bulk_jobs() == 1
+    assert status(sandbox, code).json()["body"]["process_status"] == "finished"
+    assert sandbox.state.customer("b@example.jp") is not None

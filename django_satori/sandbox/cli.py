@@ -156,7 +156,7 @@ def serve(server: Any, write: Callable[[str], Any], *, quiet: bool = False) -> i
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         logging.getLogger("django_satori.sandbox").setLevel(logging.INFO)
     stop = threading.Event()
-    previous: dict[int, Any] = {}
+    previous: dict[signal.Signals, Any] = {}
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, lambda *_args: stop.set())

@@ -73,6 +73,10 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     sandbox: SandboxServer
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Connections cut by clients or by stop() are normal here; no tracebacks on stderr.
+        logger.debug("connection error from %s", client_address, exc_info=True)
+
 
 class _HTTPServer6(_HTTPServer):
     address_family = socket.AF_INET6
@@ -167,12 +171,13 @@ class _Handler(BaseHTTPRequestHandler):
                 self._control(sandbox, path, body)
             else:
                 self._api(sandbox, path, query, body)
-        except (BrokenPipeError, ConnectionResetError):
+        except ConnectionError:  # the client (or stop()) closed the connection
             self.close_connection = True
         except Exception:  # a sandbox bug: say so instead of hanging the client
             logger.exception("SATORI sandbox failed on %s %s", self.command, path)
             self.close_connection = True
-            self._send_json(500, {"status": 500, "message": "sandbox internal error"})
+            with contextlib.suppress(OSError):
+                self._send_json(500, {"status": 500, "message": "sandbox internal error"})
 
     def _api(self, sandbox: SandboxServer, path: str, query: str, body: bytes) -> None:
         config = sandbox.config
@@ -444,8 +449,12 @@ class SandboxServer:
         return self.state.finish_due_jobs(force=True)
 
     def wait_for_jobs(self, timeout: float = 5.0) -> None:
+        """Block until no bulk job is processing (TimeoutError after ``timeout`` seconds)."""
         deadline = time.monotonic() + timeout
-        while any(j.finished_at is None for j in list(self.state.jobs.values())):
+        while True:
+            with self.state.lock:
+                if all(j.finished_at is not None for j in self.state.jobs.values()):
+                    return
             if time.monotonic() > deadline:
                 raise TimeoutError("bulk jobs still processing")
             time.sleep(0.02)

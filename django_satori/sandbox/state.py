@@ -182,6 +182,7 @@ class SandboxState:
         self.requests: list[RecordedRequest] = []
         self.faults_injected = 0
         self.faults_by_kind: dict[str, int] = {}
+        self._hash_index: dict[str, str] = {}
 
     def reset(self) -> None:
         with self.lock:
@@ -190,6 +191,7 @@ class SandboxState:
             self.requests.clear()
             self.faults_injected = 0
             self.faults_by_kind.clear()
+            self._hash_index = {}
 
     # -- lookups ---------------------------------------------------------------
 
@@ -200,10 +202,15 @@ class SandboxState:
 
     def by_hashcode(self, hashcode: str) -> Customer | None:
         with self.lock:
-            for customer in self.customers.values():
-                if customer.hashcode == hashcode:
-                    return customer
-        return None
+            # A cache, checked on every hit and rebuilt on a miss, because tests
+            # may edit ``customers`` directly.
+            key = self._hash_index.get(hashcode)
+            found = self.customers.get(key) if key is not None else None
+            if found is not None and found.hashcode == hashcode:
+                return found
+            self._hash_index = {c.hashcode: k for k, c in self.customers.items()}
+            key = self._hash_index.get(hashcode)
+            return self.customers.get(key) if key is not None else None
 
     def requests_for(self, operation: str) -> list[RecordedRequest]:
         with self.lock:
