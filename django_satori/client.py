@@ -303,8 +303,8 @@ def _coerce_status(value: Any) -> int | None:
         return None
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    elif isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 3:
-        value = int(value.strip())
+    elif isinstance(value, str) and re.fullmatch(r"[0-9]{3}", value.strip()):
+        value = int(value.strip())  # str.isdigit() would also accept "¹" or "３"
     if isinstance(value, int) and 100 <= value < 600:
         return value
     return None
@@ -1009,7 +1009,7 @@ def _failed_rows(value: Any) -> list[FailedRow]:
     rows = []
     for item in value:
         number = item.get("row_number") if isinstance(item, dict) else None
-        if isinstance(number, str) and number.strip().isdigit():
+        if isinstance(number, str) and re.fullmatch(r"[0-9]{1,9}", number.strip()):
             number = int(number.strip())
         if isinstance(number, bool) or not isinstance(number, int):
             # Guessing would count a refused row as sent; better to stop and say so.

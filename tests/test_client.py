@@ -524,7 +524,9 @@ def test_bulk_status_envelopes(
         finished, state, failed)
 
 
-@pytest.mark.parametrize("failed_rows", ["oops", [{"message": "no number"}], [3]])
+@pytest.mark.parametrize(
+    "failed_rows", ["oops", [{"message": "no number"}], [3], [{"row_number": "²"}]]
+)
 def test_bulk_status_malformed_failed_rows_is_an_error(
     capture: CaptureServer, client: SatoriClient, failed_rows: Any
 ) -> None:
@@ -1141,7 +1143,7 @@ def _sent_form(sandbox: Any, operation: str) -> dict[str, str]:
 
 def test_sandbox_upsert_register_delete(satori_sandbox: Any) -> None:
     satori = get_client()
-    assert satori.conf.BASE_URL == satori_sandbox.url
+    assert satori_sandbox.url == satori.conf.BASE_URL
 
     created = satori.upsert_customer({
         "email": "Ｔａｒｏ@Example.com", "last_name": "山田", "first_name": "太郎",

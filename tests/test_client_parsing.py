@@ -90,7 +90,7 @@ def test_status_coercion(status: Any, expected: int) -> None:
     assert parse({"status": status}).status == expected
 
 
-@pytest.mark.parametrize("status", [True, None, "OK", 200.5, "2000", -200, 0, 600, [200],
+@pytest.mark.parametrize("status", [True, None, "OK", 200.5, "2000", -200, 0, 600, [200], "²⁰⁰",
                                     {"code": 200}, float("nan")])
 def test_unusable_status_with_http_200_is_a_shape_error(status: Any) -> None:
     body = json.dumps({"status": status}, allow_nan=True).encode()
