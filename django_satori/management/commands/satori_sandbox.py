@@ -19,7 +19,7 @@ from django_satori.sandbox.config import SandboxKeys
 
 
 class Command(BaseCommand):
-    help = gettext_lazy(
+    help = gettext_lazy(  # type: ignore[assignment] # lazy: translated when shown
         "Run a strict fake SATORI API on this machine, accepting the keys and custom "
         "fields in settings.SATORI. Point SATORI['BASE_URL'] at the printed URL."
     )
@@ -44,4 +44,10 @@ class Command(BaseCommand):
             server = build_server(options, defaults)
         except (TypeError, ValueError) as exc:
             raise CommandError(str(exc)) from None
-        serve(server, self.stdout.write, quiet=options["quiet"])
+
+        def write(text: str) -> None:
+            # Flushed at once: scripts wait for the URL line before using the server.
+            self.stdout.write(text, ending="")
+            self.stdout.flush()
+
+        serve(server, write, quiet=options["quiet"])
