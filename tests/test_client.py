@@ -1098,6 +1098,28 @@ def test_get_client_is_per_thread_and_follows_settings() -> None:
     assert after.conf.BASE_URL != "https://example.invalid"
 
 
+def test_get_client_after_fork_builds_a_new_client() -> None:
+    """A Celery prefork child must not reuse its parent's pooled sockets."""
+    import os
+
+    parent = get_client()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        try:
+            child = get_client()
+            ok = child is not parent and get_client() is child
+            os.write(write_end, b"new" if ok else b"same")
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    answer = os.read(read_end, 16)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert answer == b"new"
+    assert get_client() is parent
+
+
 def get_settings_dict() -> dict[str, Any]:
     from django.conf import settings
 
