@@ -87,11 +87,11 @@ def _point_celery_at(url: str) -> None:
 def _redis_session() -> Iterator[services.RedisServer]:
     attached = os.environ.get(services.REDIS_DIR_ENV)
     if attached:
-        # `python -m tests.services run` owns it; we may stop and restart it.
+        # `python -m tests.services run` owns it; we may stop and restart it (a
+        # restarted server dies with this process; `run` starts it again if needed).
         server = services.RedisServer.attach(attached)
         server.start()
         yield server
-        server.start()
         return
     try:
         server = services.start_redis()
@@ -179,7 +179,8 @@ class CeleryWorker:
             # Own process group: kill() reaches pool children too, and a Ctrl-C
             # aimed at pytest does not reach the worker first.
             self.proc = subprocess.Popen(
-                self.argv,
+                # A killed pytest cannot stop its workers: they die with it instead.
+                services.dies_with_parent(self.argv, "KILL"),
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

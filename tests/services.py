@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import glob
 import json
 import os
@@ -64,6 +65,33 @@ def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise ServiceUnavailable(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+@functools.cache
+def _setpriv_pdeathsig() -> bool:
+    setpriv = shutil.which("setpriv")
+    if not setpriv or not sys.platform.startswith("linux"):
+        return False
+    proc = subprocess.run([setpriv, "--help"], capture_output=True, text=True, check=False)
+    return "--pdeathsig" in proc.stdout
+
+
+def dies_with_parent(argv: Sequence[str], signame: str = "TERM", **setpriv: str) -> list[str]:
+    """``argv`` prefixed so that it gets SIG``signame`` when its parent dies.
+
+    A test run that is killed (timeout, SIGKILL) cannot clean up; without this its
+    servers and workers would outlive it. ``setpriv`` options (``reuid=...``) may
+    be added; on systems without ``setpriv --pdeathsig`` argv runs as it is.
+    """
+    options = [
+        f"--{key.replace('_', '-')}" + (f"={value}" if value else "")
+        for key, value in setpriv.items()
+    ]
+    if _setpriv_pdeathsig():
+        return ["setpriv", *options, f"--pdeathsig={signame}", "--", *argv]
+    if options:
+        raise ServiceUnavailable("setpriv with --pdeathsig (util-linux >= 2.33) is required")
+    return list(argv)
+
+
 # --------------------------------------------------------------------------- Redis
 
 
@@ -74,9 +102,10 @@ def find_redis_server() -> str | None:
 class RedisServer:
     """A ``redis-server`` on a fixed loopback port, in its own temporary directory.
 
-    Redis daemonizes itself, so whichever process calls :meth:`stop` or
-    :meth:`start` (the ``run`` wrapper or a test) needs only the directory:
-    everything else is in ``server.json`` there.
+    Whichever process calls :meth:`stop` or :meth:`start` (the ``run`` wrapper, or
+    a test that takes the broker down) needs only the directory: the port and
+    binary are in ``server.json``, the pid in ``redis.pid``. The server dies with
+    the process that last started it.
     """
 
     def __init__(self, binary: str, port: int, workdir: Path, *, owned: bool = True) -> None:
@@ -85,6 +114,7 @@ class RedisServer:
         self.workdir = workdir
         # Only the creator removes the directory; an attached handle leaves it.
         self.owned = owned
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -127,7 +157,7 @@ class RedisServer:
                 f"dir {self.workdir}",
                 "save ''",
                 "appendonly no",
-                "daemonize yes",
+                "daemonize no",
                 f"pidfile {self.pidfile}",
                 f"logfile {self.logfile}",
                 "",
@@ -167,12 +197,24 @@ class RedisServer:
             )
         conf = self.workdir / "redis.conf"
         conf.write_text(self._config())
-        proc = subprocess.run([self.binary, str(conf)], capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise ServiceUnavailable(f"redis-server failed: {proc.stderr or proc.stdout}")
+        self._proc = subprocess.Popen(
+            dies_with_parent([self.binary, str(conf)]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C is for the test run, not the broker
+        )
+        proc = self._proc
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise ServiceUnavailable(f"redis-server exited\n{self._log_tail()}")
+            return self.ping()
+
         try:
-            _wait_for(self.ping, timeout, f"redis-server on port {self.port}")
+            _wait_for(up, timeout, f"redis-server on port {self.port}")
         except ServiceUnavailable as exc:
+            proc.kill()
+            proc.wait()
             raise ServiceUnavailable(f"{exc}\n{self._log_tail()}") from None
 
     def stop(self, *, hard: bool = False, timeout: float = 10.0) -> None:
@@ -188,6 +230,9 @@ class RedisServer:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             _wait_for(lambda: not port_open(self.port), 5.0, "redis-server to die")
+        if self._proc is not None and self._proc.pid == pid:
+            self._proc.wait()  # reap it
+            self._proc = None
         with contextlib.suppress(FileNotFoundError):
             self.pidfile.unlink()
 
@@ -228,9 +273,9 @@ def start_redis(binary: str | None = None, port: int | None = None) -> RedisServ
 
 
 def find_postgres_bindir() -> Path | None:
-    """The directory holding ``initdb`` and ``pg_ctl``: PATH first, then Debian's layout."""
+    """The directory holding ``initdb`` and ``postgres``: PATH first, then Debian's layout."""
     initdb = shutil.which("initdb")
-    if initdb and shutil.which("pg_ctl"):
+    if initdb and (Path(initdb).resolve().parent / "postgres").exists():
         return Path(initdb).resolve().parent
     # Debian keeps the server binaries off PATH; prefer the newest major version.
     candidates = sorted(
@@ -240,7 +285,7 @@ def find_postgres_bindir() -> Path | None:
     )
     for candidate in candidates:
         path = Path(candidate)
-        if (path / "initdb").exists() and (path / "pg_ctl").exists():
+        if (path / "initdb").exists() and (path / "postgres").exists():
             return path
     return None
 
@@ -254,7 +299,9 @@ class PostgresServer:
         self.workdir = workdir
         self.dbname = dbname
         self.user = "postgres"
-        self._as_user: list[str] = []
+        # setpriv options that run PostgreSQL's binaries as the postgres user.
+        self._as_user: dict[str, str] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def datadir(self) -> Path:
@@ -270,7 +317,7 @@ class PostgresServer:
 
     def _run(self, argv: Sequence[str], what: str) -> None:
         proc = subprocess.run(
-            [*self._as_user, *argv],
+            dies_with_parent(argv, **self._as_user),
             capture_output=True,
             text=True,
             check=False,
@@ -278,9 +325,9 @@ class PostgresServer:
             start_new_session=True,  # keep Ctrl-C for the test run, not the server
         )
         if proc.returncode != 0:
-            log = self.logfile.read_text(errors="replace") if self.logfile.exists() else ""
             raise ServiceUnavailable(
-                f"{what} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}{log[-2000:]}"
+                f"{what} failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
+                f"{self._log_tail()}"
             )
 
     def _drop_privileges(self) -> None:
@@ -294,17 +341,13 @@ class PostgresServer:
                 "running as root and there is no 'postgres' user to run PostgreSQL as"
             ) from None
         os.chown(self.workdir, account.pw_uid, account.pw_gid)
-        if shutil.which("runuser"):
-            self._as_user = ["runuser", "-u", "postgres", "--"]
-        elif shutil.which("setpriv"):
-            self._as_user = [
-                "setpriv",
-                f"--reuid={account.pw_uid}",
-                f"--regid={account.pw_gid}",
-                "--init-groups",
-            ]
-        else:
-            raise ServiceUnavailable("running as root but neither runuser nor setpriv exists")
+        # setpriv rather than runuser: it execs, so the server is our child and
+        # keeps the parent-death signal across the change of user.
+        self._as_user = {
+            "reuid": str(account.pw_uid),
+            "regid": str(account.pw_gid),
+            "init_groups": "",
+        }
 
     def start(self) -> None:
         self.workdir.chmod(0o700)
@@ -321,22 +364,36 @@ class PostgresServer:
             ],
             "initdb",
         )  # fmt: skip
-        # Durability is worthless for a throwaway cluster; speed is not.
-        options = (
-            f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 "
-            "-F -c synchronous_commit=off -c full_page_writes=off"
-        )
-        self._run(
-            [
-                str(self.bindir / "pg_ctl"),
-                "-D", str(self.datadir),
-                "-l", str(self.logfile),
-                "-o", options,
-                "-w", "-t", "60",
-                "start",
-            ],
-            "pg_ctl start",
-        )  # fmt: skip
+        # The postmaster runs as our child (not through pg_ctl) so that it dies
+        # with us. Durability is worthless for a throwaway cluster; speed is not.
+        argv = [
+            str(self.bindir / "postgres"),
+            "-D", str(self.datadir),
+            "-p", str(self.port),
+            "-k", str(self.workdir),
+            "-c", "listen_addresses=127.0.0.1",
+            "-F",
+            "-c", "synchronous_commit=off",
+            "-c", "full_page_writes=off",
+        ]  # fmt: skip
+        with self.logfile.open("ab") as log:
+            self._proc = subprocess.Popen(
+                dies_with_parent(argv, **self._as_user),
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        proc = self._proc
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise ServiceUnavailable(f"postgres exited:\n{self._log_tail()}")
+            check = [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
+            return subprocess.run(check, check=False).returncode == 0
+
+        _wait_for(ready, 60, f"PostgreSQL on port {self.port}")
         self._run(
             [
                 str(self.bindir / "createdb"),
@@ -348,14 +405,23 @@ class PostgresServer:
             "createdb",
         )  # fmt: skip
 
-    def stop(self) -> None:
-        if not (self.datadir / "postmaster.pid").exists():
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.logfile.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no postgres log)"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
             return
-        # The data is thrown away, so there is nothing to flush.
-        self._run(
-            [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate", "-w", "stop"],
-            "pg_ctl stop",
-        )
+        # Immediate shutdown: the data is thrown away, so there is nothing to flush.
+        proc.send_signal(signal.SIGQUIT)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
     def cleanup(self) -> None:
         try:
@@ -372,7 +438,7 @@ def start_postgres(dbname: str = "django_satori", bindir: Path | None = None) ->
     bindir = bindir or find_postgres_bindir()
     if bindir is None:
         raise ServiceUnavailable(
-            "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in "
+            "PostgreSQL server binaries (initdb, postgres) not found on PATH or in "
             "/usr/lib/postgresql/*/bin (Debian: apt-get install postgresql)"
         )
     workdir = Path(tempfile.mkdtemp(prefix="django-satori-pg-"))
