@@ -87,6 +87,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "SATORI-sandbox/1.0"
     sys_version = ""
     timeout = IDLE_TIMEOUT
+    # Headers and body go out in separate writes; without TCP_NODELAY every
+    # reused keep-alive connection waits ~40 ms for delayed ACKs.
+    disable_nagle_algorithm = True
     server: _HTTPServer
 
     # -- plumbing --------------------------------------------------------------
