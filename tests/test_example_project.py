@@ -1,0 +1,119 @@
+"""The example project and ``make demo``'s script, run as a user runs them.
+
+Each test uses its own database, runtime folder and ports, so it never touches
+a developer's ``example_project/db.sqlite3`` or a running demo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MANAGE = str(REPO_ROOT / "example_project" / "manage.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def example_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A clean environment: nothing of the test suite's own settings leaks in."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("SATORI_", "CELERY_", "DJANGO_", "DEMO_", "SANDBOX_"))
+           and name not in ("DATABASE_URL", "CACHE_URL")}
+    env.update(EXAMPLE_VAR_DIR=str(tmp_path / "var"),
+               DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+               PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def manage(tmp_path: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, MANAGE, *args], cwd=REPO_ROOT,
+                            env=example_env(tmp_path), capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def our_processes(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker`` (our tmp folder)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in cmdline or marker.encode() in environ:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def test_seed_demo_is_idempotent_and_shows_failures(tmp_path: Path) -> None:
+    manage(tmp_path, "migrate", "--verbosity", "0")
+    first = manage(tmp_path, "seed_demo")
+    again = manage(tmp_path, "seed_demo")
+    assert "45 members and 5 leads created" in first
+    assert "0 members and 0 leads created" in again
+    # What the mapping made of the members: SATORI items, and the planted mistakes.
+    script = (
+        "import json; from django_satori.models import Customer, SyncState\n"
+        "c = Customer.objects.get(source_model='members.member', "
+        "email='taro.sato00@sample-shoji.example.jp')\n"
+        "print(json.dumps({'customers': Customer.objects.count(),"
+        " 'pending': SyncState.objects.filter(status='pending').count(),"
+        " 'sample': [c.last_name, c.first_name, c.last_name_reading, c.lead_company_name,"
+        " c.collection_route, c.custom_fields.get('custom:plan'), c.delivery_permission],"
+        " 'gold': sum(x.custom_fields.get('custom:plan') == 'gold'"
+        " for x in Customer.objects.all()),"
+        " 'no_route': Customer.objects.filter(collection_route='').count()}))"
+    )
+    result = json.loads(manage(tmp_path, "shell", "-c", script).strip().splitlines()[-1])
+    # 45 members, one withdrawn (not synced), plus 5 leads typed in directly.
+    assert result["customers"] == 49
+    assert result["pending"] == 49
+    last, first_name, reading, company, route, plan, permission = result["sample"]
+    assert (last, first_name, reading) == ("佐藤", "太郎", "サトウ")
+    assert company == "株式会社サンプル商事"
+    assert route and plan in ("free", "standard", "premium")
+    assert permission in ("approval", "reject")
+    assert result["gold"] == 3
+    assert result["no_route"] == 2
+
+
+def test_demo_refuses_the_real_satori_with_sandbox_keys(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "example_project.demo"], cwd=REPO_ROOT, capture_output=True,
+        text=True, timeout=60, check=False,
+        env=example_env(tmp_path, SATORI_BASE_URL="https://api.satr.jp"))
+    assert result.returncode == 2
+    assert "SATORI_" in result.stderr
+    assert not (tmp_path / "db.sqlite3").exists(), "nothing may be prepared before the refusal"
+
+
+@pytest.mark.slow
+def test_demo_check_signs_up_and_reaches_the_sandbox(tmp_path: Path) -> None:
+    """``python -m example_project.demo --check``: everything starts, a sign-up over
+    HTTP reaches the sandbox through the worker, and everything stops again."""
+    env = example_env(tmp_path, DEMO_PORT=str(free_port()), SANDBOX_PORT=str(free_port()),
+                      DEMO_ADMIN_PASSWORD="check-only-password")
+    result = subprocess.run(
+        [sys.executable, "-m", "example_project.demo", "--check", "--timeout", "120"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    logs = "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+                   for log in sorted((tmp_path / "var" / "log").glob("*.log")))
+    assert result.returncode == 0, result.stdout + result.stderr + logs
+    assert "OK: the customer and its action reached the sandbox." in result.stdout
+    # Ctrl-C / the end of --check leaves nothing running: no orphaned worker or server.
+    assert our_processes(str(tmp_path)) == []
