@@ -30,6 +30,8 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlparse
 
+from django.utils.translation import gettext as _
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(REPO_ROOT / "example_project" / "manage.py")
 SANDBOX_KEYS = ("sandbox-user-key", "sandbox-user-secret", "sandbox-company-key",
@@ -120,13 +122,7 @@ def _forget_previous_sandbox() -> None:
     django_satori.mark_for_sync(Member.objects.all())
     django_satori.mark_for_sync(
         Customer.objects.filter(source_model="").exclude(sync_state__status=SyncStatus.STOPPED))
-    print(_t("The sandbox starts empty: customers from the last run are sent to it again."))
-
-
-def _t(text: str) -> str:
-    from django.utils.translation import gettext
-
-    return gettext(text)
+    print(_("The sandbox starts empty: customers from the last run are sent to it again."))
 
 
 def _children_env(extra: dict[str, str]) -> dict[str, str]:
@@ -154,7 +150,7 @@ def start_all(*, use_sandbox: bool, sandbox_port: int, demo_port: int,
 
     def fail(child: runner.Child) -> None:
         raise RuntimeError(
-            _t("%(name)s did not start. The end of %(log)s:") % {
+            _("%(name)s did not start. The end of %(log)s:") % {
                 "name": child.name, "log": child.log_path} + "\n" + child.log_tail())
 
     try:
@@ -194,24 +190,24 @@ def print_banner(*, demo_port: int, sandbox_url: str | None, password: str,
     site = f"http://127.0.0.1:{demo_port}"
     lines = [
         "",
-        _t("The django-satori demo is running."),
+        _("The django-satori demo is running."),
         "",
-        "  " + _t("Sign-up form:") + f"      {site}/signup/",
-        "  " + _t("Admin:") + f"             {site}/admin/   "
-        + _t("(user: %(user)s, password: %(password)s)") % {"user": "admin",
+        "  " + _("Sign-up form:") + f"      {site}/signup/",
+        "  " + _("Admin:") + f"             {site}/admin/   "
+        + _("(user: %(user)s, password: %(password)s)") % {"user": "admin",
                                                             "password": password},
-        "  " + _t("SATORI customers:") + f"  {site}/admin/django_satori/customer/",
+        "  " + _("SATORI customers:") + f"  {site}/admin/django_satori/customer/",
     ]
     if sandbox_url:
-        lines.append("  " + _t("SATORI sandbox:") + f"    {sandbox_url}/   "
-                     + _t("(what SATORI received; JSON at /_sandbox/state)"))
+        lines.append("  " + _("SATORI sandbox:") + f"    {sandbox_url}/   "
+                     + _("(what SATORI received; JSON at /_sandbox/state)"))
     else:
-        lines.append("  " + _t("Talking to the real SATORI at %(url)s")
+        lines.append("  " + _("Talking to the real SATORI at %(url)s")
                      % {"url": os.environ.get("SATORI_BASE_URL", "")})
     lines += [
-        "  " + _t("Logs:") + f"              {var_dir / 'log'}",
+        "  " + _("Logs:") + f"              {var_dir / 'log'}",
         "",
-        _t("Press Ctrl-C to stop everything."),
+        _("Press Ctrl-C to stop everything."),
         "",
     ]
     print("\n".join(lines), flush=True)
@@ -227,7 +223,7 @@ def run_check(*, demo_port: int, sandbox_url: str, timeout: float) -> bool:
         form = http.get(f"{site}/signup/", timeout=10)
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
         if form.status_code != 200 or token is None:
-            print(_t("The sign-up form did not load (HTTP %(status)s).")
+            print(_("The sign-up form did not load (HTTP %(status)s).")
                   % {"status": form.status_code})
             return False
         answer = http.post(f"{site}/signup/", timeout=30, allow_redirects=False, data={
@@ -237,20 +233,20 @@ def run_check(*, demo_port: int, sandbox_url: str, timeout: float) -> bool:
             "newsletter": "on",
         }, headers={"Referer": f"{site}/signup/"})
     if answer.status_code != 302:
-        print(_t("The sign-up was not accepted (HTTP %(status)s).")
+        print(_("The sign-up was not accepted (HTTP %(status)s).")
               % {"status": answer.status_code})
         return False
-    print(_t("Signed up %(email)s; waiting for it in the sandbox...") % {"email": email},
+    print(_("Signed up %(email)s; waiting for it in the sandbox...") % {"email": email},
           flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = requests.get(f"{sandbox_url}/_sandbox/state", timeout=10).json()
         for customer in state.get("customers", []):
             if customer.get("email") == email and customer.get("actions"):
-                print(_t("OK: the customer and its action reached the sandbox."), flush=True)
+                print(_("OK: the customer and its action reached the sandbox."), flush=True)
                 return True
         time.sleep(1)
-    print(_t("The customer did not reach the sandbox within %(seconds)d seconds.")
+    print(_("The customer did not reach the sandbox within %(seconds)d seconds.")
           % {"seconds": timeout})
     return False
 
@@ -283,17 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     if use_sandbox:
         sandbox_port = urlparse(conf.BASE_URL).port or sandbox_port
     elif tuple(getattr(conf, key) for key in AUTH_KEYS) == SANDBOX_KEYS:
-        print(_t("SATORI_BASE_URL points at %(url)s but the SATORI_* keys are the "
+        print(_("SATORI_BASE_URL points at %(url)s but the SATORI_* keys are the "
                  "sandbox's: set the four real keys.") % {"url": conf.BASE_URL},
               file=sys.stderr)
         return 2
     if args.check and not use_sandbox:
-        print(_t("--check only runs against the sandbox."), file=sys.stderr)
+        print(_("--check only runs against the sandbox."), file=sys.stderr)
         return 2
     busy = [port for port in ([demo_port] + ([sandbox_port] if use_sandbox else []))
             if not runner.port_is_free("127.0.0.1", port)]
     if busy:
-        print(_t("Port(s) %(ports)s already in use: stop what uses them, or set DEMO_PORT / "
+        print(_("Port(s) %(ports)s already in use: stop what uses them, or set DEMO_PORT / "
                  "SANDBOX_PORT.") % {"ports": ", ".join(map(str, busy))}, file=sys.stderr)
         return 2
 
@@ -302,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                 for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     children: list[runner.Child] = []
     try:
-        print(_t("Starting the sandbox, the Celery worker and the web server..."), flush=True)
+        print(_("Starting the sandbox, the Celery worker and the web server..."), flush=True)
         children = start_all(use_sandbox=use_sandbox, sandbox_port=sandbox_port,
                              demo_port=demo_port, var_dir=var_dir)
         sandbox_url = f"http://127.0.0.1:{sandbox_port}" if use_sandbox else None
@@ -316,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
             for child in children:
                 code = child.exited()
                 if code is not None:
-                    print(_t("%(name)s stopped unexpectedly (exit code %(code)s). "
+                    print(_("%(name)s stopped unexpectedly (exit code %(code)s). "
                              "The end of %(log)s:") % {"name": child.name, "code": code,
                                                       "log": child.log_path},
                           file=sys.stderr)
@@ -333,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         for signum in previous:
             signal.signal(signum, signal.SIG_IGN)
         if children:
-            print(_t("Stopping..."), flush=True)
+            print(_("Stopping..."), flush=True)
         stop_all(children)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

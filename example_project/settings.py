@@ -94,6 +94,7 @@ LANGUAGE_CODE = env("LANGUAGE_CODE", default="ja")
 LANGUAGES = [("ja", _("Japanese")), ("en", _("English"))]
 TIME_ZONE = "Asia/Tokyo"
 USE_I18N = True
+LOCALE_PATHS = [BASE_DIR / "locale"]  # the site's own Japanese texts
 USE_TZ = True
 
 STATIC_URL = "/static/"

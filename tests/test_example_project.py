@@ -32,7 +32,7 @@ def example_env(tmp_path: Path, **extra: str) -> dict[str, str]:
            and name not in ("DATABASE_URL", "CACHE_URL")}
     env.update(EXAMPLE_VAR_DIR=str(tmp_path / "var"),
                DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-               PYTHONUNBUFFERED="1", **extra)
+               PYTHONUNBUFFERED="1", LANGUAGE_CODE="en", LANG="C.UTF-8", **extra)
     return env
 
 
