@@ -379,7 +379,12 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
         _log(state.email, endpoint, SyncLog.Outcome.SKIPPED, message=message)
         return PushOutcome.SKIPPED, None
 
-    payload = build_payload(customer, state, conf)
+    try:
+        payload = build_payload(customer, state, conf)
+    except SatoriValidationError as exc:
+        # A bad tag (one holding the separator) is refused here, before any hook
+        # or call: it must fail with its reason, not crash the task and come back.
+        return _failed(state, token, endpoint, exc, conf, customer, summary={})
     responses = signals.before_push.send(sender=Customer, customer=customer, payload=payload,
                                          endpoint=endpoint)
     if any(response is False for _receiver, response in responses):
