@@ -310,6 +310,8 @@ class _Export:
         try:
             for values in rows:
                 self.seen += 1
+                if self.progress is not None and self.seen % self.every == 0:
+                    self.progress(self.job, self.seen)
                 try:
                     cells = encode(values)
                 except SatoriValidationError as exc:
@@ -322,8 +324,6 @@ class _Export:
                     current, writer = writer, None
                     if not self._finish_part(current):
                         return
-                if self.progress is not None and self.seen % self.every == 0:
-                    self.progress(self.job, self.seen)
             if writer is not None:
                 current, writer = writer, None
                 if not self._finish_part(current):
