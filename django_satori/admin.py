@@ -392,7 +392,6 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
                 can_operate=request.user.has_perm(BULK_PERMISSION),
                 can_cancel=job.state in bulk.ACTIVE_STATES,
                 state_badge=badge(job.state, job.get_state_display()),
-                title=str(job),
             )
         return super().change_view(request, object_id, form_url, extra)
 
