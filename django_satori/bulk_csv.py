@@ -114,6 +114,30 @@ class RowEncoder:
         return [cleaned.get(key, "") for key in self._custom_keys]
 
 
+class _RowWriter:
+    """``csv.writer`` with LF line endings that also quotes a cell holding a bare CR.
+
+    Python before 3.13 quotes a cell only for the characters of the line
+    terminator, so with LF endings a lone ``\r`` went out unquoted and ended
+    the record early: the rest of the row became a row of its own, which a
+    crafted memo could fill with another customer's e-mail and values. Rows
+    with a CR are written with CRLF quoting rules and their CRLF terminator
+    turned back into LF (the terminator is the only unquoted line break).
+    """
+
+    def __init__(self, text: IO[str]) -> None:
+        self._text = text
+        self._plain = csv.writer(text, lineterminator=LINE_TERMINATOR)
+
+    def writerow(self, cells: Sequence[Any]) -> None:
+        if not any("\r" in cell for cell in cells if isinstance(cell, str)):
+            self._plain.writerow(cells)
+            return
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\r\n").writerow(cells)
+        self._text.write(buffer.getvalue()[:-2] + LINE_TERMINATOR)
+
+
 class PartWriter:
     """One part's CSV in a temporary file (memory stays flat), plus who is in it."""
 
@@ -122,7 +146,7 @@ class PartWriter:
         # Lives until finish()/close(): a context manager cannot span the part.
         self.raw: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         self._text = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
-        self._writer = csv.writer(self._text, lineterminator=LINE_TERMINATOR)
+        self._writer = _RowWriter(self._text)
         self._writer.writerow(columns)
         #: (customer pk, e-mail) of each data row, in file order.
         self.members: list[tuple[int, str]] = []
@@ -148,7 +172,7 @@ class PartWriter:
         reader = csv.reader(source)
         fresh: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         text = io.TextIOWrapper(fresh, encoding="utf-8", newline="")
-        writer = csv.writer(text, lineterminator=LINE_TERMINATOR)
+        writer = _RowWriter(text)
         writer.writerow(next(reader))
         kept: list[tuple[int, str]] = []
         for member, cells in zip(self.members, reader, strict=True):
