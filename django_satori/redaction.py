@@ -115,6 +115,22 @@ def redact_form(
     return summary
 
 
+class SecretNeedles(tuple[str, ...]):
+    """The key values to search for. A tuple whose repr never shows them.
+
+    Error trackers (Sentry by default) record the local variables of every
+    frame a traceback passes through, with ``repr()``; ``parse_response`` and
+    the client hold the needles in locals and attributes when they raise.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"<{len(self)} secret needles>"
+
+    __str__ = __repr__
+
+
 def secret_needles(conf: SatoriSettings | None = None) -> tuple[str, ...]:
     """Every spelling of the four key values that could end up in text.
 
@@ -129,7 +145,7 @@ def secret_needles(conf: SatoriSettings | None = None) -> tuple[str, ...]:
         if not isinstance(value, str) or not value:
             continue
         needles.update({value, quote_plus(value, safe=""), quote(value, safe="")})
-    return tuple(sorted(needles, key=len, reverse=True))
+    return SecretNeedles(sorted(needles, key=len, reverse=True))
 
 
 def scrub_query(text: str) -> str:
@@ -147,7 +163,7 @@ def scrub(text: Any, conf: SatoriSettings | Iterable[str] | None = None) -> str:
     needles = (
         secret_needles(conf)
         if conf is None or isinstance(conf, SatoriSettings)
-        else tuple(conf)
+        else SecretNeedles(conf)
     )
     for needle in needles:
         if needle:
@@ -175,7 +191,7 @@ def scrub_data(
     deeper than a SATORI reply ever is are cut short, so hostile input cannot
     exhaust the stack.
     """
-    needles = tuple(needles)
+    needles = needles if isinstance(needles, SecretNeedles) else SecretNeedles(needles)
     if _depth > _MAX_DEPTH:
         return "<too deeply nested>"
     if isinstance(data, Mapping):
