@@ -307,18 +307,25 @@ class PushOutcome(enum.Enum):
 PushResult = tuple["PushOutcome", float | None]
 
 
-def push(state_id: int) -> PushResult:
+def push(state_id: int, *, ignore_window: bool = False) -> PushResult:
     """Send one customer's current state to SATORI. Returns the outcome and, for a
-    later attempt, the delay in seconds before the task should run again."""
+    later attempt, the delay in seconds before the task should run again.
+
+    ``ignore_window`` sends a first attempt before its coalescing window ends
+    (eager mode, where a task cannot wait).
+    """
     conf = get_settings()
     if not conf.SYNC_ENABLED:
         return PushOutcome.SKIPPED, None
     now = timezone.now()
     token = uuid.uuid4().hex
+    due = Q(not_before__isnull=True) | Q(not_before__lte=now)
+    if ignore_window:
+        due |= Q(attempts=0)
     claimed = (
         SyncState.objects.filter(pk=state_id, status__in=_SENDABLE, bulk_part__isnull=True)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
-        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .filter(due)
         .update(status=SyncStatus.SENDING, lease_token=token,
                 lease_until=now + dt.timedelta(seconds=conf.LEASE_SECONDS))
     )

@@ -9,7 +9,7 @@ from sending the same customer at once, and the sweep is the last safety net.
 
 from __future__ import annotations
 
-from celery import shared_task
+from celery import Task, shared_task
 from django.db import DatabaseError, close_old_connections
 
 from . import sync
@@ -31,20 +31,23 @@ def _fresh_connections() -> None:
     close_old_connections()
 
 
-@shared_task(name="django_satori.tasks.push_customer", **_COMMON)
-def push_customer(state_id: int) -> str:
+@shared_task(name="django_satori.tasks.push_customer", bind=True, **_COMMON)
+def push_customer(self: Task, state_id: int) -> str:
     _fresh_connections()
-    outcome, again_in = sync.push(state_id)
-    if again_in is not None:
+    # Eager mode (CELERY_TASK_ALWAYS_EAGER, often in tests) runs a re-dispatch at
+    # once, whatever its countdown: send now, and leave any later attempt to the sweep.
+    eager = bool(self.request.is_eager)
+    outcome, again_in = sync.push(state_id, ignore_window=eager)
+    if again_in is not None and not eager:
         sync.dispatch(state_id, again_in)
     return outcome.value
 
 
-@shared_task(name="django_satori.tasks.send_action", **_COMMON)
-def send_action(action_id: int) -> str:
+@shared_task(name="django_satori.tasks.send_action", bind=True, **_COMMON)
+def send_action(self: Task, action_id: int) -> str:
     _fresh_connections()
     outcome, again_in = sync.send_action(action_id)
-    if again_in is not None:
+    if again_in is not None and not self.request.is_eager:
         sync.dispatch_action(action_id, again_in)
     return outcome
 
@@ -53,12 +56,6 @@ def send_action(action_id: int) -> str:
 def sweep() -> dict[str, int]:
     _fresh_connections()
     return sync.sweep()
-
-
-#: Add to ``CELERY_BEAT_SCHEDULE`` (see docs/operations.md); every minute by default.
-BEAT_SCHEDULE = {
-    "django-satori-sweep": {"task": "django_satori.tasks.sweep", "schedule": 60.0},
-}
 
 
 # Bulk CSV jobs (see django_satori.bulk). Each step queues the next one; waiting

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from celery import Celery
 
@@ -14,12 +13,3 @@ app = Celery("example_project")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
-
-@app.on_after_finalize.connect
-def _add_satori_schedule(sender: Celery, **kwargs: Any) -> None:
-    # django-satori's periodic sweep re-sends whatever stayed pending. Added here,
-    # not in settings, because django_satori.tasks imports models and can only be
-    # imported once Django is set up (beat and the worker finalize after that).
-    from django_satori.tasks import BEAT_SCHEDULE
-
-    sender.conf.beat_schedule = {**BEAT_SCHEDULE, **(sender.conf.beat_schedule or {})}

@@ -15,6 +15,8 @@ import django
 import environ
 from django.utils.translation import gettext_lazy as _
 
+from django_satori.beat import BEAT_SCHEDULE
+
 BASE_DIR = Path(__file__).resolve().parent
 env = environ.Env()
 if (BASE_DIR / ".env").is_file():
@@ -161,9 +163,7 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
-# django_satori.tasks.BEAT_SCHEDULE (the sweep) is added in example_project/celery.py:
-# the tasks module imports models, which settings cannot do.
-CELERY_BEAT_SCHEDULE: dict[str, dict[str, object]] = {}
+CELERY_BEAT_SCHEDULE = {**BEAT_SCHEDULE}
 
 LOGGING = {
     "version": 1,

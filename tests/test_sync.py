@@ -517,3 +517,28 @@ def test_model_validation_names_the_field():
     with pytest.raises(ValidationError) as info:
         Customer(email="山田@example.jp").full_clean()
     assert "email" in info.value.message_dict
+
+
+def test_eager_mode_sends_at_once_without_recursing(satori_sandbox):
+    from tests.celery_app import app
+
+    app.conf.task_always_eager = True
+    try:
+        with satori(COALESCE_SECONDS=2), transaction.atomic():
+            customer = make_customer()
+            add_action(customer.email, "資料請求")
+    finally:
+        app.conf.task_always_eager = False
+    assert SyncState.objects.get().status == SyncStatus.SYNCED
+    assert CustomerAction.objects.get().status == ActionStatus.SENT
+    assert len(satori_sandbox.state.customer(customer.email).actions) == 1
+
+
+def test_beat_schedule_is_importable_without_django():
+    import subprocess
+    import sys
+
+    code = "from django_satori.beat import BEAT_SCHEDULE; print(sorted(BEAT_SCHEDULE))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin"}, check=True)
+    assert "django-satori-sweep" in out.stdout

@@ -1,0 +1,16 @@
+"""The Celery beat schedule django-satori needs.
+
+It imports nothing from Django, so a settings module can use it::
+
+    from django_satori.beat import BEAT_SCHEDULE
+    CELERY_BEAT_SCHEDULE = {**BEAT_SCHEDULE}
+
+The sweep re-dispatches whatever stayed pending (a lost task, a broker
+outage, a worker killed mid-call), polls overdue bulk jobs and routes a large
+backlog through the bulk CSV API. Every minute is cheap: it is a few indexed
+queries when there is nothing to do.
+"""
+
+BEAT_SCHEDULE: dict[str, dict[str, object]] = {
+    "django-satori-sweep": {"task": "django_satori.tasks.sweep", "schedule": 60.0},
+}
