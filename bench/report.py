@@ -1,0 +1,327 @@
+"""Turns the records of a run into bench/RESULTS.md (and the raw runs beside it as JSON).
+
+Everything above the notes marker is regenerated on every run; the notes
+below it (analysis, profiles, before/after) are kept as they are.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+NOTES_MARKER = "<!-- notes: everything below this line is kept by bench.run -->"
+
+#: Targets of the issue: (label, comparison, threshold).
+SAVE_TARGET = 1.5
+SYNC_TARGET = 0.8
+EXPORT_PLAIN_TARGET = 0.8
+EXPORT_IE_TARGET = 7.0
+EXPORT_MEMORY_TARGET = 1.3
+COALESCE_TARGET = 10
+
+
+def median(records: Iterable[dict[str, Any]], key: str) -> float:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def _select(records: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]:
+    return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:,.0f} MiB"
+
+
+def _rate(value: float) -> str:
+    return f"{value:,.0f}/s"
+
+
+def _ok(met: bool) -> str:
+    return "met" if met else "**missed**"
+
+
+def _machine(versions: dict[str, dict[str, Any]], redis: str) -> list[str]:
+    model = ""
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory = ""
+    with open("/proc/meminfo", encoding="ascii") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    try:
+        redis_version = subprocess.run([redis, "--version"], capture_output=True, text=True,
+                                       check=False).stdout.split(" v=")[1].split()[0]
+    except (OSError, IndexError):
+        redis_version = "?"
+    any_db = next(iter(versions.values()), {})
+    lines = [
+        f"- CPU: {model or platform.processor()}, {os.cpu_count()} cores",
+        f"- Memory: {memory}",
+        f"- OS: {platform.system()} {platform.release()} ({platform.machine()})",
+        f"- Python {any_db.get('python', platform.python_version())}, "
+        f"Django {any_db.get('django', '?')}, Celery {any_db.get('celery', '?')}, "
+        f"requests {any_db.get('requests', '?')}, "
+        f"django-import-export {any_db.get('django-import-export', 'not installed')}",
+        f"- Redis {redis_version} (broker)",
+    ]
+    for name, info in versions.items():
+        extra = f", {info['driver']}" if info.get("driver") else ""
+        lines.append(f"- {name}: {info.get('database', '?')}{extra}")
+    lines.append("- Neither database makes durable commits: SQLite's file is in /dev/shm and the "
+                 "throwaway PostgreSQL runs with fsync and synchronous_commit off "
+                 "(tests/services.py). A durable commit adds the same fixed cost to both sides "
+                 "of every save comparison, so these ratios are the unfavourable case.")
+    return lines
+
+
+def _git() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + (" (with uncommitted changes)" if dirty else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def _export(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    rows_out: list[list[str]] = []
+    lines = ["## 1. Bulk CSV export", "",
+             "All customers (each with two or three tags and two custom fields) to CSV with the "
+             "SATORI bulk columns. `satori` is `bulk.start_bulk_job` + `bulk.run_job` (row "
+             "checks, parts of 10,000 rows, outbox rows claimed, files saved to the storage; "
+             "the upload left out); `plain` is `csv.writer` over `values_list(...).iterator()`; "
+             "`import-export` is a django-import-export `ModelResource` with the same columns, "
+             "`export(queryset).csv`. Peak memory is the peak RSS (`ru_maxrss`) of a fresh "
+             "process per run; \"before\" is its RSS just before the export started.", ""]
+    dbs = sorted({r["db"] for r in records})
+    sizes = sorted({int(r["case"]) for r in records})
+    peaks: dict[tuple[str, str, int], float] = {}
+    for db in dbs:
+        for size in sizes:
+            by = {v: _select(records, db=db, case=str(size), variant=v)
+                  for v in ("satori", "plain", "import_export")}
+            if not by["satori"]:
+                continue
+            plain_rate = median(by["plain"], "per_second")
+            ie_rate = median(by["import_export"], "per_second")
+            for variant, runs in by.items():
+                if not runs:
+                    continue
+                rate = median(runs, "per_second")
+                peaks[(db, variant, size)] = median(runs, "peak_rss_kib")
+                rows_out.append([
+                    db, f"{size:,}", variant.replace("_", "-"), str(len(runs)),
+                    f"{median(runs, 'seconds'):.2f} s", f"{median(runs, 'cpu_seconds'):.2f} s",
+                    _rate(rate),
+                    f"{rate / plain_rate:.2f}x" if by["plain"] else "",
+                    f"{rate / ie_rate:.1f}x" if by["import_export"] else "",
+                    _mib(median(runs, "peak_rss_kib")), _mib(median(runs, "base_rss_kib")),
+                ])
+            satori_rate = median(by["satori"], "per_second")
+            if by["plain"]:
+                ratio = satori_rate / plain_rate
+                summary.append([f"export rows/s vs plain, {db}, {size:,}",
+                                f">= {EXPORT_PLAIN_TARGET}x", f"{ratio:.2f}x",
+                                _ok(ratio >= EXPORT_PLAIN_TARGET)])
+            if by["import_export"]:
+                ratio = satori_rate / ie_rate
+                summary.append([f"export rows/s vs django-import-export, {db}, {size:,}",
+                                f">= {EXPORT_IE_TARGET:.0f}x", f"{ratio:.1f}x",
+                                _ok(ratio >= EXPORT_IE_TARGET)])
+    for db in dbs:
+        small, big = peaks.get((db, "satori", 100_000)), peaks.get((db, "satori", 1_000_000))
+        if small and big:
+            ratio = big / small
+            summary.append([f"export peak memory 1M / 100k, {db}", f"<= {EXPORT_MEMORY_TARGET}x",
+                            f"{ratio:.2f}x ({_mib(big)} / {_mib(small)})",
+                            _ok(ratio <= EXPORT_MEMORY_TARGET)])
+    lines += _table(["database", "rows", "exporter", "runs", "time (median)", "CPU", "rows/s",
+                     "vs plain", "vs import-export", "peak RSS", "RSS before"], rows_out)
+    return [*lines, ""]
+
+
+def _saves(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    lines = ["## 2. Save overhead", "",
+             "10,000 `save()` calls, each in autocommit mode (its own transaction, as in a web "
+             "request), each of a different object that was synced before: with sync on every "
+             "save writes the outbox row and, after commit, publishes a push task to Redis. "
+             "`member` is `tests.testapp.Member`, connected through `SATORI['MAPPINGS']`: its "
+             "save also updates the mirrored Customer. Sync off is `SATORI['SYNC_ENABLED'] = "
+             "False`. Ratio = time with sync on / time with sync off; the CPU-time ratio compares "
+             "the saving process's own CPU time (it leaves out waiting for Redis and the "
+             "database server, and most of the disturbance from other work on the machine).",
+             ""]
+    rows_out = []
+    for db in sorted({r["db"] for r in records}):
+        for model in ("customer", "member"):
+            off = _select(records, db=db, case=model, variant="sync_off")
+            on = _select(records, db=db, case=model, variant="sync_on")
+            if not off or not on:
+                continue
+            ratio = median(on, "seconds") / median(off, "seconds")
+            per_off = median(off, "seconds") / median(off, "count") * 1000
+            per_on = median(on, "seconds") / median(on, "count") * 1000
+            cpu_ratio = median(on, "cpu_seconds") / median(off, "cpu_seconds")
+            rows_out.append([db, model, str(len(off)), _rate(median(off, "per_second")),
+                             f"{per_off:.2f} ms", _rate(median(on, "per_second")),
+                             f"{per_on:.2f} ms", f"+{per_on - per_off:.2f} ms",
+                             f"{ratio:.2f}x", f"{cpu_ratio:.2f}x"])
+            summary.append([f"save overhead, {model}, {db}", f"<= {SAVE_TARGET}x",
+                            f"{ratio:.2f}x", _ok(ratio <= SAVE_TARGET)])
+    lines += _table(["database", "model", "runs", "sync off", "per save", "sync on",
+                     "per save", "added", "ratio", "CPU-time ratio"], rows_out)
+    return [*lines, ""]
+
+
+def _sync(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    lines = ["## 3. Sync throughput (single pushes)", "",
+             "10,000 pending customers to synced through one real Celery worker (prefork pool) "
+             "and the sandbox in its own process (`python -m django_satori.sandbox`), rate "
+             "limit off, bulk routing off; timed from `mark_for_sync()` until the last outbox "
+             "row is synced. Against a bare `requests.Session` loop posting the same request "
+             "bodies (built beforehand with the client's own functions) to the same sandbox. "
+             "Each worker concurrency is compared with its own interleaved bare runs.", ""]
+    rows_out = []
+    for db in sorted({r["db"] for r in records}):
+        for case in sorted({r["case"] for r in records if r["db"] == db}):
+            bare = _select(records, db=db, case=case, variant="bare")
+            engine = _select(records, db=db, case=case, variant="engine")
+            if not bare or not engine:
+                continue
+            concurrency = engine[0].get("concurrency", 1)
+            ratio = median(engine, "per_second") / median(bare, "per_second")
+            rows_out.append([db, str(concurrency), str(len(engine)),
+                             f"{median(bare, 'seconds'):.1f} s",
+                             _rate(median(bare, "per_second")),
+                             f"{median(engine, 'seconds'):.1f} s",
+                             _rate(median(engine, "per_second")), f"{ratio:.2f}x",
+                             f"{median(engine, 'calls_logged'):,.0f}"])
+            summary.append([f"sync throughput vs bare requests loop, {db}, worker concurrency "
+                            f"{concurrency}", f">= {SYNC_TARGET}x", f"{ratio:.2f}x",
+                            _ok(ratio >= SYNC_TARGET)])
+    lines += _table(["database", "worker concurrency", "runs", "bare loop", "bare rate",
+                     "worker", "worker rate", "ratio", "calls made"], rows_out)
+    return [*lines, ""]
+
+
+def _bulk(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    lines = ["## 4. A backlog of 100,000 pending customers through bulk uploads", "",
+             "`mark_for_sync()` of 100,000 customers with the default `BULK_THRESHOLD`; the "
+             "sweep it queues routes the backlog to one automatic bulk job (10 parts), run by "
+             "the same single worker against the sandbox. Timed until every outbox row is "
+             "synced and the job finished. HTTP calls are the SATORI API requests the sandbox "
+             "recorded (uploads and status checks).", ""]
+    rows_out = []
+    for db in sorted({r["db"] for r in records}):
+        runs = _select(records, db=db, group="bulk")
+        if not runs:
+            continue
+        ops: dict[str, list[int]] = {}
+        for run in runs:
+            for op, n in run["calls_by_operation"].items():
+                ops.setdefault(op, []).append(n)
+        by_op = ", ".join(f"{op} {statistics.median(v):.0f}" for op, v in sorted(ops.items()))
+        rows_out.append([db, str(len(runs)), f"{median(runs, 'count'):,.0f}",
+                         f"{median(runs, 'seconds'):.1f} s", _rate(median(runs, "per_second")),
+                         f"{median(runs, 'calls'):.0f} ({by_op})",
+                         f"{median(runs, 'parts'):.0f}"])
+        summary.append([f"100,000 via bulk, {db}", "time and calls reported",
+                        f"{median(runs, 'seconds'):.1f} s, {median(runs, 'calls'):.0f} calls",
+                        "reported"])
+    lines += _table(["database", "runs", "customers", "time to all synced", "rate",
+                     "HTTP calls", "parts"], rows_out)
+    return [*lines, ""]
+
+
+def _coalesce(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    lines = ["## 5. Coalescing", "",
+             "1,000 saves spread round-robin over 10 customers as fast as the loop goes, with "
+             "the default `COALESCE_SECONDS`, one worker and the sandbox; calls are counted by "
+             "the sandbox after every push has settled and one more window has passed.", ""]
+    rows_out = []
+    for db in sorted({r["db"] for r in records}):
+        runs = _select(records, db=db, group="coalesce")
+        if not runs:
+            continue
+        worst = max(r["calls"] for r in runs)
+        rows_out.append([db, str(len(runs)), f"{median(runs, 'seconds'):.2f} s",
+                         f"{runs[0]['coalesce_seconds']:g} s", f"{median(runs, 'calls'):.0f}",
+                         str(worst),
+                         "yes" if all(r["sandbox_has_last_values"] for r in runs) else "NO"])
+        summary.append([f"coalescing: calls for 1,000 saves of 10 customers, {db}",
+                        f"<= {COALESCE_TARGET}", f"{worst} (worst run)",
+                        _ok(worst <= COALESCE_TARGET)])
+    lines += _table(["database", "runs", "burst took", "window", "calls (median)",
+                     "calls (worst)", "SATORI has the last values"], rows_out)
+    return [*lines, ""]
+
+
+SECTIONS: list[tuple[str, Callable[[list[dict[str, Any]], list[list[str]]], list[str]]]] = [
+    ("export", _export), ("saves", _saves), ("sync", _sync), ("bulk", _bulk),
+    ("coalesce", _coalesce),
+]
+
+
+def _kept_notes(path: Path) -> str:
+    if not path.exists():
+        return ""
+    text = path.read_text(encoding="utf-8")
+    return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
+
+
+def write(path: Path, records: list[dict[str, Any]], *, versions: dict[str, dict[str, Any]],
+          command: str, elapsed: float, notes: list[str], redis: str) -> None:
+    summary: list[list[str]] = []
+    body: list[str] = []
+    for group, render in SECTIONS:
+        chosen = [r for r in records if r["group"] == group]
+        if chosen:
+            body += render(chosen, summary)
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        "# Benchmark results", "",
+        f"Made by `{command}` (`make bench`) on {when} at commit {_git()}; the run took "
+        f"{elapsed / 60:.1f} minutes. Every figure is the median of the runs shown; the runs "
+        "of a comparison alternate in the same invocation. Raw runs: "
+        f"`{path.with_suffix('.json').name}`.", "",
+        "## Machine", "", *_machine(versions, redis), "",
+    ]
+    loads = [r["load"] for r in records if "load" in r]
+    if loads:
+        lines += [f"Load average (1 min) when the runs started: median "
+                  f"{statistics.median(loads):.1f}, highest {max(loads):.1f} on "
+                  f"{os.cpu_count()} cores (per run in the JSON). "
+                  "Other work on the machine shows up in wall times first; CPU times are "
+                  "given beside them where the measured work runs in one process.", ""]
+    if notes:
+        lines += ["Notes from this run:", "", *(f"- {n}" for n in notes), ""]
+    lines += ["## Targets", "", *_table(["figure", "target", "measured", ""], summary), ""]
+    lines += body
+    lines += [NOTES_MARKER]
+    kept = _kept_notes(path)
+    text = "\n".join(lines) + (kept if kept else "\n")
+    path.write_text(text, encoding="utf-8")
+    path.with_suffix(".json").write_text(
+        json.dumps({"command": command, "versions": versions, "records": records}, indent=1)
+        + "\n", encoding="utf-8")
