@@ -48,6 +48,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
+from .rawsql import insert_rows, pairs_in, update_rows
 from .schema import CUSTOM_PREFIX, STANDARD_FIELDS, custom_field_type, normalize_email
 
 #: ``--encoding`` choices. ``cp932`` is Windows-31J, the Shift_JIS that Japanese Windows writes.
@@ -439,59 +440,85 @@ def delivery_permission(value: str, labels: Mapping[str, str]) -> str:
         % {"value": text[:40], "labels": ", ".join(labels)})
 
 
-def convert_row(line: int, record: list[str], keys: list[str | None],
-                conf: SatoriSettings) -> ExportRow:
-    """Check one record and convert it; raises :class:`RowError` with the reason."""
-    if len(record) != len(keys):
-        raise RowError(_("expected %(expected)d columns, found %(found)d")
-                       % {"expected": len(keys), "found": len(record)})
-    email = ""
-    hashcode = ""
-    values: dict[str, Any] = {}
-    for key, raw in zip(keys, record, strict=True):
-        if key is None:
-            continue
-        if "\x00" in raw:
-            raise RowError(_("%(key)s contains a NUL character") % {"key": key})
-        if key == "email":
-            try:
-                email = normalize_email(raw)
-            except SatoriValidationError as exc:
-                raise RowError(_("e-mail %(value)r: %(error)s")
-                               % {"value": raw.strip()[:80], "error": exc.message}) from None
-        elif key == "hashcode":
-            hashcode = raw.strip()
-            if len(hashcode) > 128:
-                raise RowError(_("the hashcode is longer than 128 characters"))
-        elif key == "tags":
-            values[key] = parse_tags(raw, conf.TAG_SEPARATOR)
-        elif key == "collection_date":
-            values[key] = parse_export_date(raw)
-        elif key == "delivery_permission":
-            values[key] = delivery_permission(raw, conf.DELIVERY_PERMISSION_LABELS)
-        elif key.startswith(CUSTOM_PREFIX):
-            values[key] = _custom_value(key, raw, conf)
-        else:
-            limit = _TEXT_FIELDS_MAX.get(key)
-            if limit and len(raw) > limit:
+class RowConverter:
+    """Checks and converts records of one file; the per-column work is planned once."""
+
+    def __init__(self, keys: list[str | None], conf: SatoriSettings) -> None:
+        self.width = len(keys)
+        self.email_at = keys.index("email")
+        self.hashcode_at = keys.index("hashcode") if "hashcode" in keys else None
+        self.plan: list[tuple[int, str, Callable[[str], Any]]] = [
+            (position, key, self._converter(key, conf))
+            for position, key in enumerate(keys)
+            if key is not None and key not in ("email", "hashcode")
+        ]
+
+    @staticmethod
+    def _converter(key: str, conf: SatoriSettings) -> Callable[[str], Any]:
+        if key == "tags":
+            separator = conf.TAG_SEPARATOR
+            return lambda raw: parse_tags(raw, separator)
+        if key == "collection_date":
+            return parse_export_date
+        if key == "delivery_permission":
+            labels = conf.DELIVERY_PERMISSION_LABELS
+            return lambda raw: delivery_permission(raw, labels)
+        if key.startswith(CUSTOM_PREFIX):
+            kind, _choices = custom_field_type(conf.CUSTOM_FIELDS[key[len(CUSTOM_PREFIX):]])
+            if kind == "date":
+                return parse_export_date
+            if kind == "integer":
+                return lambda raw: unicodedata.normalize("NFKC", raw).strip()
+            return str
+        limit = _TEXT_FIELDS_MAX.get(key)
+        if not limit:
+            return str
+
+        def text(raw: str) -> str:
+            if len(raw) > limit:
                 raise RowError(_("%(key)s is longer than %(max)d characters")
                                % {"key": key, "max": limit})
-            values[key] = raw
-    return ExportRow(line=line, email=email, hashcode=hashcode, values=values)
+            return raw
+
+        return text
+
+    def __call__(self, line: int, record: list[str]) -> ExportRow:
+        """Check one record and convert it; raises :class:`RowError` with the reason."""
+        if len(record) != self.width:
+            raise RowError(_("expected %(expected)d columns, found %(found)d")
+                           % {"expected": self.width, "found": len(record)})
+        if any("\x00" in raw for raw in record):
+            # PostgreSQL refuses NUL in text; found here, it costs one row, not a batch.
+            raise RowError(_("the row contains a NUL character"))
+        raw_email = record[self.email_at]
+        try:
+            email = normalize_email(raw_email)
+        except SatoriValidationError as exc:
+            raise RowError(_("e-mail %(value)r: %(error)s")
+                           % {"value": raw_email.strip()[:80], "error": exc.message}) from None
+        hashcode = ""
+        if self.hashcode_at is not None:
+            hashcode = record[self.hashcode_at].strip()
+            if len(hashcode) > 128:
+                raise RowError(_("the hashcode is longer than 128 characters"))
+        values = {key: convert(record[position]) for position, key, convert in self.plan}
+        return ExportRow(line=line, email=email, hashcode=hashcode, values=values)
 
 
-def _custom_value(key: str, raw: str, conf: SatoriSettings) -> str:
-    kind, _choices = custom_field_type(conf.CUSTOM_FIELDS[key[len(CUSTOM_PREFIX):]])
-    if kind == "date":
-        return parse_export_date(raw)
-    if kind == "integer":
-        return unicodedata.normalize("NFKC", raw).strip()
-    return raw
+#: Customer columns an import writes; the others get their defaults.
+_CUSTOMER_COLUMNS: tuple[str, ...] = (
+    "email", "custom_fields", *(k for k in IMPORT_KEYS if k not in ("email", "hashcode")))
+_STATE_COLUMNS: tuple[str, ...] = (
+    "email", "customer_id", "hashcode", "remote_values", "sent_tags")
 
 
 def customer_fields(row: ExportRow) -> dict[str, Any]:
-    """Customer model field values for a customer created from ``row``."""
-    fields: dict[str, Any] = {"email": row.email}
+    """Customer model field values for a customer created from ``row``.
+
+    Columns missing from the export get the field's empty value.
+    """
+    fields: dict[str, Any] = {key: "" for key in _CUSTOMER_COLUMNS}
+    fields.update(email=row.email, collection_date=None, tags=[])
     custom: dict[str, Any] = {}
     for key, value in row.values.items():
         if key.startswith(CUSTOM_PREFIX):
@@ -548,6 +575,7 @@ def import_export(
     keys, used, ignored = map_header(header.values, conf, columns)
     result = ImportResult(encoding=chosen, dry_run=dry_run, columns=used,
                           ignored_columns=ignored)
+    convert_row = RowConverter(keys, conf)
     importer = _Importer(result, conf, on_skip, started_by=started_by, filename=filename)
     try:
         batch: dict[str, ExportRow] = {}
@@ -558,7 +586,7 @@ def import_export(
                 importer.skip(record.first_line, "", record.error)
             else:
                 try:
-                    row = convert_row(record.first_line, record.values, keys, conf)
+                    row = convert_row(record.first_line, record.values)
                 except RowError as exc:
                     importer.skip(record.first_line, _email_guess(record.values, keys), str(exc))
                 else:
@@ -644,14 +672,12 @@ class _Importer:
     def _apply(self, rows: list[ExportRow]
                ) -> tuple[dict[str, int], list[tuple[ExportRow, str]]]:
         emails = [row.email for row in rows]
-        customers: dict[str, int] = {}
-        states: dict[str, SyncState] = {}
+        states: dict[str, dict[str, Any]] = {}
+        customers: dict[str, int] = dict(pairs_in(Customer, "email", emails, "id"))
         for chunk in _chunks(emails):
-            customers.update(Customer.objects.filter(email__in=chunk)
-                             .values_list("email", "pk"))
-            states.update((s.email, s) for s in SyncState.objects.filter(email__in=chunk).only(
-                "pk", "email", "customer_id", "operation", "status", "in_satori", "hashcode",
-                "remote_values", "remote_seen_at"))
+            states.update((s["email"], s) for s in SyncState.objects.filter(email__in=chunk)
+                          .values("pk", "email", "customer_id", "operation", "status",
+                                  "in_satori", "hashcode", "remote_seen_at"))
         hash_owner = self._hashcode_owners(rows)
         # A customer's sync state is one row; it may sit under an older address.
         stateless = [pk for email, pk in customers.items() if email not in states]
@@ -663,8 +689,8 @@ class _Importer:
                                 "were_not_in_satori"), 0)
         skips: list[tuple[ExportRow, str]] = []
         new_rows: list[ExportRow] = []
-        changed: list[SyncState] = []
-        new_states: list[SyncState] = []
+        changed: list[dict[str, Any]] = []
+        new_states: list[dict[str, Any]] = []
         for row in rows:
             state = states.get(row.email)
             reason = self._conflict(row, state, customers, hash_owner)
@@ -685,60 +711,56 @@ class _Importer:
                 counts["linked"] += 1
                 counts["hashcodes"] += bool(row.hashcode)
                 continue
-            counts["refreshed" if state.in_satori else "linked"] += 1
-            counts["were_not_in_satori"] += state.status == SyncStatus.NOT_IN_SATORI
-            if row.hashcode and row.hashcode != state.hashcode:
+            counts["refreshed" if state["in_satori"] else "linked"] += 1
+            counts["were_not_in_satori"] += state["status"] == SyncStatus.NOT_IN_SATORI
+            hashcode = state["hashcode"]
+            if row.hashcode and row.hashcode != hashcode:
                 counts["hashcodes"] += 1
-                state.hashcode = row.hashcode
-            state.in_satori = True
-            state.remote_values = row.values
-            state.remote_seen_at = self.stamp
-            state.customer_id = pk
-            changed.append(state)
+                hashcode = row.hashcode
+            changed.append({"pk": state["pk"], "in_satori": True, "hashcode": hashcode,
+                            "remote_values": row.values, "remote_seen_at": self.stamp,
+                            "customer_id": pk})
         counts["created"] = len(new_rows)
         counts["hashcodes"] += sum(1 for row in new_rows if row.hashcode)
         if self.result.dry_run:
             return counts, skips
         if new_rows:
-            created = [Customer(**customer_fields(row)) for row in new_rows]
-            Customer.objects.bulk_create(created)
-            if any(c.pk is None for c in created):  # backends without RETURNING
-                pks = {}
-                for chunk in _chunks([c.email for c in created]):
-                    pks.update(Customer.objects.filter(email__in=chunk)
-                               .values_list("email", "pk"))
-                for customer in created:
-                    customer.pk = pks[customer.email]
-            ImportedCustomer.objects.bulk_create(
-                [ImportedCustomer(customer_id=c.pk, run=self.run) for c in created])
-            new_states.extend(self._state(row, c.pk, tags=row.values.get("tags"))
-                              for row, c in zip(new_rows, created, strict=True))
-        SyncState.objects.bulk_create(new_states)
-        if changed:
-            SyncState.objects.bulk_update(changed, ["in_satori", "hashcode", "remote_values",
-                                                    "remote_seen_at", "customer"])
+            insert_rows(Customer, _CUSTOMER_COLUMNS, [customer_fields(row) for row in new_rows])
+            pks = dict(pairs_in(Customer, "email", [row.email for row in new_rows], "id"))
+            run_id = self.run.pk if self.run else None
+            insert_rows(ImportedCustomer, ("customer_id", "run_id"),
+                        [{"customer_id": pks[row.email], "run_id": run_id} for row in new_rows])
+            new_states.extend(self._state(row, pks[row.email], tags=row.values.get("tags"))
+                              for row in new_rows)
+        # Status "synced" with version 0: nothing is pending, so nothing goes out;
+        # the reconciliation report shows whether the values agree.
+        insert_rows(SyncState, _STATE_COLUMNS, new_states, constants={
+            "operation": Operation.UPSERT, "status": SyncStatus.SYNCED, "version": 0,
+            "synced_version": 0, "in_satori": True, "remote_seen_at": self.stamp})
+        update_rows(SyncState, ("in_satori", "hashcode", "remote_values", "remote_seen_at",
+                                "customer_id"), changed)
         return counts, skips
 
-    def _conflict(self, row: ExportRow, state: SyncState | None, customers: dict[str, int],
-                  hash_owner: dict[str, str]) -> str:
+    def _conflict(self, row: ExportRow, state: dict[str, Any] | None,
+                  customers: dict[str, int], hash_owner: dict[str, str]) -> str:
         """Why ``row`` cannot be applied, or ''."""
         if self.result.dry_run:
             digest = hashlib.blake2b(row.email.encode(), digest_size=8).digest()
             if digest in self.seen_digests:
                 return _("the same e-mail address appeared earlier in the file")
             self.seen_digests.add(digest)
-        elif state is not None and state.remote_seen_at == self.stamp:
+        elif state is not None and state["remote_seen_at"] == self.stamp:
             return _("the same e-mail address appeared earlier in the file")
         owner = hash_owner.get(row.hashcode) if row.hashcode else None
         if owner:
             return _("SATORI's hashcode of this row belongs locally to %(email)s: the e-mail "
                      "address was probably changed on one side; resolve it by hand") % {
                 "email": owner}
-        if row.email not in customers and state is not None and state.customer_id is None:
-            if state.operation == Operation.DELETE:
+        if row.email not in customers and state is not None and state["customer_id"] is None:
+            if state["operation"] == Operation.DELETE:
                 return _("this customer was deleted locally (sync status: %(status)s); it is "
                          "not re-created from the export") % {
-                    "status": SyncStatus(state.status).label}
+                    "status": SyncStatus(state["status"]).label}
             return _("this address was replaced by a local e-mail change; the customer is "
                      "not re-created from the export")
         return ""
@@ -747,24 +769,20 @@ class _Importer:
         """hashcode -> e-mail of a *different* local customer that holds it."""
         by_hash = {row.hashcode: row.email for row in rows if row.hashcode}
         owners: dict[str, str] = {}
-        for chunk in _chunks(list(by_hash)):
-            for hashcode, email in (SyncState.objects.filter(hashcode__in=chunk)
-                                    .values_list("hashcode", "email")):
-                if by_hash[hashcode] != email:
-                    owners[hashcode] = email
+        for hashcode, email in pairs_in(SyncState, "hashcode", list(by_hash), "email"):
+            if by_hash[hashcode] != email:
+                owners[hashcode] = email
         return owners
 
-    def _state(self, row: ExportRow, customer_id: int, *, tags: list[str] | None) -> SyncState:
-        # Status "synced" with version 0: nothing is pending, so nothing goes out;
-        # the reconciliation report shows whether the values agree.
-        return SyncState(
-            email=row.email, customer_id=customer_id, operation=Operation.UPSERT,
-            status=SyncStatus.SYNCED, version=0, synced_version=0, in_satori=True,
-            hashcode=row.hashcode, remote_values=row.values, remote_seen_at=self.stamp,
+    def _state(self, row: ExportRow, customer_id: int, *,
+               tags: list[str] | None) -> dict[str, Any]:
+        return {
+            "email": row.email, "customer_id": customer_id, "hashcode": row.hashcode,
+            "remote_values": row.values,
             # A new customer holds SATORI's tags; a tag removed locally later must go
             # out as delete_tags, exactly as if we had sent it.
-            sent_tags=list(tags or []),
-        )
+            "sent_tags": list(tags or []),
+        }
 
     def finish(self, *, failed: str = "") -> None:
         if self.run is None:
