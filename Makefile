@@ -66,7 +66,7 @@ makemessages: venv
 	cd django_satori && $(abspath $(PY)) -m django makemessages -l ja --no-obsolete
 
 dist: venv messages
-	@$(PY) -c 'import build' 2>/dev/null || $(PY) -m pip install --quiet build
+	@$(PY) -m pip show build >/dev/null 2>&1 || $(PY) -m pip install --quiet build
 	rm -rf dist
 	$(PY) -m build --outdir dist .
 

@@ -12,6 +12,28 @@ from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
 
+
+def _sqlite_begin_immediate_before_django_51() -> None:
+    """Give Django < 5.1 what tests/settings.py asks of 5.1+ (``transaction_mode``).
+
+    The test process and a worker share one SQLite file; two deferred transactions
+    that both read and then write deadlock at once ("database is locked"), where
+    BEGIN IMMEDIATE makes the second one wait for the first.
+    """
+    import django
+
+    if django.VERSION >= (5, 1):
+        return
+    from django.db.backends.sqlite3.base import DatabaseWrapper
+
+    def begin_immediate(self: DatabaseWrapper) -> None:
+        self.cursor().execute("BEGIN IMMEDIATE")
+
+    DatabaseWrapper._start_transaction_under_autocommit = begin_immediate
+
+
+_sqlite_begin_immediate_before_django_51()
+
 app = Celery("django_satori_tests")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()

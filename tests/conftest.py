@@ -181,7 +181,7 @@ class CeleryWorker:
             self.proc = subprocess.Popen(
                 # A killed pytest cannot stop its workers: they die with it instead.
                 services.dies_with_parent(self.argv, "KILL"),
-                cwd=REPO_ROOT,
+                cwd=REPO_ROOT,  # `-m` puts it on sys.path (tox adds it with a .pth instead)
                 env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -342,7 +342,6 @@ def celery_worker(
             pytest.fail("a worker subprocess cannot open an in-memory SQLite test database")
         satori_json = _satori_for_worker(satori)
         number = len(workers) + 1
-        pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         worker_env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -350,7 +349,6 @@ def celery_worker(
             "DJANGO_SATORI_TEST_SATORI": satori_json,
             "CELERY_BROKER_URL": redis_server.url,
             "REDIS_URL": redis_server.url,
-            "PYTHONPATH": pythonpath,
             "PYTHONUNBUFFERED": "1",
             **(env or {}),
         }
