@@ -182,13 +182,20 @@ class RedisServer:
         except OSError:
             return False
 
+    def _reap(self) -> None:
+        # Another handle may have stopped the server we started: collect the zombie.
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+
     def is_running(self) -> bool:
+        self._reap()
         return self.ping()
 
     def flushall(self) -> None:
         self.command("FLUSHALL")
 
     def start(self, timeout: float = 10.0) -> None:
+        self._reap()
         if self.ping():
             return
         if port_open(self.port):
