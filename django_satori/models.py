@@ -98,11 +98,30 @@ class Customer(models.Model):
         from .sync import record_change
 
         self.email = normalize_email(self.email)
+        self._refuse_nul()
         # One transaction for the row and its outbox entry: the intent to sync
         # is committed exactly when the change is, or not at all.
         with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
             super().save(*args, **kwargs)
             record_change(self)
+
+    def _refuse_nul(self) -> None:
+        # PostgreSQL refuses NUL in text and JSON with a DataError that names no
+        # field, SQLite stores it and the push fails later: refuse it here, alike.
+        from django.utils.translation import gettext
+
+        message = gettext("The value contains a NUL character.")
+        for field in self._meta.concrete_fields:
+            value = getattr(self, field.attname)
+            if field.name == "custom_fields" and isinstance(value, dict):
+                for key, item in value.items():
+                    if "\x00" in str(key) or "\x00" in str(item):
+                        raise SatoriValidationError(message, field=str(key).replace("\x00", ""))
+            elif field.name == "tags" and isinstance(value, list):
+                if any("\x00" in str(tag) for tag in value):
+                    raise SatoriValidationError(message, field="append_tags")
+            elif isinstance(value, str) and "\x00" in value:
+                raise SatoriValidationError(message, field=field.name)
 
     def clean(self) -> None:
         """Form validation (admin, ModelForms): SATORI's rules, reported on the field."""
