@@ -116,7 +116,7 @@ def full_sync(sandbox: SandboxServer) -> list[BaseException]:
     drain()
     # Bulk: one bad row, a transient status error, then a forgotten process code.
     Customer.objects.bulk_create([Customer(**customer_values(i)) for i in range(100, 120)] + [
-        Customer(**{**customer_values(130), "memo": "nul\x00"})])
+        Customer(**{**customer_values(130), "custom_fields": {"custom:age": "x"}})])
     sandbox.faults.fail_first(1, "503", operations=["bulk_status"])
     with transaction.atomic():
         job = bulk.start_bulk_job(Customer.objects.filter(email__startswith="rel001"),
