@@ -24,6 +24,7 @@ import codecs
 import csv
 import datetime as dt
 import hashlib
+import io
 import re
 import time
 import unicodedata
@@ -198,12 +199,14 @@ def _bad_lines(sample: bytes, encoding: str, *, complete: bool) -> tuple[list[in
     Line endings are byte 0x0A in UTF-8 and in cp932 alike (never part of a
     multi-byte character), so lines can be split before decoding.
     """
-    lines = sample.split(b"\n")
-    if not complete and len(lines) > 1:
-        lines.pop()  # cut by the sample's end
     bad: list[int] = []
     non_ascii = 0
-    for number, raw in enumerate(lines, start=1):
+    number = 0
+    lines = io.BytesIO(sample)  # one line at a time: no second copy of the sample
+    for raw in iter(lines.readline, b""):
+        if not complete and not raw.endswith(b"\n"):
+            break  # cut by the sample's end
+        number += 1
         if raw.isascii():
             continue
         non_ascii += 1
@@ -212,7 +215,7 @@ def _bad_lines(sample: bytes, encoding: str, *, complete: bool) -> tuple[list[in
             raw.decode(codec)
         except UnicodeDecodeError:
             bad.append(number)
-    return bad, len(lines), non_ascii
+    return bad, number, non_ascii
 
 
 def _label(encoding: str) -> str:
@@ -220,7 +223,7 @@ def _label(encoding: str) -> str:
 
 
 def choose_encoding(stream: IO[bytes], requested: str = "auto",
-                    sample_size: int = SAMPLE_BYTES) -> str:
+                    sample_size: int | None = None) -> str:
     """Detect (``auto``) or check the encoding from the start of ``stream``.
 
     BOM -> ``utf-8-sig``; a sample that is valid UTF-8 -> ``utf-8``; otherwise
@@ -232,6 +235,7 @@ def choose_encoding(stream: IO[bytes], requested: str = "auto",
     if requested not in ENCODINGS:
         raise ImportFileError(_("Unknown encoding %(name)r; use one of: %(choices)s.")
                               % {"name": requested, "choices": ", ".join(ENCODINGS)})
+    sample_size = sample_size or SAMPLE_BYTES
     start = stream.tell()
     sample = stream.read(sample_size)
     stream.seek(start)

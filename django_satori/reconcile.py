@@ -93,27 +93,48 @@ def _tags(value: Any) -> list[str]:
 
 def compare(customer: Customer, remote: Mapping[str, Any]) -> list[FieldDifference]:
     """Field-by-field differences between ``customer`` and SATORI's ``remote`` values."""
-    conf = get_settings()
-    custom = customer.custom_fields or {}
+    local = {name: getattr(customer, name) for name in DATA_FIELDS}
+    return _compare(local, customer.tags, customer.custom_fields or {}, remote, _Rules.current())
+
+
+@dataclass(frozen=True)
+class _Rules:
+    separator: str
+    #: custom keys still declared -> whether they hold dates
+    custom: Mapping[str, bool]
+
+    @classmethod
+    def current(cls) -> _Rules:
+        conf = get_settings()
+        return cls(conf.TAG_SEPARATOR, {
+            CUSTOM_PREFIX + identifier: custom_field_type(definition)[0] == "date"
+            for identifier, definition in conf.CUSTOM_FIELDS.items()})
+
+
+def _compare(local: Mapping[str, Any], tags: Any, custom: Mapping[str, Any],
+             remote: Mapping[str, Any], rules: _Rules) -> list[FieldDifference]:
     differences: list[FieldDifference] = []
     for key, remote_value in remote.items():
         if key == "tags":
-            local_tags, remote_tags = _tags(customer.tags), _tags(remote_value)
+            local_tags, remote_tags = _tags(tags), _tags(remote_value)
             if local_tags != remote_tags:
-                differences.append(FieldDifference(key, conf.TAG_SEPARATOR.join(local_tags),
-                                                   conf.TAG_SEPARATOR.join(remote_tags)))
+                differences.append(FieldDifference(key, rules.separator.join(local_tags),
+                                                   rules.separator.join(remote_tags)))
             continue
-        if key.startswith(CUSTOM_PREFIX):
-            definition = conf.CUSTOM_FIELDS.get(key[len(CUSTOM_PREFIX):])
-            if definition is None:
-                continue  # no longer declared: not part of the mirror
-            is_date = custom_field_type(definition)[0] == "date"
-            local_value: Any = custom.get(key, "")
-        elif key in DATA_FIELDS:
+        if key in local:
+            local_value = local[key]
             is_date = key == "collection_date"
-            local_value = getattr(customer, key)
+        elif key in rules.custom:
+            local_value = custom.get(key, "")
+            is_date = rules.custom[key]
         else:
-            continue
+            continue  # not a compared item, or a custom field no longer declared
+        if isinstance(local_value, dt.date):
+            local_value = local_value.isoformat()
+        elif local_value is None:
+            local_value = ""
+        if local_value == remote_value:
+            continue  # the common case, before any normalisation
         norm = _date_text if is_date else _text
         local_text, remote_text = norm(local_value), norm(remote_value)
         if local_text != remote_text:
@@ -143,11 +164,16 @@ def different(queryset: models.QuerySet[Customer] | None = None, *,
     customers = with_remote_values()
     if queryset is not None:
         customers = customers.filter(pk__in=queryset.values("pk"))
-    for customer in customers.iterator(chunk_size=chunk_size):
-        state = customer.sync_state
-        diffs = compare(customer, state.remote_values or {})
+    rules = _Rules.current()
+    # Plain tuples, not model instances: this runs over every imported customer.
+    columns = ("pk", "email", "tags", "custom_fields", "sync_state__status",
+               "sync_state__remote_values", *DATA_FIELDS)
+    for pk, email, tags, custom, status, remote, *values in customers.values_list(
+            *columns).iterator(chunk_size=chunk_size):
+        diffs = _compare(dict(zip(DATA_FIELDS, values, strict=True)), tags, custom or {},
+                         remote or {}, rules)
         if diffs:
-            yield CustomerDifferences(customer.pk, customer.email, state.status, tuple(diffs))
+            yield CustomerDifferences(pk, email, status, tuple(diffs))
 
 
 def last_import() -> ImportRun | None:
