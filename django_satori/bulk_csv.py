@@ -15,18 +15,23 @@ from __future__ import annotations
 
 import csv
 import io
-import tempfile
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+from django.core.files import File
+from django.core.files.uploadedfile import TemporaryUploadedFile
 from django.utils.translation import gettext as _
 
 from .conf import SatoriSettings
 from .exceptions import SatoriValidationError
 from .schema import (
+    _EMAIL_RE,
     CUSTOM_PREFIX,
     DELIVERY_PERMISSIONS,
+    EMAIL_MAX_LENGTH,
     clean_customer,
+    custom_field_type,
     join_tags,
     normalize_email,
 )
@@ -41,6 +46,7 @@ _DATE = DATA_FIELDS.index("collection_date")
 _PERMISSION = DATA_FIELDS.index("delivery_permission")
 _TEXT = tuple(i for i in range(len(DATA_FIELDS)) if i not in (_DATE, _PERMISSION))
 _N = len(DATA_FIELDS)
+_ONLY_STR = {str}
 
 
 def header(conf: SatoriSettings) -> list[str]:
@@ -56,41 +62,74 @@ class RowEncoder:
         self.header = header(conf)
         self._custom_keys = tuple(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS)
         self._custom_set = frozenset(self._custom_keys)
+        self._no_custom = ("",) * len(self._custom_keys)
         self._definitions = dict(conf.CUSTOM_FIELDS)
+        #: Keys whose values need no conversion when they are strings (plain text).
+        self._plain_text = frozenset(
+            CUSTOM_PREFIX + i for i, d in conf.CUSTOM_FIELDS.items()
+            if custom_field_type(d)[0] == "text")
         self._route = conf.BULK_DEFAULT_COLLECTION_ROUTE
         self._separator = conf.TAG_SEPARATOR
+        #: Whether the row last encoded holds a CR (see _RowWriter), for PartWriter.add().
+        self.row_has_cr: bool | None = None
+        self._encode = self._build()
 
     def encode(self, values: Sequence[Any]) -> list[str]:
-        email = values[1]
-        if normalize_email(email) != email:
-            self._not_normalised(email)
-        cells: list[str] = [email, *values[2:2 + _N]]
-        for i in _TEXT:
-            if "\x00" in cells[1 + i]:
-                raise SatoriValidationError(_("The value contains a NUL character."),
-                                            field=DATA_FIELDS[i])
-        if not cells[1 + _ROUTE]:
-            if not self._route:
+        """The row's cells; raises SatoriValidationError naming the first bad field."""
+        return self._encode(values)
+
+    def _build(self) -> Callable[[Sequence[Any]], list[str]]:
+        # A closure over locals: cheaper than attribute lookups, once per exported row.
+        route = self._route
+        separator = self._separator
+        no_custom = self._no_custom
+        custom_cells = self._custom
+        email_ok = _EMAIL_RE.match
+        permissions = frozenset(DELIVERY_PERMISSIONS)
+        c_route, c_date, c_permission = 1 + _ROUTE, 1 + _DATE, 1 + _PERMISSION
+        c_tags, c_custom, stop = 2 + _N, 3 + _N, 2 + _N
+
+        def encode(values: Sequence[Any]) -> list[str]:
+            cells: list[str] = list(values[1:stop])
+            email = cells[0]
+            # Customer.save() stored it normalised, so checking the pattern is enough;
+            # the full normalisation (NFKC, trimming, case) runs only when that fails.
+            if not (email.isascii() and email.islower() and len(email) <= EMAIL_MAX_LENGTH
+                    and ".." not in email and email_ok(email)) \
+                    and normalize_email(email) != email:
+                self._not_normalised(email)
+            if not cells[c_route]:
+                if not route:
+                    raise SatoriValidationError(
+                        _("The bulk API refuses rows without a collection route: set it on "
+                          "the customer or set SATORI['BULK_DEFAULT_COLLECTION_ROUTE']."),
+                        field="collection_route")
+                cells[c_route] = route
+            date = cells[c_date]
+            cells[c_date] = date.isoformat() if date else ""
+            permission = cells[c_permission]
+            if permission and permission not in permissions:
                 raise SatoriValidationError(
-                    _("The bulk API refuses rows without a collection route: set it on the "
-                      "customer or set SATORI['BULK_DEFAULT_COLLECTION_ROUTE']."),
-                    field="collection_route")
-            cells[1 + _ROUTE] = self._route
-        date = cells[1 + _DATE]
-        cells[1 + _DATE] = date.isoformat() if date is not None else ""
-        permission = cells[1 + _PERMISSION]
-        if permission and permission not in DELIVERY_PERMISSIONS:
-            raise SatoriValidationError(
-                _("delivery_permission must be 'approval' or 'reject' (got %(value)r).")
-                % {"value": str(permission)[:40]}, field="delivery_permission")
-        custom = values[3 + _N]
-        if custom:
-            cells.extend(self._custom(custom))
-        else:
-            cells.extend("" for _key in self._custom_keys)
-        tags = values[2 + _N]
-        cells.append(join_tags(tags, self._separator) if tags else "")
-        return cells
+                    _("delivery_permission must be 'approval' or 'reject' (got %(value)r).")
+                    % {"value": str(permission)[:40]}, field="delivery_permission")
+            custom = values[c_custom]
+            cells.extend(custom_cells(custom) if custom else no_custom)
+            tags = values[c_tags]
+            cells.append(join_tags(tags, separator) if tags else "")
+            # One join for two searches; which cell it was is worked out only on a hit.
+            joined = "".join(cells)
+            if "\x00" in joined:
+                self._nul(cells)
+            self.row_has_cr = "\r" in joined
+            return cells
+
+        return encode
+
+    def _nul(self, cells: list[str]) -> None:
+        for name, cell in zip(self.header, cells, strict=True):
+            if "\x00" in cell:
+                raise SatoriValidationError(_("The value contains a NUL character."),
+                                            field=name)
 
     def _not_normalised(self, email: str) -> None:
         # Customer.save() normalises; update() and bulk_create() do not.
@@ -104,14 +143,31 @@ class RowEncoder:
         if not isinstance(custom, dict):
             raise SatoriValidationError(_("Custom fields must be a JSON object."),
                                         field="custom_fields")
-        for key in custom:
+        if custom.keys() <= self._plain_text:
+            get = custom.get
+            cells = [get(key, "") for key in self._custom_keys]
+            if set(map(type, cells)) == _ONLY_STR:
+                return cells  # plain text values: nothing to convert
+        checked: dict[str, Any] = {}
+        for key, value in custom.items():
             if key not in self._custom_set:
                 raise SatoriValidationError(
                     _("Unknown custom field %(key)s: declare it in SATORI['CUSTOM_FIELDS'] "
                       "with the identifier set in SATORI's admin screen.") % {"key": key},
                     field=str(key)[:100])
-        cleaned = clean_customer(custom, custom_fields=self._definitions, require_email=False)
-        return [cleaned.get(key, "") for key in self._custom_keys]
+            if not (key in self._plain_text and isinstance(value, str)):
+                checked[key] = value  # integers, dates, choices: the schema's rules
+        cleaned = (clean_customer(checked, custom_fields=self._definitions, require_email=False)
+                   if checked else {})
+        cells = []
+        for key in self._custom_keys:
+            if key in cleaned:
+                cells.append(cleaned[key])
+            else:
+                value = custom.get(key)
+                cells.append(value if isinstance(value, str) and key in self._plain_text
+                             else "")
+        return cells
 
 
 class _RowWriter:
@@ -129,8 +185,14 @@ class _RowWriter:
         self._text = text
         self._plain = csv.writer(text, lineterminator=LINE_TERMINATOR)
 
-    def writerow(self, cells: Sequence[Any]) -> None:
-        if not any("\r" in cell for cell in cells if isinstance(cell, str)):
+    def writerow(self, cells: Sequence[Any], has_cr: bool | None = None) -> None:
+        """``has_cr``: whether a cell holds a CR, when the caller knows already."""
+        if has_cr is None:
+            try:
+                has_cr = "\r" in "".join(cells)
+            except TypeError:  # a non-string cell (never from RowEncoder)
+                has_cr = any("\r" in cell for cell in cells if isinstance(cell, str))
+        if not has_cr:
             self._plain.writerow(cells)
             return
         buffer = io.StringIO()
@@ -144,56 +206,78 @@ class PartWriter:
     def __init__(self, columns: list[str]) -> None:
         self.columns = columns
         # Lives until finish()/close(): a context manager cannot span the part.
-        self.raw: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self._file = _temporary()
+        self.raw: IO[bytes] = _unwrapped(self._file)
         self._text = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
         self._writer = _RowWriter(self._text)
         self._writer.writerow(columns)
         #: (customer pk, e-mail) of each data row, in file order.
         self.members: list[tuple[int, str]] = []
-        self._emails: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.members)
 
-    def add(self, pk: int, cells: list[str]) -> None:
-        email = cells[0]
-        if email in self._emails:  # defensive: a row seen twice by the database scan
-            return
-        self._emails.add(email)
-        self._writer.writerow(cells)
-        self.members.append((pk, email))
+    def add(self, pk: int, cells: list[str], has_cr: bool | None = None) -> None:
+        self._writer.writerow(cells, has_cr)
+        self.members.append((pk, cells[0]))
+
+    @property
+    def write_plain(self) -> Any:
+        """The bare ``writerow`` for rows known to hold no CR (the export's hot loop)."""
+        return self._writer._plain.writerow
+
+    def duplicates(self) -> bool:
+        """Whether an e-mail is in the part twice (a row seen twice by the database scan)."""
+        return len({email for _pk, email in self.members}) != len(self.members)
 
     def keep_only(self, emails: set[str]) -> None:
-        """Rewrite the file without the rows whose e-mail is not in ``emails``."""
+        """Rewrite the file with only the rows whose e-mail is in ``emails``, each once."""
         self._text.flush()
         self._text.detach()
         self.raw.seek(0)
         source = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
         reader = csv.reader(source)
-        fresh: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        fresh_file = _temporary()
+        fresh: IO[bytes] = _unwrapped(fresh_file)
         text = io.TextIOWrapper(fresh, encoding="utf-8", newline="")
         writer = _RowWriter(text)
         writer.writerow(next(reader))
         kept: list[tuple[int, str]] = []
+        seen: set[str] = set()
         for member, cells in zip(self.members, reader, strict=True):
-            if member[1] in emails:
+            if member[1] in emails and member[1] not in seen:
+                seen.add(member[1])
                 writer.writerow(cells)
                 kept.append(member)
         source.detach()
-        self.raw.close()
-        self.raw, self._text, self._writer = fresh, text, writer
+        self._file.close()
+        self._file, self.raw, self._text, self._writer = fresh_file, fresh, text, writer
         self.members = kept
-        self._emails = {email for _pk, email in kept}
 
-    def finish(self) -> IO[bytes]:
-        """The finished file, rewound, as bytes (the caller saves and closes it)."""
+    def finish(self) -> File:
+        """The finished file, rewound, for ``storage.save()`` (the caller closes it).
+
+        A file on disk with ``temporary_file_path()``: FileSystemStorage moves it
+        into place instead of copying it.
+        """
         self._text.flush()
         self._text.detach()
-        self.raw.seek(0)
-        return self.raw
+        self._file.seek(0)
+        self._file.size = os.fstat(self.raw.fileno()).st_size
+        return self._file
 
     def close(self) -> None:
-        self.raw.close()
+        self._file.close()
+
+
+def _unwrapped(upload: TemporaryUploadedFile) -> IO[bytes]:
+    # The real file under tempfile's wrapper, whose __getattr__ would run on every write.
+    return getattr(upload.file, "file", upload.file)
+
+
+def _temporary() -> TemporaryUploadedFile:
+    # In FILE_UPLOAD_TEMP_DIR; removed on close() unless the storage moved it away.
+    return TemporaryUploadedFile("part.csv", "text/csv", 0, "utf-8")
 
 
 def read_rows(fileobj: IO[bytes]) -> Iterator[tuple[int, list[str], list[str]]]:
