@@ -106,7 +106,7 @@ def _mark_pending(
             with transaction.atomic():
                 state = SyncState.objects.create(
                     email=email, customer_id=customer_id, operation=operation,
-                    status=SyncStatus.PENDING,
+                    status=SyncStatus.PENDING, dispatched_at=now,
                     not_before=now + dt.timedelta(seconds=conf.COALESCE_SECONDS),
                 )
             return state.pk, True
@@ -123,8 +123,10 @@ def _mark_pending(
     became_pending = status != SyncStatus.PENDING
     if became_pending:
         # Saves within the window ride along with the first one (coalescing).
+        # dispatched_at: the task queued after commit is on its way; the sweep
+        # only steps in if the row is still pending long after that.
         changes.update(not_before=now + dt.timedelta(seconds=conf.COALESCE_SECONDS),
-                       attempts=0, dispatched_at=None)
+                       attempts=0, dispatched_at=now)
     SyncState.objects.filter(pk=pk).update(**changes)
     return pk, became_pending
 
@@ -259,6 +261,23 @@ def connect_signals() -> None:
 #: sends it later, so a save must not hang while the broker is down.
 PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2,
                  "interval_max": 0.3}
+#: After a failed publish, skip publishing for this long (per process): during a
+#: broker outage every save would otherwise wait for its own failed attempt.
+BROKER_PAUSE_SECONDS = 5.0
+_broker_paused_until = 0.0
+
+
+def _publish(task: Any, args: tuple[Any, ...], countdown: float, what: str) -> bool:
+    global _broker_paused_until
+    if time.monotonic() < _broker_paused_until:
+        return False
+    try:
+        task.apply_async(args, countdown=max(0.0, countdown), retry_policy=PUBLISH_RETRY)
+    except Exception:  # the broker is down; the outbox keeps the work for the sweep
+        _broker_paused_until = time.monotonic() + BROKER_PAUSE_SECONDS
+        log.warning("Could not queue %s; the periodic sweep will send it.", what, exc_info=True)
+        return False
+    return True
 
 
 def _dispatch_on_commit(state_id: int, countdown: float) -> None:
@@ -269,23 +288,13 @@ def dispatch(state_id: int, countdown: float = 0) -> bool:
     """Queue the push task. A broker outage only delays: the sweep sends it later."""
     from .tasks import push_customer
 
-    try:
-        push_customer.apply_async((state_id,), countdown=max(0.0, countdown),
-                                  retry_policy=PUBLISH_RETRY)
-    except Exception:  # the broker is down; the row stays pending for the sweep
-        log.warning("Could not queue the SATORI push for sync state %s; the periodic "
-                    "sweep will send it.", state_id, exc_info=True)
-        return False
-    return True
+    return _publish(push_customer, (state_id,), countdown, f"the push of sync state {state_id}")
 
 
 def _enqueue_sweep() -> None:
     from .tasks import sweep as sweep_task
 
-    try:
-        sweep_task.apply_async()
-    except Exception:
-        log.warning("Could not queue the SATORI sweep; beat will run it.", exc_info=True)
+    _publish(sweep_task, (), 0, "the sweep")
 
 
 # --------------------------------------------------------------------------
@@ -493,9 +502,9 @@ def _failed(state: SyncState, token: str, endpoint: str, exc: SatoriError, conf:
         delay = None
     else:
         delay = backoff(attempt, conf, getattr(exc, "retry_after", None))
+        due = timezone.now() + dt.timedelta(seconds=delay)
         _release(state, token, status=SyncStatus.PENDING, attempts=attempt, last_error=message,
-                 last_error_at=timezone.now(),
-                 not_before=timezone.now() + dt.timedelta(seconds=delay))
+                 last_error_at=timezone.now(), not_before=due, dispatched_at=due)
     _log(state.email, endpoint, SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY,
          status=exc.status, request=summary, attempt=attempt, message=message, started=started,
          response={"status": exc.status, "message": exc.message})
@@ -515,12 +524,12 @@ def backoff(attempt: int, conf: SatoriSettings, retry_after: float | None = None
 
 def _rate_limited(state: SyncState, token: str, wait: float,
                   conf: SatoriSettings) -> PushResult:
-    _release(state, token, status=SyncStatus.PENDING,
-             not_before=timezone.now() + dt.timedelta(seconds=wait))
-    backlog = SyncState.objects.filter(status=SyncStatus.PENDING).count()
-    if backlog > conf.BULK_THRESHOLD:
+    due = timezone.now() + dt.timedelta(seconds=wait)
+    if SyncState.objects.filter(status=SyncStatus.PENDING).count() > conf.BULK_THRESHOLD:
         # Too much for single calls: leave it to the sweep, which starts a bulk job.
+        _release(state, token, status=SyncStatus.PENDING, not_before=due, dispatched_at=None)
         return PushOutcome.RETRY, None
+    _release(state, token, status=SyncStatus.PENDING, not_before=due, dispatched_at=due)
     return PushOutcome.RETRY, wait
 
 
@@ -587,14 +596,7 @@ def add_action(email: str, name: str, *, content: str = "", url: str = "",
 def dispatch_action(action_id: int, countdown: float = 0) -> bool:
     from .tasks import send_action
 
-    try:
-        send_action.apply_async((action_id,), countdown=max(0.0, countdown),
-                                retry_policy=PUBLISH_RETRY)
-    except Exception:
-        log.warning("Could not queue SATORI action %s; the sweep will send it.", action_id,
-                    exc_info=True)
-        return False
-    return True
+    return _publish(send_action, (action_id,), countdown, f"SATORI action {action_id}")
 
 
 def send_action(action_id: int) -> tuple[str, float | None]:
@@ -685,9 +687,7 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
         status=SyncStatus.PENDING, lease_until=None, lease_token="", updated_at=now)
     due = (SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
            .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-           .filter(Q(dispatched_at__lt=stale) |
-                   Q(dispatched_at__isnull=True, updated_at__lt=stale) |
-                   Q(dispatched_at__isnull=True, not_before__lte=stale)))
+           .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale)))
     upserts = due.filter(operation=Operation.UPSERT, customer__isnull=False)
     if upserts.count() > conf.BULK_THRESHOLD:
         counts["bulk"] = _route_to_bulk(upserts)

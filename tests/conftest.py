@@ -378,3 +378,14 @@ def celery_worker(
             leaks.append(f"{worker.log_path}: {', '.join(found)}")
     if leaks:
         pytest.fail("SATORI credentials appear in worker logs: " + "; ".join(leaks))
+
+
+@pytest.fixture(autouse=True)
+def _broker_not_paused() -> Iterator[None]:
+    """Each test starts with publishing on: a broker outage in one test pauses
+    publishing for a few seconds (sync.BROKER_PAUSE_SECONDS) in this process."""
+    from django_satori import sync
+
+    sync._broker_paused_until = 0.0
+    yield
+    sync._broker_paused_until = 0.0

@@ -542,3 +542,22 @@ def test_beat_schedule_is_importable_without_django():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin"}, check=True)
     assert "django-satori-sweep" in out.stdout
+
+
+def test_a_failed_publish_pauses_publishing_and_the_sweep_catches_up(satori_sandbox, monkeypatch):
+    from tests.celery_app import app
+
+    calls = []
+
+    def broker_down(*args, **kwargs):
+        calls.append(args)
+        raise ConnectionRefusedError("broker down")
+
+    monkeypatch.setattr(app.amqp, "send_task_message", broker_down)
+    for i in range(5):
+        make_customer(email=f"p{i}@example.jp")
+    assert len(calls) == 1  # later saves skip publishing while the broker is paused
+    monkeypatch.undo()
+    sync._broker_paused_until = 0.0
+    with satori(SWEEP_AFTER_SECONDS=0):
+        assert sync.sweep()["dispatched"] == 5

@@ -87,6 +87,7 @@ def test_broker_down_while_saving_loses_nothing(satori_sandbox, celery_worker, r
     assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 20
     redis_server.start()
     worker = celery_worker()
+    sync._broker_paused_until = 0.0  # as if the pause after the outage had run out
     with override_settings(SATORI={**_satori(), "SWEEP_AFTER_SECONDS": 0}):
         counts = sync.sweep()  # what beat runs every minute
     assert counts["dispatched"] == 20
