@@ -117,7 +117,7 @@ def test_accessor_follows_override_settings_and_hides_secrets():
         assert conf.ACTION_PARAMS["name"] == "action[title]"
         assert conf.ACTION_PARAMS["date"] == "action[date]"
         assert "s1" not in repr(conf) and "k1" not in repr(conf)
-    assert get_settings().USER_KEY == settings.SATORI["USER_KEY"]
+    assert settings.SATORI["USER_KEY"] == get_settings().USER_KEY
 
 
 def test_the_test_settings_pass_the_checks():
