@@ -439,23 +439,26 @@ def _busy(now: dt.datetime) -> Q:
 def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings) -> set[str]:
     """Claim the outbox rows of ``members`` for ``part``; returns the e-mails claimed.
 
-    Left out: rows being sent singly right now or already in another part
-    (counted as skipped), rows whose e-mail changed locally (SATORI must be
-    told by hashcode, which only a single push does: they are dispatched),
-    and, with ``CREATE_UNKNOWN`` False, customers SATORI does not know.
+    Left out: rows being sent singly or already in another part (counted as
+    skipped; an expired send is given back by the sweep first), rows whose
+    e-mail changed locally (SATORI must be told by hashcode, which only a
+    single push does: they are dispatched), and, with ``CREATE_UNKNOWN``
+    False, customers SATORI does not know.
     """
     now = timezone.now()
     emails = [email for _pk, email in members]
     identity_change = Q(previous_email__gt="", hashcode__gt="")
     unknown = Q(in_satori=False, hashcode="")
-    free = SyncState.objects.filter(bulk_part__isnull=True).exclude(_busy(now)).exclude(
-        identity_change)
+    # Rows being sent are left alone even when their claim has expired: the sweep gives
+    # those back first, and a slow worker's late answer must not land on a bulk row.
+    free = SyncState.objects.filter(bulk_part__isnull=True).exclude(
+        status=SyncStatus.SENDING).exclude(identity_change)
     if not conf.CREATE_UNKNOWN:
         free = free.exclude(unknown)
     for batch in chunked(emails):
+        # As few columns as possible: this UPDATE is most of an export's cost.
         free.filter(email__in=batch).update(
-            bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version"),
-            operation=Operation.UPSERT, lease_until=None, lease_token="", updated_at=now)
+            bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version"))
     claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
     if len(claimed) == len(members):
         return claimed
@@ -464,13 +467,10 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     handover: list[int] = []
     for batch in chunked(rest):
         rows = SyncState.objects.filter(email__in=[e for _pk, e in batch]).values_list(
-            "pk", "email", "bulk_part_id", "status", "lease_until", "previous_email",
-            "hashcode", "in_satori")
-        for pk, email, bulk_part, status, lease, previous, hashcode, in_satori in rows:
+            "pk", "email", "bulk_part_id", "status", "previous_email", "hashcode", "in_satori")
+        for pk, email, bulk_part, status, previous, hashcode, in_satori in rows:
             existing.add(email)
-            busy = bulk_part is not None or (status == SyncStatus.SENDING and lease and
-                                             lease > now)
-            if busy:
+            if bulk_part is not None or status == SyncStatus.SENDING:
                 continue
             if previous and hashcode:
                 handover.append(pk)
