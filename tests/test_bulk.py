@@ -83,6 +83,8 @@ def test_csv_has_the_api_header_rfc4180_quoting_and_reaches_satori_intact(satori
         collection_date=dt.date(2026, 1, 31), delivery_permission="reject",
         tags=["資料請求", "セミナー"], custom_fields={"custom:plan": "gold", "custom:age": 42},
     )
+    Customer.objects.create(email="cr@example.jp", collection_route="web",
+                            memo="bare\rCR", address="x")
     Customer.objects.create(email="hanako@example.jp", collection_route="展示会",
                             custom_fields={"custom:birthday": dt.date(1990, 5, 1).isoformat()})
     with satori(BULK_DEFAULT_COLLECTION_ROUTE="API連携"):
@@ -110,6 +112,9 @@ def test_csv_has_the_api_header_rfc4180_quoting_and_reaches_satori_intact(satori
     assert taro["append_tags"] == "資料請求,セミナー"
     assert by_email["hanako@example.jp"]["collection_route"] == "展示会"
     assert by_email["hanako@example.jp"]["custom:birthday"] == "1990-05-01"
+    # A lone CR is quoted too, so it cannot end the record early.
+    assert b'"bare\rCR"' in data and by_email["cr@example.jp"]["memo"] == "bare\rCR"
+    assert data.count(b"\r\n") == 1 and data.endswith(b"\n")  # LF endings; the CRLF is the memo's
 
     remote = satori_sandbox.state.customer("taro@example.jp")
     assert remote.fields["memo"] == memo
@@ -135,12 +140,13 @@ def test_invalid_rows_are_left_out_reported_and_the_rest_goes_ahead(satori_sandb
         Customer(email="Upper@Example.jp", collection_route="web"),
         Customer(email="no-at-sign", collection_route="web"),
         Customer(email="perm@example.jp", collection_route="web", delivery_permission="maybe"),
+        Customer(email="nul@example.jp", collection_route="web", memo="a\x00b"),
     ])
 
     job = run(start())
 
     assert job.state == BulkState.FINISHED
-    assert (job.row_count, job.succeeded_count, job.invalid_count) == (3, 3, 7)
+    assert (job.row_count, job.succeeded_count, job.invalid_count) == (3, 3, 8)
     errors = {e.email: e for e in BulkRowError.objects.filter(job=job)}
     assert all(e.before_upload and e.row_number is None for e in errors.values())
     assert errors["noroute@example.jp"].field == "collection_route"
@@ -151,6 +157,7 @@ def test_invalid_rows_are_left_out_reported_and_the_rest_goes_ahead(satori_sandb
     assert "normalised" in errors["Upper@Example.jp"].message
     assert errors["no-at-sign"].field == "email"
     assert errors["perm@example.jp"].field == "delivery_permission"
+    assert errors["nul@example.jp"].field == "memo"
     assert errors["plan@example.jp"].customer.email == "plan@example.jp"
     # Nothing invalid reached SATORI; the valid rows did.
     (request,) = satori_sandbox.state.requests_for("bulk_upsert")
