@@ -97,9 +97,8 @@ class CustomerAdmin(admin.ModelAdmin):
     list_select_related = ("sync_state",)
     list_per_page = 100
     date_hierarchy = None
-    readonly_fields = ("source_model", "source_pk", "created_at", "updated_at",
-                       "sync_status", "satori_hashcode", "sync_attempts", "satori_last_error",
-                       "last_synced")
+    # The sync state is shown under the form (change_form.html), with its history.
+    readonly_fields = ("source_model", "source_pk", "created_at", "updated_at")
     fieldsets = (
         (None, {"fields": ("email", ("last_name", "first_name"),
                            ("last_name_reading", "first_name_reading"),
@@ -108,9 +107,8 @@ class CustomerAdmin(admin.ModelAdmin):
         (gettext_lazy("SATORI items"), {"fields": (
             ("collection_route", "collection_date"), "delivery_permission", "tags",
             "custom_fields")}),
-        (gettext_lazy("Sync"), {"fields": (
-            "sync_status", "satori_hashcode", "sync_attempts", "last_synced",
-            "satori_last_error", ("source_model", "source_pk"), ("created_at", "updated_at"))}),
+        (gettext_lazy("Connected object"), {"fields": (
+            ("source_model", "source_pk"), ("created_at", "updated_at"))}),
     )
     actions = ("sync_now", "bulk_upsert", "bulk_register", "retry_failed", "mark_for_sync")
     change_form_template = "admin/django_satori/customer/change_form.html"
@@ -148,21 +146,6 @@ class CustomerAdmin(admin.ModelAdmin):
     def last_synced(self, obj: Customer) -> Any:
         state = self._state(obj)
         return state.last_synced_at if state else None
-
-    @admin.display(description=gettext_lazy("SATORI hashcode"))
-    def satori_hashcode(self, obj: Customer) -> str:
-        state = self._state(obj)
-        return state.hashcode if state else ""
-
-    @admin.display(description=gettext_lazy("attempts"))
-    def sync_attempts(self, obj: Customer) -> int:
-        state = self._state(obj)
-        return state.attempts if state else 0
-
-    @admin.display(description=gettext_lazy("last error (as SATORI worded it)"))
-    def satori_last_error(self, obj: Customer) -> str:
-        state = self._state(obj)
-        return state.last_error if state else ""
 
     # -- the detail page: history next to the form -------------------------------
 
