@@ -112,6 +112,7 @@ class CustomerAdmin(admin.ModelAdmin):
     )
     actions = ("sync_now", "bulk_upsert", "bulk_register", "retry_failed", "mark_for_sync")
     change_form_template = "admin/django_satori/customer/change_form.html"
+    change_list_template = "admin/django_satori/customer/change_list.html"
 
     class Media:
         css = CSS
@@ -146,6 +147,21 @@ class CustomerAdmin(admin.ModelAdmin):
     def last_synced(self, obj: Customer) -> Any:
         state = self._state(obj)
         return state.last_synced_at if state else None
+
+    # -- importing SATORI's admin export (django_satori.admin_import) ---------------
+
+    def get_urls(self) -> list[Any]:
+        from .admin_import import import_urls
+
+        return import_urls(self.admin_site) + super().get_urls()
+
+    def changelist_view(self, request: HttpRequest,
+                        extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        from .admin_import import IMPORT_PERMS
+
+        extra = {"satori_can_import": request.user.has_perms(IMPORT_PERMS),
+                 **(extra_context or {})}
+        return super().changelist_view(request, extra)
 
     # -- the detail page: history next to the form -------------------------------
 

@@ -327,3 +327,10 @@ def test_running_jobs_cannot_be_deleted_and_deleting_removes_files(root, satori_
     assert response.status_code == 302
     assert not BulkJob.objects.exists()
     assert not bulk.bulk_storage().exists(name)
+
+
+def test_the_customer_list_links_the_import_pages(root):
+    html = root.get(reverse(CHANGELIST)).content.decode()
+    assert reverse("admin:django_satori_customer_import") in html
+    assert root.get(reverse("admin:django_satori_customer_import")).status_code == 200
+    assert root.get(reverse("admin:django_satori_customer_reconcile")).status_code == 200
