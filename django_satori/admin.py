@@ -12,9 +12,11 @@ import json
 from typing import Any
 
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import truncatechars
 from django.urls import path, reverse
@@ -46,7 +48,7 @@ RECENT = 20
 #: Row errors listed on a bulk job's page (the rest: the row error list, filtered).
 ROW_ERRORS_SHOWN = 200
 
-_BADGE_CLASS = {
+_BADGE_CLASS: dict[str, str] = {
     SyncStatus.SYNCED: "ok", SyncStatus.PENDING: "wait", SyncStatus.SENDING: "busy",
     SyncStatus.IN_BULK: "busy", SyncStatus.FAILED: "bad", SyncStatus.DELETED: "off",
     SyncStatus.DRY_RUN: "off", SyncStatus.NOT_IN_SATORI: "off", SyncStatus.STOPPED: "off",
@@ -248,7 +250,7 @@ class CustomerAdmin(admin.ModelAdmin):
                 "filters": filters or _("(no filter)")}
         else:
             description = _("Admin: %(n)d selected") % {
-                "n": len(request.POST.getlist(admin.helpers.ACTION_CHECKBOX_NAME))}
+                "n": len(request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))}
         with transaction.atomic():
             job = bulk.start_bulk_job(queryset, mode=mode, user=request.user,
                                       description=description)
@@ -356,7 +358,7 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
                           messages.WARNING if result.uploaded_parts else messages.SUCCESS)
         return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
 
-    def csv_view(self, request: HttpRequest, part_id: int) -> HttpResponse:
+    def csv_view(self, request: HttpRequest, part_id: int) -> HttpResponseBase:
         """The part's CSV holds personal data: served only to staff allowed to run bulk jobs."""
         part = get_object_or_404(BulkPart.objects.select_related("job"), pk=part_id)
         if not (self.has_view_permission(request, part.job)

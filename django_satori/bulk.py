@@ -27,13 +27,14 @@ the data SATORI has is already their current version. Nothing is lost.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import pickle
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 from django.core.files.storage import Storage, storages
 from django.db import models, transaction
@@ -76,6 +77,8 @@ POLL_CLAIM_SECONDS = 120.0
 PROGRESS_EVERY = 10_000
 
 T = TypeVar("T")
+#: (outbox row id, customer id, tags sent) of a part's customer, by e-mail.
+StateRow = tuple[int, Any, Any]
 
 
 def chunked(items: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
@@ -129,7 +132,7 @@ def start_bulk_job(
 def job_queryset(job: BulkJob) -> models.QuerySet[Customer]:
     """The job's selection, rebuilt from its pickled query (written only by this module)."""
     queryset = Customer.objects.all()
-    queryset.query = pickle.loads(job.query)  # noqa: S301 - our own column, never user input
+    queryset.query = pickle.loads(bytes(job.query or b""))  # noqa: S301 - our own column, never user input
     return queryset
 
 
@@ -311,7 +314,7 @@ class _Export:
         # Bound methods in locals: this loop runs once per customer, a million times.
         members: list[tuple[int, str]] = []
         append = members.append
-        write = None
+        write: Callable[[list[str]], Any] = list  # replaced when the first part starts
         try:
             for values in rows:
                 try:
@@ -465,8 +468,8 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     rest = [(pk, email) for pk, email in members if email not in claimed]
     existing: set[str] = set()
     handover: list[int] = []
-    for batch in chunked(rest):
-        rows = SyncState.objects.filter(email__in=[e for _pk, e in batch]).values_list(
+    for pairs in chunked(rest):
+        rows = SyncState.objects.filter(email__in=[e for _pk, e in pairs]).values_list(
             "pk", "email", "bulk_part_id", "status", "previous_email", "hashcode", "in_satori")
         for pk, email, bulk_part, status, previous, hashcode, in_satori in rows:
             existing.add(email)
@@ -503,7 +506,7 @@ def _hand_over(state_ids: list[int], now: dt.datetime) -> None:
         SyncState.objects.filter(pk__in=batch, bulk_part__isnull=True).update(
             status=SyncStatus.PENDING, not_before=now, dispatched_at=now, updated_at=now)
     for state_id in state_ids:
-        transaction.on_commit(lambda state_id=state_id: dispatch(state_id))
+        transaction.on_commit(functools.partial(dispatch, state_id))
 
 
 def _mark_invalid(errors: list[BulkRowError]) -> None:
@@ -577,8 +580,8 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
 
         client = get_client()
         send = client.bulk_register if job.mode == BulkMode.REGISTRATION else client.bulk_upsert
-        with bulk_storage(conf).open(part.csv_file.name, "rb") as fileobj:
-            result = send(fileobj, identity_type=job.identity_type,
+        with bulk_storage(conf).open(str(part.csv_file.name), "rb") as fileobj:
+            result = send(cast(BinaryIO, fileobj), identity_type=job.identity_type,
                           filename=f"customers-{job.pk}-{part.number}.csv")
     except SatoriError as exc:
         return _upload_failed(part, exc, endpoint, started, conf)
@@ -752,7 +755,7 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
         failed_by_email: dict[str, tuple[int, str]] = {}
         tags_by_email: dict[str, list[str]] = {}
         columns: list[str] = []
-        with bulk_storage(conf).open(part.csv_file.name, "rb") as fileobj:
+        with bulk_storage(conf).open(str(part.csv_file.name), "rb") as fileobj:
             for row_number, columns, cells in bulk_csv.read_rows(fileobj):
                 email = cells[columns.index("email")]
                 message = failed.pop(row_number, None)
@@ -788,7 +791,7 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
 
 
 def _write_failures(part: BulkPart, failed_by_email: dict[str, tuple[int, str]],
-                    states: dict[str, tuple[int, int | None, list[str]]],
+                    states: dict[str, StateRow],
                     columns: list[str], now: dt.datetime) -> None:
     errors = [
         BulkRowError(job_id=part.job_id, part=part, row_number=row_number, email=email[:255],
@@ -809,7 +812,7 @@ def _write_failures(part: BulkPart, failed_by_email: dict[str, tuple[int, str]],
 
 
 def _write_successes(part: BulkPart, emails: list[str],
-                     states: dict[str, tuple[int, int | None, list[str]]],
+                     states: dict[str, StateRow],
                      tags_by_email: dict[str, list[str]], now: dt.datetime) -> None:
     # SATORI now has these tags too; a later single push removes any dropped locally.
     grown = []
@@ -818,8 +821,8 @@ def _write_successes(part: BulkPart, emails: list[str],
         added = [t for t in tags_by_email.get(email, ()) if t and t not in sent]
         if added:
             grown.append(SyncState(pk=states[email][0], sent_tags=sent + added))
-    for batch in chunked(grown):
-        SyncState.objects.bulk_update(batch, ["sent_tags"])
+    for objects in chunked(grown):
+        SyncState.objects.bulk_update(objects, ["sent_tags"])
     ids = [states[email][0] for email in emails]
     for batch in chunked(ids):
         SyncState.objects.filter(pk__in=batch, bulk_part=part).update(

@@ -17,7 +17,7 @@ import csv
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from django.core.files import File
 from django.core.files.uploadedfile import TemporaryUploadedFile
@@ -90,7 +90,7 @@ class RowEncoder:
         c_tags, c_custom, stop = 2 + _N, 3 + _N, 2 + _N
 
         def encode(values: Sequence[Any]) -> list[str]:
-            cells: list[str] = list(values[1:stop])
+            cells: list[Any] = list(values[1:stop])  # all str once encoded
             email = cells[0]
             # Customer.save() stored it normalised, so checking the pattern is enough;
             # the full normalisation (NFKC, trimming, case) runs only when that fails.
@@ -272,7 +272,7 @@ class PartWriter:
 
 def _unwrapped(upload: TemporaryUploadedFile) -> IO[bytes]:
     # The real file under tempfile's wrapper, whose __getattr__ would run on every write.
-    return getattr(upload.file, "file", upload.file)
+    return cast(IO[bytes], getattr(upload.file, "file", upload.file))
 
 
 def _temporary() -> TemporaryUploadedFile:
