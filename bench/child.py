@@ -27,6 +27,7 @@ TASKS = {
     "coalesce": "syncing:run_coalesce",
     "bulk_sync": "syncing:run_bulk",
     "export": "export:run",
+    "save_breakdown": "breakdown:run",
 }
 
 

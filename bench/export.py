@@ -126,7 +126,12 @@ def _reset_bulk_state() -> None:
     shutil.rmtree(Path(settings.MEDIA_ROOT) / "django_satori", ignore_errors=True)
 
 
-def run(variant: str, rows: int, outdir: str, profile: str = "") -> dict[str, Any]:
+def run(variant: str, rows: int, outdir: str, profile: str = "",
+        proposal: str = "") -> dict[str, Any]:
+    if proposal:
+        from . import proposals
+
+        proposals.apply(proposal)
     out = Path(outdir)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -159,7 +164,7 @@ def run(variant: str, rows: int, outdir: str, profile: str = "") -> dict[str, An
     _reset_bulk_state()
     shutil.rmtree(out, ignore_errors=True)
     return {**span.figures(), "rows": rows, "per_second": rows / span.seconds,
-            "peak_rss_kib": peak, "bytes": size,
+            "peak_rss_kib": peak, "bytes": size, "proposal": proposal,
             "files": parts}
 
 

@@ -25,6 +25,10 @@ EXPORT_PLAIN_TARGET = 0.8
 EXPORT_IE_TARGET = 7.0
 EXPORT_MEMORY_TARGET = 1.3
 COALESCE_TARGET = 10
+#: Variant names of the prototypes (bench/proposals.py) -> proposal; mirrors bench.run.
+SAVE_PROPOSALS = {"sync_on_proposed": "single_statement_mark,batched_publish"}
+EXPORT_PROPOSALS = {"satori_int_fast_path": "int_custom_fast_path"}
+COALESCE_PROPOSALS = {"debounce": "debounce"}
 
 
 def median(records: Iterable[dict[str, Any]], key: str) -> float:
@@ -120,7 +124,7 @@ def _export(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str
     for db in dbs:
         for size in sizes:
             by = {v: _select(records, db=db, case=str(size), variant=v)
-                  for v in ("satori", "plain", "import_export")}
+                  for v in ("satori", "plain", "import_export", *EXPORT_PROPOSALS)}
             if not by["satori"]:
                 continue
             plain_rate = median(by["plain"], "per_second")
@@ -130,8 +134,10 @@ def _export(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str
                     continue
                 rate = median(runs, "per_second")
                 peaks[(db, variant, size)] = median(runs, "peak_rss_kib")
+                label = (f"satori + proposal {EXPORT_PROPOSALS[variant]}"
+                         if variant in EXPORT_PROPOSALS else variant.replace("_", "-"))
                 rows_out.append([
-                    db, f"{size:,}", variant.replace("_", "-"), str(len(runs)),
+                    db, f"{size:,}", label, str(len(runs)),
                     f"{median(runs, 'seconds'):.2f} s", f"{median(runs, 'cpu_seconds'):.2f} s",
                     _rate(rate),
                     f"{rate / plain_rate:.2f}x" if by["plain"] else "",
@@ -176,19 +182,23 @@ def _saves(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]
     for db in sorted({r["db"] for r in records}):
         for model in ("customer", "member"):
             off = _select(records, db=db, case=model, variant="sync_off")
-            on = _select(records, db=db, case=model, variant="sync_on")
-            if not off or not on:
-                continue
-            ratio = median(on, "seconds") / median(off, "seconds")
-            per_off = median(off, "seconds") / median(off, "count") * 1000
-            per_on = median(on, "seconds") / median(on, "count") * 1000
-            cpu_ratio = median(on, "cpu_seconds") / median(off, "cpu_seconds")
-            rows_out.append([db, model, str(len(off)), _rate(median(off, "per_second")),
-                             f"{per_off:.2f} ms", _rate(median(on, "per_second")),
-                             f"{per_on:.2f} ms", f"+{per_on - per_off:.2f} ms",
-                             f"{ratio:.2f}x", f"{cpu_ratio:.2f}x"])
-            summary.append([f"save overhead, {model}, {db}", f"<= {SAVE_TARGET}x",
-                            f"{ratio:.2f}x", _ok(ratio <= SAVE_TARGET)])
+            for variant in ("sync_on", *SAVE_PROPOSALS):
+                on = _select(records, db=db, case=model, variant=variant)
+                if not off or not on:
+                    continue
+                ratio = median(on, "seconds") / median(off, "seconds")
+                per_off = median(off, "seconds") / median(off, "count") * 1000
+                per_on = median(on, "seconds") / median(on, "count") * 1000
+                cpu_ratio = median(on, "cpu_seconds") / median(off, "cpu_seconds")
+                label = model if variant == "sync_on" else \
+                    f"{model} + proposal {SAVE_PROPOSALS[variant]}"
+                rows_out.append([db, label, str(len(off)), _rate(median(off, "per_second")),
+                                 f"{per_off:.2f} ms", _rate(median(on, "per_second")),
+                                 f"{per_on:.2f} ms", f"+{per_on - per_off:.2f} ms",
+                                 f"{ratio:.2f}x", f"{cpu_ratio:.2f}x"])
+                if variant == "sync_on":
+                    summary.append([f"save overhead, {model}, {db}", f"<= {SAVE_TARGET}x",
+                                    f"{ratio:.2f}x", _ok(ratio <= SAVE_TARGET)])
     lines += _table(["database", "model", "runs", "sync off", "per save", "sync on",
                      "per save", "added", "ratio", "CPU-time ratio"], rows_out)
     return [*lines, ""]
@@ -261,24 +271,44 @@ def _coalesce(records: list[dict[str, Any]], summary: list[list[str]]) -> list[s
              "the sandbox after every push has settled and one more window has passed.", ""]
     rows_out = []
     for db in sorted({r["db"] for r in records}):
-        runs = _select(records, db=db, group="coalesce")
-        if not runs:
-            continue
-        worst = max(r["calls"] for r in runs)
-        rows_out.append([db, str(len(runs)), f"{median(runs, 'seconds'):.2f} s",
-                         f"{runs[0]['coalesce_seconds']:g} s", f"{median(runs, 'calls'):.0f}",
-                         str(worst),
-                         "yes" if all(r["sandbox_has_last_values"] for r in runs) else "NO"])
-        summary.append([f"coalescing: calls for 1,000 saves of 10 customers, {db}",
-                        f"<= {COALESCE_TARGET}", f"{worst} (worst run)",
-                        _ok(worst <= COALESCE_TARGET)])
+        for variant in ("engine", *COALESCE_PROPOSALS):
+            runs = _select(records, db=db, group="coalesce", variant=variant)
+            if not runs:
+                continue
+            worst = max(r["calls"] for r in runs)
+            label = db if variant == "engine" else f"{db} + proposal {variant}"
+            rows_out.append([label, str(len(runs)), f"{median(runs, 'seconds'):.2f} s",
+                             f"{runs[0]['coalesce_seconds']:g} s",
+                             f"{median(runs, 'calls'):.0f}", str(worst),
+                             "yes" if all(r["sandbox_has_last_values"] for r in runs) else "NO"])
+            if variant == "engine":
+                summary.append([f"coalescing: calls for 1,000 saves of 10 customers, {db}",
+                                f"<= {COALESCE_TARGET}", f"{worst} (worst run)",
+                                _ok(worst <= COALESCE_TARGET)])
     lines += _table(["database", "runs", "burst took", "window", "calls (median)",
                      "calls (worst)", "SATORI has the last values"], rows_out)
     return [*lines, ""]
 
 
+def _breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    lines = ["## 2b. Where a save with sync on spends its time", "",
+             "Each step of a save with sync on, alone, 1,000 calls per run in one process "
+             "(`bench/breakdown.py`, with `--proposals`); CPU is that process's own CPU time, "
+             "wall includes waiting for the database server and Redis.", ""]
+    rows_out = []
+    for db in sorted({r["db"] for r in records}):
+        runs = _select(records, db=db)
+        for step in runs[0]["steps"]:
+            cpu = statistics.median(r["steps"][step]["cpu_us"] for r in runs)
+            wall = statistics.median(r["steps"][step]["wall_us"] for r in runs)
+            rows_out.append([db, step, str(len(runs)), f"{cpu:,.0f} µs", f"{wall:,.0f} µs"])
+    lines += _table(["database", "step", "runs", "CPU per call", "wall per call"], rows_out)
+    return [*lines, ""]
+
+
 SECTIONS: list[tuple[str, Callable[[list[dict[str, Any]], list[list[str]]], list[str]]]] = [
-    ("export", _export), ("saves", _saves), ("sync", _sync), ("bulk", _bulk),
+    ("export", _export), ("saves", _saves), ("breakdown", _breakdown), ("sync", _sync),
+    ("bulk", _bulk),
     ("coalesce", _coalesce),
 ]
 
@@ -290,6 +320,17 @@ def _kept_notes(path: Path) -> str:
     return text.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in text else ""
 
 
+def merged(path: Path, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` plus the previous run's records of figures this run did not measure."""
+    try:
+        previous = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["records"]
+    except (OSError, ValueError, KeyError):
+        return records
+    fresh = {(r["group"], r["db"], r["case"], r["variant"]) for r in records}
+    kept = [r for r in previous if (r["group"], r["db"], r["case"], r["variant"]) not in fresh]
+    return kept + records
+
+
 def write(path: Path, records: list[dict[str, Any]], *, versions: dict[str, dict[str, Any]],
           command: str, elapsed: float, notes: list[str], redis: str) -> None:
     summary: list[list[str]] = []
@@ -299,12 +340,16 @@ def write(path: Path, records: list[dict[str, Any]], *, versions: dict[str, dict
         if chosen:
             body += render(chosen, summary)
     when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    commands = sorted({r.get("command", command) for r in records} - {command})
+    earlier = ("; figures it did not measure come from earlier runs: "
+               + ", ".join(f"`{c}`" for c in commands)) if commands else ""
     lines = [
         "# Benchmark results", "",
-        f"Made by `{command}` (`make bench`) on {when} at commit {_git()}; the run took "
-        f"{elapsed / 60:.1f} minutes. Every figure is the median of the runs shown; the runs "
-        "of a comparison alternate in the same invocation. Raw runs: "
-        f"`{path.with_suffix('.json').name}`.", "",
+        f"Made by `{command}` (`make bench` runs `python -m bench.run`) on {when} at commit "
+        f"{_git()}; the run took {elapsed / 60:.1f} minutes{earlier}. Every figure is the "
+        "median of the runs shown; the runs of a comparison alternate in the same "
+        f"invocation. Raw runs, with the command of each: `{path.with_suffix('.json').name}`.",
+        "",
         "## Machine", "", *_machine(versions, redis), "",
     ]
     loads = [r["load"] for r in records if "load" in r]

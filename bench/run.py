@@ -5,7 +5,8 @@ pyinstrument) and ``redis-server``; PostgreSQL's server binaries are used when
 installed (Debian: ``apt-get install redis-server postgresql``). Both servers
 are throwaway ones started here with tests/services.py and removed afterwards.
 
-Groups (``--only``): ``saves``, ``export`` (SQLite and PostgreSQL), and
+Groups (``--only``): ``saves``, ``export`` (SQLite and PostgreSQL; with
+``--proposals`` also ``breakdown``, the steps of a save one by one), and
 ``sync``, ``coalesce``, ``bulk`` (with one real worker and the sandbox process,
 on PostgreSQL, or on SQLite where PostgreSQL cannot start; ``--sync-databases``).
 """
@@ -28,9 +29,10 @@ from tests import services
 
 from . import report
 from .procs import BenchError, Context, Database, Sandbox, Worker, running
+from .report import COALESCE_PROPOSALS, EXPORT_PROPOSALS, SAVE_PROPOSALS
 from .settings import CUSTOM_FIELDS, SANDBOX_KEYS
 
-GROUPS = ("saves", "sync", "coalesce", "export", "bulk")
+GROUPS = ("saves", "breakdown", "sync", "coalesce", "export", "bulk")
 SAVE_COUNT = 10_000
 SYNC_COUNT = 10_000
 EXPORT_ROWS = (100_000,)
@@ -91,16 +93,28 @@ class Runner:
         _say(f"saves on {db.vendor}: seeding")
         count = self.size(SAVE_COUNT)
         self.seed(db, count, count)
+        variants = ("sync_off", "sync_on", *SAVE_PROPOSALS) if self.options.proposals \
+            else ("sync_off", "sync_on")
         for model in ("customer", "member"):
-            for run, variant in self.pairs(("sync_off", "sync_on")):
-                satori = {"SYNC_ENABLED": variant == "sync_on"}
+            for run, variant in self.pairs(variants):
+                satori = {"SYNC_ENABLED": variant != "sync_off"}
                 params: dict[str, Any] = {"model": model, "count": count,
-                                          "tag": f"{variant}-{run}"}
+                                          "tag": f"{variant}-{run}",
+                                          "proposal": SAVE_PROPOSALS.get(variant, "")}
                 if self.options.profile and run == 1:
                     params["profile"] = str(self.profile_path(f"saves-{db.vendor}-{model}-"
                                                               f"{variant}.txt"))
                 result = self.ctx.child(db, "saves", params, satori=satori)
                 self.record("saves", db, model, variant, run, result)
+
+    def breakdown(self, db: Database) -> None:
+        if not self.options.proposals:
+            return
+        self.seed(db, self.size(SAVE_COUNT), self.size(SAVE_COUNT))
+        for run in range(1, self.options.runs + 1):
+            count = min(1000, self.size(SAVE_COUNT) - 1)
+            result = self.ctx.child(db, "save_breakdown", {"count": count})
+            self.record("breakdown", db, "steps", "steps", run, result)
 
     def export(self, db: Database) -> None:
         sizes = EXPORT_ROWS_FULL if self.options.full else EXPORT_ROWS
@@ -108,9 +122,13 @@ class Runner:
             self.seed(db, rows)
             variants = EXPORT_VARIANTS if rows <= 100_000 or self.options.import_export_full \
                 else EXPORT_VARIANTS[:2]
+            if self.options.proposals:
+                variants = (*variants, *EXPORT_PROPOSALS)
             for run, variant in self.pairs(variants):
-                params: dict[str, Any] = {"variant": variant, "rows": rows,
-                                          "outdir": str(self.ctx.workdir / "export")}
+                params: dict[str, Any] = {
+                    "variant": "satori" if variant in EXPORT_PROPOSALS else variant,
+                    "rows": rows, "outdir": str(self.ctx.workdir / "export"),
+                    "proposal": EXPORT_PROPOSALS.get(variant, "")}
                 if self.options.profile and run == 1:
                     params["profile"] = str(self.profile_path(
                         f"export-{db.vendor}-{rows}-{variant}.txt"))
@@ -148,12 +166,15 @@ class Runner:
         if self.seeded.get(db.vendor, (0, 0))[0] < COALESCE_CUSTOMERS:
             self.seed(db, COALESCE_CUSTOMERS)
 
+        variants = ("engine", *COALESCE_PROPOSALS) if self.options.proposals else ("engine",)
+
         def body(url: str) -> None:
-            for run in range(1, self.options.runs + 1):
+            for run, variant in self.pairs(variants):
                 result = self.ctx.child(db, "coalesce", {
-                    "saves": COALESCE_SAVES, "customers": COALESCE_CUSTOMERS, "sandbox": url},
+                    "saves": COALESCE_SAVES, "customers": COALESCE_CUSTOMERS, "sandbox": url,
+                    "proposal": COALESCE_PROPOSALS.get(variant, "")},
                     satori={"BASE_URL": url})
-                self.record("coalesce", db, "coalesce", "engine", run, result)
+                self.record("coalesce", db, "coalesce", variant, run, result)
 
         self.with_worker(db, body)
 
@@ -226,6 +247,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every size by this (to try the harness quickly; the "
                              "report states it)")
+    parser.add_argument("--proposals", action="store_true",
+                        help="also measure the prototypes of proposed fixes (bench/proposals.py) "
+                             "beside the code as it is")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the figures of the existing report that this run does not "
+                             "measure (e.g. add --full export figures to a default run)")
     parser.add_argument("--profile", default="",
                         help="directory for pyinstrument profiles of the first run of each case")
     options = parser.parse_args(argv)
@@ -288,7 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if failed:
         return 1
     command = "python -m bench.run" + (" " + shlex.join(argv) if argv else "")
-    report.write(Path(options.output), runner.records, versions=versions, command=command,
+    records = [{**r, "command": command} for r in runner.records]
+    if options.merge:
+        records = report.merged(Path(options.output), records)
+    report.write(Path(options.output), records, versions=versions, command=command,
                  elapsed=time.time() - started, notes=runner.notes, redis=redis.binary)
     _say(f"done in {time.time() - started:.0f}s; wrote {options.output}")
     return 0

@@ -8,6 +8,7 @@ in the environment bench.run gives this process; the loop is the same.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django.conf import settings
@@ -27,13 +28,19 @@ def _broker() -> Any:
     return redis.Redis.from_url(settings.CELERY_BROKER_URL)
 
 
-def run(model: str, count: int, tag: str, profile: str = "") -> dict[str, Any]:
+def run(model: str, count: int, tag: str, profile: str = "",
+        proposal: str = "") -> dict[str, Any]:
     """Save ``count`` objects of ``model`` ("customer" or "member") once each.
 
     Every object is in a synced state first, so that with sync on every save
     makes its outbox row pending and queues a task: the full cost, no coalescing.
+    ``proposal`` applies prototypes from :mod:`bench.proposals` first.
     """
     sync_on = get_settings().SYNC_ENABLED
+    if proposal:
+        from . import proposals
+
+        proposals.apply(proposal)
     data.mark_all_synced()
     broker = _broker()
     broker.flushdb()
@@ -49,24 +56,45 @@ def run(model: str, count: int, tag: str, profile: str = "") -> dict[str, Any]:
         raise RuntimeError("saves must run in autocommit mode")
 
     profiler = _profiler(profile)
+    started = time.perf_counter()
     with timed() as span:
         for i, obj in enumerate(objects):
             setattr(obj, field, f"{tag}-{i}")
             obj.save()
+    flushed = span.seconds
+    if "_publish" in proposal:
+        from . import proposals
+
+        proposals.wait_published()
+        flushed = time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
         with open(profile, "w", encoding="utf-8") as out:
             out.write(profiler.output_text(unicode=True, color=False, show_all=False))
 
     pending = SyncState.objects.filter(status=SyncStatus.PENDING).count()
-    queued = broker.llen("celery")
+    messages = broker.llen("celery")
+    queued = _queued_ids(broker) if "batched_publish" in proposal else messages
     expected = count if sync_on else 0
     if pending != expected or queued != expected:
         raise RuntimeError(f"expected {expected} pending rows and queued tasks, "
                            f"found {pending} and {queued}")
     broker.flushdb()
     return {**span.figures(), "count": count, "per_second": count / span.seconds,
-            "sync": sync_on, "pending": pending, "queued": queued}
+            "sync": sync_on, "pending": pending, "queued": queued, "messages": messages,
+            "published_seconds": flushed, "proposal": proposal}
+
+
+def _queued_ids(broker: Any) -> int:
+    """How many state ids the queued messages carry (a batch message carries several)."""
+    import base64
+    import json
+
+    total = 0
+    for raw in broker.lrange("celery", 0, -1):
+        body = json.loads(base64.b64decode(json.loads(raw)["body"]))
+        total += len(body[0][0]) if isinstance(body[0][0], list) else 1
+    return total
 
 
 def _profiler(path: str) -> Any:

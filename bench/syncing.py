@@ -128,9 +128,14 @@ def run_bare(count: int, sandbox: str) -> dict[str, Any]:
 
 # -- coalescing ------------------------------------------------------------------------
 
-def run_coalesce(saves: int, customers: int, sandbox: str) -> dict[str, Any]:
+def run_coalesce(saves: int, customers: int, sandbox: str,
+                 proposal: str = "") -> dict[str, Any]:
     """``saves`` saves spread round-robin over ``customers`` customers, then count calls."""
     conf = get_settings()
+    if proposal:
+        from . import proposals
+
+        proposals.apply(proposal)
     _fresh_outbox()
     sandbox_reset(sandbox)
     targets = list(Customer.objects.filter(source_model="").order_by("pk")[:customers])
@@ -153,7 +158,7 @@ def run_coalesce(saves: int, customers: int, sandbox: str) -> dict[str, Any]:
     return {"seconds": burst.seconds, "saves": saves, "customers": customers,
             "calls": sum(calls.values()), "calls_by_operation": calls,
             "settle_seconds": settle, "coalesce_seconds": conf.COALESCE_SECONDS,
-            "sandbox_has_last_values": current}
+            "sandbox_has_last_values": current, "proposal": proposal}
 
 
 # -- a backlog through bulk uploads ------------------------------------------------------
