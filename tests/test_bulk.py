@@ -487,3 +487,24 @@ def test_a_real_worker_runs_the_whole_job(satori_sandbox, celery_worker):
     assert len(satori_sandbox.state.customers) == 23
     # The worker polled from re-scheduled tasks: several checks per part.
     assert sum(job.parts.values_list("poll_count", flat=True)) >= 3
+
+
+def test_eager_mode_exports_and_uploads_without_recursing(satori_sandbox):
+    from tests.celery_app import app
+
+    satori_sandbox.faults.fail_first(1, "503", operations=["bulk_upsert"])
+    customers(3)
+    app.conf.task_always_eager = True
+    try:
+        job = start()  # on commit: export, upload (refused once), no retry loop
+    finally:
+        app.conf.task_always_eager = False
+    part = job.parts.get()
+    assert part.state == BulkState.UPLOADING and part.upload_attempts == 1
+    # The sweep's safety net uploads it later, then a status check finishes it.
+    BulkJob.objects.filter(pk=job.pk).update(started_at=timezone.now() - dt.timedelta(hours=1))
+    assert bulk.poll_overdue_parts(timezone.now()) == 1  # queued (memory broker, no worker)
+    assert bulk.upload_part(part.pk)[0] == "uploaded"
+    assert bulk.refresh_job(job) == 1
+    job.refresh_from_db()
+    assert job.state == BulkState.FINISHED and job.succeeded_count == 3
