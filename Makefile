@@ -60,9 +60,13 @@ bench: venv
 	$(PY) -m bench.run $(ARGS)
 
 messages: venv
-	cd django_satori && $(abspath $(PY)) -m django compilemessages
+	@if ls django_satori/locale/*/LC_MESSAGES/*.po >/dev/null 2>&1; then \
+	  echo "compilemessages (django_satori/locale)"; \
+	  cd django_satori && $(abspath $(PY)) -m django compilemessages; \
+	else echo "notice: no .po files under django_satori/locale yet"; fi
 
 makemessages: venv
+	mkdir -p django_satori/locale
 	cd django_satori && $(abspath $(PY)) -m django makemessages -l ja --no-obsolete
 
 dist: venv messages
