@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.translation import gettext as _
+
 
 class SatoriError(Exception):
     """Base class: something went wrong talking to SATORI (or before it)."""
@@ -38,11 +41,16 @@ class SatoriError(Exception):
         self.field = field
 
     def __str__(self) -> str:
+        # Stored as the last error shown in the admin: worded in the active language.
+        try:
+            status_text, field_text = _("SATORI status %(status)s"), _("field %(field)r")
+        except ImproperlyConfigured:  # no settings yet: str() of an error must still work
+            status_text, field_text = "SATORI status %(status)s", "field %(field)r"
         parts = []
         if self.status is not None:
-            parts.append(f"SATORI status {self.status}")
+            parts.append(status_text % {"status": self.status})
         if self.field:
-            parts.append(f"field {self.field!r}")
+            parts.append(field_text % {"field": self.field})
         prefix = ", ".join(parts)
         return f"{prefix}: {self.message}" if prefix else self.message
 
