@@ -22,7 +22,7 @@ from django.template.defaultfilters import truncatechars
 from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy, ngettext
+from django.utils.translation import gettext_lazy, ngettext, pgettext_lazy
 
 from . import bulk, sync
 from .conf import get_settings
@@ -128,7 +128,7 @@ class CustomerAdmin(admin.ModelAdmin):
         except SyncState.DoesNotExist:
             return None
 
-    @admin.display(description=gettext_lazy("name"), ordering="last_name")
+    @admin.display(description=pgettext_lazy("satori item", "name"), ordering="last_name")
     def name(self, obj: Customer) -> str:
         return " ".join(part for part in (obj.last_name, obj.first_name) if part)
 

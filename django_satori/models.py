@@ -14,6 +14,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, router, transaction
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import pgettext_lazy
 
 from .exceptions import SatoriValidationError
 from .schema import EMAIL_MAX_LENGTH, normalize_email
@@ -46,11 +47,18 @@ class Customer(models.Model):
     """A customer as SATORI should see it. Field names follow SATORI's API keys."""
 
     email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, unique=True)
-    last_name = models.CharField(_("last name"), max_length=255, blank=True)
-    first_name = models.CharField(_("first name"), max_length=255, blank=True)
-    last_name_reading = models.CharField(_("last name (reading)"), max_length=255, blank=True)
-    first_name_reading = models.CharField(_("first name (reading)"), max_length=255, blank=True)
-    lead_company_name = models.CharField(_("company"), max_length=255, blank=True)
+    # SATORI's own item names need a context: "last name" or "company" in Django's or
+    # the project's catalog (姓, 会社) would otherwise win over ours (苗字, 会社名).
+    last_name = models.CharField(pgettext_lazy("satori item", "last name"), max_length=255,
+                                 blank=True)
+    first_name = models.CharField(pgettext_lazy("satori item", "first name"), max_length=255,
+                                  blank=True)
+    last_name_reading = models.CharField(pgettext_lazy("satori item", "last name (reading)"),
+                                         max_length=255, blank=True)
+    first_name_reading = models.CharField(pgettext_lazy("satori item", "first name (reading)"),
+                                          max_length=255, blank=True)
+    lead_company_name = models.CharField(pgettext_lazy("satori item", "company"),
+                                         max_length=255, blank=True)
     department = models.CharField(_("department"), max_length=255, blank=True)
     phone_number = models.CharField(_("phone number"), max_length=64, blank=True)
     mobile_phone_number = models.CharField(_("mobile phone number"), max_length=64, blank=True)

@@ -264,7 +264,7 @@ def _call_name(node: ast.Call) -> str | None:
     return None
 
 
-def _gettext_problems(code: str, where: str, known: set[str]) -> list[str]:
+def _gettext_problems(code: str, where: str, known: set[tuple[str | None, str]]) -> list[str]:
     """Calls whose message is built at run time, hidden in an f-string, or not in the .po."""
     tree = ast.parse(code)
     inside_fstring = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
@@ -277,13 +277,19 @@ def _gettext_problems(code: str, where: str, known: set[str]) -> list[str]:
         assert isinstance(node, ast.Call)
         if id(node) in inside_fstring:
             problems.append(f"{where}:{node.lineno}: gettext inside an f-string (not extracted)")
-        for index in _MESSAGE_ARGS.get(name, (0,)):
+        context: str | None = None
+        indexes = _MESSAGE_ARGS.get(name, (0,))
+        if name.startswith(("pgettext", "npgettext")):
+            indexes = (0, *indexes)  # the context too must be a literal to be extracted
+        for index in indexes:
             arg = node.args[index] if len(node.args) > index else None
             if arg is None:
                 continue
             if not (isinstance(arg, ast.Constant) and isinstance(arg.value, str)):
                 problems.append(f"{where}:{node.lineno}: built at run time: {ast.unparse(arg)}")
-            elif arg.value not in known and id(node) not in inside_fstring:
+            elif index == 0 and name.startswith(("pgettext", "npgettext")):
+                context = arg.value
+            elif (context, arg.value) not in known and id(node) not in inside_fstring:
                 problems.append(f"{where}:{node.lineno}: not in the .po: {arg.value!r}")
     return problems
 
@@ -292,9 +298,11 @@ def _app_sources() -> list[Path]:
     return [path for path in sorted(APP.rglob("*.py")) if "migrations" not in path.parts]
 
 
-def _known_msgids() -> set[str]:
+def _known_msgids() -> set[tuple[str | None, str]]:
+    """(context, message) of every entry, plural forms included."""
     entries = parse_po(CATALOGS["django_satori"].read_text(encoding="utf-8"))
-    return {e.msgid for e in entries} | {e.msgid_plural for e in entries if e.msgid_plural}
+    return ({(e.msgctxt, e.msgid) for e in entries}
+            | {(e.msgctxt, e.msgid_plural) for e in entries if e.msgid_plural})
 
 
 def test_every_python_string_is_marked_extractably_and_translated():
@@ -320,14 +328,19 @@ def test_files_known_not_to_be_extractable_yet(name):
 def test_the_checker_finds_hidden_and_built_strings():
     code = ('from django.utils.translation import gettext as _, ngettext\n'
             'a = _(f"Hi {1}")\nb = _("Hi " + "there")\nc = f"{_(\'Sync now\')}"\n'
-            'd = ngettext("%(n)d x", "%(n)d xs", 2)\ne = _("Sync now")\n')
-    problems = sorted(_gettext_problems(code, "probe.py", {"Sync now"}))
+            'd = ngettext("%(n)d x", "%(n)d xs", 2)\ne = _("Sync now")\n'
+            'f = pgettext_lazy("x", "name")\ng = pgettext_lazy(X, "name")\n'
+            'h = pgettext_lazy("y", "name")\n')
+    problems = sorted(_gettext_problems(code, "probe.py", {(None, "Sync now"), ("x", "name")}))
     assert problems == [
         "probe.py:2: built at run time: f'Hi {1}'",
         "probe.py:3: built at run time: 'Hi ' + 'there'",
         "probe.py:4: gettext inside an f-string (not extracted)",
         "probe.py:5: not in the .po: '%(n)d x'",
         "probe.py:5: not in the .po: '%(n)d xs'",
+        "probe.py:8: built at run time: X",
+        "probe.py:8: not in the .po: 'name'",
+        "probe.py:9: not in the .po: 'name'",
     ]
 
 
@@ -351,6 +364,10 @@ def test_model_names_and_labels_switch_to_japanese():
         assert str(SyncState._meta.verbose_name_plural) == "同期状態（アウトボックス）"
         assert str(Customer._meta.get_field("collection_route").verbose_name) == "情報獲得経路"
         assert str(Customer._meta.get_field("last_name_reading").verbose_name) == "苗字(ふりがな)"
+        # django.contrib.auth (installed first, so it wins a shared msgid) says 姓 and 名.
+        assert str(Customer._meta.get_field("last_name").verbose_name) == "苗字"
+        assert str(Customer._meta.get_field("first_name").verbose_name) == "名前"
+        assert str(translation.gettext("last name")) == "姓"
         assert str(SyncStatus.FAILED.label) == "失敗"
         assert str(SyncStatus.PENDING.label) == "送信待ち"
         assert str(BulkState.PROCESSING.label) == "SATORIで処理中"
