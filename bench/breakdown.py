@@ -84,3 +84,60 @@ def run(count: int = 1000) -> dict[str, Any]:
     broker.flushdb()
     data.mark_all_synced()
     return {"count": count, "steps": steps}
+
+
+def run_push(count: int, sandbox: str) -> dict[str, Any]:
+    """``sync.push`` in this process (no Celery) for ``count`` pending customers, by step.
+
+    The steps are timed by wrapping the functions ``push`` calls; "claim, load,
+    payload" is what is left of ``push`` around them.
+    """
+    import requests
+
+    from django_satori import client as client_module
+    from django_satori.models import SyncLog, SyncStatus
+
+    SyncLog.objects.all().delete()
+    SyncState.objects.all().delete()
+    requests.post(sandbox + "/_sandbox/reset", timeout=30).raise_for_status()
+    now = timezone.now()
+    SyncState.objects.bulk_create(
+        SyncState(email=email, customer_id=pk, version=1, not_before=now)
+        for pk, email in Customer.objects.filter(source_model="").order_by("pk")
+        .values_list("pk", "email")[:count])
+    ids = list(SyncState.objects.order_by("pk").values_list("pk", flat=True))
+    totals: dict[str, list[float]] = {}
+
+    def wrap(owner: Any, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        def timed_call(*args: Any, **kwargs: Any) -> Any:
+            cpu, wall = time.thread_time(), time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent = totals.setdefault(label, [0.0, 0.0])
+                spent[0] += time.thread_time() - cpu
+                spent[1] += time.perf_counter() - wall
+
+        setattr(owner, name, timed_call)
+
+    wrap(client_module.SatoriClient, "_call", "HTTP call (requests + parse)")
+    wrap(sync, "_release", "_release (UPDATE with CASE)")
+    wrap(sync, "_log", "SyncLog INSERT")
+    wrap(sync, "_again_if_changed", "_again_if_changed (EXISTS)")
+    wrap(sync, "push", "push, total")
+    sync.push(ids[0])  # the client's first connection is not what is measured
+    totals.clear()
+    for state_id in ids[1:]:
+        sync.push(state_id)
+    if SyncState.objects.filter(status=SyncStatus.SYNCED).count() != len(ids):
+        raise RuntimeError("not every push succeeded")
+    n = len(ids) - 1
+    steps = {label: {"cpu_us": cpu / n * 1e6, "wall_us": wall / n * 1e6}
+             for label, (cpu, wall) in totals.items()}
+    inner = [v for k, v in steps.items() if k != "push, total"]
+    steps["claim, load, payload (the rest of push)"] = {
+        key: steps["push, total"][key] - sum(v[key] for v in inner)
+        for key in ("cpu_us", "wall_us")}
+    return {"count": n, "steps": steps}

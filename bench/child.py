@@ -28,6 +28,7 @@ TASKS = {
     "bulk_sync": "syncing:run_bulk",
     "export": "export:run",
     "save_breakdown": "breakdown:run",
+    "push_breakdown": "breakdown:run_push",
 }
 
 

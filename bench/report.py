@@ -306,9 +306,25 @@ def _breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> list[
     return [*lines, ""]
 
 
+def _push_breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    lines = ["## 3b. Where a single push spends its time", "",
+             "`sync.push()` called in one process for 1,000 pending customers (no Celery), "
+             "against the same sandbox, each step timed by wrapping the function `push` calls "
+             "(`bench/breakdown.py`, with `--proposals`). CPU is that thread's CPU time.", ""]
+    rows_out = []
+    for db in sorted({r["db"] for r in records}):
+        runs = _select(records, db=db)
+        for step in runs[0]["steps"]:
+            cpu = statistics.median(r["steps"][step]["cpu_us"] for r in runs)
+            wall = statistics.median(r["steps"][step]["wall_us"] for r in runs)
+            rows_out.append([db, step, str(len(runs)), f"{cpu:,.0f} µs", f"{wall:,.0f} µs"])
+    lines += _table(["database", "step", "runs", "CPU per push", "wall per push"], rows_out)
+    return [*lines, ""]
+
+
 SECTIONS: list[tuple[str, Callable[[list[dict[str, Any]], list[list[str]]], list[str]]]] = [
     ("export", _export), ("saves", _saves), ("breakdown", _breakdown), ("sync", _sync),
-    ("bulk", _bulk),
+    ("push_breakdown", _push_breakdown), ("bulk", _bulk),
     ("coalesce", _coalesce),
 ]
 

@@ -32,7 +32,9 @@ from .procs import BenchError, Context, Database, Sandbox, Worker, running
 from .report import COALESCE_PROPOSALS, EXPORT_PROPOSALS, SAVE_PROPOSALS
 from .settings import CUSTOM_FIELDS, SANDBOX_KEYS
 
-GROUPS = ("saves", "breakdown", "sync", "coalesce", "export", "bulk")
+GROUPS = ("saves", "breakdown", "sync", "push_breakdown", "coalesce", "export", "bulk")
+#: Groups that need the worker and the sandbox: run on --sync-databases.
+SYNC_GROUPS = ("sync", "push_breakdown", "coalesce", "bulk")
 SAVE_COUNT = 10_000
 SYNC_COUNT = 10_000
 EXPORT_ROWS = (100_000,)
@@ -161,6 +163,20 @@ class Runner:
                                 {**result, "concurrency": concurrency})
 
             self.with_worker(db, body, SYNC_SATORI, concurrency=concurrency)
+
+    def push_breakdown(self, db: Database) -> None:
+        if not self.options.proposals:
+            return
+        count = min(1000, self.size(SYNC_COUNT))
+        if self.seeded.get(db.vendor, (0, 0))[0] < count:
+            self.seed(db, count)
+        sandbox = Sandbox(self.ctx, SANDBOX_KEYS, CUSTOM_FIELDS)
+        with running(sandbox):
+            for run in range(1, self.options.runs + 1):
+                result = self.ctx.child(db, "push_breakdown",
+                                        {"count": count, "sandbox": sandbox.url},
+                                        satori={**SYNC_SATORI, "BASE_URL": sandbox.url})
+                self.record("push_breakdown", db, "steps", "steps", run, result)
 
     def coalesce(self, db: Database) -> None:
         if self.seeded.get(db.vendor, (0, 0))[0] < COALESCE_CUSTOMERS:
@@ -297,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.child(db, "migrate")
         versions = {name: ctx.child(db, "versions") for name, db in dbs.items()}
         for group in groups:
-            targets = sync_wanted if group in ("sync", "coalesce", "bulk") else wanted
+            targets = sync_wanted if group in SYNC_GROUPS else wanted
             for name in targets:
                 if name in dbs:
                     getattr(runner, group)(dbs[name])
