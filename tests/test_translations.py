@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from django.core.management import load_command_class
 from django.utils import translation
 
 from django_satori.exceptions import SatoriError, SatoriValidationError
@@ -400,3 +401,23 @@ def test_an_error_as_stored_for_the_admin_is_worded_in_the_active_language():
         assert str(error) == f"SATORIステータス 400, 項目 'email': {said}"
     with translation.override("en"):
         assert str(error) == f"SATORI status 400, field 'email': {said}"
+
+
+COMMANDS = ["satori_bulk_register", "satori_bulk_status", "satori_bulk_upsert", "satori_import",
+            "satori_reconcile", "satori_sandbox", "satori_sync"]
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_every_command_prints_its_help_in_japanese_and_english(name):
+    """--help once crashed on a lazy description; option help follows the active language."""
+    command = load_command_class("django_satori", name)
+    assert isinstance(command.help, str) and command.help
+    with translation.override("ja"):
+        japanese = command.create_parser("manage.py", name).format_help()
+    with translation.override("en"):
+        english = command.create_parser("manage.py", name).format_help()
+    kana_or_kanji = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
+    ja_options = japanese[japanese.index("options:"):]
+    en_options = english[english.index("options:"):]
+    assert kana_or_kanji.search(ja_options), japanese
+    assert not kana_or_kanji.search(en_options.replace("プラン", "")), english

@@ -6,7 +6,7 @@ fills values that are empty there. See ``_bulk.py`` for the options.
 
 from __future__ import annotations
 
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext as _
 
 from django_satori.models import BulkMode
 
@@ -14,7 +14,7 @@ from ._bulk import BulkCommand
 
 
 class Command(BulkCommand):
-    help = gettext_lazy(  # type: ignore[assignment]
+    help = _(  # a str: argparse cannot print a lazy description (--help)
         "Register a selection of customers in SATORI through the bulk CSV API (new "
         "customers are created; existing ones only get their empty values filled)."
     )

@@ -10,7 +10,6 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
 
 from django_satori import bulk
 from django_satori.models import BulkJob, BulkPart, BulkState
@@ -19,7 +18,7 @@ from ._bulk import ERRORS_SHOWN, FAILURE
 
 
 class Command(BaseCommand):
-    help = gettext_lazy(  # type: ignore[assignment]
+    help = _(  # a str: argparse cannot print a lazy description (--help)
         "Check the bulk jobs still processing in SATORI now, then print a table of jobs."
     )
 

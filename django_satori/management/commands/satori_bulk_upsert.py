@@ -7,7 +7,7 @@ options and exit codes.
 
 from __future__ import annotations
 
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext as _
 
 from django_satori.models import BulkMode
 
@@ -15,7 +15,7 @@ from ._bulk import BulkCommand
 
 
 class Command(BulkCommand):
-    help = gettext_lazy(  # type: ignore[assignment]
+    help = _(  # a str: argparse cannot print a lazy description (--help)
         "Create or update a selection of customers in SATORI through the bulk CSV API."
     )
     mode = BulkMode.UPSERT

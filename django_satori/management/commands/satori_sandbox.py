@@ -11,7 +11,6 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
 
 from django_satori.conf import AUTH_KEYS, get_settings
 from django_satori.sandbox.cli import add_arguments, build_server, serve
@@ -19,7 +18,7 @@ from django_satori.sandbox.config import SandboxKeys
 
 
 class Command(BaseCommand):
-    help = gettext_lazy(  # type: ignore[assignment] # lazy: translated when shown
+    help = _(  # a str: argparse cannot print a lazy description (--help)
         "Run a strict fake SATORI API on this machine, accepting the keys and custom "
         "fields in settings.SATORI. Point SATORI['BASE_URL'] at the printed URL."
     )

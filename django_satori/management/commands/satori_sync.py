@@ -19,7 +19,6 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Min
 from django.utils import timezone
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
 
 from django_satori import sync
 from django_satori.conf import get_settings
@@ -29,7 +28,7 @@ from ._bulk import FAILURE, usage_error
 
 
 class Command(BaseCommand):
-    help = gettext_lazy(  # type: ignore[assignment]
+    help = _(  # a str: argparse cannot print a lazy description (--help)
         "Run the SATORI sync sweep once, or send pending customers now without a worker."
     )
 
