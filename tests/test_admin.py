@@ -78,7 +78,7 @@ def failed_customer() -> Customer:
 
 
 @pytest.mark.parametrize("language, expected", [("en", "Select SATORI customer to change"),
-                                                ("ja", "変更する SATORI customer を選択")])
+                                                ("ja", "変更する SATORIカスタマー を選択")])
 def test_customer_list_renders_with_badges_in_english_and_japanese(client, language, expected):
     User.objects.create_superuser("root", password="pw")
     client.login(username="root", password="pw")

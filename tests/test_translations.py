@@ -249,7 +249,6 @@ def test_msgfmt_accepts_the_po_and_compiles_what_is_committed(po, tmp_path):
 
 #: Files whose gettext calls sit inside f-strings, where makemessages (xgettext)
 #: cannot see them. Kept as an expected failure below until the file is fixed.
-NOT_EXTRACTABLE_YET = {"django_satori/sandbox/page.py"}
 #: gettext wrappers: they pass their caller's message on.
 WRAPPERS = {"django_satori/sandbox/i18n.py"}
 #: Which positional arguments of each gettext function are message strings.
@@ -313,17 +312,9 @@ def test_every_python_string_is_marked_extractably_and_translated():
     problems = []
     for source in _app_sources():
         where = str(source.relative_to(ROOT))
-        if where not in NOT_EXTRACTABLE_YET | WRAPPERS:
+        if where not in WRAPPERS:
             problems += _gettext_problems(source.read_text(encoding="utf-8"), where, known)
     assert not problems, "\n".join(problems)
-
-
-@pytest.mark.xfail(strict=True, reason="gettext inside f-strings: makemessages cannot extract "
-                   "them; remove the file from NOT_EXTRACTABLE_YET once fixed")
-@pytest.mark.parametrize("name", sorted(NOT_EXTRACTABLE_YET))
-def test_files_known_not_to_be_extractable_yet(name):
-    code = (ROOT / name).read_text(encoding="utf-8")
-    assert not _gettext_problems(code, name, _known_msgids())
 
 
 def test_the_checker_finds_hidden_and_built_strings():

@@ -45,10 +45,27 @@ def render(snapshot: dict[str, Any], settings: dict[str, Any]) -> str:
         for r in reversed(snapshot["requests"][-RECENT_REQUESTS:])
     ]
     options = ", ".join(f"{k}={v}" for k, v in settings.items())
+    # Labels are built outside the f-string so makemessages can find them.
+    title = escape(_("SATORI sandbox"))
+    intro = escape(_("A fake SATORI for tests and demos. Nothing here leaves this machine."))
+    faults_label = escape(_("Injected faults"))
+    faults = escape(", ".join(f"{k}: {v}" for k, v in snapshot["faults_by_kind"].items()))
+    customers_label = escape(_("Customers"))
+    jobs_label = escape(_("Bulk jobs"))
+    requests_label = escape(_("Recent requests"))
+    customer_table = _table(
+        [_("E-mail"), _("Hashcode"), _("Name"), _("Fields"), _("Tags"), _("Custom fields"),
+         _("Actions"), _("Created by"), _("Updated")], customers, _("No customers yet."))
+    job_table = _table(
+        [_("Process code"), _("Operation"), _("Status"), _("Rows"), _("Succeeded"),
+         _("Failed rows"), _("Submitted")], jobs, _("No bulk jobs."))
+    request_table = _table(
+        [_("Received"), _("Method"), _("Path"), _("Status"), _("Fault"), _("Parameters")],
+        requests, _("No requests yet."))
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
+<html><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="5">
-<title>{escape(_("SATORI sandbox"))}</title>
+<title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5rem; font-size: 0.85rem; }}
@@ -57,19 +74,15 @@ th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left;
 th {{ background: #f3f3f3; }}
 .empty {{ color: #777; }}
 </style></head><body>
-<h1>{escape(_("SATORI sandbox"))}</h1>
-<p>{escape(_("A fake SATORI for tests and demos. Nothing here leaves this machine."))}</p>
+<h1>{title}</h1>
+<p>{intro}</p>
 <p><small>{escape(options)}</small></p>
-<p>{escape(_("Injected faults"))}: {snapshot["faults_injected"]}
- {escape(", ".join(f"{k}: {v}" for k, v in snapshot["faults_by_kind"].items()))}</p>
-<h2>{escape(_("Customers"))} ({len(customers)})</h2>
-{_table([_("E-mail"), _("Hashcode"), _("Name"), _("Fields"), _("Tags"), _("Custom fields"),
-         _("Actions"), _("Created by"), _("Updated")], customers, _("No customers yet."))}
-<h2>{escape(_("Bulk jobs"))} ({len(jobs)})</h2>
-{_table([_("Process code"), _("Operation"), _("Status"), _("Rows"), _("Succeeded"),
-         _("Failed rows"), _("Submitted")], jobs, _("No bulk jobs."))}
-<h2>{escape(_("Recent requests"))}</h2>
-{_table([_("Received"), _("Method"), _("Path"), _("Status"), _("Fault"), _("Parameters")],
-        requests, _("No requests yet."))}
+<p>{faults_label}: {snapshot["faults_injected"]} {faults}</p>
+<h2>{customers_label} ({len(customers)})</h2>
+{customer_table}
+<h2>{jobs_label} ({len(jobs)})</h2>
+{job_table}
+<h2>{requests_label}</h2>
+{request_table}
 </body></html>
 """
