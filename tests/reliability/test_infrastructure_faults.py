@@ -80,6 +80,7 @@ def test_broker_stopped_while_500_customers_are_saved(satori_sandbox, celery_wor
         assert satori_sandbox.state.requests == []
         redis_server.start()
         worker = celery_worker(concurrency=4)
+        sync._broker_paused_until = 0.0  # the publish pause after the outage has run out
         with satori_settings(SWEEP_AFTER_SECONDS=0):
             counts = sync.sweep()  # what beat runs every minute
         assert counts["dispatched"] == count
