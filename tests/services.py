@@ -471,12 +471,16 @@ def _run_pass(name: str, argv: Sequence[str], env: dict[str, str]) -> int:
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        # The child got the same Ctrl-C; give it time to tear down its own workers.
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        # After a Ctrl-C the child got the same SIGINT; after a SIGTERM to us it got
+        # nothing yet. Either way give it time to tear down its own workers.
+        for signum, grace in ((None, 1.0), (signal.SIGINT, 30.0), (signal.SIGKILL, None)):
+            if signum is not None:
+                proc.send_signal(signum)
+            try:
+                proc.wait(timeout=grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
         raise
 
 
