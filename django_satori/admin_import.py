@@ -143,12 +143,12 @@ class _Views:
         if request.method == "POST":
             return self._mark(request, category)
         page_number = _int(request.GET.get("page"), 1)
-        counts = {"only_in_django": reconcile.only_in_django().count(),
-                  "only_in_satori": reconcile.only_in_satori().count()}
         by_field: dict[str, int] = {}
+        page: Any
+        counts_different: int | None = None  # counting it means comparing every customer
         if category == "different":
-            items, counts["different"], by_field = self._different_page(page_number)
-            page = Paginator(range(counts["different"]), PAGE_SIZE).get_page(page_number)
+            items, counts_different, by_field = self._different_page(page_number)
+            page = Paginator(range(counts_different), PAGE_SIZE).get_page(page_number)
         else:
             queryset = (reconcile.only_in_django() if category == "only_in_django"
                         else reconcile.only_in_satori()).select_related("sync_state")
@@ -156,7 +156,11 @@ class _Views:
             items = [{"id": c.pk, "email": c.email,
                       "status": _status(getattr(c, "sync_state", None)), "differences": ()}
                      for c in page.object_list]
-            counts["different"] = None  # counting it means comparing every customer
+        counts: dict[str, int | None] = {
+            "only_in_django": reconcile.only_in_django().count(),
+            "only_in_satori": reconcile.only_in_satori().count(),
+            "different": counts_different,
+        }
         for item in items:
             item["url"] = self._change_url(item["id"])
             item["status"] = _status_label(item["status"])

@@ -100,9 +100,9 @@ JAPANESE_HEADERS: dict[str, str] = {
 }
 
 _DATE_RE = re.compile(r"^(\d{4})[/-](\d{1,2})[/-](\d{1,2})(?:[ T]\d{1,2}:\d{2}(?::\d{2})?)?$")
-_TEXT_FIELDS_MAX = {
-    f.name: f.max_length for f in Customer._meta.get_fields()
-    if getattr(f, "max_length", None) and f.name in IMPORT_KEYS
+_TEXT_FIELDS_MAX: dict[str, int] = {
+    f.name: f.max_length for f in Customer._meta.concrete_fields
+    if f.max_length and f.name in IMPORT_KEYS
 }
 
 
@@ -338,8 +338,10 @@ def _header_key(name: str, conf: SatoriSettings,
                 extra: Mapping[str, str]) -> tuple[str | None, str]:
     """Our key for one header cell, or (None, why it is ignored)."""
     text = unicodedata.normalize("NFKC", name).strip()
-    if name in extra or text in extra:
-        return extra.get(name) or extra[text], ""
+    if name in extra:
+        return extra[name], ""
+    if text in extra:
+        return extra[text], ""
     lowered = text.lower()
     if lowered in IMPORT_KEYS:
         return lowered, ""
@@ -376,7 +378,8 @@ def map_header(header: list[str], conf: SatoriSettings | None = None,
         shown = name.strip() or _("(column %(n)d, no name)") % {"n": position}
         key, reason = _header_key(name, conf, extra) if name.strip() else (None, _("no name"))
         if key is not None and key in taken:
-            key, reason = None, _("same item as column %(name)r") % {"name": taken[key]}
+            reason = _("same item as column %(name)r") % {"name": taken[key]}
+            key = None
         keys.append(key)
         if key is None:
             ignored.append(IgnoredColumn(shown, reason))
@@ -676,7 +679,7 @@ class _Importer:
     def _apply(self, rows: list[ExportRow]
                ) -> tuple[dict[str, int], list[tuple[ExportRow, str]]]:
         emails = [row.email for row in rows]
-        states: dict[str, dict[str, Any]] = {}
+        states: dict[str, Any] = {}
         customers: dict[str, int] = dict(pairs_in(Customer, "email", emails, "id"))
         for chunk in _chunks(emails):
             states.update((s["email"], s) for s in SyncState.objects.filter(email__in=chunk)

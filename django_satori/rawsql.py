@@ -12,12 +12,21 @@ with ``bulk_create``.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 from django.db import connections, models, router
 from django.utils import timezone
 
 Prep = Callable[[Any], Any]
+
+
+def _field(model: type[models.Model], name: str) -> models.Field[Any, Any]:
+    """A concrete field by name or attname (``customer_id``)."""
+    return cast("models.Field[Any, Any]", model._meta.get_field(name))
+
+
+def _column(field: Any) -> str:
+    return cast(str, field.column)
 
 
 def _prep(field: models.Field[Any, Any], connection: Any) -> Prep:
@@ -54,7 +63,7 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
     for field in model._meta.concrete_fields:
         if field is model._meta.auto_field:
             continue
-        columns.append(connection.ops.quote_name(field.column))
+        columns.append(connection.ops.quote_name(_column(field)))
         if field.attname in varying:
             varying_slots.append((len(template), field.attname, _prep(field, connection)))
             template.append(None)
@@ -66,8 +75,7 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
         else:
             value = field.get_default()
         template.append(field.get_db_prep_save(value, connection=connection))
-    sql = (f"INSERT INTO {connection.ops.quote_name(model._meta.db_table)} "
-           f"({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})")
+    table = connection.ops.quote_name(model._meta.db_table)
     params = []
     for row in rows:
         values = list(template)
@@ -75,7 +83,16 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
             values[position] = prep(row[key])
         params.append(values)
     with connection.cursor() as cursor:
-        cursor.executemany(sql, params)
+        copy = getattr(cursor.cursor, "copy", None)
+        if connection.vendor == "postgresql" and copy is not None:
+            # psycopg 3: COPY streams the rows in one go; INSERTs would cost a round
+            # trip each, and Django's client-side binding makes long INSERTs slow.
+            with copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as stream:
+                for values in params:
+                    stream.write_row(values)
+            return
+    _executemany(connection, f"INSERT INTO {table} ({', '.join(columns)}) "
+                             f"VALUES ({', '.join(['%s'] * len(columns))})", params)
 
 
 def update_rows(model: type[models.Model], fields: Sequence[str],
@@ -87,15 +104,14 @@ def update_rows(model: type[models.Model], fields: Sequence[str],
     connection = connections[db]
     qn = connection.ops.quote_name
     opts = model._meta
-    targets = [opts.get_field(name) for name in fields]
+    targets = [_field(model, name) for name in fields]
     preps = [_prep(field, connection) for field in targets]
-    assignments = ", ".join(f"{qn(field.column)} = %s" for field in targets)
+    assignments = ", ".join(f"{qn(_column(field))} = %s" for field in targets)
     sql = (f"UPDATE {qn(opts.db_table)} SET {assignments} "
-           f"WHERE {qn(opts.pk.column)} = %s")
+           f"WHERE {qn(_column(opts.pk))} = %s")
     params = [[prep(row[field.attname]) for field, prep in zip(targets, preps, strict=True)]
               + [row["pk"]] for row in rows]
-    with connection.cursor() as cursor:
-        cursor.executemany(sql, params)
+    _executemany(connection, sql, params)
 
 
 def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
@@ -109,8 +125,8 @@ def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
     connection = connections[db]
     qn = connection.ops.quote_name
     opts = model._meta
-    key_column = qn(opts.get_field(key).column)
-    other_column = qn(opts.get_field(other).column)
+    key_column = qn(_column(_field(model, key)))
+    other_column = qn(_column(_field(model, other)))
     found: list[tuple[Any, Any]] = []
     with connection.cursor() as cursor:
         for start in range(0, len(values), chunk):
@@ -120,3 +136,19 @@ def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
                 f"WHERE {key_column} IN ({', '.join(['%s'] * len(part))})", part)
             found.extend(cursor.fetchall())
     return found
+
+
+def _executemany(connection: Any, sql: str, params: list[list[Any]]) -> None:
+    """``executemany``, pipelined where the driver can (psycopg 3).
+
+    Without a pipeline psycopg waits for each row's answer: one network round
+    trip per row, which makes 100,000 rows take minutes instead of seconds.
+    """
+    raw = connection.connection
+    pipeline = getattr(raw, "pipeline", None)
+    with connection.cursor() as cursor:
+        if pipeline is None:
+            cursor.executemany(sql, params)
+            return
+        with pipeline():
+            cursor.executemany(sql, params)

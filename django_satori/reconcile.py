@@ -22,7 +22,7 @@ import datetime as dt
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any, Protocol
 
 from django.db import models
 from django.db.models import Q
@@ -36,6 +36,10 @@ from .sync import DATA_FIELDS
 
 CATEGORIES: tuple[str, ...] = ("only_in_django", "only_in_satori", "different")
 CSV_HEADER: tuple[str, ...] = ("category", "email", "field", "django", "satori")
+
+
+class Writable(Protocol):
+    def write(self, text: str, /) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,19 @@ class _Rules:
             for identifier, definition in conf.CUSTOM_FIELDS.items()})
 
 
+_ORDER = {name: position for position, name in enumerate((*DATA_FIELDS, "tags"))}
+
+
+def _field_order(key: str) -> tuple[int, str]:
+    return _ORDER.get(key, len(_ORDER)), key
+
+
 def _compare(local: Mapping[str, Any], tags: Any, custom: Mapping[str, Any],
              remote: Mapping[str, Any], rules: _Rules) -> list[FieldDifference]:
     differences: list[FieldDifference] = []
-    for key, remote_value in remote.items():
+    # In the customer form's order, whatever order the JSON came back in (jsonb sorts keys).
+    for key in sorted(remote, key=_field_order):
+        remote_value = remote[key]
         if key == "tags":
             local_tags, remote_tags = _tags(tags), _tags(remote_value)
             if local_tags != remote_tags:
@@ -227,7 +240,7 @@ def rows(categories: Iterable[str] = CATEGORIES, *,
             yield category, email, "", "", ""
 
 
-def write_csv(out: IO[str], categories: Iterable[str] = CATEGORIES, *,
+def write_csv(out: Writable, categories: Iterable[str] = CATEGORIES, *,
               limit: int | None = None) -> int:
     """The report as CSV (header ``CSV_HEADER``); returns the number of data rows."""
     writer = csv.writer(out, lineterminator="\n")
@@ -239,7 +252,7 @@ def write_csv(out: IO[str], categories: Iterable[str] = CATEGORIES, *,
     return count
 
 
-def write_text(out: IO[str], categories: Iterable[str] = CATEGORIES, *,
+def write_text(out: Writable, categories: Iterable[str] = CATEGORIES, *,
                limit: int | None = 50) -> None:
     """The report for people: counts, then up to ``limit`` customers per category."""
     categories = tuple(categories)

@@ -405,8 +405,11 @@ def test_the_report_lists_exactly_the_planted_differences(tmp_path, sandbox):
     assert "In both, with different values: 7" in text.getvalue()
     assert "... and 4 more" in text.getvalue()
     differing = {d.email: d for d in reconcile.different()}
-    assert not differing["user1@example.jp"].differences[0].push_fixes  # empty locally
-    assert differing["user2@example.jp"].differences[0].push_fixes
+    user1 = differing["user1@example.jp"].differences
+    assert [d.field for d in user1][:3] == ["last_name", "first_name", "last_name_reading"]
+    assert [d.field for d in user1][-3:] == ["tags", "custom:birthday", "custom:plan"]
+    assert not user1[0].push_fixes  # empty locally: sending it would not clear SATORI's
+    assert user1[1].push_fixes and differing["user2@example.jp"].differences[0].push_fixes
 
 
 def test_mark_for_sync_from_the_report(tmp_path, sandbox):
@@ -567,3 +570,23 @@ def test_memory_stays_flat_as_the_file_grows(tmp_path, satori_sandbox, monkeypat
         tracemalloc.stop()
     small, large = peaks
     assert large < small * 1.25, f"peak {small} bytes for 5,000 rows, {large} for 20,000"
+
+
+def test_the_pages_are_reachable_from_the_customer_admin(tmp_path, sandbox, admin_client):
+    """The project's own admin (tests/urls.py) includes the pages under the Customer admin."""
+    changelist = admin_client.get("/admin/django_satori/customer/").content.decode()
+    assert "/admin/django_satori/customer/import/" in changelist
+    assert "/admin/django_satori/customer/import/report/" in changelist
+    path = write_export(tmp_path / "e.csv", [export_row(1)])
+    with open(path, "rb") as upload:
+        page = admin_client.post("/admin/django_satori/customer/import/",
+                                 {"file": upload, "encoding": "auto"})
+    assert page.status_code == 302
+    page = admin_client.get(page.url)
+    assert page.status_code == 200
+    report = admin_client.get(
+        "/admin/django_satori/customer/import/report/?category=only_in_satori")
+    assert report.status_code == 200 and "user1@example.jp" in report.content.decode()
+    # The customer's change page is linked from the report.
+    customer = Customer.objects.get()
+    assert f"/admin/django_satori/customer/{customer.pk}/change/" in report.content.decode()
