@@ -13,8 +13,8 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, router, transaction
+from django.utils.translation import gettext, pgettext_lazy
 from django.utils.translation import gettext_lazy as _
-from django.utils.translation import pgettext_lazy
 
 from .exceptions import SatoriValidationError
 from .schema import EMAIL_MAX_LENGTH, normalize_email
@@ -83,6 +83,9 @@ class Customer(models.Model):
     created_at = models.DateTimeField(_("created"), auto_now_add=True)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
+    #: The e-mail as loaded from the database, to follow a change in SATORI.
+    _loaded_email: str | None = None
+
     class Meta:
         verbose_name = _("SATORI customer")
         verbose_name_plural = _("SATORI customers")
@@ -142,10 +145,10 @@ class Customer(models.Model):
         except SatoriValidationError as exc:
             errors["email"] = [exc.message]
         if not isinstance(self.tags, list) or not all(isinstance(t, str) for t in self.tags):
-            errors["tags"] = [_("Tags must be a list of names.")]
+            errors["tags"] = [gettext("Tags must be a list of names.")]
         if not isinstance(self.custom_fields, dict):
-            errors["custom_fields"] = [_('Custom fields must be an object such as '
-                                        '{"custom:plan": "gold"}.')]
+            errors["custom_fields"] = [gettext('Custom fields must be an object such as '
+                                               '{"custom:plan": "gold"}.')]
         else:
             try:
                 clean_customer(self.custom_fields, custom_fields=get_settings().CUSTOM_FIELDS,
@@ -156,8 +159,8 @@ class Customer(models.Model):
             raise ValidationError(errors)
 
     @classmethod
-    def from_db(cls, db: Any, field_names: Any, values: Any) -> Customer:
-        instance = super().from_db(db, field_names, values)
+    def from_db(cls, *args: Any, **kwargs: Any) -> Customer:  # type: ignore[override]
+        instance = super().from_db(*args, **kwargs)
         # Remembered so a changed e-mail can be followed in SATORI (see sync.record_change).
         instance._loaded_email = instance.__dict__.get("email")
         return instance

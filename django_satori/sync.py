@@ -358,7 +358,7 @@ def _why_not_claimed(state_id: int, now: dt.datetime) -> PushResult:
     row = SyncState.objects.filter(pk=state_id).values("status", "not_before").first()
     due = row["not_before"] if row else None
     if row and row["status"] == SyncStatus.PENDING and due and due > now:
-        return PushOutcome.NOT_DUE, (row["not_before"] - now).total_seconds()
+        return PushOutcome.NOT_DUE, (due - now).total_seconds()
     return PushOutcome.BUSY, None
 
 
@@ -648,15 +648,15 @@ def send_action(action_id: int) -> tuple[str, float | None]:
                                          occurred_at=action.occurred_at)
     except SatoriError as exc:
         final = not exc.retryable or attempt >= conf.MAX_ATTEMPTS
-        delay = None if final else backoff(attempt, conf, getattr(exc, "retry_after", None))
+        retry_in = None if final else backoff(attempt, conf, getattr(exc, "retry_after", None))
         CustomerAction.objects.filter(pk=action_id).update(
             status=ActionStatus.FAILED if final else ActionStatus.PENDING, attempts=attempt,
             last_error=str(exc), lease_until=None,
-            not_before=None if final else timezone.now() + dt.timedelta(seconds=delay or 0))
+            not_before=None if final else timezone.now() + dt.timedelta(seconds=retry_in or 0))
         _log(action.email, endpoint_name,
              SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY, status=exc.status,
              request=summary, attempt=attempt, message=str(exc), started=started)
-        return ("failed", None) if final else ("retry", delay)
+        return ("failed", None) if final else ("retry", retry_in)
     CustomerAction.objects.filter(pk=action_id).update(
         status=ActionStatus.SENT, attempts=attempt, last_error="", lease_until=None,
         sent_at=timezone.now())
