@@ -248,6 +248,26 @@ def test_dry_run_reports_changes_and_writes_nothing(tmp_path, sandbox):
     assert not ImportRun.objects.exists() and not ImportedCustomer.objects.exists()
 
 
+def test_an_interrupted_import_leaves_whole_batches_and_can_be_run_again(tmp_path, sandbox):
+    path = write_export(tmp_path / "e.csv", [export_row(i) for i in range(7)])
+
+    def stop_after_two_batches(result):
+        if result.rows >= 4:
+            raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        import_export(path, batch_size=2, progress=stop_after_two_batches, progress_every=1)
+    run = ImportRun.objects.get()
+    assert run.status == ImportRunStatus.FAILED and run.message == "interrupted"
+    # Each customer written has its sync state, its origin and SATORI's values.
+    assert Customer.objects.count() == SyncState.objects.filter(in_satori=True).count() == 4
+    assert ImportedCustomer.objects.count() == 4
+
+    result = import_export(path)
+    assert (result.created, result.refreshed) == (3, 4)
+    assert Customer.objects.count() == 7
+
+
 def test_a_file_without_an_e_mail_column_is_refused(tmp_path, sandbox):
     path = write_export(tmp_path / "e.csv", [export_row(1)], keys=KEYS[1:])
     with pytest.raises(ImportFileError) as caught:
