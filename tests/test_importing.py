@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import time
 import tracemalloc
 from collections.abc import Iterable
 from pathlib import Path
@@ -556,15 +555,13 @@ def test_admin_pages_need_permissions(client, django_user_model, tmp_path, sandb
 # --------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_100000_row_shift_jis_export_imports_well_under_a_minute(tmp_path, satori_sandbox):
+def test_100000_row_shift_jis_export_imports_and_reconciles_exactly(tmp_path, satori_sandbox):
+    # How long it takes is measured by `make bench` (bench/RESULTS.md), not here.
     count = 100_000
     expected = plant_differences(tmp_path, count=20)  # a first, small export
     path = write_export(tmp_path / "big.csv", (export_row(i) for i in range(count)),
                         encoding="cp932", labels=JAPANESE)
-    started = time.monotonic()
     result = import_export(path)
-    seconds = time.monotonic() - started
-    assert seconds < 60, f"took {seconds:.1f}s"
     assert (result.rows, result.skipped_count, result.encoding) == (count, 0, "cp932")
     assert (result.created, result.refreshed) == (count - 20, 20)
     assert Customer.objects.count() == count + 1
