@@ -34,6 +34,7 @@ from .models import (
     BulkState,
     Customer,
     CustomerAction,
+    ImportRun,
     SyncLog,
     SyncState,
     SyncStatus,
@@ -491,3 +492,20 @@ class CustomerActionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description=gettext_lazy("last error"))
     def short_error(self, obj: CustomerAction) -> str:
         return truncatechars(obj.last_error, 80)
+
+
+@admin.register(ImportRun)
+class ImportRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    """Each import of SATORI's admin export; the full report is on its own page."""
+
+    list_display = ("started_at", "filename", "encoding", "status", "rows",
+                    "created_count", "linked_count", "refreshed_count", "skipped_count",
+                    "report_link")
+    list_filter = ("status",)
+    search_fields = ("filename",)
+    date_hierarchy = "started_at"
+
+    @admin.display(description=gettext_lazy("report"))
+    def report_link(self, obj: ImportRun) -> str:
+        url = reverse("admin:django_satori_importrun", args=[obj.pk])
+        return format_html('<a href="{}">{}</a>', url, gettext_lazy("Open"))

@@ -334,3 +334,18 @@ def test_the_customer_list_links_the_import_pages(root):
     assert reverse("admin:django_satori_customer_import") in html
     assert root.get(reverse("admin:django_satori_customer_import")).status_code == 200
     assert root.get(reverse("admin:django_satori_customer_reconcile")).status_code == 200
+
+
+def test_import_runs_are_listed_read_only_with_a_link_to_their_report(client):
+    from django.utils import timezone
+
+    from django_satori.models import ImportRun
+
+    run = ImportRun.objects.create(filename="export.csv", encoding="cp932",
+                                   started_at=timezone.now(), rows=3, created_count=2)
+    User.objects.create_superuser("root", password="pw")
+    client.login(username="root", password="pw")
+    page = client.get("/admin/django_satori/importrun/")
+    assert page.status_code == 200
+    assert f"/import/{run.pk}/" in page.content.decode()
+    assert client.get("/admin/django_satori/importrun/add/").status_code == 403
