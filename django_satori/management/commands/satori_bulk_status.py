@@ -6,6 +6,7 @@ status check failed to reach SATORI, 2 wrong usage.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -59,11 +60,12 @@ class Command(BaseCommand):
         if not rows:
             self.stdout.write(_("No bulk jobs."))
             return
-        widths = [max(len(str(c)) for c in column) for column in zip(columns, *rows,
-                                                                     strict=False)]
+        widths = [max(_width(str(c)) for c in column) for column in zip(columns, *rows,
+                                                                        strict=False)]
         for line in (columns, *rows):
-            self.stdout.write("  ".join(str(c).ljust(w) for c, w in zip(line, widths,
-                                                                          strict=True)).rstrip())
+            cells = (str(c) + " " * (w - _width(str(c))) for c, w in zip(line, widths,
+                                                                          strict=True))
+            self.stdout.write("  ".join(cells).rstrip())
 
     def _details(self, job: BulkJob) -> None:
         if job.error:
@@ -79,3 +81,8 @@ class Command(BaseCommand):
         for error in job.row_errors.order_by("part__number", "row_number", "id")[:ERRORS_SHOWN]:
             self.stdout.write(f"  {error.email} [{error.row_number or '-'}] {error.field}: "
                               f"{error.message}")
+
+
+def _width(text: str) -> int:
+    """Columns a terminal gives ``text``: Japanese (wide) characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
