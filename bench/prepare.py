@@ -17,11 +17,17 @@ def migrate() -> dict[str, Any]:
     return {"ok": True}
 
 
-def seed(customers: int = 0, members: int = 0) -> dict[str, Any]:
-    """Replace the data set: ``customers`` plain customers (synced), ``members`` Members."""
+def seed(customers: int = 0, members: int = 0, sql: bool = False) -> dict[str, Any]:
+    """Replace the data set: ``customers`` plain customers (synced), ``members`` Members.
+
+    ``sql``: let the database generate the customers (the same rows, much faster).
+    """
     started = time.perf_counter()
     data.wipe()
-    data.seed_customers(customers, synced=True)
+    if sql and customers:
+        data.seed_customers_sql(customers, synced=True)
+    else:
+        data.seed_customers(customers, synced=True)
     data.seed_members(members)
     if connection.vendor == "postgresql":
         data.analyze()

@@ -86,7 +86,7 @@ class Runner:
         if self.seeded.get(db.vendor) == (customers, members):
             return
         _say(f"seeding {db.vendor}: {customers:,} customers, {members:,} members")
-        self.ctx.child(db, "seed", {"customers": customers, "members": members})
+        self.ctx.child(db, "seed", {"customers": customers, "members": members, "sql": True})
         self.seeded[db.vendor] = (customers, members)
 
     # -- groups ------------------------------------------------------------------
