@@ -49,7 +49,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
-from .rawsql import insert_rows, pairs_in, update_rows
+from .rawsql import analyze, insert_rows, pairs_in, update_rows
 from .schema import CUSTOM_PREFIX, STANDARD_FIELDS, custom_field_type, normalize_email
 
 #: ``--encoding`` choices. ``cp932`` is Windows-31J, the Shift_JIS that Japanese Windows writes.
@@ -618,9 +618,14 @@ def import_export(
         raise
     result.seconds = time.monotonic() - started
     importer.finish()
+    if not dry_run:
+        # The reconciliation report queries these tables next.
+        analyze(Customer, SyncState, ImportedCustomer)
     if progress:
         progress(result)
     return result
+
+
 
 
 def _email_guess(record: list[str], keys: list[str | None]) -> str:

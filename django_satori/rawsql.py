@@ -152,3 +152,19 @@ def _executemany(connection: Any, sql: str, params: list[list[Any]]) -> None:
             return
         with pipeline():
             cursor.executemany(sql, params)
+
+
+def analyze(*models_: type[models.Model]) -> None:
+    """Refresh PostgreSQL's planner statistics for these tables (no-op elsewhere).
+
+    After a large load, statistics from when a table was empty make the planner
+    choose nested loops over full scans: minutes instead of a second at 100,000
+    rows. ANALYZE samples the tables in a fraction of a second, and works inside
+    a transaction (it counts that transaction's own new rows).
+    """
+    connection = connections[router.db_for_write(models_[0])]
+    if connection.vendor != "postgresql":
+        return
+    tables = ", ".join(connection.ops.quote_name(m._meta.db_table) for m in models_)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {tables}")
