@@ -40,6 +40,8 @@ SYNC_COUNT = 10_000
 EXPORT_ROWS = (100_000,)
 EXPORT_ROWS_FULL = (100_000, 1_000_000)
 EXPORT_VARIANTS = ("satori", "plain", "import_export")
+#: Diagnostic exporters, only run when named in --export-variants.
+EXPORT_DIAGNOSTICS = ("satori_no_claim",)
 BULK_COUNT = 100_000
 COALESCE_SAVES, COALESCE_CUSTOMERS = 1000, 10
 #: Single pushes without the rate limit and without bulk routing (the issue's setup).
@@ -126,6 +128,9 @@ class Runner:
                 else EXPORT_VARIANTS[:2]
             if self.options.proposals:
                 variants = (*variants, *EXPORT_PROPOSALS)
+            if self.options.export_variants:
+                variants = tuple(v for v in self.options.export_variants.split(",") if v in (
+                    *EXPORT_VARIANTS, *EXPORT_DIAGNOSTICS, *EXPORT_PROPOSALS))
             for run, variant in self.pairs(variants):
                 params: dict[str, Any] = {
                     "variant": "satori" if variant in EXPORT_PROPOSALS else variant,
@@ -269,6 +274,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--merge", action="store_true",
                         help="keep the figures of the existing report that this run does not "
                              "measure (e.g. add --full export figures to a default run)")
+    parser.add_argument("--export-variants", default="",
+                        help="only these exporters (comma-separated: satori, plain, "
+                             "import_export, satori_no_claim: the same job as a dry run, or a "
+                             "proposal variant such as satori_claim_by_pk)")
+    parser.add_argument("--logs", default="",
+                        help="copy the worker and sandbox logs to this directory at the end")
     parser.add_argument("--profile", default="",
                         help="directory for pyinstrument profiles of the first run of each case")
     options = parser.parse_args(argv)
@@ -326,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for cleanup in reversed(cleanups):
             cleanup()
+        if options.logs:
+            shutil.copytree(ctx.logdir, options.logs, dirs_exist_ok=True)
         if not failed:
             shutil.rmtree(workdir, ignore_errors=True)
     if failed:

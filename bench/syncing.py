@@ -152,12 +152,14 @@ def run_coalesce(saves: int, customers: int, sandbox: str,
     time.sleep(conf.COALESCE_SECONDS + 1.0)
     state = sandbox_state(sandbox)
     calls = _calls(state)
+    outcomes = dict(SyncLog.objects.values_list("outcome").annotate(n=Count("pk")))
     newest = {c["email"]: c["fields"].get("first_name") for c in state["customers"]}
     last_values = {t.email: f"coalesce-{saves - customers + n}" for n, t in enumerate(targets)}
     current = all(newest.get(email) == value for email, value in last_values.items())
     return {"seconds": burst.seconds, "saves": saves, "customers": customers,
             "calls": sum(calls.values()), "calls_by_operation": calls,
             "settle_seconds": settle, "coalesce_seconds": conf.COALESCE_SECONDS,
+            "sync_log_outcomes": outcomes,
             "sandbox_has_last_values": current, "proposal": proposal}
 
 
@@ -165,7 +167,13 @@ def run_coalesce(saves: int, customers: int, sandbox: str,
 
 def run_bulk(count: int, sandbox: str) -> dict[str, Any]:
     """Mark ``count`` customers pending (default threshold): time until all are synced."""
+    from django_satori.models import BulkPart, BulkRowError
+
     conf = get_settings()
+    # The previous run's jobs go too: only this run's job and parts are counted.
+    BulkRowError.objects.all().delete()
+    BulkPart.objects.all().delete()
+    BulkJob.objects.all().delete()
     _fresh_outbox()
     sandbox_reset(sandbox)
     customers = Customer.objects.filter(source_model="")
