@@ -10,13 +10,15 @@ from django_satori import sync
 from django_satori.models import SyncState, SyncStatus
 
 
-def drain(max_rounds: int = 50) -> int:
+def drain(timeout: float = 20.0) -> int:
     """Push every due pending row until none is left; returns the number of pushes.
 
     Stands in for a worker in unit tests: the same ``sync.push`` the task runs.
+    Rows waiting for a retry (back-off, Retry-After) are waited for.
     """
     pushes = 0
-    for _round in range(max_rounds):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         now = timezone.now()
         due = list(
             SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
