@@ -13,7 +13,7 @@ import io
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
 
@@ -136,17 +136,21 @@ def test_invalid_rows_are_left_out_reported_and_the_rest_goes_ahead(satori_sandb
     Customer.objects.create(email="unknown@example.jp", collection_route="web",
                             custom_fields={"custom:color": "red"})
     Customer.objects.create(email="tagsep@example.jp", collection_route="web", tags=["a,b"])
-    Customer.objects.bulk_create([
+    bypassing_save = [
         Customer(email="Upper@Example.jp", collection_route="web"),
         Customer(email="no-at-sign", collection_route="web"),
         Customer(email="perm@example.jp", collection_route="web", delivery_permission="maybe"),
-        Customer(email="nul@example.jp", collection_route="web", memo="a\x00b"),
-    ])
+    ]
+    nul_possible = connection.vendor != "postgresql"  # PostgreSQL cannot store NUL at all
+    if nul_possible:
+        bypassing_save.append(Customer(email="nul@example.jp", collection_route="web",
+                                       memo="a\x00b"))
+    Customer.objects.bulk_create(bypassing_save)
 
     job = run(start())
 
     assert job.state == BulkState.FINISHED
-    assert (job.row_count, job.succeeded_count, job.invalid_count) == (3, 3, 8)
+    assert (job.row_count, job.succeeded_count, job.invalid_count) == (3, 3, 7 + nul_possible)
     errors = {e.email: e for e in BulkRowError.objects.filter(job=job)}
     assert all(e.before_upload and e.row_number is None for e in errors.values())
     assert errors["noroute@example.jp"].field == "collection_route"
@@ -157,7 +161,8 @@ def test_invalid_rows_are_left_out_reported_and_the_rest_goes_ahead(satori_sandb
     assert "normalised" in errors["Upper@Example.jp"].message
     assert errors["no-at-sign"].field == "email"
     assert errors["perm@example.jp"].field == "delivery_permission"
-    assert errors["nul@example.jp"].field == "memo"
+    if nul_possible:
+        assert errors["nul@example.jp"].field == "memo"
     assert errors["plan@example.jp"].customer.email == "plan@example.jp"
     # Nothing invalid reached SATORI; the valid rows did.
     (request,) = satori_sandbox.state.requests_for("bulk_upsert")
