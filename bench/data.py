@@ -150,14 +150,14 @@ def _expressions(vendor: str) -> dict[str, str]:
     """SQL for each generated Customer column, over a series ``i``; same values as _customer."""
     if vendor == "postgresql":
         pad7, pad4 = "lpad(i::text, 7, '0')", "lpad(({x})::text, 4, '0')"
-        date = "date '2024-01-01' + (i % 365)"
+        date = "date '2024-01-01' + (i %% 365)"
         array, obj = "jsonb_build_array", "jsonb_build_object"
-        plan = "(ARRAY['free','standard','gold','platinum'])[i % 4 + 1]"
+        plan = "(ARRAY['free','standard','gold','platinum'])[i %% 4 + 1]"
     else:
         pad7, pad4 = "substr('0000000' || i, -7)", "substr('0000' || ({x}), -4)"
-        date = "date('2024-01-01', '+' || (i % 365) || ' days')"
+        date = "date('2024-01-01', '+' || (i %% 365) || ' days')"
         array, obj = "json_array", "json_object"
-        plan = ("CASE i % 4 WHEN 0 THEN 'free' WHEN 1 THEN 'standard' WHEN 2 THEN 'gold' "
+        plan = ("CASE i %% 4 WHEN 0 THEN 'free' WHEN 1 THEN 'standard' WHEN 2 THEN 'gold' "
                 "ELSE 'platinum' END")
     return {
         "email": f"'customer' || {pad7} || '@bench.example.com'",
@@ -165,17 +165,17 @@ def _expressions(vendor: str) -> dict[str, str]:
         "first_name": "'太郎' || i",
         "last_name_reading": "'ヤマダ'",
         "first_name_reading": "'タロウ'",
-        "lead_company_name": "'株式会社ベンチ' || (i % 500)",
+        "lead_company_name": "'株式会社ベンチ' || (i %% 500)",
         "department": "'営業部'",
-        "phone_number": f"'03-' || {pad4.format(x='i % 10000')} || '-' || "
-                        f"{pad4.format(x='(i * 7) % 10000')}",
+        "phone_number": f"'03-' || {pad4.format(x='i %% 10000')} || '-' || "
+                        f"{pad4.format(x='(i * 7) %% 10000')}",
         "address": "'東京都千代田区丸の内1-1-1'",
         "collection_route": "'bench'",
         "collection_date": date,
-        "delivery_permission": "CASE WHEN i % 5 = 0 THEN 'reject' ELSE 'approval' END",
-        "tags": f"CASE WHEN i % 11 = 0 THEN {array}('newsletter', 'segment-' || (i % 20), 'vip') "
-                f"ELSE {array}('newsletter', 'segment-' || (i % 20)) END",
-        "custom_fields": f"{obj}('custom:plan', {plan}, 'custom:age', 20 + i % 60)",
+        "delivery_permission": "CASE WHEN i %% 5 = 0 THEN 'reject' ELSE 'approval' END",
+        "tags": f"CASE WHEN i %% 11 = 0 THEN {array}('newsletter', 'segment-' || (i %% 20), 'vip') "
+                f"ELSE {array}('newsletter', 'segment-' || (i %% 20)) END",
+        "custom_fields": f"{obj}('custom:plan', {plan}, 'custom:age', 20 + i %% 60)",
     }
 
 

@@ -42,7 +42,11 @@ def _select(records: list[dict[str, Any]], **match: Any) -> list[dict[str, Any]]
 
 
 def _mib(kib: float) -> str:
-    return f"{kib / 1024:,.0f} MiB"
+    return "n/a" if kib != kib else f"{kib / 1024:,.0f} MiB"  # nan: not recorded
+
+
+def _seconds(value: float) -> str:
+    return "n/a" if value != value else f"{value:.2f} s"  # nan: not recorded
 
 
 def _rate(value: float) -> str:
@@ -142,7 +146,7 @@ def _export(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str
                          else variant.replace("_", "-"))
                 rows_out.append([
                     db, f"{size:,}", label, str(len(runs)),
-                    f"{median(runs, 'seconds'):.2f} s", f"{median(runs, 'cpu_seconds'):.2f} s",
+                    f"{median(runs, 'seconds'):.2f} s", _seconds(median(runs, "cpu_seconds")),
                     _rate(rate),
                     f"{rate / plain_rate:.2f}x" if by["plain"] else "",
                     f"{rate / ie_rate:.1f}x" if by["import_export"] else "",
