@@ -168,7 +168,7 @@ class CeleryWorker:
     def is_running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, *, wait: bool = True, timeout: float = 30.0) -> CeleryWorker:
+    def start(self, *, wait: bool = True, timeout: float = 90.0) -> CeleryWorker:
         if self.is_running():
             raise RuntimeError(f"worker {self.hostname} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +203,7 @@ class CeleryWorker:
         tail = "\n".join(self.log_text(since_start=True).splitlines()[-lines:])
         return f"--- worker log ({self.log_path}) ---\n{tail}"
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = 90.0) -> None:
         """Block until the worker consumes from the broker (its log says "ready.")."""
         ready = re.compile(re.escape(self.hostname) + r" ready\.")
         deadline = time.monotonic() + timeout

@@ -121,8 +121,10 @@ def test_readme_quick_start(venv: Path, sandbox: str, redis_server: Any,
     init = project / "mysite" / "__init__.py"
     init.write_text(init.read_text() + "from .celery import app as celery_app\n")
 
+    # A new user's shell: none of our settings, and no PYTHONSAFEPATH (tox sets it),
+    # which would stop manage.py from finding the project next to it.
     env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("SATORI_", "CELERY_", "DJANGO_"))}
+           if not name.startswith(("SATORI_", "CELERY_", "DJANGO_")) and name != "PYTHONSAFEPATH"}
     env.update(readme_env())
     env["SATORI_BASE_URL"] = sandbox  # the README's port 8765 may be taken here
     env["CELERY_BROKER_URL"] = redis_server.url

@@ -71,6 +71,9 @@ def check_host(host: str, allow_remote: bool) -> None:
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
+    # The default backlog of 5 drops connections when a test or a benchmark opens
+    # many at once; SATORI itself never refuses a connection for that.
+    request_queue_size = 128
     sandbox: SandboxServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:
