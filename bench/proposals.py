@@ -123,7 +123,7 @@ def single_statement_mark() -> None:
                operation = %s, updated_at = %s, customer_id = COALESCE(%s, customer_id),
                not_before = CASE WHEN status = 'pending' THEN not_before ELSE %s END,
                attempts = CASE WHEN status = 'pending' THEN attempts ELSE 0 END,
-               dispatched_at = CASE WHEN status = 'pending' THEN dispatched_at END
+               dispatched_at = CASE WHEN status = 'pending' THEN dispatched_at ELSE %s END
         WHERE email = %s RETURNING id, not_before = %s
 
     The second column says whether the row just became pending (only then
@@ -140,7 +140,7 @@ def single_statement_mark() -> None:
            "updated_at = %s, customer_id = COALESCE(%s, customer_id), "
            "not_before = CASE WHEN status = %s THEN not_before ELSE %s END, "
            "attempts = CASE WHEN status = %s THEN attempts ELSE 0 END, "
-           "dispatched_at = CASE WHEN status = %s THEN dispatched_at END "
+           "dispatched_at = CASE WHEN status = %s THEN dispatched_at ELSE %s END "
            "WHERE email = %s RETURNING id, not_before = %s")
 
     def mark_pending(email: str, customer_id: int | None, operation: str,
@@ -153,7 +153,7 @@ def single_statement_mark() -> None:
         adapt = connection.ops.adapt_datetimefield_value
         with connection.cursor() as cursor:
             cursor.execute(sql, [pending, operation, adapt(now), customer_id, pending,
-                                 adapt(due), pending, pending, email, adapt(due)])
+                                 adapt(due), pending, pending, adapt(now), email, adapt(due)])
             row = cursor.fetchone()
         if row is None:
             return original(email, customer_id, operation, conf)
