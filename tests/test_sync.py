@@ -561,3 +561,16 @@ def test_a_failed_publish_pauses_publishing_and_the_sweep_catches_up(satori_sand
     sync._broker_paused_until = 0.0
     with satori(SWEEP_AFTER_SECONDS=0):
         assert sync.sweep()["dispatched"] == 5
+
+
+def test_a_large_mark_for_sync_goes_to_one_bulk_job_at_the_next_sweep(satori_sandbox):
+    from django_satori.models import BulkJob
+
+    with satori(BULK_THRESHOLD=2):
+        Customer.objects.bulk_create([Customer(email=f"b{i}@example.jp", collection_route="web")
+                                      for i in range(3)])
+        assert mark_for_sync(Customer.objects.all()) == 3
+        counts = sync.sweep()  # what the sweep queued by mark_for_sync does, at once
+    assert counts["bulk"] and counts["dispatched"] == 0
+    job = BulkJob.objects.get()
+    assert job.automatic
