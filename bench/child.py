@@ -29,6 +29,8 @@ TASKS = {
     "export": "export:run",
     "save_breakdown": "breakdown:run",
     "push_breakdown": "breakdown:run_push",
+    "import_file": "importing:make_file",
+    "import": "importing:run",
 }
 
 

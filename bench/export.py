@@ -31,7 +31,7 @@ from django_satori.models import BulkJob, BulkPart, BulkRowError, BulkState, Cus
 from django_satori.sync import DATA_FIELDS
 
 from . import data
-from .measure import peak_rss_kib, timed
+from .measure import peak_rss_kib, profiled, timed
 
 #: Read from the database by the plain baseline (and, as fields, by import-export).
 PLAIN_FIELDS = ("email", *DATA_FIELDS, "tags", "custom_fields")
@@ -155,17 +155,8 @@ def run(variant: str, rows: int, outdir: str, profile: str = "",
     if Customer.objects.count() != rows:
         raise RuntimeError(f"expected {rows} customers seeded")
     prepared = _prepare(variant)
-    profiler = None
-    if profile:
-        from pyinstrument import Profiler
-
-        profiler = Profiler(interval=0.001)
-        profiler.start()
-    with timed() as span:
+    with profiled(profile), timed() as span:
         written = VARIANTS[variant](out, prepared)
-    if profiler is not None:
-        profiler.stop()
-        Path(profile).write_text(profiler.output_text(unicode=True, color=False))
     peak = peak_rss_kib()
     if written != rows:
         raise RuntimeError(f"{variant} wrote {written} rows, expected {rows}")

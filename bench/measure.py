@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def rss_kib() -> int:
@@ -52,6 +53,23 @@ def timed() -> Iterator[Span]:
     finally:
         span.seconds = time.perf_counter() - started
         span.cpu_seconds = cpu_seconds() - cpu
+
+
+@contextmanager
+def profiled(path: str, interval: float = 0.001) -> Iterator[None]:
+    """A pyinstrument profile of the block written to ``path`` as text; '' profiles nothing."""
+    if not path:
+        yield
+        return
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=interval)
+    profiler.start()
+    try:
+        yield
+    finally:
+        profiler.stop()
+        Path(path).write_text(profiler.output_text(unicode=True, color=False))
 
 
 def wait_for(predicate: object, *, timeout: float, interval: float = 0.2,

@@ -304,6 +304,70 @@ def _coalesce(records: list[dict[str, Any]], summary: list[list[str]]) -> list[s
     return [*lines, ""]
 
 
+IMPORT_LABELS = {"satori": "satori_import", "plain": "plain: csv.reader + bulk_create",
+                 "plain_states": "plain + SyncState rows"}
+
+
+def _import(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
+    sizes = sorted({int(r["case"]) for r in records})
+    mib = {size: median(_select(records, case=str(size)), "bytes") / 2**20 for size in sizes}
+    files = ", ".join(f"{size:,} rows: {mib[size]:,.1f} MiB" for size in sizes)
+    lines = ["## 6. Importing SATORI's admin export (Shift_JIS)", "",
+             "The customer CSV of SATORI's admin screen as the import tests write it "
+             "(`tests/importfiles.py`): cp932, Japanese headers, CRLF, a two-line memo on every "
+             f"tenth row, 19 columns of which 17 are read ({files}). Every run starts from empty "
+             "tables, so every row creates a customer (a first import). `satori_import` is "
+             "`manage.py satori_import FILE` with its default options (encoding detected, "
+             "batches of 1,000 rows per transaction): each row is checked and converted "
+             "(e-mail normalised, dates, delivery permission, tags, lengths), each batch's "
+             "addresses and hashcodes are looked up, and each row writes a Customer, its "
+             "SyncState (hashcode, `remote_values`, `in_satori`) and an ImportedCustomer row "
+             "(`executemany` INSERTs on SQLite, COPY on PostgreSQL), then ANALYZE. The practical "
+             "limit, `plain`, is `csv.reader` over the same file opened as cp932 and "
+             "`Customer.objects.bulk_create` of the same values, 1,000 rows per transaction, "
+             "converting only what storing needs (dates, tags, 許可/拒否, custom fields) and "
+             "checking nothing; `plain + SyncState rows` also `bulk_create`s each customer's "
+             "SyncState with the values the import stores there, so it writes the two tables "
+             "the import fills, without its checks, lookups, ImportedCustomer rows and ANALYZE. "
+             "`bulk_create` prepares every value of every row through the ORM, which the "
+             "import's own SQL (`django_satori/rawsql.py`) avoids, so the baselines are the "
+             "practical limit of the plain Django way, not a ceiling for the import. Ratio = "
+             "rows/s of the row's importer / rows/s of the baseline. Peak memory is the "
+             "peak RSS of a fresh process per run; \"before\" is its RSS just before the "
+             "import started. There is no target for the import.", ""]
+    rows_out: list[list[str]] = []
+    for db in sorted({r["db"] for r in records}):
+        for size in sizes:
+            by = {v: _select(records, db=db, case=str(size), variant=v) for v in IMPORT_LABELS}
+            plain_rate = median(by["plain"], "per_second")
+            states_rate = median(by["plain_states"], "per_second")
+            for variant, runs in by.items():
+                if not runs:
+                    continue
+                rate = median(runs, "per_second")
+                rows_out.append([
+                    db, f"{size:,}", IMPORT_LABELS[variant], str(len(runs)),
+                    _seconds(median(runs, "seconds")), _seconds(median(runs, "cpu_seconds")),
+                    _rate(rate), f"{rate / plain_rate:.2f}x" if by["plain"] else "",
+                    f"{rate / states_rate:.2f}x" if by["plain_states"] else "",
+                    _mib(median(runs, "peak_rss_kib")), _mib(median(runs, "base_rss_kib")),
+                ])
+            if by["satori"]:
+                rate = median(by["satori"], "per_second")
+                peak = _mib(median(by["satori"], "peak_rss_kib"))
+                versus = [f"{rate / plain_rate:.2f}x of plain" if by["plain"] else "",
+                          f"{rate / states_rate:.2f}x of plain + SyncState rows"
+                          if by["plain_states"] else ""]
+                summary.append([f"import of a Shift_JIS export, {db}, {size:,} rows",
+                                "no target; reported",
+                                ", ".join([_rate(rate), *filter(None, versus),
+                                           f"peak RSS {peak}"]),
+                                "reported"])
+    lines += _table(["database", "rows", "importer", "runs", "time (median)", "CPU", "rows/s",
+                     "vs plain", "vs plain + SyncState rows", "peak RSS", "RSS before"], rows_out)
+    return [*lines, ""]
+
+
 def _breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
     lines = ["## 2b. Where a save with sync on spends its time", "",
              "Each step of a save with sync on, alone, 1,000 calls per run in one process "
@@ -339,7 +403,7 @@ def _push_breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> 
 SECTIONS: list[tuple[str, Callable[[list[dict[str, Any]], list[list[str]]], list[str]]]] = [
     ("export", _export), ("saves", _saves), ("breakdown", _breakdown), ("sync", _sync),
     ("push_breakdown", _push_breakdown), ("bulk", _bulk),
-    ("coalesce", _coalesce),
+    ("coalesce", _coalesce), ("import", _import),
 ]
 
 

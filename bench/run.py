@@ -8,7 +8,9 @@ are throwaway ones started here with tests/services.py and removed afterwards.
 Groups (``--only``): ``saves``, ``export`` (SQLite and PostgreSQL; with
 ``--proposals`` also ``breakdown``, the steps of a save one by one), and
 ``sync``, ``coalesce``, ``bulk`` (with one real worker and the sandbox process,
-on PostgreSQL, or on SQLite where PostgreSQL cannot start; ``--sync-databases``).
+on PostgreSQL, or on SQLite where PostgreSQL cannot start; ``--sync-databases``),
+and ``import`` (``satori_import`` of a Shift_JIS admin export beside a plain
+``csv.reader`` + ``bulk_create``; SQLite and PostgreSQL).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from .procs import BenchError, Context, Database, Sandbox, Worker, running
 from .report import COALESCE_PROPOSALS, EXPORT_PROPOSALS, SAVE_PROPOSALS
 from .settings import CUSTOM_FIELDS, SANDBOX_KEYS
 
-GROUPS = ("saves", "breakdown", "sync", "push_breakdown", "coalesce", "export", "bulk")
+GROUPS = ("saves", "breakdown", "sync", "push_breakdown", "coalesce", "export", "bulk",
+          "import")
 #: Groups that need the worker and the sandbox: run on --sync-databases.
 SYNC_GROUPS = ("sync", "push_breakdown", "coalesce", "bulk")
 SAVE_COUNT = 10_000
@@ -43,6 +46,14 @@ EXPORT_VARIANTS = ("satori", "plain", "import_export")
 #: Diagnostic exporters, only run when named in --export-variants.
 EXPORT_DIAGNOSTICS = ("satori_no_claim",)
 BULK_COUNT = 100_000
+#: Also with --full: 1,000,000 rows would add about 20 minutes (measured at 100,000: 9-10 s a
+#: run for the import and plain, 20-30 s for plain_states), and the import's flat memory is
+#: covered by tests/test_importing.py::test_memory_stays_flat_as_the_file_grows.
+IMPORT_ROWS = (100_000,)
+#: satori_import, and the practical limit without and with the outbox rows (bench/importing.py).
+IMPORT_VARIANTS = ("satori", "plain", "plain_states")
+#: The generated export has a date custom field too (as in the import tests' settings).
+IMPORT_SATORI = {"CUSTOM_FIELDS": {**CUSTOM_FIELDS, "birthday": "date"}}
 COALESCE_SAVES, COALESCE_CUSTOMERS = 1000, 10
 #: Single pushes without the rate limit and without bulk routing (the issue's setup).
 SYNC_SATORI = {"RATE_LIMIT_PER_MINUTE": None, "BULK_THRESHOLD": 1_000_000_000}
@@ -213,6 +224,22 @@ class Runner:
 
         self.with_worker(db, body, BULK_SATORI)
 
+    def import_(self, db: Database) -> None:
+        for rows in (self.size(n) for n in IMPORT_ROWS):
+            path = self.ctx.workdir / "import" / f"export-{rows}.cp932.csv"
+            if not path.exists():
+                _say(f"writing the {rows:,}-row Shift_JIS export")
+                self.ctx.child(db, "import_file", {"path": str(path), "rows": rows})
+            # Every run empties the tables: the data set of the other groups is gone.
+            self.seeded.pop(db.vendor, None)
+            for run, variant in self.pairs(IMPORT_VARIANTS):
+                params: dict[str, Any] = {"variant": variant, "path": str(path), "rows": rows}
+                if self.options.profile and run == 1:
+                    params["profile"] = str(self.profile_path(
+                        f"import-{db.vendor}-{rows}-{variant}.txt"))
+                result = self.ctx.child(db, "import", params, satori=IMPORT_SATORI)
+                self.record("import", db, str(rows), variant, run, result)
+
     def size(self, count: int) -> int:
         return max(10, int(count * self.options.scale))
 
@@ -329,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             targets = sync_wanted if group in SYNC_GROUPS else wanted
             for name in targets:
                 if name in dbs:
-                    getattr(runner, group)(dbs[name])
+                    # "import" is a keyword: its method is import_.
+                    getattr(runner, "import_" if group == "import" else group)(dbs[name])
     except (BenchError, KeyboardInterrupt) as exc:
         failed = True
         _say(f"FAILED: {exc}")
