@@ -9,10 +9,15 @@ from sending the same customer at once, and the sweep is the last safety net.
 
 from __future__ import annotations
 
+import logging
+import math
+
 from celery import Task, shared_task
 from django.db import DatabaseError, close_old_connections
 
 from . import sync
+
+log = logging.getLogger("django_satori.tasks")
 
 _COMMON = {
     "acks_late": True,
@@ -31,16 +36,40 @@ def _fresh_connections() -> None:
     close_old_connections()
 
 
+@shared_task(name="django_satori.tasks.push_many", bind=True, **_COMMON)
+def push_many(self: Task, state_ids: list[int]) -> dict[str, int]:
+    """Push outbox rows one after another (``sync.dispatch_many`` batches them)."""
+    return _push(state_ids, eager=bool(self.request.is_eager))
+
+
 @shared_task(name="django_satori.tasks.push_customer", bind=True, **_COMMON)
-def push_customer(self: Task, state_id: int) -> str:
+def push_customer(self: Task, state_id: int) -> dict[str, int]:
+    """One row: messages queued by versions before ``push_many`` still arrive here."""
+    return _push([state_id], eager=bool(self.request.is_eager))
+
+
+def _push(state_ids: list[int], *, eager: bool) -> dict[str, int]:
     _fresh_connections()
     # Eager mode (CELERY_TASK_ALWAYS_EAGER, often in tests) runs a re-dispatch at
     # once, whatever its countdown: send now, and leave any later attempt to the sweep.
-    eager = bool(self.request.is_eager)
-    outcome, again_in = sync.push(state_id, ignore_window=eager)
-    if again_in is not None and not eager:
-        sync.dispatch(state_id, again_in)
-    return outcome.value
+    outcomes: dict[str, int] = {}
+    again: dict[int, list[int]] = {}
+    for state_id in state_ids:
+        try:
+            outcome, again_in = sync.push(state_id, ignore_window=eager)
+        except DatabaseError:
+            raise  # autoretry: the whole batch again; rows already sent are no-ops
+        except Exception:
+            # push gave the row back as pending: the sweep retries it; go on with the rest.
+            log.exception("Pushing sync state %s failed.", state_id)
+            outcomes["error"] = outcomes.get("error", 0) + 1
+            continue
+        outcomes[outcome.value] = outcomes.get(outcome.value, 0) + 1
+        if again_in is not None and not eager:
+            again.setdefault(math.ceil(again_in), []).append(state_id)
+    for delay, ids in again.items():
+        sync.dispatch_many(ids, delay)
+    return outcomes
 
 
 @shared_task(name="django_satori.tasks.send_action", bind=True, **_COMMON)

@@ -388,4 +388,7 @@ def _broker_not_paused() -> Iterator[None]:
 
     sync._broker_paused_until = 0.0
     yield
+    # Saves hand their dispatches to a publisher thread: let it finish this
+    # test's messages so they do not land in the next test.
+    sync.wait_for_dispatch()
     sync._broker_paused_until = 0.0

@@ -82,15 +82,18 @@ def test_hundred_saves_in_one_transaction_give_one_dispatch_and_one_call(
     satori_sandbox, monkeypatch
 ):
     dispatched = []
-    real_dispatch = sync.dispatch
-    monkeypatch.setattr(sync, "dispatch", lambda *a: dispatched.append(a) or real_dispatch(*a))
+    real_dispatch = sync.dispatch_many
+    monkeypatch.setattr(sync, "dispatch_many",
+                        lambda *a: dispatched.append(a) or real_dispatch(*a))
     with transaction.atomic():
         customer = make_customer()
         for i in range(100):
             customer.memo = f"edit {i}"
             customer.save()
+        assert sync.wait_for_dispatch()
         assert dispatched == []  # nothing leaves before commit
-    assert len(dispatched) == 1
+    assert sync.wait_for_dispatch()
+    assert [ids for ids, _countdown in dispatched] == [[SyncState.objects.get().pk]]
     assert drain() == 1
     (request,) = customer_requests(satori_sandbox)
     assert request.form_dict()["customer[memo]"] == "edit 99"
@@ -556,6 +559,7 @@ def test_a_failed_publish_pauses_publishing_and_the_sweep_catches_up(satori_sand
     monkeypatch.setattr(app.amqp, "send_task_message", broker_down)
     for i in range(5):
         make_customer(email=f"p{i}@example.jp")
+        assert sync.wait_for_dispatch()
     assert len(calls) == 1  # later saves skip publishing while the broker is paused
     monkeypatch.undo()
     sync._broker_paused_until = 0.0

@@ -84,6 +84,7 @@ def test_broker_down_while_saving_loses_nothing(satori_sandbox, celery_worker, r
     emails = [f"down{i}@example.jp" for i in range(20)]
     for email in emails:
         make_customer(email)  # the save succeeds; only the enqueue fails
+    assert sync.wait_for_dispatch()  # the publisher thread has given up on them
     assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 20
     redis_server.start()
     worker = celery_worker()

@@ -75,6 +75,7 @@ def test_broker_stopped_while_500_customers_are_saved(satori_sandbox, celery_wor
         started = time.monotonic()
         emails = create_customers(count)  # every save commits; only the enqueue fails
         saving = time.monotonic() - started
+        assert sync.wait_for_dispatch()  # the publisher thread has given up on them
         pending_while_down = SyncState.objects.filter(status=SyncStatus.PENDING).count()
         assert pending_while_down == count
         assert satori_sandbox.state.requests == []

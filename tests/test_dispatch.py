@@ -1,0 +1,141 @@
+"""Recording and dispatch on the save path: the one-statement outbox mark, the
+publisher thread that batches after-commit dispatches, and the ``push_many`` task.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from django.db import connection
+
+from django_satori import sync, tasks
+from django_satori.models import Customer, Operation, SyncState, SyncStatus
+from tests.syncing import drain
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def make_customer(email: str = "taro@example.jp", **fields) -> Customer:
+    return Customer.objects.create(email=email, last_name="山田", collection_route="web",
+                                   **fields)
+
+
+def row(email: str) -> dict:
+    return SyncState.objects.filter(email=email).values(
+        "version", "status", "operation", "customer_id", "attempts").get()
+
+
+@pytest.mark.parametrize("one_statement", [True, False], ids=["update-returning", "orm"])
+def test_both_ways_of_marking_pending_agree(satori_sandbox, monkeypatch, one_statement):
+    if one_statement and not sync._can_update_returning(connection):
+        pytest.skip("this database cannot return rows from an UPDATE")
+    monkeypatch.setattr(sync, "_can_update_returning", lambda _connection: one_statement)
+    conf = sync.get_settings()
+    customer = make_customer()
+    state = SyncState.objects.get()
+    assert row(customer.email) == {"version": 1, "status": SyncStatus.PENDING,
+                                   "operation": Operation.UPSERT, "customer_id": customer.pk,
+                                   "attempts": 0}
+    # Already pending: the version moves, the window and the dispatch stay.
+    assert sync._mark_pending(customer.email, customer.pk, Operation.UPSERT, conf) == (
+        state.pk, False)
+    assert row(customer.email)["version"] == 2
+    drain()
+    SyncState.objects.filter(pk=state.pk).update(attempts=3)
+    # Synced: pending again, with a fresh window, attempts reset and a new dispatch.
+    assert sync._mark_pending(customer.email, customer.pk, Operation.UPSERT, conf) == (
+        state.pk, True)
+    marked = SyncState.objects.get()
+    assert (marked.version, marked.status, marked.attempts) == (3, SyncStatus.PENDING, 0)
+    assert marked.not_before is not None and marked.dispatched_at is not None
+    # An upsert without a customer id keeps the link; a delete clears it.
+    sync._mark_pending(customer.email, None, Operation.UPSERT, conf)
+    assert row(customer.email)["customer_id"] == customer.pk
+    sync._mark_pending(customer.email, None, Operation.DELETE, conf)
+    assert row(customer.email) == {"version": 5, "status": SyncStatus.PENDING,
+                                   "operation": Operation.DELETE, "customer_id": None,
+                                   "attempts": 0}
+
+
+def test_saves_that_commit_meanwhile_share_one_message(satori_sandbox, monkeypatch):
+    sent: list[list[int]] = []
+    first_sent, release = threading.Event(), threading.Event()
+
+    def slow_dispatch_many(state_ids, countdown=0):
+        sent.append(list(state_ids))
+        first_sent.set()
+        release.wait(10)  # the broker is slow: ids of later saves gather meanwhile
+        return len(state_ids)
+
+    monkeypatch.setattr(sync, "dispatch_many", slow_dispatch_many)
+    make_customer("first@example.jp")
+    assert first_sent.wait(10)
+    for i in range(20):
+        make_customer(f"c{i}@example.jp")
+    release.set()
+    assert sync.wait_for_dispatch()
+    ids = dict(SyncState.objects.values_list("email", "pk"))
+    assert sent == [[ids["first@example.jp"]], [ids[f"c{i}@example.jp"] for i in range(20)]]
+
+
+def test_ids_still_queued_at_exit_reach_the_broker(redis_server, tmp_path: Path):
+    # Without the exit hook the daemon thread dies in its 50 ms linger and the message is lost.
+    script = ("import django; django.setup()\n"
+              "from django_satori import sync\n"
+              "sync._publisher.put(4242, 0)\n")
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "CELERY_BROKER_URL": redis_server.url}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60,
+                   cwd=Path(__file__).resolve().parent.parent)
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        messages = [json.loads(raw) for raw in client.lrange("celery", 0, -1)]
+    finally:
+        client.close()
+    assert [m["headers"]["task"] for m in messages] == ["django_satori.tasks.push_many"]
+    assert messages[0]["headers"]["argsrepr"] == "([4242],)"
+
+
+def test_a_forked_child_starts_its_own_publisher(monkeypatch):
+    held = threading.Event()
+    monkeypatch.setattr(sync, "dispatch_many", lambda ids, countdown=0: held.wait(10))
+    sync._publisher.put(1, 0)  # the parent's thread is busy and owes one id
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a fresh queue, no thread, nothing owed
+        os.close(reader)
+        fresh = sync._publisher._thread is None and sync._publisher.wait(0)
+        os.write(writer, b"1" if fresh else b"0")
+        os._exit(0)
+    os.close(writer)
+    assert os.read(reader, 1) == b"1"
+    os.waitpid(pid, 0)
+    os.close(reader)
+    held.set()
+    assert sync.wait_for_dispatch()
+
+
+def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch):
+    customers = [make_customer(f"m{i}@example.jp") for i in range(3)]
+    ids = [SyncState.objects.get(customer=c).pk for c in customers]
+    real_push = sync.push
+
+    def push(state_id, **kwargs):
+        if state_id == ids[1]:
+            raise RuntimeError("a bug in a receiver")
+        return real_push(state_id, **kwargs)
+
+    monkeypatch.setattr(sync, "push", push)
+    outcomes = tasks.push_many.apply(args=(ids,)).get()
+    assert outcomes == {"synced": 2, "error": 1}
+    statuses = dict(SyncState.objects.values_list("pk", "status"))
+    assert [statuses[i] for i in ids] == [SyncStatus.SYNCED, SyncStatus.PENDING,
+                                          SyncStatus.SYNCED]
