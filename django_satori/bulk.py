@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import json
 import logging
 import pickle
 import re
@@ -37,8 +38,9 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, cast
 
 from django.core.files.storage import Storage, storages
-from django.db import models, transaction
+from django.db import connections, models, router, transaction
 from django.db.models import Case, Count, F, Q, Sum, Value, When
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.translation import gettext as _
 
@@ -373,12 +375,17 @@ class _Export:
             if BulkJob.objects.filter(pk=self.job.pk, state=BulkState.CANCELLED).exists():
                 return False
             self.number += 1
-            part = BulkPart.objects.create(job=self.job, number=self.number,
-                                           state=BulkState.EXPORTING, row_count=len(writer))
+            claimed: set[str] = set()
+            # One commit for the part and its claim (on SQLite each commit is a disk sync).
+            with transaction.atomic():
+                part = BulkPart.objects.create(job=self.job, number=self.number,
+                                               state=BulkState.EXPORTING, row_count=len(writer))
+                if self.claims:
+                    claimed = _claim(part, writer.members, self.conf)
             if self.claims:
-                claimed = _claim(part, writer.members, self.conf)
                 self.skipped += len(writer) - len(claimed)
-                if len(claimed) < len(writer) or writer.duplicates():
+                # claimed holds only members' e-mails: as many as rows means no duplicates.
+                if len(claimed) < len(writer):
                     writer.keep_only(claimed)
             elif writer.duplicates():
                 writer.keep_only({email for _pk, email in writer.members})
@@ -449,7 +456,7 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     False, customers SATORI does not know.
     """
     now = timezone.now()
-    emails = [email for _pk, email in members]
+    emails = list(dict.fromkeys(email for _pk, email in members))  # each once, in order
     identity_change = Q(previous_email__gt="", hashcode__gt="")
     unknown = Q(in_satori=False, hashcode="")
     # Rows being sent are left alone even when their claim has expired: the sweep gives
@@ -458,13 +465,17 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
         status=SyncStatus.SENDING).exclude(identity_change)
     if not conf.CREATE_UNKNOWN:
         free = free.exclude(unknown)
-    for batch in chunked(emails):
+    vendor = connections[router.db_for_write(SyncState)].vendor
+    updated = 0
+    for members_of in _by_email(emails, vendor):
         # As few columns as possible: this UPDATE is most of an export's cost.
-        free.filter(email__in=batch).update(
+        updated += free.filter(members_of).update(
             bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version"))
+    if updated == len(emails) and vendor in ("postgresql", "sqlite"):
+        # The part is new and e-mails are unique (compared exactly, as these databases do):
+        # every member's row is now the part's, so there is nothing to read back.
+        return set(emails)
     claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
-    if len(claimed) == len(members):
-        return claimed
     rest = [(pk, email) for pk, email in members if email not in claimed]
     existing: set[str] = set()
     handover: list[int] = []
@@ -496,6 +507,27 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     if handover:
         _hand_over(handover, now)
     return claimed
+
+
+def _by_email(emails: list[str], vendor: str) -> Iterator[Q]:
+    """Conditions that select the outbox rows of ``emails``: one for the whole list where
+    the database takes it as a single parameter (one statement per part), else batches.
+
+    SQLite is steered to the rows by primary key, found through the e-mail index: given
+    ``bulk_part IS NULL`` beside ``email IN (...)`` and no planner statistics, it walks
+    the index on ``bulk_part_id``, i.e. every unclaimed row, for each statement.
+    """
+    if not emails:
+        return
+    if vendor == "postgresql":
+        yield Q(email__in=RawSQL("SELECT unnest(%s::text[])", (emails,)))
+        return
+    if vendor == "sqlite":  # JSON1 is built in (and needed by the JSONFields anyway)
+        batches: Iterable[Any] = [RawSQL("SELECT value FROM json_each(%s)", (json.dumps(emails),))]
+    else:
+        batches = chunked(emails)
+    for batch in batches:
+        yield Q(pk__in=SyncState.objects.filter(email__in=batch).values("pk"))
 
 
 def _hand_over(state_ids: list[int], now: dt.datetime) -> None:

@@ -26,6 +26,7 @@ from django.utils.translation import gettext as _
 from .conf import SatoriSettings
 from .exceptions import SatoriValidationError
 from .schema import (
+    _CUSTOM_ID_RE,
     _EMAIL_RE,
     CUSTOM_PREFIX,
     DELIVERY_PERMISSIONS,
@@ -68,6 +69,11 @@ class RowEncoder:
         self._plain_text = frozenset(
             CUSTOM_PREFIX + i for i, d in conf.CUSTOM_FIELDS.items()
             if custom_field_type(d)[0] == "text")
+        #: Positions and keys of integer fields: an ``int`` value needs only ``str()``.
+        self._integers = tuple(
+            (n, CUSTOM_PREFIX + i) for n, (i, d) in enumerate(conf.CUSTOM_FIELDS.items())
+            if custom_field_type(d)[0] == "integer" and _CUSTOM_ID_RE.match(i))
+        self._fast_keys = self._plain_text | {key for _n, key in self._integers}
         self._route = conf.BULK_DEFAULT_COLLECTION_ROUTE
         self._separator = conf.TAG_SEPARATOR
         #: Whether the row last encoded holds a CR (see _RowWriter), for PartWriter.add().
@@ -143,11 +149,18 @@ class RowEncoder:
         if not isinstance(custom, dict):
             raise SatoriValidationError(_("Custom fields must be a JSON object."),
                                         field="custom_fields")
-        if custom.keys() <= self._plain_text:
+        if custom.keys() <= self._fast_keys:
             get = custom.get
             cells = [get(key, "") for key in self._custom_keys]
-            if set(map(type, cells)) == _ONLY_STR:
-                return cells  # plain text values: nothing to convert
+            for n, key in self._integers:
+                value = cells[n]
+                if type(value) is int:  # not bool: the schema refuses those
+                    cells[n] = str(value)  # what the schema's integer rule gives
+                elif key in custom:
+                    break  # anything else is the schema's to judge
+            else:
+                if set(map(type, cells)) == _ONLY_STR:
+                    return cells  # plain text and whole numbers: nothing else to convert
         checked: dict[str, Any] = {}
         for key, value in custom.items():
             if key not in self._custom_set:

@@ -1,0 +1,209 @@
+"""How an export claims its customers' outbox rows (``bulk._claim``), and the row encoder's
+fast paths, without the sandbox: nothing here is uploaded.
+
+The claim is one statement per part on SQLite and PostgreSQL; these tests pin down what it
+takes and what it leaves, whatever the statement looks like.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from django_satori import bulk, bulk_csv, sync
+from django_satori.conf import get_settings
+from django_satori.exceptions import SatoriValidationError
+from django_satori.models import (
+    BulkJob,
+    BulkMode,
+    BulkPart,
+    BulkState,
+    Customer,
+    SyncState,
+    SyncStatus,
+)
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def customers(n: int, prefix: str) -> list[Customer]:
+    """bulk_create skips save(): no outbox rows until a test makes them."""
+    return Customer.objects.bulk_create(
+        [Customer(email=f"{prefix}{i}@example.jp", last_name="山田", collection_route="web")
+         for i in range(n)], batch_size=1000)
+
+
+def outbox(people: list[Customer], **fields) -> list[SyncState]:
+    fields.setdefault("status", SyncStatus.SYNCED)
+    return SyncState.objects.bulk_create(
+        [SyncState(email=c.email, customer=c, **fields) for c in people], batch_size=1000)
+
+
+def new_part(number: int = 1) -> BulkPart:
+    job = BulkJob.objects.create(mode=BulkMode.UPSERT, query=b"")
+    return BulkPart.objects.create(job=job, number=number, state=BulkState.EXPORTING)
+
+
+def members(people: list[Customer]) -> list[tuple[int, str]]:
+    return [(c.pk, c.email) for c in people]
+
+
+@pytest.fixture
+def dispatched(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(sync, "dispatch", calls.append)
+    return calls
+
+
+def test_the_claim_takes_and_leaves_each_kind_of_row_as_documented(dispatched):
+    # More members than one IN (...) batch, so a per-batch loop would show.
+    synced = customers(1200, "synced")
+    outbox(synced, version=3, synced_version=3)
+    pending = customers(3, "pending")
+    outbox(pending, status=SyncStatus.PENDING, version=5, synced_version=4)
+    busy = customers(2, "busy")
+    outbox(busy, status=SyncStatus.SENDING,
+           lease_until=timezone.now() - dt.timedelta(minutes=5))  # expired: still left alone
+    elsewhere = customers(2, "elsewhere")
+    other_part = new_part(7)
+    outbox(elsewhere, status=SyncStatus.IN_BULK, bulk_part=other_part)
+    moved = customers(1, "moved")
+    outbox(moved, status=SyncStatus.PENDING, previous_email="old@example.jp", hashcode="h1",
+           in_satori=True)
+    no_row = customers(4, "norow")
+    people = synced + pending + busy + elsewhere + moved + no_row
+
+    part = new_part()
+    with CaptureQueriesContext(connection) as queries:
+        claimed = bulk._claim(part, members(people) + members(pending[:1]), get_settings())
+
+    expected = {c.email for c in synced + pending + no_row}
+    assert claimed == expected
+    rows = {s.email: s for s in SyncState.objects.all()}
+    assert {e for e, s in rows.items() if s.bulk_part_id == part.pk} == expected
+    assert all(rows[e].status == SyncStatus.IN_BULK for e in expected)
+    assert all(rows[c.email].bulk_version == 3 for c in synced)
+    assert all(rows[c.email].bulk_version == 5 for c in pending)
+    assert all(rows[c.email].customer_id == c.pk for c in no_row)
+    assert all(rows[c.email].status == SyncStatus.SENDING and rows[c.email].bulk_part_id is None
+               for c in busy)
+    assert all(rows[c.email].bulk_part_id == other_part.pk for c in elsewhere)
+    handed = rows[moved[0].email]
+    assert (handed.bulk_part_id, handed.status) == (None, SyncStatus.PENDING)
+    assert handed.dispatched_at is not None
+    assert dispatched == [handed.pk]
+    if connection.vendor in ("sqlite", "postgresql"):
+        claims = [q["sql"] for q in queries.captured_queries
+                  if q["sql"].startswith("UPDATE") and "bulk_part_id" in q["sql"].split("WHERE")[0]]
+        assert len(claims) == 1  # the whole part in one statement
+
+
+def test_a_part_whose_rows_are_all_free_is_claimed_without_reading_them_back():
+    people = customers(600, "free")
+    outbox(people)
+    part = new_part()
+    with CaptureQueriesContext(connection) as queries:
+        claimed = bulk._claim(part, members(people), get_settings())
+    assert claimed == {c.email for c in people}
+    assert SyncState.objects.filter(bulk_part=part, status=SyncStatus.IN_BULK).count() == 600
+    if connection.vendor in ("sqlite", "postgresql"):
+        assert len(queries.captured_queries) == 1
+
+
+def test_rows_are_never_claimed_twice():
+    people = customers(50, "twice")
+    outbox(people[:40])
+    first, second = new_part(1), new_part(2)
+    assert len(bulk._claim(first, members(people), get_settings())) == 50
+    assert bulk._claim(second, members(people), get_settings()) == set()
+    assert SyncState.objects.filter(bulk_part=first).count() == 50
+    assert not SyncState.objects.filter(bulk_part=second).exists()
+    assert SyncState.objects.count() == 50
+
+
+def test_without_create_unknown_customers_satori_does_not_know_are_not_claimed(dispatched):
+    known = customers(2, "known")
+    outbox(known[:1], in_satori=True)
+    outbox(known[1:], hashcode="h-known")
+    unknown = customers(2, "unknown")
+    outbox(unknown, status=SyncStatus.PENDING)
+    no_row = customers(2, "norow")
+    part = new_part()
+    with override_settings(SATORI={**settings.SATORI, "CREATE_UNKNOWN": False}):
+        claimed = bulk._claim(part, members(known + unknown + no_row), get_settings())
+    assert claimed == {c.email for c in known}
+    rows = {s.email: s for s in SyncState.objects.all()}
+    for c in unknown + no_row:
+        assert (rows[c.email].status, rows[c.email].bulk_part_id) == (
+            SyncStatus.NOT_IN_SATORI, None)
+    assert all("CREATE_UNKNOWN" in rows[c.email].last_error for c in unknown)
+    assert dispatched == []
+
+
+def test_an_export_claims_every_written_row_once_and_writes_only_claimed_rows():
+    people = customers(1234, "export")
+    outbox(people[:1000])  # the rest have no outbox row yet
+    busy = people[5]
+    SyncState.objects.filter(email=busy.email).update(
+        status=SyncStatus.SENDING, lease_until=timezone.now() + dt.timedelta(minutes=5))
+    bad = people[700]
+    Customer.objects.filter(pk=bad.pk).update(delivery_permission="maybe")
+
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT, chunk_size=500)
+    done = bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+
+    assert (done.row_count, done.skipped_count, done.invalid_count) == (1232, 1, 1)
+    parts = list(done.parts.order_by("number"))
+    assert [p.row_count for p in parts] == [499, 500, 233]  # the invalid row is never written
+    for part in parts:
+        with bulk.bulk_storage().open(part.csv_file.name, "rb") as fileobj:
+            emails = [cells[0] for _n, _columns, cells in bulk_csv.read_rows(fileobj)]
+        assert len(emails) == len(set(emails)) == part.row_count
+        assert set(emails) == set(SyncState.objects.filter(bulk_part=part)
+                                  .values_list("email", flat=True))
+    assert SyncState.objects.exclude(bulk_part=None).count() == 1232
+    assert SyncState.objects.get(email=busy.email).bulk_part_id is None
+    bad_row = SyncState.objects.get(email=bad.email)
+    assert (bad_row.bulk_part_id, bad_row.status) == (None, SyncStatus.FAILED)
+
+
+# --------------------------------------------------------------------------- encoder
+
+
+def slow_encoder() -> bulk_csv.RowEncoder:
+    """The same encoder with the custom-field fast paths switched off (the schema's rules)."""
+    encoder = bulk_csv.RowEncoder(get_settings())
+    encoder._integers = ()
+    encoder._fast_keys = frozenset()
+    return encoder
+
+
+def row(custom) -> tuple:
+    values = dict.fromkeys(bulk_csv.VALUE_FIELDS, "")
+    values.update(pk=1, email="a@example.jp", collection_route="web", collection_date=None,
+                  tags=["x"], custom_fields=custom)
+    return tuple(values[name] for name in bulk_csv.VALUE_FIELDS)
+
+
+@pytest.mark.parametrize("custom", [
+    {"age": 0}, {"age": -12}, {"age": 12345678901234567890}, {"age": 3, "plan": "gold"},
+    {"plan": "gold"}, {}, {"age": "42"}, {"age": " 7 "}, {"age": True}, {"age": 1.5},
+    {"age": "x"}, {"age": None}, {"age": ""}, {"age": 5, "birthday": "2001-02-03"},
+    {"age": 5, "plan": 9}, {"age": 5, "nope": 1},
+])
+def test_the_integer_fast_path_gives_what_the_schema_gives(custom):
+    fast, slow = bulk_csv.RowEncoder(get_settings()), slow_encoder()
+    try:
+        expected = slow.encode(row(custom))
+    except SatoriValidationError as exc:
+        with pytest.raises(SatoriValidationError) as info:
+            fast.encode(row(custom))
+        assert (info.value.field, info.value.message) == (exc.field, exc.message)
+    else:
+        assert fast.encode(row(custom)) == expected
