@@ -26,9 +26,8 @@ EXPORT_IE_TARGET = 7.0
 EXPORT_MEMORY_TARGET = 1.3
 COALESCE_TARGET = 10
 #: Variant names of the prototypes (bench/proposals.py) -> proposal; mirrors bench.run.
-SAVE_PROPOSALS = {"sync_on_proposed": "single_statement_mark,batched_publish"}
-EXPORT_PROPOSALS = {"satori_int_fast_path": "int_custom_fast_path",
-                    "satori_claim_by_pk": "claim_by_pk"}
+SAVE_PROPOSALS: dict[str, str] = {}  # applied: single_statement_mark, batched_publish
+EXPORT_PROPOSALS: dict[str, str] = {}  # applied in bulk.py: claim per part, int fast path
 COALESCE_PROPOSALS = {"debounce": "debounce"}
 
 

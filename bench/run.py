@@ -305,8 +305,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                              "measure (e.g. add --full export figures to a default run)")
     parser.add_argument("--export-variants", default="",
                         help="only these exporters (comma-separated: satori, plain, "
-                             "import_export, satori_no_claim: the same job as a dry run, or a "
-                             "proposal variant such as satori_claim_by_pk)")
+                             "import_export, satori_no_claim: the same job as a dry run)")
     parser.add_argument("--logs", default="",
                         help="copy the worker and sandbox logs to this directory at the end")
     parser.add_argument("--profile", default="",

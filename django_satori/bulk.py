@@ -814,10 +814,9 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
                                                 status=SyncStatus.PENDING)
                        .values_list("pk", flat=True))
     if pending and len(pending) <= conf.BULK_THRESHOLD:
-        from .sync import dispatch
+        from .sync import dispatch_many
 
-        for state_id in pending:  # saved during the job: send the newer version
-            dispatch(state_id)
+        dispatch_many(pending)  # saved during the job: send the newer version
     _refresh_job(part.job_id)
     return True
 

@@ -381,12 +381,12 @@ class _Publisher:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            time.sleep(DISPATCH_LINGER_SECONDS)
-            while len(batch) < DISPATCH_BATCH:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
+            self._take_queued(batch)
+            if len(batch) < DISPATCH_BATCH:
+                # Let more gather; with a backlog the batch is already full and
+                # goes at once, so the thread keeps up with any rate of saves.
+                time.sleep(DISPATCH_LINGER_SECONDS)
+                self._take_queued(batch)
             try:
                 by_countdown: dict[float, list[int]] = {}
                 for state_id, countdown in batch:
@@ -399,6 +399,13 @@ class _Publisher:
                 with self._changed:
                     self._unsent -= len(batch)
                     self._changed.notify_all()
+
+    def _take_queued(self, batch: list[tuple[int, float]]) -> None:
+        while len(batch) < DISPATCH_BATCH:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                return
 
 
 _publisher = _Publisher()

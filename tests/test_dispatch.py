@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from django.db import connection
+from django.db import connection, transaction
 
 from django_satori import sync, tasks
 from django_satori.models import Customer, Operation, SyncState, SyncStatus
@@ -26,6 +26,11 @@ def make_customer(email: str = "taro@example.jp", **fields) -> Customer:
                                    **fields)
 
 
+def mark(email: str, customer_id: int | None, operation: str) -> tuple[int, bool]:
+    with transaction.atomic():  # as in Customer.save(): the row stays locked until commit
+        return sync._mark_pending(email, customer_id, operation, sync.get_settings())
+
+
 def row(email: str) -> dict:
     return SyncState.objects.filter(email=email).values(
         "version", "status", "operation", "customer_id", "attempts").get()
@@ -36,28 +41,27 @@ def test_both_ways_of_marking_pending_agree(satori_sandbox, monkeypatch, one_sta
     if one_statement and not sync._can_update_returning(connection):
         pytest.skip("this database cannot return rows from an UPDATE")
     monkeypatch.setattr(sync, "_can_update_returning", lambda _connection: one_statement)
-    conf = sync.get_settings()
     customer = make_customer()
     state = SyncState.objects.get()
     assert row(customer.email) == {"version": 1, "status": SyncStatus.PENDING,
                                    "operation": Operation.UPSERT, "customer_id": customer.pk,
                                    "attempts": 0}
     # Already pending: the version moves, the window and the dispatch stay.
-    assert sync._mark_pending(customer.email, customer.pk, Operation.UPSERT, conf) == (
+    assert mark(customer.email, customer.pk, Operation.UPSERT) == (
         state.pk, False)
     assert row(customer.email)["version"] == 2
     drain()
     SyncState.objects.filter(pk=state.pk).update(attempts=3)
     # Synced: pending again, with a fresh window, attempts reset and a new dispatch.
-    assert sync._mark_pending(customer.email, customer.pk, Operation.UPSERT, conf) == (
+    assert mark(customer.email, customer.pk, Operation.UPSERT) == (
         state.pk, True)
     marked = SyncState.objects.get()
     assert (marked.version, marked.status, marked.attempts) == (3, SyncStatus.PENDING, 0)
     assert marked.not_before is not None and marked.dispatched_at is not None
     # An upsert without a customer id keeps the link; a delete clears it.
-    sync._mark_pending(customer.email, None, Operation.UPSERT, conf)
+    mark(customer.email, None, Operation.UPSERT)
     assert row(customer.email)["customer_id"] == customer.pk
-    sync._mark_pending(customer.email, None, Operation.DELETE, conf)
+    mark(customer.email, None, Operation.DELETE)
     assert row(customer.email) == {"version": 5, "status": SyncStatus.PENDING,
                                    "operation": Operation.DELETE, "customer_id": None,
                                    "attempts": 0}
