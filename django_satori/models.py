@@ -13,6 +13,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models, router, transaction
+from django.utils import timezone
 from django.utils.translation import gettext, pgettext_lazy
 from django.utils.translation import gettext_lazy as _
 
@@ -314,7 +315,9 @@ class SyncLog(models.Model):
         SKIPPED = "skipped", _("Not sent")
         DRY_RUN = "dry_run", _("Dry run")
 
-    created_at = models.DateTimeField(_("time"), auto_now_add=True, db_index=True)
+    # Set when the entry is made, not when it is written: a batch writes its entries together.
+    created_at = models.DateTimeField(_("time"), default=timezone.now, editable=False,
+                                      db_index=True)
     email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True,
                              db_index=True)
     endpoint = models.CharField(_("endpoint"), max_length=100)

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import enum
 import hashlib
@@ -25,9 +26,10 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from django.db import IntegrityError, connections, models, router, transaction
+from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
 from django.db.models import F, Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
@@ -467,6 +469,7 @@ class PushOutcome(enum.Enum):
     SKIPPED = "skipped"
     BUSY = "busy"
     NOT_DUE = "not_due"
+    ERROR = "error"
 
 
 PushResult = tuple["PushOutcome", float | None]
@@ -479,24 +482,58 @@ def push(state_id: int, *, ignore_window: bool = False) -> PushResult:
     ``ignore_window`` sends a first attempt before its coalescing window ends
     (eager mode, where a task cannot wait).
     """
+    return push_batch([state_id], ignore_window=ignore_window)[state_id]
+
+
+def push_batch(state_ids: list[int], *,
+               ignore_window: bool = False) -> dict[int, PushResult]:
+    """:func:`push` for several rows, sent one after another (the ``push_many`` task).
+
+    The rows are claimed with one UPDATE and loaded with one SELECT, and their
+    SyncLog entries are written together: per customer, what is left is the
+    call and the write-back of its answer. A row that fails with an unexpected
+    error is given back (pending, for the sweep) and the others go on; a
+    database error gives back every row not yet sent, and is raised.
+    """
     conf = get_settings()
     if not conf.SYNC_ENABLED:
-        return PushOutcome.SKIPPED, None
+        return {state_id: (PushOutcome.SKIPPED, None) for state_id in state_ids}
     now = timezone.now()
     token = uuid.uuid4().hex
     due = Q(not_before__isnull=True) | Q(not_before__lte=now)
     if ignore_window:
         due |= Q(attempts=0)
-    claimed = (
-        SyncState.objects.filter(pk=state_id, status__in=_SENDABLE, bulk_part__isnull=True)
-        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
-        .filter(due)
-        .update(status=SyncStatus.SENDING, lease_token=token,
-                lease_until=now + dt.timedelta(seconds=conf.LEASE_SECONDS))
-    )
-    if not claimed:
-        return _why_not_claimed(state_id, now)
-    state = SyncState.objects.select_related("customer").get(pk=state_id)
+    lease = dt.timedelta(seconds=conf.LEASE_SECONDS)
+    (SyncState.objects.filter(pk__in=state_ids, status__in=_SENDABLE, bulk_part__isnull=True)
+     .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+     .filter(due)
+     .update(status=SyncStatus.SENDING, lease_token=token, lease_until=now + lease))
+    claimed = {state.pk: state for state in SyncState.objects.select_related("customer")
+               .filter(pk__in=state_ids, lease_token=token)}
+    results: dict[int, PushResult] = {}
+    # A long batch renews its claim on the rows still to come before it runs out.
+    renew_at = time.monotonic() + conf.LEASE_SECONDS / 2
+    try:
+        with _logs_together():
+            for state_id in state_ids:
+                state = claimed.get(state_id)
+                if state is None:
+                    results[state_id] = _why_not_claimed(state_id, now)
+                    continue
+                if time.monotonic() > renew_at:
+                    (SyncState.objects.filter(pk__in=[pk for pk in claimed if pk not in results],
+                                              lease_token=token)
+                     .update(lease_until=timezone.now() + lease))
+                    renew_at = time.monotonic() + conf.LEASE_SECONDS / 2
+                results[state_id] = _send(state, token, conf)
+    finally:
+        unsent = [pk for pk in claimed if pk not in results]
+        if unsent:
+            _give_back(unsent, token)
+    return results
+
+
+def _send(state: SyncState, token: str, conf: SatoriSettings) -> PushResult:
     try:
         if state.operation == Operation.DELETE:
             return _send_delete(state, token, conf)
@@ -504,10 +541,21 @@ def push(state_id: int, *, ignore_window: bool = False) -> PushResult:
             return _send_upsert(state, token, conf)
         _release(state, token, status=SyncStatus.SYNCED, synced_version=state.version)
         return PushOutcome.SKIPPED, None
-    except Exception:
-        # Our own bug or the database: give the row back so nothing is stuck.
-        _release(state, token, status=SyncStatus.PENDING)
+    except DatabaseError:
         raise
+    except Exception:
+        # Our own bug, or a receiver's: give the row back so nothing is stuck.
+        log.exception("Pushing sync state %s failed; the sweep will try again.", state.pk)
+        _release(state, token, status=SyncStatus.PENDING)
+        return PushOutcome.ERROR, None
+
+
+def _give_back(state_ids: list[int], token: str) -> None:
+    try:
+        SyncState.objects.filter(pk__in=state_ids, lease_token=token).update(
+            status=SyncStatus.PENDING, lease_until=None, lease_token="")
+    except DatabaseError:  # the database is gone: the claims expire and the sweep hands them out
+        log.warning("Could not give back %d claimed sync state(s).", len(state_ids))
 
 
 def _why_not_claimed(state_id: int, now: dt.datetime) -> PushResult:
@@ -720,13 +768,43 @@ def _summary(endpoint: str, wire: dict[str, str], conf: SatoriSettings) -> dict[
                                                         conf.REDACT_PERSONAL_DATA)}
 
 
+#: SyncLog rows waiting to be written together (push_batch), per thread.
+_pending_logs = threading.local()
+#: Most SyncLog rows held back before they are written.
+LOG_BATCH = 50
+
+
+@contextlib.contextmanager
+def _logs_together() -> Iterator[None]:
+    _pending_logs.rows = []
+    try:
+        yield
+    finally:
+        rows, _pending_logs.rows = _pending_logs.rows, None
+        _write_logs(rows)
+
+
+def _write_logs(rows: list[SyncLog]) -> None:
+    if rows:
+        SyncLog.objects.bulk_create(rows)
+
+
 def _log(email: str, endpoint: str, outcome: str, *, status: int | None = None,
          request: dict[str, Any] | None = None, response: dict[str, Any] | None = None,
          message: str = "", attempt: int = 0, started: float | None = None) -> None:
     duration = int((time.monotonic() - started) * 1000) if started else 0
-    SyncLog.objects.create(email=email, endpoint=endpoint, outcome=outcome, satori_status=status,
-                           request_summary=request or {}, response_summary=response or {},
-                           message=message, attempt=attempt, duration_ms=duration)
+    entry = SyncLog(email=email, endpoint=endpoint, outcome=outcome, satori_status=status,
+                    request_summary=request or {}, response_summary=response or {},
+                    message=message, attempt=attempt, duration_ms=duration,
+                    created_at=timezone.now())
+    rows = getattr(_pending_logs, "rows", None)
+    if rows is None:
+        entry.save()
+        return
+    rows.append(entry)
+    if len(rows) >= LOG_BATCH:
+        _pending_logs.rows = []
+        _write_logs(rows)
 
 
 # Actions ------------------------------------------------------------------------

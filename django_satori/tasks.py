@@ -52,18 +52,10 @@ def _push(state_ids: list[int], *, eager: bool) -> dict[str, int]:
     _fresh_connections()
     # Eager mode (CELERY_TASK_ALWAYS_EAGER, often in tests) runs a re-dispatch at
     # once, whatever its countdown: send now, and leave any later attempt to the sweep.
+    results = sync.push_batch(state_ids, ignore_window=eager)
     outcomes: dict[str, int] = {}
     again: dict[int, list[int]] = {}
-    for state_id in state_ids:
-        try:
-            outcome, again_in = sync.push(state_id, ignore_window=eager)
-        except DatabaseError:
-            raise  # autoretry: the whole batch again; rows already sent are no-ops
-        except Exception:
-            # push gave the row back as pending: the sweep retries it; go on with the rest.
-            log.exception("Pushing sync state %s failed.", state_id)
-            outcomes["error"] = outcomes.get("error", 0) + 1
-            continue
+    for state_id, (outcome, again_in) in results.items():
         outcomes[outcome.value] = outcomes.get(outcome.value, 0) + 1
         if again_in is not None and not eager:
             again.setdefault(math.ceil(again_in), []).append(state_id)

@@ -9,13 +9,15 @@ import os
 import subprocess
 import sys
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
 from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
 
 from django_satori import sync, tasks
-from django_satori.models import Customer, Operation, SyncState, SyncStatus
+from django_satori.models import Customer, Operation, SyncLog, SyncState, SyncStatus
 from tests.syncing import drain
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -127,19 +129,59 @@ def test_a_forked_child_starts_its_own_publisher(monkeypatch):
     assert sync.wait_for_dispatch()
 
 
-def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch):
+def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch, caplog):
     customers = [make_customer(f"m{i}@example.jp") for i in range(3)]
     ids = [SyncState.objects.get(customer=c).pk for c in customers]
-    real_push = sync.push
+    real_send = sync._send_upsert
 
-    def push(state_id, **kwargs):
-        if state_id == ids[1]:
+    def send(state, token, conf):
+        if state.pk == ids[1]:
             raise RuntimeError("a bug in a receiver")
-        return real_push(state_id, **kwargs)
+        return real_send(state, token, conf)
 
-    monkeypatch.setattr(sync, "push", push)
+    monkeypatch.setattr(sync, "_send_upsert", send)
     outcomes = tasks.push_many.apply(args=(ids,)).get()
     assert outcomes == {"synced": 2, "error": 1}
-    statuses = dict(SyncState.objects.values_list("pk", "status"))
-    assert [statuses[i] for i in ids] == [SyncStatus.SYNCED, SyncStatus.PENDING,
-                                          SyncStatus.SYNCED]
+    states = {s.pk: s for s in SyncState.objects.all()}
+    assert [states[i].status for i in ids] == [SyncStatus.SYNCED, SyncStatus.PENDING,
+                                               SyncStatus.SYNCED]
+    assert states[ids[1]].lease_token == ""  # given back at once, not when the claim expires
+    assert "a bug in a receiver" in caplog.text
+
+
+def test_a_batch_claims_and_loads_its_rows_once_and_writes_its_logs_together(satori_sandbox):
+    customers = [make_customer(f"q{i}@example.jp") for i in range(20)]
+    ids = [SyncState.objects.get(customer=c).pk for c in customers]
+    with CaptureQueriesContext(connection) as queries:
+        results = sync.push_batch(ids)
+    kinds = Counter(q["sql"].split(None, 1)[0] for q in queries.captured_queries)
+    # Per batch: the claim (UPDATE), the load (SELECT), the log entries (INSERT);
+    # per customer only the write-back of SATORI's answer (UPDATE).
+    assert (kinds["UPDATE"], kinds["SELECT"], kinds["INSERT"]) == (1 + 20, 1, 1)
+    assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
+    logs = list(SyncLog.objects.order_by("pk").values_list("email", "created_at"))
+    assert [email for email, _created in logs] == [c.email for c in customers]
+    times = [created for _email, created in logs]
+    assert times == sorted(times) and len(set(times)) > 1  # each entry keeps its own time
+
+
+def test_a_database_error_gives_back_the_rows_not_yet_sent(satori_sandbox, monkeypatch):
+    from django.db import OperationalError
+
+    customers = [make_customer(f"d{i}@example.jp") for i in range(3)]
+    ids = [SyncState.objects.get(customer=c).pk for c in customers]
+    real_send = sync._send_upsert
+
+    def send(state, token, conf):
+        if state.pk == ids[1]:
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_send(state, token, conf)
+
+    monkeypatch.setattr(sync, "_send_upsert", send)
+    with pytest.raises(OperationalError):
+        sync.push_batch(ids)
+    states = {s.pk: s for s in SyncState.objects.all()}
+    assert states[ids[0]].status == SyncStatus.SYNCED
+    assert [(states[i].status, states[i].lease_token) for i in ids[1:]] == [
+        (SyncStatus.PENDING, ""), (SyncStatus.PENDING, "")]
+    assert SyncLog.objects.filter(email=customers[0].email).exists()  # its log was kept

@@ -197,7 +197,11 @@ def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker
     result = assert_all_synced(satori_sandbox, emails)
     assert terminated > 0, "no worker connection was ever cut"
     log = worker.log_text()
-    assert "terminating connection" in log or "server closed the connection" in log
+    # The worker saw it: as the server's message, or as psycopg's for a connection it
+    # finds already closed when it next uses it.
+    assert any(text in log for text in ("terminating connection",
+                                        "server closed the connection",
+                                        "the connection is lost")), "no cut was noticed"
     record_figures("database_connection_dropped", {
         "customers": count,
         "rounds_of_termination": drops,
