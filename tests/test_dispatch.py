@@ -129,17 +129,23 @@ def test_a_forked_child_starts_its_own_publisher(monkeypatch):
     assert sync.wait_for_dispatch()
 
 
-def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch, caplog):
-    customers = [make_customer(f"m{i}@example.jp") for i in range(3)]
-    ids = [SyncState.objects.get(customer=c).pk for c in customers]
+def three_customers_the_second_failing(monkeypatch, error: Exception) -> list[int]:
+    """Outbox ids of three pending customers; sending the second raises ``error``."""
+    ids = [SyncState.objects.get(customer=make_customer(f"m{i}@example.jp")).pk
+           for i in range(3)]
     real_send = sync._send_upsert
 
     def send(state, token, conf):
         if state.pk == ids[1]:
-            raise RuntimeError("a bug in a receiver")
+            raise error
         return real_send(state, token, conf)
 
     monkeypatch.setattr(sync, "_send_upsert", send)
+    return ids
+
+
+def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch, caplog):
+    ids = three_customers_the_second_failing(monkeypatch, RuntimeError("a bug in a receiver"))
     outcomes = tasks.push_many.apply(args=(ids,)).get()
     assert outcomes == {"synced": 2, "error": 1}
     states = {s.pk: s for s in SyncState.objects.all()}
@@ -168,20 +174,12 @@ def test_a_batch_claims_and_loads_its_rows_once_and_writes_its_logs_together(sat
 def test_a_database_error_gives_back_the_rows_not_yet_sent(satori_sandbox, monkeypatch):
     from django.db import OperationalError
 
-    customers = [make_customer(f"d{i}@example.jp") for i in range(3)]
-    ids = [SyncState.objects.get(customer=c).pk for c in customers]
-    real_send = sync._send_upsert
-
-    def send(state, token, conf):
-        if state.pk == ids[1]:
-            raise OperationalError("server closed the connection unexpectedly")
-        return real_send(state, token, conf)
-
-    monkeypatch.setattr(sync, "_send_upsert", send)
+    ids = three_customers_the_second_failing(
+        monkeypatch, OperationalError("server closed the connection unexpectedly"))
     with pytest.raises(OperationalError):
         sync.push_batch(ids)
     states = {s.pk: s for s in SyncState.objects.all()}
     assert states[ids[0]].status == SyncStatus.SYNCED
     assert [(states[i].status, states[i].lease_token) for i in ids[1:]] == [
         (SyncStatus.PENDING, ""), (SyncStatus.PENDING, "")]
-    assert SyncLog.objects.filter(email=customers[0].email).exists()  # its log was kept
+    assert SyncLog.objects.filter(email="m0@example.jp").exists()  # its log was kept
