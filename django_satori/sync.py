@@ -248,7 +248,7 @@ def _source_saved(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) 
 def _sync_source(mapping: ModelMapping, instance: Any) -> bool:
     """Update (or create) the Customer that mirrors ``instance``; its save records the change."""
     pk = str(instance.pk)
-    customer = Customer.objects.filter(source_model=mapping.label, source_pk=pk).first()
+    customer = _mirrors(mapping, pk).first()
     if not mapping.wants_sync(instance):
         if customer is not None:
             _stop(customer, _("The connected object no longer wants to be synced."))
@@ -265,11 +265,17 @@ def _sync_source(mapping: ModelMapping, instance: Any) -> bool:
     return True
 
 
+def _mirrors(mapping: ModelMapping, pk: str) -> models.QuerySet[Customer]:
+    # The unique index on (source_model, source_pk) is partial (source_model <> ''):
+    # SQLite only uses it when the query repeats that condition, else it scans the table.
+    return Customer.objects.filter(~Q(source_model=""), source_model=mapping.label, source_pk=pk)
+
+
 def _source_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
     mapping = get_mappings().get(sender)
     if mapping is None or not get_settings().SYNC_ENABLED:
         return
-    customer = Customer.objects.filter(source_model=mapping.label, source_pk=str(instance.pk))
+    customer = _mirrors(mapping, str(instance.pk))
     if mapping.on_delete == "delete":
         customer.delete()
     else:

@@ -578,3 +578,16 @@ def test_a_large_mark_for_sync_goes_to_one_bulk_job_at_the_next_sweep(satori_san
     assert counts["bulk"] and counts["dispatched"] == 0
     job = BulkJob.objects.get()
     assert job.automatic
+
+
+def test_the_mirror_of_a_connected_object_is_found_through_the_index():
+    from django.db import connection
+
+    from django_satori.mapping import get_mappings
+
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL picks its plan by statistics; SQLite's is fixed")
+    mapping = get_mappings()[Member]
+    plan = sync._mirrors(mapping, "5").explain()
+    # Without the partial index's own condition in the query, SQLite scans the table.
+    assert "USING INDEX django_satori_customer_unique_source" in plan, plan
