@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import datetime as dt
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -367,7 +368,7 @@ class _Publisher:
         self._thread: threading.Thread | None = None
 
     def put(self, state_id: int, countdown: float) -> None:
-        if _eager():
+        if _eager() or not _threads_run():
             dispatch_many([state_id], countdown)
             return
         with self._changed:
@@ -429,6 +430,20 @@ def wait_for_dispatch(timeout: float = 10.0) -> bool:
     call this; it returns False if ``timeout`` passed first.
     """
     return _publisher.wait(timeout)
+
+
+@functools.cache
+def _threads_run() -> bool:
+    """False under uWSGI without threads, where a background thread only runs while a
+    request is being handled: ids could wait there for the sweep. Publish inline then."""
+    try:
+        import uwsgi  # importable only inside a uWSGI worker
+    except ImportError:
+        return True
+    options = getattr(uwsgi, "opt", {})
+    enabled = options.get("enable-threads") not in (None, False, b"false", b"0", "false", "0")
+    threads = options.get("threads")
+    return enabled or (threads is not None and int(threads) > 1)
 
 
 def _eager() -> bool:

@@ -183,3 +183,25 @@ def test_a_database_error_gives_back_the_rows_not_yet_sent(satori_sandbox, monke
     assert [(states[i].status, states[i].lease_token) for i in ids[1:]] == [
         (SyncStatus.PENDING, ""), (SyncStatus.PENDING, "")]
     assert SyncLog.objects.filter(email="m0@example.jp").exists()  # its log was kept
+
+
+@pytest.mark.parametrize(("options", "threaded"), [
+    ({}, False), ({"enable-threads": True}, True), ({"enable-threads": b"true"}, True),
+    ({"enable-threads": b"false"}, False), ({"threads": b"4"}, True), ({"threads": b"1"}, False),
+])
+def test_under_uwsgi_without_threads_a_save_publishes_inline(monkeypatch, options, threaded):
+    import types
+
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt=options))
+    sync._threads_run.cache_clear()
+    published: list[list[int]] = []
+    monkeypatch.setattr(sync, "dispatch_many", lambda ids, countdown=0: published.append(ids))
+    try:
+        assert sync._threads_run() is threaded
+        sync._publisher.put(7, 0)
+        if not threaded:
+            assert published == [[7]]  # already sent when put() returns
+        assert sync.wait_for_dispatch()
+        assert published == [[7]]
+    finally:
+        sync._threads_run.cache_clear()
