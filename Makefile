@@ -22,7 +22,7 @@ help:
 	@echo "make test       whole suite on SQLite, then PostgreSQL; ruff"
 	@echo "make lint       ruff and mypy"
 	@echo "make demo       run the example project's demo"
-	@echo "make bench      run the benchmarks (ARGS=--full adds 1,000,000 rows; --proposals measures the proposed fixes)"
+	@echo "make bench      run the benchmarks (ARGS=--full adds 1,000,000-row exports and the import; --proposals the breakdowns)"
 	@echo "make messages   compile the translations (needs gettext)"
 	@echo "make dist       build wheel and sdist into dist/"
 	@echo "make matrix     tox over every Python/Django combination"

@@ -532,13 +532,12 @@ def _by_email(emails: list[str], vendor: str) -> Iterator[Q]:
 
 def _hand_over(state_ids: list[int], now: dt.datetime) -> None:
     """Leave these to single pushes (which identify a changed e-mail by hashcode)."""
-    from .sync import dispatch
+    from .sync import dispatch_many
 
     for batch in chunked(state_ids):
         SyncState.objects.filter(pk__in=batch, bulk_part__isnull=True).update(
             status=SyncStatus.PENDING, not_before=now, dispatched_at=now, updated_at=now)
-    for state_id in state_ids:
-        transaction.on_commit(functools.partial(dispatch, state_id))
+    transaction.on_commit(functools.partial(dispatch_many, list(state_ids)))
 
 
 def _mark_invalid(errors: list[BulkRowError]) -> None:

@@ -452,11 +452,6 @@ def _eager() -> bool:
     return bool(push_many.app.conf.task_always_eager)
 
 
-def dispatch(state_id: int, countdown: float = 0) -> bool:
-    """Queue the push of one outbox row. A broker outage only delays: the sweep sends it later."""
-    return dispatch_many([state_id], countdown) == 1
-
-
 def dispatch_many(state_ids: list[int], countdown: float = 0) -> int:
     """Queue pushes for ``state_ids``, ``DISPATCH_BATCH`` to a message; returns how many
     were queued (none while the broker is down: the sweep sends them later)."""

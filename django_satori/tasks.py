@@ -42,12 +42,6 @@ def push_many(self: Task, state_ids: list[int]) -> dict[str, int]:
     return _push(state_ids, eager=bool(self.request.is_eager))
 
 
-@shared_task(name="django_satori.tasks.push_customer", bind=True, **_COMMON)
-def push_customer(self: Task, state_id: int) -> dict[str, int]:
-    """One row: messages queued by versions before ``push_many`` still arrive here."""
-    return _push([state_id], eager=bool(self.request.is_eager))
-
-
 def _push(state_ids: list[int], *, eager: bool) -> dict[str, int]:
     _fresh_connections()
     # Eager mode (CELERY_TASK_ALWAYS_EAGER, often in tests) runs a re-dispatch at

@@ -57,7 +57,7 @@ def members(people: list[Customer]) -> list[tuple[int, str]]:
 @pytest.fixture
 def dispatched(monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(sync, "dispatch", calls.append)
+    monkeypatch.setattr(sync, "dispatch_many", lambda ids, countdown=0: calls.extend(ids))
     return calls
 
 
