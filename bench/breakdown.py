@@ -78,10 +78,11 @@ def run(count: int = 1000) -> dict[str, Any]:
 
 
 def run_push(count: int, sandbox: str) -> dict[str, Any]:
-    """``sync.push`` in this process (no Celery) for ``count`` pending customers, by step.
+    """``sync.push_batch`` in this process (no Celery) for ``count`` pending customers in
+    batches of ``DISPATCH_BATCH`` (as the ``push_many`` task gets them), by step.
 
-    The steps are timed by wrapping the functions ``push`` calls; "claim, load,
-    payload" is what is left of ``push`` around them.
+    The steps are timed by wrapping the functions ``push_batch`` calls; the
+    two derived rows are what is left around them. Figures are per customer.
     """
     import requests
 
@@ -114,20 +115,29 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
         setattr(owner, name, timed_call)
 
     wrap(client_module.SatoriClient, "_call", "HTTP call (requests + parse)")
-    wrap(sync, "_release", "_release (one UPDATE)")
-    wrap(sync, "_log", "SyncLog INSERT")
-    wrap(sync, "push", "push, total")
-    sync.push(ids[0])  # the client's first connection is not what is measured
+    wrap(sync, "_release", "_release: the write-back (one UPDATE)")
+    wrap(sync, "_send_upsert", "one row: payload, checks, call, write-back")
+    wrap(sync, "_write_logs", "SyncLog INSERT (one per batch)")
+    wrap(sync, "push_batch", "push_batch, total")
+    sync.push_batch(ids[:1])  # the client's first connection is not what is measured
     totals.clear()
-    for state_id in ids[1:]:
-        sync.push(state_id)
+    rest = ids[1:]
+    for start in range(0, len(rest), sync.DISPATCH_BATCH):  # as push_many messages carry them
+        sync.push_batch(rest[start:start + sync.DISPATCH_BATCH])
     if SyncState.objects.filter(status=SyncStatus.SYNCED).count() != len(ids):
         raise RuntimeError("not every push succeeded")
-    n = len(ids) - 1
+    n = len(rest)
     steps = {label: {"cpu_us": cpu / n * 1e6, "wall_us": wall / n * 1e6}
              for label, (cpu, wall) in totals.items()}
-    inner = [v for k, v in steps.items() if k != "push, total"]
-    steps["claim, load, payload (the rest of push)"] = {
-        key: steps["push, total"][key] - sum(v[key] for v in inner)
-        for key in ("cpu_us", "wall_us")}
+
+    def minus(total: str, *parts: str) -> dict[str, float]:
+        return {key: steps[total][key] - sum(steps[p][key] for p in parts)
+                for key in ("cpu_us", "wall_us")}
+
+    steps["claim and load (one UPDATE, one SELECT per batch)"] = minus(
+        "push_batch, total", "one row: payload, checks, call, write-back",
+        "SyncLog INSERT (one per batch)")
+    steps["payload, checks, log entry (the rest of a row)"] = minus(
+        "one row: payload, checks, call, write-back", "HTTP call (requests + parse)",
+        "_release: the write-back (one UPDATE)")
     return {"count": n, "steps": steps}

@@ -212,11 +212,12 @@ def _saves(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]
 
 
 def _sync(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
-    lines = ["## 3. Sync throughput (single pushes)", "",
+    lines = ["## 3. Sync throughput (single-customer API)", "",
              "10,000 pending customers to synced through one real Celery worker (prefork pool) "
              "and the sandbox in its own process (`python -m django_satori.sandbox`), rate "
              "limit off, bulk routing off; timed from `mark_for_sync()` until the last outbox "
-             "row is synced. Against a bare `requests.Session` loop posting the same request "
+             "row is synced (the pushes travel as `push_many` messages of up to 100 ids). "
+             "Against a bare `requests.Session` loop posting the same request "
              "bodies (built beforehand with the client's own functions) to the same sandbox. "
              "Each worker concurrency is compared with its own interleaved bare runs.", ""]
     rows_out = []
@@ -249,10 +250,9 @@ def _bulk(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
              "the same single worker (concurrency 1) against the sandbox, whose jobs take its "
              "default 1 s to process. Timed until every outbox row is synced and the job "
              "finished. HTTP calls are the SATORI API requests the sandbox recorded (uploads and "
-             "status checks). Run with `SWEEP_AFTER_SECONDS = 0`: with the default (60 s) the "
-             "sweep that `mark_for_sync()` queues finds none of the rows it just marked due, "
-             "and nothing starts before the next beat sweep at least 60 s later (see the notes "
-             "below).", ""]
+             "status checks). Default settings (`SWEEP_AFTER_SECONDS` 60 s: rows marked by "
+             "`mark_for_sync()` count as never dispatched, so its sweep takes them at once).",
+             ""]
     rows_out = []
     for db in sorted({r["db"] for r in records}):
         runs = _select(records, db=db, group="bulk")
@@ -384,10 +384,11 @@ def _breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> list[
 
 
 def _push_breakdown(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]:
-    lines = ["## 3b. Where a single push spends its time", "",
-             "`sync.push()` called in one process for 1,000 pending customers (no Celery), "
-             "against the same sandbox, each step timed by wrapping the function `push` calls "
-             "(`bench/breakdown.py`, with `--proposals`). CPU is that thread's CPU time.", ""]
+    lines = ["## 3b. Where a push spends its time", "",
+             "`sync.push_batch()` called in one process for 1,000 pending customers in batches "
+             "of 100 (as `push_many` messages carry them; no Celery), against the same sandbox, "
+             "each step timed by wrapping the function `push_batch` calls (`bench/breakdown.py`, "
+             "with `--proposals`); figures per customer. CPU is that thread's CPU time.", ""]
     rows_out = []
     for db in sorted({r["db"] for r in records}):
         runs = _select(records, db=db)

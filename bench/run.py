@@ -61,9 +61,9 @@ IMPORT_SATORI = {"CUSTOM_FIELDS": {**CUSTOM_FIELDS, "birthday": "date"}}
 COALESCE_SAVES, COALESCE_CUSTOMERS = 1000, 10
 #: Single pushes without the rate limit and without bulk routing (the issue's setup).
 SYNC_SATORI = {"RATE_LIMIT_PER_MINUTE": None, "BULK_THRESHOLD": 1_000_000_000}
-#: The sweep that mark_for_sync() queues only takes rows pending for SWEEP_AFTER_SECONDS
-#: (60 s by default; see RESULTS.md): 0 lets it route the fresh backlog at once.
-BULK_SATORI = {"SWEEP_AFTER_SECONDS": 0}
+#: The bulk path with the default settings: the sweep that mark_for_sync() queues routes
+#: the backlog at once (mark_for_sync leaves dispatched_at empty).
+BULK_SATORI: dict[str, Any] = {}
 
 
 def _say(message: str) -> None:

@@ -3,8 +3,9 @@
 1. Recording (in the caller's transaction): ``Customer.save()`` and deletes
    mark the customer's :class:`~django_satori.models.SyncState` row pending.
    That row is the outbox: committed with the change, or not at all.
-2. Dispatch (after commit): a Celery task is queued with the row's id only.
-3. Sending (in the worker): the task claims the row, sends the customer's
+2. Dispatch (after commit): the row's id goes to a publisher thread, which
+   queues ids in batches as ``push_many`` tasks (ids only, no data).
+3. Sending (in the worker): the task claims its rows, sends each customer's
    *current* data, and writes SATORI's answer back to the same row.
 4. Safety net: :func:`sweep` (Celery beat and ``manage.py satori_sync``)
    re-dispatches whatever stayed pending, and routes a large backlog through

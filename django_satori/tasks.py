@@ -1,6 +1,6 @@
 """Celery tasks. They take database ids only: no credentials and no personal data
 travel through the broker, and their return values (logged by Celery) are
-outcome words, never customer data.
+outcome words and counts, never customer data.
 
 ``acks_late`` with ``reject_on_worker_lost``: a worker killed mid-task leaves
 the message to be delivered again; the row's claim (lease) keeps two workers
@@ -9,15 +9,12 @@ from sending the same customer at once, and the sweep is the last safety net.
 
 from __future__ import annotations
 
-import logging
 import math
 
 from celery import Task, shared_task
 from django.db import DatabaseError, close_old_connections
 
 from . import sync
-
-log = logging.getLogger("django_satori.tasks")
 
 _COMMON = {
     "acks_late": True,
