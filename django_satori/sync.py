@@ -66,6 +66,9 @@ DATA_FIELDS: tuple[str, ...] = tuple(
 )
 #: States a worker may pick up (SENDING only once its claim has expired).
 _SENDABLE = (SyncStatus.PENDING, SyncStatus.SENDING)
+#: Sent, or on its way: an unchanged connected object need not be marked again.
+#: (Failed, stopped and the rest are marked again, so a save can restart them.)
+_UNDER_WAY = (SyncStatus.SYNCED, SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK)
 _BULK_JOB_ACTIVE = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING,
                     BulkState.PROCESSING)
 
@@ -214,7 +217,7 @@ def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
     if mapping is not None:
         count = 0
         for instance in queryset.iterator(chunk_size=500):
-            if _sync_source(mapping, instance):
+            if _sync_source(mapping, instance, force=True):
                 count += 1
         return count
     if queryset.model is not Customer:
@@ -247,16 +250,22 @@ def _source_saved(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) 
         _sync_source(mapping, instance)
 
 
-def _sync_source(mapping: ModelMapping, instance: Any) -> bool:
-    """Update (or create) the Customer that mirrors ``instance``; its save records the change."""
+def _sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -> bool:
+    """Update (or create) the Customer that mirrors ``instance``; its save records the change.
+
+    A save that changed nothing SATORI gets (a login updating ``last_login``,
+    say) writes nothing, unless ``force`` (``mark_for_sync``).
+    """
     pk = str(instance.pk)
-    customer = _mirrors(mapping, pk).first()
+    customer = _mirrors(mapping, pk).select_related("sync_state").first()
     if not mapping.wants_sync(instance):
         if customer is not None:
             _stop(customer, _("The connected object no longer wants to be synced."))
         return False
     values = mapping.customer_values(instance)
     values["email"] = normalize_email(values["email"])
+    if customer is not None and not force and _mirror_is_current(customer, values):
+        return True
     if customer is None:
         customer = Customer.objects.filter(email=values["email"]).first() or Customer(
             source_model=mapping.label, source_pk=pk)
@@ -265,6 +274,16 @@ def _sync_source(mapping: ModelMapping, instance: Any) -> bool:
         setattr(customer, name, value)
     customer.save()
     return True
+
+
+def _mirror_is_current(customer: Customer, values: dict[str, Any]) -> bool:
+    """The mirror already holds ``values`` and its sync is under way or done."""
+    try:
+        status = customer.sync_state.status
+    except SyncState.DoesNotExist:
+        return False
+    return status in _UNDER_WAY and all(
+        getattr(customer, name) == value for name, value in values.items())
 
 
 def _mirrors(mapping: ModelMapping, pk: str) -> models.QuerySet[Customer]:

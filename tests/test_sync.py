@@ -591,3 +591,26 @@ def test_the_mirror_of_a_connected_object_is_found_through_the_index():
     plan = sync._mirrors(mapping, "5").explain()
     # Without the partial index's own condition in the query, SQLite scans the table.
     assert "USING INDEX django_satori_customer_unique_source" in plan, plan
+
+
+def test_a_connected_save_that_changes_nothing_mapped_writes_nothing(satori_sandbox):
+    member = Member.objects.create(email="taro@example.jp", family_name="山田",
+                                   given_name="太郎", plan="gold", tags="vip newsletter")
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.SYNCED
+    member.save()  # e.g. a field SATORI does not get: nothing to send
+    assert SyncState.objects.get().version == state.version
+    member.given_name = "次郎"
+    member.save()
+    changed = SyncState.objects.get()
+    assert (changed.version, changed.status) == (state.version + 1, SyncStatus.PENDING)
+    drain()
+    # A failed mirror is marked again by any save, so saving can restart it.
+    SyncState.objects.update(status=SyncStatus.FAILED)
+    member.save()
+    assert SyncState.objects.get().status == SyncStatus.PENDING
+    # mark_for_sync() marks even when nothing changed.
+    drain()
+    assert mark_for_sync(Member.objects.all()) == 1
+    assert SyncState.objects.get().status == SyncStatus.PENDING
