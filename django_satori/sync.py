@@ -257,7 +257,7 @@ def _sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -
     say) writes nothing, unless ``force`` (``mark_for_sync``).
     """
     pk = str(instance.pk)
-    customer = _mirrors(mapping, pk).select_related("sync_state").first()
+    customer = _mirrors(mapping, pk).first()
     if not mapping.wants_sync(instance):
         if customer is not None:
             _stop(customer, _("The connected object no longer wants to be synced."))
@@ -278,12 +278,9 @@ def _sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -
 
 def _mirror_is_current(customer: Customer, values: dict[str, Any]) -> bool:
     """The mirror already holds ``values`` and its sync is under way or done."""
-    try:
-        status = customer.sync_state.status
-    except SyncState.DoesNotExist:
-        return False
-    return status in _UNDER_WAY and all(
-        getattr(customer, name) == value for name, value in values.items())
+    if any(getattr(customer, name) != value for name, value in values.items()):
+        return False  # the usual case, decided without a query
+    return SyncState.objects.filter(customer=customer, status__in=_UNDER_WAY).exists()
 
 
 def _mirrors(mapping: ModelMapping, pk: str) -> models.QuerySet[Customer]:
