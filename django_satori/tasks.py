@@ -36,13 +36,10 @@ def _fresh_connections() -> None:
 @shared_task(name="django_satori.tasks.push_many", bind=True, **_COMMON)
 def push_many(self: Task, state_ids: list[int]) -> dict[str, int]:
     """Push outbox rows one after another (``sync.dispatch_many`` batches them)."""
-    return _push(state_ids, eager=bool(self.request.is_eager))
-
-
-def _push(state_ids: list[int], *, eager: bool) -> dict[str, int]:
     _fresh_connections()
     # Eager mode (CELERY_TASK_ALWAYS_EAGER, often in tests) runs a re-dispatch at
     # once, whatever its countdown: send now, and leave any later attempt to the sweep.
+    eager = bool(self.request.is_eager)
     results = sync.push_batch(state_ids, ignore_window=eager)
     outcomes: dict[str, int] = {}
     again: dict[int, list[int]] = {}
