@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -292,10 +291,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--sync-databases", default="",
                         help="databases for sync, coalesce and bulk (default: postgresql, "
                              "or sqlite without PostgreSQL)")
-    parser.add_argument("--worker-concurrency", default=f"1,{os.cpu_count() or 1}",
+    parser.add_argument("--worker-concurrency", default="1",
                         help="concurrency of the one worker in the sync throughput runs, "
-                             "comma-separated for several (default: 1 and Celery's default, "
-                             "the number of CPUs)")
+                             "comma-separated for several (default: 1; e.g. 1,2 also measures "
+                             "two processes, about 1.5 minutes more)")
     parser.add_argument("--import-export-full", action="store_true",
                         help="with --full, also run django-import-export on 1,000,000 rows "
                              "(slow: minutes per run)")
