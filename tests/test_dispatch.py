@@ -205,3 +205,31 @@ def test_under_uwsgi_without_threads_a_save_publishes_inline(monkeypatch, option
         assert published == [[7]]
     finally:
         sync._threads_run.cache_clear()
+
+
+def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox, monkeypatch):
+    from django.conf import settings
+    from django.test import override_settings
+    from django.utils import timezone
+
+    ids = [SyncState.objects.get(customer=make_customer(f"l{i}@example.jp")).pk
+           for i in range(4)]
+    satori_sandbox.faults.delay = 0.4  # each call outlasts half of the 1 s claim
+    claim_left: list[bool] = []
+    real_send = sync._send_upsert
+
+    def send(state, token, conf):
+        lease_until = SyncState.objects.values_list("lease_until", flat=True).get(pk=state.pk)
+        claim_left.append(lease_until > timezone.now())
+        return real_send(state, token, conf)
+
+    monkeypatch.setattr(sync, "_send_upsert", send)
+    try:
+        with override_settings(SATORI={**settings.SATORI, "LEASE_SECONDS": 1.0}):
+            results = sync.push_batch(ids)
+    finally:
+        satori_sandbox.faults.delay = 0
+    # Without renewal the last rows' claim (taken at the start) would have run out
+    # before their turn, and the sweep could hand them to another worker meanwhile.
+    assert claim_left == [True] * 4
+    assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
