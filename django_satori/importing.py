@@ -626,8 +626,6 @@ def import_export(
     return result
 
 
-
-
 def _email_guess(record: list[str], keys: list[str | None]) -> str:
     """The raw e-mail cell of a bad row, to help find it; '' when there is none."""
     for key, value in zip(keys, record, strict=False):

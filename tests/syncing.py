@@ -13,7 +13,8 @@ from django_satori.models import SyncState, SyncStatus
 def drain(timeout: float = 20.0) -> int:
     """Push every due pending row until none is left; returns the number of pushes.
 
-    Stands in for a worker in unit tests: the same ``sync.push`` the task runs.
+    Stands in for a worker in unit tests: ``sync.push`` is the task's ``push_batch``
+    for one row.
     Rows waiting for a retry (back-off, Retry-After) are waited for.
     """
     pushes = 0
