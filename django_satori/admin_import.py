@@ -22,7 +22,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.translation import gettext as _
-from django.utils.translation import gettext_lazy
+from django.utils.translation import gettext_lazy, ngettext
 
 from . import reconcile
 from .importing import ENCODINGS, ImportFileError, import_export
@@ -199,8 +199,9 @@ class _Views:
             messages.warning(request, _("No customer was chosen."))
         else:
             marked = reconcile.mark_ids_for_sync(ids)
-            messages.success(request, _("%(n)d customer(s) marked for sync with SATORI.")
-                             % {"n": marked})
+            messages.success(request, ngettext("%(n)d customer marked for sync with SATORI.",
+                                               "%(n)d customers marked for sync with SATORI.",
+                                               marked) % {"n": marked})
         return HttpResponseRedirect(f"{self._url('django_satori_customer_reconcile')}"
                                     f"?category={category}")
 

@@ -43,6 +43,7 @@ from django.db.models import Case, Count, F, Q, Sum, Value, When
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from . import bulk_csv
 from .conf import SatoriSettings, get_settings
@@ -148,13 +149,24 @@ class CancelResult:
     def message(self) -> str:
         if self.already_done:
             return _("The job had already ended; nothing was cancelled.")
-        text = _("Cancelled %(parts)d part(s) not yet uploaded; %(released)d customer(s) "
-                 "released.") % {"parts": self.cancelled_parts, "released": self.released}
-        if self.uploaded_parts:
-            text += " " + _("%(n)d part(s) had already been uploaded: SATORI offers no way to "
-                            "recall an upload, so they run to the end and their results are "
-                            "still recorded.") % {"n": self.uploaded_parts}
-        return text
+        parts, released, uploaded = self.cancelled_parts, self.released, self.uploaded_parts
+        # One count per sentence, so that each is worded for its own number.
+        sentences = [
+            ngettext("Cancelled %(n)d part not yet uploaded.",
+                     "Cancelled %(n)d parts not yet uploaded.", parts) % {"n": parts},
+            ngettext("%(n)d customer released.", "%(n)d customers released.",
+                     released) % {"n": released},
+        ]
+        if uploaded:
+            sentences.append(ngettext(
+                "%(n)d part had already been uploaded: SATORI offers no way to recall an "
+                "upload, so it runs to the end and its results are still recorded.",
+                "%(n)d parts had already been uploaded: SATORI offers no way to recall an "
+                "upload, so they run to the end and their results are still recorded.",
+                uploaded) % {"n": uploaded})
+        # English puts a space between sentences, Japanese none after "。".
+        return "".join(sentence if i == 0 or sentences[i - 1].endswith("。") else " " + sentence
+                       for i, sentence in enumerate(sentences))
 
 
 def cancel_job(job: BulkJob | int) -> CancelResult:
@@ -804,9 +816,10 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
         _write_successes(part, succeeded, states, tags_by_email, now)
         note = ""
         if failed:
-            note = _("SATORI reported %(n)d failed row number(s) that are not in the file: "
-                     "%(rows)s.") % {"n": len(failed),
-                                     "rows": ", ".join(map(str, sorted(failed)[:20]))}
+            note = ngettext(
+                "SATORI reported %(n)d failed row number that is not in the file: %(rows)s.",
+                "SATORI reported %(n)d failed row numbers that are not in the file: %(rows)s.",
+                len(failed)) % {"n": len(failed), "rows": ", ".join(map(str, sorted(failed)[:20]))}
         BulkPart.objects.filter(pk=part.pk).update(
             succeeded_count=len(succeeded), failed_count=len(failed_by_email), error=note)
         pending = list(SyncState.objects.filter(pk__in=[v[0] for v in states.values()],

@@ -37,6 +37,7 @@ from typing import IO, Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from .conf import SatoriSettings, get_settings
 from .exceptions import SatoriValidationError
@@ -255,8 +256,12 @@ def choose_encoding(stream: IO[bytes], requested: str = "auto",
     if bad and (bad[0] == 1 or len(bad) * 2 > non_ascii):
         hint = "cp932" if encoding.startswith("utf-8") else "utf-8"
         raise ImportFileError(
-            _("The file is not valid %(encoding)s (%(count)d undecodable line(s) in the first "
-              "part of the file). Choose the encoding with --encoding (try %(hint)s).")
+            ngettext("The file is not valid %(encoding)s (%(count)d undecodable line in the "
+                     "first part of the file). Choose the encoding with --encoding (try "
+                     "%(hint)s).",
+                     "The file is not valid %(encoding)s (%(count)d undecodable lines in the "
+                     "first part of the file). Choose the encoding with --encoding (try "
+                     "%(hint)s).", len(bad))
             % {"encoding": _label(encoding), "count": len(bad), "hint": hint},
             line=bad[0],
         )

@@ -292,7 +292,8 @@ def test_cancel_button_cancels_a_job_not_yet_uploaded(root):
         == 405
     response = root.post(reverse("admin:django_satori_bulkjob_cancel", args=[job.pk]),
                          follow=True)
-    assert "Cancelled 1 part(s)" in response.content.decode()
+    assert "Cancelled 1 part not yet uploaded. 1 customer released." \
+        in response.content.decode()
     job.refresh_from_db()
     assert job.state == BulkState.CANCELLED
     assert SyncState.objects.get().status == SyncStatus.PENDING

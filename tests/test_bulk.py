@@ -15,7 +15,7 @@ import pytest
 from django.conf import settings
 from django.db import connection, transaction
 from django.test import override_settings
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from django_satori import bulk, sync
 from django_satori.models import (
@@ -404,6 +404,48 @@ def test_an_uploaded_part_cannot_be_recalled_but_its_results_are_kept(satori_san
 
 
 # --------------------------------------------------------------------------- the rest
+
+
+RECALL = "SATORI offers no way to recall an upload"
+
+
+@pytest.mark.parametrize(("counts", "language", "expected"), [
+    ((1, 0, 1), "en", "Cancelled 1 part not yet uploaded. 1 customer released."),
+    ((3, 0, 3), "en", "Cancelled 3 parts not yet uploaded. 3 customers released."),
+    ((0, 1, 0), "en", "Cancelled 0 parts not yet uploaded. 0 customers released. 1 part had "
+                      f"already been uploaded: {RECALL}, so it runs to the end and its results "
+                      "are still recorded."),
+    ((1, 3, 2), "en", "Cancelled 1 part not yet uploaded. 2 customers released. 3 parts had "
+                      f"already been uploaded: {RECALL}, so they run to the end and their "
+                      "results are still recorded."),
+    ((3, 3, 5), "ja", "未アップロードの 3 件のパートをキャンセルしました。"
+                      "5 件のカスタマーを解放しました。3 件のパートはアップロード済みです。"
+                      "SATORIにはアップロードを取り消す手段がないため、最後まで処理され、"
+                      "結果も記録されます。"),
+])
+def test_the_cancel_message_is_worded_for_each_count(counts, language, expected):
+    with translation.override(language):
+        assert bulk.CancelResult(*counts).message() == expected
+
+
+def test_failed_row_numbers_missing_from_the_file_are_noted_on_the_part(satori_sandbox):
+    satori_sandbox.configure(bulk_processing_seconds=30)
+    customers(3)
+    job = start(chunk_size=1)
+    bulk.run_job(job.pk, on_part_ready=bulk.upload_part)
+    one, three, japanese = job.parts.order_by("number")
+    assert bulk.apply_results(one, [(90, "?")])
+    assert bulk.apply_results(three, [(92, "?"), (91, "?"), (93, "?")])
+    with translation.override("ja"):
+        assert bulk.apply_results(japanese, [(91, "?"), (92, "?"), (93, "?")])
+    for part in (one, three, japanese):
+        part.refresh_from_db()
+    assert one.error == "SATORI reported 1 failed row number that is not in the file: 90."
+    assert three.error == ("SATORI reported 3 failed row numbers that are not in the file: "
+                           "91, 92, 93.")
+    assert japanese.error == ("SATORIがファイルに存在しない失敗行番号を 3 件報告しました: "
+                              "91, 92, 93。")
+    assert three.state == BulkState.FINISHED and three.succeeded_count == 1
 
 
 def test_dry_run_writes_parts_but_uploads_and_claims_nothing(satori_sandbox):

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test import override_settings
-from django.utils import timezone
+from django.utils import timezone, translation
 
 from django_satori import bulk
 from django_satori.models import BulkJob, BulkState, Customer, SyncState, SyncStatus
@@ -133,6 +133,20 @@ def test_row_failures_are_listed_on_stderr(satori_sandbox):
     assert "succeeded: 2, failed: 1" in out
     assert "user1@example.jp [part 1 row 3] email:" in err
     assert "他のユーザーが登録したカスタマーは操作できません" in err
+    assert "1 row error:" in err.splitlines()
+
+
+@pytest.mark.parametrize(("language", "expected"), [("en", "3 row errors:"),
+                                                    ("ja", "行エラー 3 件:")])
+def test_the_row_error_count_is_worded_for_several(satori_sandbox, language, expected):
+    satori_sandbox.configure(own_only=True)
+    for i in range(3):
+        satori_sandbox.seed_customer(f"user{i}@example.jp")
+    customers(4)
+    with translation.override(language):
+        _out, err = command("satori_bulk_upsert", "--all", "--wait")
+    assert expected in err.splitlines()
+    assert len([line for line in err.splitlines() if line.startswith("  user")]) == 3
 
 
 def test_bulk_status_refreshes_processing_parts_and_prints_a_table(satori_sandbox):

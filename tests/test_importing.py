@@ -21,6 +21,7 @@ from django.contrib import admin
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.urls import path
+from django.utils import translation
 
 from django_satori import importing, reconcile, sync
 from django_satori.admin_import import import_urls
@@ -244,6 +245,18 @@ def test_a_wrongly_chosen_encoding_is_refused_with_the_line(tmp_path, sandbox):
     assert not ImportRun.objects.exists()
 
 
+@pytest.mark.parametrize(("lines", "language", "expected"), [
+    (1, "en", "(1 undecodable line in the first part of the file)"),
+    (3, "en", "(3 undecodable lines in the first part of the file)"),
+    (3, "ja", "（ファイル冒頭に読み取れない行が 3 行あります）"),
+])
+def test_the_encoding_error_counts_the_undecodable_lines(lines, language, expected):
+    data = (",".join(KEYS) + "\r\n").encode() + "山田\r\n".encode("cp932") * lines
+    with translation.override(language), pytest.raises(ImportFileError) as caught:
+        choose_encoding(io.BytesIO(data), "utf-8")
+    assert expected in str(caught.value) and caught.value.line == 2
+
+
 def test_encoding_detection_looks_at_a_sample_only():
     head = (",".join(KEYS) + "\r\n").encode() + b"a@example.jp\r\n" * 10
     stream = io.BytesIO(head + "山田".encode("cp932") + b"\r\n")
@@ -317,6 +330,28 @@ def test_command_imports_prints_skips_and_the_report(tmp_path, sandbox):
         call_command("satori_import", str(write_export(tmp_path / "x.csv", rows, keys=KEYS[1:])))
     with pytest.raises(CommandError, match="No such file"):
         call_command("satori_import", str(tmp_path / "missing.csv"))
+
+
+def test_command_counts_the_linked_customers_once_refused_as_not_in_satori(tmp_path, sandbox):
+    for i in range(7):
+        Customer.objects.create(email=f"user{i}@example.jp", last_name="鈴木")
+    SyncState.objects.update(status=SyncStatus.NOT_IN_SATORI)
+
+    def run(name: str, numbers: list[int]) -> str:
+        out = io.StringIO()
+        path = write_export(tmp_path / name, [export_row(i) for i in numbers])
+        call_command("satori_import", str(path), "--progress-every", "0", stdout=out,
+                     stderr=io.StringIO())
+        return out.getvalue()
+
+    assert ("1 linked customer had been refused as 'not in SATORI': mark it for sync to send "
+            "its local data.") in run("one.csv", [0])
+    assert ("3 linked customers had been refused as 'not in SATORI': mark them for sync to "
+            "send their local data.") in run("three.csv", [1, 2, 3])
+    with translation.override("ja"):
+        japanese = run("ja.csv", [4, 5, 6])
+    assert ("紐付けたカスタマーのうち 3 件は「SATORIに未登録」として送信を見送られていました。"
+            in japanese)
 
 
 # --------------------------------------------------------------------------
@@ -395,10 +430,19 @@ def test_mark_for_sync_from_the_report(tmp_path, sandbox):
     SyncState.objects.update(status=SyncStatus.SYNCED)
     out = io.StringIO()
     call_command("satori_reconcile", "--category", "different", "--mark-for-sync", stdout=out)
-    assert "7 customer(s) marked for sync" in out.getvalue()
+    assert "7 customers marked for sync." in out.getvalue()
     pending = set(SyncState.objects.filter(status=SyncStatus.PENDING)
                   .values_list("email", flat=True))
     assert pending == {f"user{i}@example.jp" for i in (1, 2, 3, 4, 5, 6, 7)}
+    out = io.StringIO()
+    call_command("satori_reconcile", "--category", "only_in_django", "--mark-for-sync",
+                 stdout=out)
+    assert out.getvalue() == "1 customer marked for sync.\n"
+    out = io.StringIO()
+    with translation.override("ja"):
+        call_command("satori_reconcile", "--category", "different", "--mark-for-sync",
+                     stdout=out)
+    assert out.getvalue() == "7 件のカスタマーを送信待ちにしました。\n"
     with pytest.raises(CommandError):
         call_command("satori_reconcile", "--mark-for-sync")
 
@@ -442,6 +486,11 @@ test_site = _ImportSite(name="satori_import_test")
 test_site.register(Customer)
 urlpatterns = [path("admin/", test_site.urls)]
 admin_urls = override_settings(ROOT_URLCONF=__name__)
+
+
+def said(page: Any) -> list[str]:
+    """The messages the page after a redirect showed (and so used up)."""
+    return [str(message) for message in page.context["messages"]]
 
 
 @admin_urls
@@ -495,10 +544,21 @@ def test_admin_report_shows_differences_and_marks_the_chosen_for_sync(
     user2 = Customer.objects.get(email="user2@example.jp")
     page = admin_client.post("/admin/import/report/",
                              {"category": "different", "ids": [str(user2.pk)],
-                              "mark_selected": "1"})
-    assert page.status_code == 302
+                              "mark_selected": "1"}, follow=True)
+    assert page.redirect_chain == [("/admin/import/report/?category=different", 302)]
     assert list(SyncState.objects.filter(status=SyncStatus.PENDING)
                 .values_list("email", flat=True)) == ["user2@example.jp"]
+    assert said(page) == ["1 customer marked for sync with SATORI."]
+
+    three = [str(c.pk) for c in Customer.objects.filter(
+        email__in=["user3@example.jp", "user4@example.jp", "user5@example.jp"])]
+    mark_three = {"category": "different", "ids": three, "mark_selected": "1"}
+    page = admin_client.post("/admin/import/report/", mark_three, follow=True)
+    assert said(page) == ["3 customers marked for sync with SATORI."]
+    with translation.override("ja"):
+        page = admin_client.post("/admin/import/report/", mark_three, follow=True,
+                                 HTTP_ACCEPT_LANGUAGE="ja")
+    assert said(page) == ["3 件のカスタマーをSATORIへの送信待ちにしました。"]
 
 
 @admin_urls

@@ -16,6 +16,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from django_satori import bulk
 from django_satori.models import BulkJob, BulkState, Customer, SyncStatus
@@ -178,7 +179,7 @@ class BulkCommand(BaseCommand):
         total = errors.count()
         if total:
             out = self.stderr
-            out.write(_("%(n)d row error(s):") % {"n": total})
+            out.write(ngettext("%(n)d row error:", "%(n)d row errors:", total) % {"n": total})
             for error in errors[:ERRORS_SHOWN]:
                 where = (_("before upload") if error.before_upload else
                          _("part %(p)s row %(r)s") % {"p": error.part.number if error.part else "",

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from ... import reconcile
 from ...importing import ENCODINGS, ImportFileError, ImportResult, SkippedRow, import_export
@@ -94,8 +95,11 @@ class Command(BaseCommand):
         write(_("Hashcodes stored: %(n)d") % {"n": result.hashcodes})
         write(_("Rows skipped: %(n)d") % {"n": result.skipped_count})
         if result.were_not_in_satori:
-            write(_("%(n)d linked customer(s) had been refused as 'not in SATORI': mark them "
-                    "for sync to send their local data.") % {"n": result.were_not_in_satori})
+            write(ngettext("%(n)d linked customer had been refused as 'not in SATORI': mark it "
+                           "for sync to send its local data.",
+                           "%(n)d linked customers had been refused as 'not in SATORI': mark "
+                           "them for sync to send their local data.", result.were_not_in_satori)
+                  % {"n": result.were_not_in_satori})
         if result.run is not None:
             write(_("Import #%(id)s finished in %(seconds).1fs. Nothing was sent to SATORI.")
                   % {"id": result.run.pk, "seconds": result.seconds})

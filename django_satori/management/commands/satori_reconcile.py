@@ -6,6 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from ... import reconcile
 
@@ -31,7 +32,9 @@ class Command(BaseCommand):
             marked = 0
             for category in categories:
                 marked += reconcile.mark_ids_for_sync(list(reconcile.category_ids(category)))
-            self.stdout.write(_("%(n)d customer(s) marked for sync.") % {"n": marked})
+            self.stdout.write(ngettext("%(n)d customer marked for sync.",
+                                       "%(n)d customers marked for sync.", marked)
+                              % {"n": marked})
             return
         if options["format"] == "csv":
             reconcile.write_csv(self.stdout, categories, limit=options["limit"])
