@@ -115,8 +115,8 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
         setattr(owner, name, timed_call)
 
     wrap(client_module.SatoriClient, "_call", "HTTP call (requests + parse)")
-    wrap(sync, "_release", "_release: the write-back (one UPDATE)")
-    wrap(sync, "_send_upsert", "one row: payload, checks, call, write-back")
+    wrap(sync, "_write_back", "_write_back: the answers, WRITE_BACK_BATCH at a time")
+    wrap(sync, "_send_upsert", "one row: payload, checks, call")
     wrap(sync, "_write_logs", "SyncLog INSERT (one per batch)")
     wrap(sync, "push_batch", "push_batch, total")
     # One log INSERT per batch, at its end: outside the rows it would be counted in twice.
@@ -137,9 +137,8 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
                 for key in ("cpu_us", "wall_us")}
 
     steps["claim and load (one UPDATE, one SELECT per batch)"] = minus(
-        "push_batch, total", "one row: payload, checks, call, write-back",
-        "SyncLog INSERT (one per batch)")
+        "push_batch, total", "one row: payload, checks, call",
+        "_write_back: the answers, WRITE_BACK_BATCH at a time", "SyncLog INSERT (one per batch)")
     steps["payload, checks, log entry (the rest of a row)"] = minus(
-        "one row: payload, checks, call, write-back", "HTTP call (requests + parse)",
-        "_release: the write-back (one UPDATE)")
+        "one row: payload, checks, call", "HTTP call (requests + parse)")
     return {"count": n, "steps": steps}

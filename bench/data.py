@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from django_satori.models import Customer, SyncLog, SyncState, SyncStatus
@@ -121,10 +122,18 @@ def seed_members(count: int) -> None:
 
 
 def mark_all_synced() -> int:
-    """Put every outbox row back to 'synced', as between two bursts of real traffic."""
-    return SyncState.objects.update(status=SyncStatus.SYNCED, not_before=None,
-                                    dispatched_at=None, lease_until=None, lease_token="",
-                                    attempts=0)
+    """Put every outbox row back to 'synced', as between two bursts of real traffic.
+
+    Rows already in that state are left alone: rewriting 100,000 unchanged rows
+    (and their index entries) before and after every export run cost PostgreSQL
+    seconds a run, outside the timed span but inside the ten minutes of a run.
+    """
+    changed = (~Q(status=SyncStatus.SYNCED) | Q(not_before__isnull=False)
+               | Q(dispatched_at__isnull=False) | Q(lease_until__isnull=False)
+               | ~Q(lease_token="") | ~Q(attempts=0))
+    return SyncState.objects.filter(changed).update(
+        status=SyncStatus.SYNCED, not_before=None, dispatched_at=None, lease_until=None,
+        lease_token="", attempts=0)
 
 
 def analyze() -> None:

@@ -5,8 +5,9 @@
 in place) and ``endpoint``. A receiver that returns ``False`` vetoes the push:
 nothing is sent and the customer shows "Sync stopped" with the reason.
 
-``after_push``: sent after SATORI accepted a push or delete, with ``email``,
-``customer`` (None for deletes), ``endpoint`` and ``result``.
+``after_push``: sent after SATORI accepted a push or delete and its answer was
+written to the sync state, with ``email``, ``customer`` (None for deletes),
+``endpoint`` and ``result``. A receiver that raises is logged; the push stays done.
 
 ``push_failed``: sent when a push or delete failed, with ``email``,
 ``customer``, ``endpoint``, ``error`` and ``final`` (False while it will be

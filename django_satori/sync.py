@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import datetime as dt
 import enum
 import functools
@@ -29,9 +30,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
-from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    models,
+    router,
+    transaction,
+)
 from django.db.models import F, Q
 from django.db.models.signals import post_delete, post_save
 from django.utils import timezone
@@ -522,11 +532,12 @@ def push_batch(state_ids: list[int], *,
                ignore_window: bool = False) -> dict[int, PushResult]:
     """:func:`push` for several rows, sent one after another (the ``push_many`` task).
 
-    The rows are claimed with one UPDATE and loaded with one SELECT, and their
-    SyncLog entries are written together: per customer, what is left is the
-    call and the write-back of its answer. A row that fails with an unexpected
-    error is given back (pending, for the sweep) and the others go on; a
-    database error gives back every row not yet sent, and is raised.
+    The rows are claimed with one UPDATE and loaded with one SELECT; SATORI's
+    answers are written back a few at a time (:func:`_write_back`) and the
+    SyncLog entries together: per customer, what is left is the call. A row
+    that fails with an unexpected error is given back (pending, for the
+    sweep) and the others go on; a database error gives back every row whose
+    answer is not written yet, and is raised.
     """
     conf = get_settings()
     if not conf.SYNC_ENABLED:
@@ -544,6 +555,7 @@ def push_batch(state_ids: list[int], *,
     claimed = {state.pk: state for state in SyncState.objects.select_related("customer")
                .filter(pk__in=state_ids, lease_token=token)}
     results: dict[int, PushResult] = {}
+    answered: list[_Answered] = []
     # A long batch renews its claim on the rows still to come before it runs out.
     renew_at = time.monotonic() + conf.LEASE_SECONDS / 2
     try:
@@ -558,7 +570,17 @@ def push_batch(state_ids: list[int], *,
                                               lease_token=token)
                      .update(lease_until=timezone.now() + lease))
                     renew_at = time.monotonic() + conf.LEASE_SECONDS / 2
-                results[state_id] = _send(state, token, conf)
+                outcome = _send(state, token, conf)
+                if isinstance(outcome, _Answered):
+                    answered.append(outcome)
+                else:
+                    results[state_id] = outcome
+                if answered and (len(answered) >= WRITE_BACK_BATCH or time.monotonic()
+                                 - answered[0].at > WRITE_BACK_SECONDS):
+                    results.update(_write_back(answered, token))
+                    answered = []
+            if answered:
+                results.update(_write_back(answered, token))
     finally:
         unsent = [pk for pk in claimed if pk not in results]
         if unsent:
@@ -566,7 +588,7 @@ def push_batch(state_ids: list[int], *,
     return results
 
 
-def _send(state: SyncState, token: str, conf: SatoriSettings) -> PushResult:
+def _send(state: SyncState, token: str, conf: SatoriSettings) -> PushResult | _Answered:
     try:
         if state.operation == Operation.DELETE:
             return _send_delete(state, token, conf)
@@ -618,7 +640,7 @@ def fingerprint(payload: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResult:
+def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResult | _Answered:
     from .client import get_client
     from .schema import clean_customer
 
@@ -677,22 +699,16 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
     except SatoriError as exc:
         return _failed(state, token, endpoint, exc, conf, customer, summary=summary,
                        started=started)
-    sent_tags = [t for t in (customer.tags or [])]
-    newer = _release(
-        state, token, status=SyncStatus.SYNCED, synced_version=state.version,
-        fingerprint=digest, sent_tags=sent_tags, in_satori=True, previous_email="",
-        hashcode=result.hashcode or state.hashcode, last_synced_at=timezone.now(),
-        last_error="", attempts=F("attempts") + 1,
-    )
     _log(state.email, endpoint, SyncLog.Outcome.OK, status=result.status, request=summary,
          response=getattr(result, "response_summary", {}), attempt=state.attempts + 1,
          started=started)
-    signals.after_push.send(sender=Customer, email=state.email, customer=customer,
-                            endpoint=endpoint, result=result)
-    return PushOutcome.SYNCED, _again(newer)
+    return _Answered(
+        state, PushOutcome.SYNCED, SyncStatus.SYNCED, customer, endpoint, result,
+        values={"fingerprint": digest, "sent_tags": list(customer.tags or []), "in_satori": True,
+                "hashcode": result.hashcode or state.hashcode, "previous_email": ""})
 
 
-def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResult:
+def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResult | _Answered:
     from .client import get_client
 
     endpoint = "customer/delete.json"
@@ -716,15 +732,13 @@ def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
         result = exc  # already gone: deleting twice is not an error
     except SatoriError as exc:
         return _failed(state, token, endpoint, exc, conf, None, summary=summary, started=started)
-    newer = _release(state, token, status=SyncStatus.DELETED, synced_version=state.version,
-                     in_satori=False, hashcode="", fingerprint="", sent_tags=[], last_error="",
-                     last_synced_at=timezone.now(), attempts=F("attempts") + 1)
     _log(state.email, endpoint, SyncLog.Outcome.OK, status=getattr(result, "status", None),
          request=summary, started=started, attempt=state.attempts + 1,
          message=str(result) if isinstance(result, SatoriError) else "")
-    signals.after_push.send(sender=Customer, email=state.email, customer=None,
-                            endpoint=endpoint, result=result)
-    return PushOutcome.DELETED, _again(newer)
+    return _Answered(
+        state, PushOutcome.DELETED, SyncStatus.DELETED, None, endpoint, result,
+        values={"fingerprint": "", "sent_tags": [], "in_satori": False, "hashcode": "",
+                "previous_email": state.previous_email})
 
 
 def _failed(state: SyncState, token: str, endpoint: str, exc: SatoriError, conf: SatoriSettings,
@@ -792,6 +806,98 @@ def _release(state: SyncState, token: str, *, status: str,
             status=status, **changes):
         return False
     return bool(mine.update(status=SyncStatus.PENDING, **changes))
+
+
+#: Most answers held before they are written back (one round trip for them all on
+#: PostgreSQL). A worker killed meanwhile leaves their rows claimed: when the claim
+#: expires the sweep sends them again, which SATORI takes harmlessly (an upsert or a
+#: registration of the same data changes nothing; a delete of a deleted customer is
+#: counted as done).
+WRITE_BACK_BATCH = 20
+#: ... and the longest one is held, so the admin soon shows what SATORI answered.
+WRITE_BACK_SECONDS = 1.0
+
+
+@dataclasses.dataclass
+class _Answered:
+    """SATORI accepted a push or delete; the answer is still to be written back."""
+
+    state: SyncState
+    outcome: PushOutcome
+    status: str  # the row's status when no newer version arrived meanwhile
+    customer: Customer | None
+    endpoint: str
+    result: Any
+    #: fingerprint, sent_tags, in_satori, hashcode, previous_email
+    values: dict[str, Any]
+    at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+#: ``_release`` for one answer, the version check in a CASE; the %s after
+#: ``updated_at`` are the values of ``_ANSWER_FIELDS``, in that order.
+_WRITE_BACK_SQL = (
+    "UPDATE {table} SET status = CASE WHEN version = %s THEN %s ELSE %s END, "
+    "synced_version = %s, not_before = NULL, lease_until = NULL, lease_token = '', "
+    "last_error = '', attempts = attempts + 1, fingerprint = %s, sent_tags = %s, "
+    "in_satori = %s, hashcode = %s, previous_email = %s, last_synced_at = %s, updated_at = %s "
+    "WHERE id = %s AND lease_token = %s"
+)
+_ANSWER_FIELDS = ("fingerprint", "sent_tags", "in_satori", "hashcode", "previous_email",
+                  "last_synced_at", "updated_at")
+
+
+def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
+    """Write SATORI's answers to their rows, then send ``after_push`` for each.
+
+    As ``_release`` does for one row: a save during the call leaves the row
+    pending, as the data just sent is already stale. One statement per row,
+    sent with ``executemany`` (psycopg pipelines them: one round trip), then
+    one SELECT for the rows left pending. That SELECT also sees a save made
+    just after this write-back, which then gets one more, harmless, dispatch.
+    """
+    alias = router.db_for_write(SyncState)
+    connection = connections[alias]
+    fields = [cast(models.Field, SyncState._meta.get_field(name)) for name in _ANSWER_FIELDS]
+    sql = _WRITE_BACK_SQL.format(table=connection.ops.quote_name(SyncState._meta.db_table))
+    now = timezone.now()
+    params = []
+    for answer in answered:
+        values = {**answer.values, "last_synced_at": now, "updated_at": now}
+        params.append([answer.state.version, answer.status, SyncStatus.PENDING,
+                       answer.state.version,
+                       *(field.get_db_prep_save(values[field.name], connection)
+                         for field in fields),
+                       answer.state.pk, token])
+    ids = [answer.state.pk for answer in answered]
+
+    def write() -> set[int]:
+        with transaction.atomic(using=alias), connection.cursor() as cursor:
+            cursor.executemany(sql, params)
+            return set(SyncState.objects.using(alias)
+                       .filter(pk__in=ids, status=SyncStatus.PENDING)
+                       .values_list("pk", flat=True))
+
+    try:
+        newer = write()
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise
+        # The connection dropped (a restarted server, a proxy's idle timeout). These
+        # calls were made: once more on a new connection, rather than leave them all
+        # to be sent again when their claims expire.
+        with contextlib.suppress(DatabaseError):
+            connection.close()
+        newer = write()
+    results: dict[int, PushResult] = {}
+    for answer in answered:
+        results[answer.state.pk] = answer.outcome, _again(answer.state.pk in newer)
+        try:
+            signals.after_push.send(sender=Customer, email=answer.state.email,
+                                    customer=answer.customer, endpoint=answer.endpoint,
+                                    result=answer.result)
+        except Exception:  # a receiver's bug: SATORI has the data, the row says so
+            log.exception("An after_push receiver failed for sync state %s.", answer.state.pk)
+    return results
 
 
 def _summary(endpoint: str, wire: dict[str, str], conf: SatoriSettings) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from django.db import connection, transaction
+from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
 from django_satori import sync, tasks
@@ -155,16 +156,24 @@ def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch, capl
     assert "a bug in a receiver" in caplog.text
 
 
-def test_a_batch_claims_and_loads_its_rows_once_and_writes_its_logs_together(satori_sandbox):
-    customers = [make_customer(f"q{i}@example.jp") for i in range(20)]
+def test_a_batch_claims_loads_writes_back_and_logs_its_rows_together(satori_sandbox):
+    customers = [make_customer(f"q{i}@example.jp") for i in range(sync.WRITE_BACK_BATCH + 5)]
     ids = [SyncState.objects.get(customer=c).pk for c in customers]
     with CaptureQueriesContext(connection) as queries:
         results = sync.push_batch(ids)
-    kinds = Counter(q["sql"].split(None, 1)[0] for q in queries.captured_queries)
-    # Per batch: the claim (UPDATE), the load (SELECT), the log entries (INSERT);
-    # per customer only the write-back of SATORI's answer (UPDATE).
-    assert (kinds["UPDATE"], kinds["SELECT"], kinds["INSERT"]) == (1 + 20, 1, 1)
+    statements = [q["sql"] for q in queries.captured_queries]
+    # Django logs an executemany() as "<n> times: <sql>".
+    write_backs = [int(sql.split(" times: ")[0]) for sql in statements if " times: " in sql]
+    kinds = Counter(sql.split(None, 1)[0] for sql in statements if " times: " not in sql)
+    # The claim (UPDATE), the load (SELECT), the log entries (INSERT), and per
+    # WRITE_BACK_BATCH answers one executemany and one SELECT for rows left pending.
+    assert write_backs == [sync.WRITE_BACK_BATCH, 5]
+    assert (kinds["UPDATE"], kinds["SELECT"], kinds["INSERT"]) == (1, 1 + 2, 1)
     assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
+    states = SyncState.objects.filter(pk__in=ids)
+    assert {(s.status, s.lease_token, s.attempts, s.in_satori, s.synced_version == s.version)
+            for s in states} == {(SyncStatus.SYNCED, "", 1, True, True)}
+    assert all(s.hashcode and s.fingerprint and s.last_synced_at for s in states)
     logs = list(SyncLog.objects.order_by("pk").values_list("email", "created_at"))
     assert [email for email, _created in logs] == [c.email for c in customers]
     times = [created for _email, created in logs]
@@ -179,10 +188,116 @@ def test_a_database_error_gives_back_the_rows_not_yet_sent(satori_sandbox, monke
     with pytest.raises(OperationalError):
         sync.push_batch(ids)
     states = {s.pk: s for s in SyncState.objects.all()}
-    assert states[ids[0]].status == SyncStatus.SYNCED
-    assert [(states[i].status, states[i].lease_token) for i in ids[1:]] == [
-        (SyncStatus.PENDING, ""), (SyncStatus.PENDING, "")]
+    # The first was sent, but its answer was still waiting to be written back: it
+    # goes back to pending too, and is sent again (an upsert repeats harmlessly).
+    assert [(states[i].status, states[i].lease_token) for i in ids] == [
+        (SyncStatus.PENDING, "")] * 3
     assert SyncLog.objects.filter(email="m0@example.jp").exists()  # its log was kept
+    monkeypatch.undo()  # the database is back
+    drain()
+    assert {s.status for s in SyncState.objects.all()} == {SyncStatus.SYNCED}
+
+
+@pytest.mark.postgres
+def test_answers_are_written_back_over_a_new_connection_when_the_old_one_drops(
+        satori_sandbox, monkeypatch):
+    ids = [SyncState.objects.get(customer=make_customer(f"d{i}@example.jp")).pk
+           for i in range(3)]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    real_send = sync._send_upsert
+
+    def send(state, token, conf):
+        answered = real_send(state, token, conf)
+        if state.pk == ids[-1]:  # SATORI has all three; now the server drops us
+            other = connection.get_new_connection(connection.get_connection_params())
+            try:
+                other.execute("SELECT pg_terminate_backend(%s, 5000)", [pid])
+            finally:
+                other.close()
+        return answered
+
+    monkeypatch.setattr(sync, "_send_upsert", send)
+    results = sync.push_batch(ids)
+    assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone()[0] != pid
+    assert {s.status for s in SyncState.objects.all()} == {SyncStatus.SYNCED}
+    # Nothing given back to be sent again.
+    assert len(satori_sandbox.state.requests_for("upsert")) == 3
+
+
+def test_only_the_row_changed_during_its_call_stays_pending(satori_sandbox):
+    from django_satori import signals
+
+    customers = [make_customer(f"v{i}@example.jp") for i in range(3)]
+    ids = [SyncState.objects.get(customer=c).pk for c in customers]
+
+    def edit_while_sending(sender, customer, payload, **kwargs):
+        if customer.pk == customers[1].pk and payload.get("memo") != "newer":
+            other = Customer.objects.get(pk=customer.pk)
+            other.memo = "newer"
+            other.save()
+
+    signals.before_push.connect(edit_while_sending, dispatch_uid="edit")
+    try:
+        results = sync.push_batch(ids)
+    finally:
+        signals.before_push.disconnect(dispatch_uid="edit")
+    assert [results[i][1] is not None for i in ids] == [False, True, False]
+    states = {s.pk: s for s in SyncState.objects.all()}
+    assert [states[i].status for i in ids] == [SyncStatus.SYNCED, SyncStatus.PENDING,
+                                               SyncStatus.SYNCED]
+    # What was sent is recorded all the same: the next push sends only the change.
+    assert states[ids[1]].in_satori and states[ids[1]].synced_version < states[ids[1]].version
+
+
+def answers_written_before_each_call(monkeypatch) -> tuple[list[int], list[bool]]:
+    """Four pending rows; for each call, whether every earlier answer was written back."""
+    ids = [SyncState.objects.get(customer=make_customer(f"w{i}@example.jp")).pk
+           for i in range(4)]
+    written: list[bool] = []
+    real_send = sync._send_upsert
+
+    def send(state, token, conf):
+        earlier = ids[:ids.index(state.pk)]
+        written.append(not SyncState.objects.filter(pk__in=earlier)
+                       .exclude(status=SyncStatus.SYNCED).exists())
+        return real_send(state, token, conf)
+
+    monkeypatch.setattr(sync, "_send_upsert", send)
+    return ids, written
+
+
+def test_answers_wait_for_the_write_back_at_most_write_back_seconds(satori_sandbox,
+                                                                     monkeypatch):
+    ids, written = answers_written_before_each_call(monkeypatch)
+    sync.push_batch(ids)
+    assert written == [True, False, False, False]  # held: written together at the end
+    SyncState.objects.update(status=SyncStatus.PENDING, version=F("version") + 1)
+    written.clear()
+    monkeypatch.setattr(sync, "WRITE_BACK_SECONDS", 0.0)  # as if every call were slow
+    sync.push_batch(ids)
+    assert written == [True] * 4
+
+
+def test_a_failing_after_push_receiver_does_not_undo_a_push(satori_sandbox, caplog):
+    from django_satori import signals
+
+    state_id = SyncState.objects.get(customer=make_customer()).pk
+
+    def broken(sender, **kwargs):
+        raise RuntimeError("receiver bug")
+
+    signals.after_push.connect(broken, dispatch_uid="broken")
+    try:
+        assert sync.push(state_id) == (sync.PushOutcome.SYNCED, None)
+    finally:
+        signals.after_push.disconnect(dispatch_uid="broken")
+    assert SyncState.objects.get().status == SyncStatus.SYNCED
+    assert "receiver bug" in caplog.text
 
 
 @pytest.mark.parametrize(("options", "threaded"), [
