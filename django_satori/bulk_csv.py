@@ -90,7 +90,7 @@ class RowEncoder:
         separator = self._separator
         no_custom = self._no_custom
         custom_cells = self._custom
-        email_ok = _EMAIL_RE.match
+        email_ok = _EMAIL_RE.fullmatch  # match() would let a trailing "\n" through ($)
         permissions = frozenset(DELIVERY_PERMISSIONS)
         c_route, c_date, c_permission = 1 + _ROUTE, 1 + _DATE, 1 + _PERMISSION
         c_tags, c_custom, stop = 2 + _N, 3 + _N, 2 + _N

@@ -207,3 +207,13 @@ def test_the_integer_fast_path_gives_what_the_schema_gives(custom):
         assert (info.value.field, info.value.message) == (exc.field, exc.message)
     else:
         assert fast.encode(row(custom)) == expected
+
+
+@pytest.mark.parametrize("stored", ["a@example.jp\n", "a@example.jp ", "A@example.jp"])
+def test_an_address_not_stored_normalised_is_refused_by_the_fast_check_too(stored):
+    # update() and bulk_create() skip Customer.save(): a line break must not reach the file.
+    values = list(row({}))
+    values[bulk_csv.VALUE_FIELDS.index("email")] = stored
+    with pytest.raises(SatoriValidationError) as info:
+        bulk_csv.RowEncoder(get_settings()).encode(tuple(values))
+    assert info.value.field == "email" and "normalised" in info.value.message
