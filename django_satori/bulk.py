@@ -182,7 +182,10 @@ def cancel_job(job: BulkJob | int) -> CancelResult:
         part_ids = list(job_row.parts.filter(not_uploaded).values_list("pk", flat=True))
         cancelled = BulkPart.objects.filter(not_uploaded, pk__in=part_ids).update(
             state=BulkState.CANCELLED, finished_at=now, error=_("Cancelled before upload."))
-        released = sum(_release_part(pk) for pk in part_ids)
+        # Only the parts cancelled here: an upload may have claimed one since the list
+        # was read (the job's lock does not stop it), and that part keeps its customers.
+        released = sum(_release_part(pk) for pk in BulkPart.objects.filter(
+            pk__in=part_ids, state=BulkState.CANCELLED).values_list("pk", flat=True))
         in_flight = job_row.parts.filter(
             state__in=(BulkState.UPLOADING, BulkState.PROCESSING)).count()
         result = CancelResult(cancelled, in_flight, released)

@@ -217,3 +217,32 @@ def test_an_address_not_stored_normalised_is_refused_by_the_fast_check_too(store
     with pytest.raises(SatoriValidationError) as info:
         bulk_csv.RowEncoder(get_settings()).encode(tuple(values))
     assert info.value.field == "email" and "normalised" in info.value.message
+
+
+# --------------------------------------------------------------------------- parts
+
+
+def test_cancel_leaves_its_customers_to_a_part_whose_upload_began_meanwhile():
+    customers(4, "cancel")
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT, chunk_size=2)
+    bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    first, second = job.parts.order_by("number")
+    raced = False
+
+    def upload_claims_first(execute, sql, params, many, context):
+        # An upload task claims the first part after cancel_job has listed the parts
+        # not yet uploaded, and before its UPDATE cancels them.
+        nonlocal raced
+        if not raced and sql.startswith("UPDATE") and "bulkpart" in sql:
+            raced = True
+            BulkPart.objects.filter(pk=first.pk, state=BulkState.UPLOADING,
+                                    uploaded_at__isnull=True).update(uploaded_at=timezone.now())
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(upload_claims_first):
+        result = bulk.cancel_job(job)
+    assert BulkPart.objects.get(pk=first.pk).state == BulkState.UPLOADING
+    assert (result.cancelled_parts, result.uploaded_parts, result.released) == (1, 1, 2)
+    assert SyncState.objects.filter(bulk_part=first, status=SyncStatus.IN_BULK).count() == 2
+    assert BulkPart.objects.get(pk=second.pk).state == BulkState.CANCELLED
+    assert not SyncState.objects.filter(bulk_part=second).exists()
