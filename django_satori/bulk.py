@@ -402,10 +402,11 @@ class _Export:
                 # claimed holds only members' e-mails: as many as rows means no duplicates.
                 if len(claimed) < len(writer):
                     writer.keep_only(claimed)
-            elif writer.duplicates():
-                writer.keep_only({email for _pk, email in writer.members})
-            elif self.settle_dry_run:
-                _settle_dry_run([email for _pk, email in writer.members])
+            else:
+                if writer.duplicates():
+                    writer.keep_only({email for _pk, email in writer.members})
+                if self.settle_dry_run:
+                    _settle_dry_run([email for _pk, email in writer.members])
             if not len(writer):
                 part.delete()
                 self.number -= 1

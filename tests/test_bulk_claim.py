@@ -25,6 +25,7 @@ from django_satori.models import (
     BulkPart,
     BulkState,
     Customer,
+    CustomerAction,
     SyncState,
     SyncStatus,
 )
@@ -246,3 +247,17 @@ def test_cancel_leaves_its_customers_to_a_part_whose_upload_began_meanwhile():
     assert SyncState.objects.filter(bulk_part=first, status=SyncStatus.IN_BULK).count() == 2
     assert BulkPart.objects.get(pk=second.pk).state == BulkState.CANCELLED
     assert not SyncState.objects.filter(bulk_part=second).exists()
+
+
+def test_an_automatic_dry_run_settles_its_rows_when_the_selection_repeats_them():
+    people = customers(2, "repeat")
+    outbox(people, status=SyncStatus.PENDING)
+    CustomerAction.objects.bulk_create(
+        [CustomerAction(email=c.email, customer=c, name=name, occurred_at=timezone.now())
+         for c in people for name in ("a", "b")])
+    repeated = Customer.objects.filter(actions__name__in=["a", "b"])  # each customer twice
+    job = bulk.start_bulk_job(repeated, mode=BulkMode.UPSERT, automatic=True, dry_run=True)
+    done = bulk.run_job(job.pk)
+    assert (done.state, done.row_count) == (BulkState.FINISHED, 2)
+    # Settled like a single push under DRY_RUN, or the sweep starts this job every minute.
+    assert list(SyncState.objects.values_list("status", flat=True)) == [SyncStatus.DRY_RUN] * 2
