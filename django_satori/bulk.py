@@ -60,6 +60,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
+from .redaction import redact_text
 
 log = logging.getLogger("django_satori.bulk")
 
@@ -691,7 +692,9 @@ def _fail_part(part_id: int, message: str) -> None:
     if moved:
         _release_part(part_id, error=message, hold_seconds=conf.RETRY_BACKOFF_MAX_SECONDS)
         part = BulkPart.objects.get(pk=part_id)
-        log.warning("Bulk job %s part %s failed: %s", part.job_id, part.number, message)
+        # The message may quote SATORI, whose errors can name a customer's address.
+        log.warning("Bulk job %s part %s failed: %s", part.job_id, part.number,
+                    redact_text(message) if conf.REDACT_PERSONAL_DATA else message)
         _refresh_job(part.job_id)
 
 

@@ -34,7 +34,7 @@ from django.urls import reverse
 from django_satori import add_action, bulk, sync
 from django_satori.client import SatoriClient, get_client
 from django_satori.conf import get_settings
-from django_satori.exceptions import SatoriError
+from django_satori.exceptions import SatoriError, SatoriValidationError
 from django_satori.models import (
     BulkJob,
     BulkPart,
@@ -421,3 +421,24 @@ def test_a_client_built_from_settings_never_shows_keys_in_its_repr():
                                **KEYS)
     texts = [repr(SatoriClient(conf)), repr(conf), str(conf)]
     assert leaks(texts) == [] and "pw" not in texts[0]
+
+
+def test_a_failed_bulk_part_is_logged_without_the_address_satori_quoted(monkeypatch, caplog):
+    Customer.objects.bulk_create([Customer(email="taro@example.jp", collection_route="web")])
+    job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
+    bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    part = job.parts.get()
+
+    class RefusingClient:
+        def bulk_upsert(self, *args, **kwargs):
+            raise SatoriValidationError("row 2: taro@example.jp is refused", status=400)
+
+    monkeypatch.setattr("django_satori.client.get_client", RefusingClient)
+    with caplog.at_level(logging.DEBUG, logger="django_satori"):
+        assert bulk.upload_part(part.pk) == ("failed", None)
+    # Kept as SATORI worded it where a person looks (like a customer's last error)...
+    assert "taro@example.jp" in BulkPart.objects.get(pk=part.pk).error
+    # ...but redacted in log lines, as REDACT_PERSONAL_DATA asks by default.
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("django_satori")]
+    assert any("is refused" in text for text in ours)
+    assert not any("taro@example.jp" in text for text in ours)
