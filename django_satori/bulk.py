@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, TypeVar, cast
 
 from django.core.files.storage import Storage, storages
 from django.db import connections, models, router, transaction
-from django.db.models import Case, Count, F, Q, Sum, Value, When
+from django.db.models import Case, F, Q, Sum, Value, When
 from django.db.models.expressions import RawSQL
 from django.utils import timezone
 from django.utils.translation import gettext as _
@@ -1019,7 +1019,3 @@ def _log(endpoint: str, outcome: str, *, status: int | None = None,
         endpoint=endpoint, outcome=outcome, satori_status=status, attempt=attempt,
         duration_ms=duration, request_summary=request if isinstance(request, dict) else {},
         response_summary=response if isinstance(response, dict) else {}, message=message)
-
-
-def job_counts_by_state() -> dict[str, int]:
-    return dict(BulkJob.objects.values_list("state").annotate(n=Count("pk")))
