@@ -23,6 +23,7 @@ from django_satori.models import (
     BulkJob,
     BulkMode,
     BulkPart,
+    BulkRowError,
     BulkState,
     Customer,
     CustomerAction,
@@ -261,3 +262,39 @@ def test_an_automatic_dry_run_settles_its_rows_when_the_selection_repeats_them()
     assert (done.state, done.row_count) == (BulkState.FINISHED, 2)
     # Settled like a single push under DRY_RUN, or the sweep starts this job every minute.
     assert list(SyncState.objects.values_list("status", flat=True)) == [SyncStatus.DRY_RUN] * 2
+
+
+def test_an_export_that_fails_releases_the_part_it_was_writing(monkeypatch):
+    people = customers(3, "broken")
+    outbox(people, status=SyncStatus.PENDING, version=2, synced_version=1)
+
+    class FullDisk:
+        def save(self, name, content):
+            raise OSError("no space left on device")
+
+    monkeypatch.setattr(bulk, "bulk_storage", lambda conf=None: FullDisk())
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT)
+    with pytest.raises(OSError):
+        bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    job.refresh_from_db()
+    part = job.parts.get()
+    assert (part.state, part.error) == (BulkState.FAILED, "The export stopped with an error.")
+    assert job.state == BulkState.FAILED and "OSError" in job.error
+    assert list(SyncState.objects.values_list("status", "bulk_part")) == [
+        (SyncStatus.PENDING, None)] * 3
+
+
+def test_an_interrupted_export_starts_again_without_the_part_it_was_writing():
+    people = customers(3, "again")
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT)
+    # A worker died writing part 1: the job is still exporting, the part holds its claim.
+    BulkJob.objects.filter(pk=job.pk).update(state=BulkState.EXPORTING)
+    stale = BulkPart.objects.create(job=job, number=1, state=BulkState.EXPORTING)
+    bulk._claim(stale, members(people), get_settings())
+    BulkRowError.objects.create(job=job, email="bad@example.jp", message="x", before_upload=True)
+
+    done = bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    part = done.parts.get()
+    assert part.pk != stale.pk and (part.number, part.state) == (1, BulkState.UPLOADING)
+    assert SyncState.objects.filter(bulk_part=part).count() == 3
+    assert not done.row_errors.exists()
