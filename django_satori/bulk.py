@@ -900,22 +900,20 @@ def _refresh_job(job_id: int) -> None:
         fields = ["row_count", "succeeded_count", "failed_count", "part_count"]
         if job.state in (BulkState.UPLOADING, BulkState.PROCESSING, BulkState.CANCELLED):
             live = [s for s in states if s not in TERMINAL_STATES]
-            if any(s in (BulkState.UPLOADING, BulkState.EXPORTING) for s in live):
-                new_state = job.state if job.state == BulkState.CANCELLED else BulkState.UPLOADING
+            done = [s for s in states if s != BulkState.CANCELLED]
+            if job.state == BulkState.CANCELLED:
+                new_state = BulkState.CANCELLED  # in-flight parts still run to the end
+            elif any(s in (BulkState.UPLOADING, BulkState.EXPORTING) for s in live):
+                new_state = BulkState.UPLOADING
             elif live:
-                new_state = job.state if job.state == BulkState.CANCELLED else \
-                    BulkState.PROCESSING
+                new_state = BulkState.PROCESSING
+            elif done and all(s == BulkState.FAILED for s in done):
+                new_state = BulkState.FAILED
             else:
-                done = [s for s in states if s != BulkState.CANCELLED]
-                if job.state == BulkState.CANCELLED:
-                    new_state = BulkState.CANCELLED
-                elif done and all(s == BulkState.FAILED for s in done):
-                    new_state = BulkState.FAILED
-                else:
-                    new_state = BulkState.FINISHED
-                if job.finished_at is None:
-                    job.finished_at = now
-                    fields.append("finished_at")
+                new_state = BulkState.FINISHED
+            if not live and job.finished_at is None:
+                job.finished_at = now
+                fields.append("finished_at")
             if new_state != job.state:
                 job.state = new_state
                 fields.append("state")
