@@ -281,25 +281,27 @@ def _recover_interrupted_export(job: BulkJob) -> None:
     the export runs again, skipping customers that are in a part already.
     """
     log.warning("Bulk job %s: the export was interrupted; starting it again.", job.pk)
-    stale = list(job.parts.filter(state=BulkState.EXPORTING).values_list("pk", flat=True))
-    for part_id in stale:
-        _release_part(part_id)
-    BulkPart.objects.filter(pk__in=stale).delete()
+    BulkPart.objects.filter(pk__in=_release_unfinished_parts(job)).delete()
     job.row_errors.filter(before_upload=True).delete()
 
 
 def _fail_export(job: BulkJob, exc: BaseException) -> None:
     log.exception("Bulk job %s: the export failed.", job.pk)
-    stale = list(job.parts.filter(state=BulkState.EXPORTING).values_list("pk", flat=True))
-    for part_id in stale:
-        _release_part(part_id)
-    BulkPart.objects.filter(pk__in=stale).update(
+    BulkPart.objects.filter(pk__in=_release_unfinished_parts(job)).update(
         state=BulkState.FAILED, error=_("The export stopped with an error."))
     message = _("The export stopped with an error (%(kind)s); customers not yet uploaded were "
                 "released.") % {"kind": type(exc).__name__}
     BulkJob.objects.filter(pk=job.pk, state=BulkState.EXPORTING).update(
         state=BulkState.UPLOADING, error=message)
     _refresh_job(job.pk)
+
+
+def _release_unfinished_parts(job: BulkJob) -> list[int]:
+    """Give back the customers of the parts an export was still writing; returns their ids."""
+    part_ids = list(job.parts.filter(state=BulkState.EXPORTING).values_list("pk", flat=True))
+    for part_id in part_ids:
+        _release_part(part_id)
+    return part_ids
 
 
 class _Export:
