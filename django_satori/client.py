@@ -612,9 +612,11 @@ class SatoriClient:
         pairs = customer_form_fields(identity_type, cleaned)
         method, path = ENDPOINTS[endpoint]
         wire = self._form_wire(endpoint, method, path, pairs)
-        reply, elapsed = self._call(wire)
+        return self._customer_result(wire, *self._call(wire))
+
+    def _customer_result(self, wire: _Wire, reply: SatoriReply, elapsed: float) -> CustomerResult:
         return CustomerResult(
-            endpoint=endpoint,
+            endpoint=wire.endpoint,
             status=reply.status,
             hashcode=_hashcode(reply),
             message=reply.message,
@@ -670,18 +672,7 @@ class SatoriClient:
         path = "/" + str(self.conf.ACTION_PATH).lstrip("/")
         wire = self._form_wire(ACTION_ENDPOINT, "POST", path, pairs,
                                visible=(params["name"], params["date"]))
-        reply, elapsed = self._call(wire)
-        return CustomerResult(
-            endpoint=ACTION_ENDPOINT,
-            status=reply.status,
-            hashcode=_hashcode(reply),
-            message=reply.message,
-            response=reply.data,
-            http_status=reply.http_status,
-            elapsed_ms=elapsed,
-            request_summary=wire.summary,
-            response_summary=self._response_summary(reply.data),
-        )
+        return self._customer_result(wire, *self._call(wire))
 
     def _action_time(self, occurred_at: dt.datetime | None) -> str:
         try:
