@@ -377,8 +377,6 @@ def _retry_after_header(value: str) -> float | None:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        if when is None:  # pragma: no cover - older Pythons returned None
-            return None
         if when.tzinfo is None:
             when = when.replace(tzinfo=dt.UTC)
         seconds = (when - dt.datetime.now(dt.UTC)).total_seconds()
