@@ -198,13 +198,10 @@ class _RowWriter:
         self._text = text
         self._plain = csv.writer(text, lineterminator=LINE_TERMINATOR)
 
-    def writerow(self, cells: Sequence[Any], has_cr: bool | None = None) -> None:
+    def writerow(self, cells: Sequence[str], has_cr: bool | None = None) -> None:
         """``has_cr``: whether a cell holds a CR, when the caller knows already."""
         if has_cr is None:
-            try:
-                has_cr = "\r" in "".join(cells)
-            except TypeError:  # a non-string cell (never from RowEncoder)
-                has_cr = any("\r" in cell for cell in cells if isinstance(cell, str))
+            has_cr = "\r" in "".join(cells)
         if not has_cr:
             self._plain.writerow(cells)
             return
