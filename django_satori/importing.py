@@ -648,8 +648,9 @@ class _Importer:
         self.conf = conf
         self.on_skip = on_skip
         self.stamp = timezone.now()
-        # Rows seen in earlier batches: a real run finds them by ``remote_seen_at``
-        # (flat memory); a dry run writes nothing, so it keeps digests instead.
+        # Rows seen in earlier batches: a real run finds those it applied by
+        # ``remote_seen_at`` (flat memory) and keeps digests of those it skipped; a dry
+        # run writes nothing, so it keeps a digest of every row.
         self.seen_digests: set[bytes] = set()
         self.run: ImportRun | None = None
         if not result.dry_run:
@@ -683,6 +684,8 @@ class _Importer:
             setattr(self.result, name, getattr(self.result, name) + value)
         for row, reason in skips:
             self.skip(row.line, row.email, reason)
+            if not self.result.dry_run:  # only now: a retried batch sees its rows afresh
+                self.seen_digests.add(_email_digest(row.email))
 
     def _apply(self, rows: list[ExportRow]
                ) -> tuple[dict[str, int], list[tuple[ExportRow, str]]]:
@@ -759,13 +762,12 @@ class _Importer:
     def _conflict(self, row: ExportRow, state: dict[str, Any] | None,
                   customers: dict[str, int], hash_owner: dict[str, str]) -> str:
         """Why ``row`` cannot be applied, or ''."""
-        if self.result.dry_run:
-            digest = hashlib.blake2b(row.email.encode(), digest_size=8).digest()
-            if digest in self.seen_digests:
-                return _("the same e-mail address appeared earlier in the file")
-            self.seen_digests.add(digest)
-        elif state is not None and state["remote_seen_at"] == self.stamp:
+        digest = _email_digest(row.email)
+        if digest in self.seen_digests or (state is not None
+                                           and state["remote_seen_at"] == self.stamp):
             return _("the same e-mail address appeared earlier in the file")
+        if self.result.dry_run:
+            self.seen_digests.add(digest)
         owner = hash_owner.get(row.hashcode) if row.hashcode else None
         if owner:
             return _("SATORI's hashcode of this row belongs locally to %(email)s: the e-mail "
@@ -811,6 +813,10 @@ class _Importer:
             skipped_rows=[s.as_dict() for s in result.skipped], message=failed[:2000],
         )
         self.run.refresh_from_db()
+
+
+def _email_digest(email: str) -> bytes:
+    return hashlib.blake2b(email.encode(), digest_size=8).digest()
 
 
 def _chunks(items: list[Any], size: int = _LOOKUP_CHUNK) -> Iterable[list[Any]]:

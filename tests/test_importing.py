@@ -302,6 +302,21 @@ def test_a_hashcode_held_by_another_local_customer_is_not_imported(tmp_path, san
     assert not Customer.objects.filter(email="user1@example.jp").exists()
 
 
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize("batch_size", [1000, 1])
+def test_a_row_repeating_a_skipped_address_is_a_duplicate_whatever_the_batches(
+        tmp_path, sandbox, batch_size, dry_run):
+    Customer.objects.create(email="old@example.jp")
+    SyncState.objects.filter(email="old@example.jp").update(hashcode="h0000000001")
+    path = write_export(tmp_path / "e.csv", [export_row(1), export_row(1, hashcode="")])
+    result = import_export(path, batch_size=batch_size, dry_run=dry_run)
+    reasons = {s.line: s.reason for s in result.skipped}
+    assert sorted(reasons) == [2, 3]
+    assert "old@example.jp" in reasons[2] and "same e-mail address" in reasons[3]
+    assert (result.created, result.linked) == (0, 0)
+    assert not Customer.objects.filter(email="user1@example.jp").exists()
+
+
 # --------------------------------------------------------------------------
 # The command
 # --------------------------------------------------------------------------
