@@ -812,6 +812,7 @@ class SatoriClient:
 
     @staticmethod
     def _identity(email: str | None, hashcode: str | None) -> tuple[str, str]:
+        hashcode = "" if hashcode is None else str(hashcode).strip()
         if bool(email) == bool(hashcode):
             raise SatoriValidationError(
                 _("Give exactly one of email or hashcode."),
@@ -819,7 +820,7 @@ class SatoriClient:
             )
         if email:
             return "email", normalize_email(email)
-        return "hashcode", _no_nul(str(hashcode).strip(), "hashcode")
+        return "hashcode", _no_nul(hashcode, "hashcode")
 
     # The wire builders keep the raw keys out of the locals of every frame an
     # error passes through (error trackers record frame locals).

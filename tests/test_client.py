@@ -847,6 +847,15 @@ def test_hashcode_identity_requires_a_hashcode(
     assert capture.requests == []
 
 
+def test_a_blank_hashcode_counts_as_none(capture: CaptureServer, client: SatoriClient) -> None:
+    with pytest.raises(SatoriValidationError) as info:
+        client.delete_customer(hashcode="  ")
+    assert info.value.field == "email"  # neither identity given
+    with pytest.raises(SatoriValidationError):
+        client.add_action(hashcode="\t", name="資料請求")
+    assert capture.requests == []
+
+
 @pytest.mark.parametrize(
     ("message", "field"),
     [
