@@ -122,18 +122,21 @@ class Customer(models.Model):
         # field, SQLite stores it and the push fails later: refuse it here, alike.
         from django.utils.translation import gettext
 
-        message = gettext("The value contains a NUL character.")
+        def refuse(field: str) -> SatoriValidationError:
+            return SatoriValidationError(gettext("The value contains a NUL character."),
+                                         field=field)
+
         for field in self._meta.concrete_fields:
             value = getattr(self, field.attname)
             if field.name == "custom_fields" and isinstance(value, dict):
                 for key, item in value.items():
                     if "\x00" in str(key) or "\x00" in str(item):
-                        raise SatoriValidationError(message, field=str(key).replace("\x00", ""))
+                        raise refuse(str(key).replace("\x00", ""))
             elif field.name == "tags" and isinstance(value, list):
                 if any("\x00" in str(tag) for tag in value):
-                    raise SatoriValidationError(message, field="append_tags")
+                    raise refuse("append_tags")
             elif isinstance(value, str) and "\x00" in value:
-                raise SatoriValidationError(message, field=field.name)
+                raise refuse(field.name)
 
     def clean(self) -> None:
         """Form validation (admin, ModelForms): SATORI's rules, reported on the field."""

@@ -1,4 +1,4 @@
-"""Many-row SQL for the export import: INSERT/UPDATE with ``executemany``, and lookups.
+"""Many-row SQL: INSERT/UPDATE with ``executemany`` or COPY, INSERT … SELECT, and lookups.
 
 ``bulk_create``/``bulk_update`` prepare every value of every row through the
 ORM's compiler; for 100,000 rows of 25 columns that alone takes most of a
@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
 from django.db import connections, models, router
+from django.db.models.constants import OnConflict
 from django.utils import timezone
 
 Prep = Callable[[Any], Any]
@@ -42,6 +43,27 @@ def _prep(field: models.Field[Any, Any], connection: Any) -> Prep:
     return lambda value: field.get_db_prep_save(value, connection=connection)
 
 
+def _other_columns(model: type[models.Model], connection: Any, skip: Sequence[str],
+                   constants: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+    """Quoted columns and prepared values of the concrete fields not in ``skip``: from
+    ``constants``, else "now" for ``auto_now``/``auto_now_add``, else the default."""
+    now = timezone.now()
+    columns: list[str] = []
+    values: list[Any] = []
+    for field in model._meta.concrete_fields:
+        if field is model._meta.auto_field or field.attname in skip:
+            continue
+        if field.attname in constants:
+            value = constants[field.attname]
+        elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
+            value = now
+        else:
+            value = field.get_default()
+        columns.append(connection.ops.quote_name(_column(field)))
+        values.append(field.get_db_prep_save(value, connection=connection))
+    return columns, values
+
+
 def insert_rows(model: type[models.Model], varying: Sequence[str],
                 rows: Sequence[Mapping[str, Any]],
                 constants: Mapping[str, Any] | None = None) -> None:
@@ -51,37 +73,16 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
     concrete field gets its default, or "now" for ``auto_now`` and
     ``auto_now_add`` fields. An auto-increment primary key is left to the database.
     """
-    constants = constants or {}
     if not rows:
         return
-    db = router.db_for_write(model)
-    connection = connections[db]
-    now = timezone.now()
-    columns: list[str] = []
-    varying_slots: list[tuple[int, str, Prep]] = []
-    template: list[Any] = []
-    for field in model._meta.concrete_fields:
-        if field is model._meta.auto_field:
-            continue
-        columns.append(connection.ops.quote_name(_column(field)))
-        if field.attname in varying:
-            varying_slots.append((len(template), field.attname, _prep(field, connection)))
-            template.append(None)
-            continue
-        if field.attname in constants:
-            value = constants[field.attname]
-        elif getattr(field, "auto_now", False) or getattr(field, "auto_now_add", False):
-            value = now
-        else:
-            value = field.get_default()
-        template.append(field.get_db_prep_save(value, connection=connection))
+    connection = connections[router.db_for_write(model)]
+    fields = [_field(model, name) for name in varying]
+    preps = [_prep(field, connection) for field in fields]
+    others, template = _other_columns(model, connection, varying, constants or {})
+    columns = [connection.ops.quote_name(_column(field)) for field in fields] + others
     table = connection.ops.quote_name(model._meta.db_table)
-    params = []
-    for row in rows:
-        values = list(template)
-        for position, key, prep in varying_slots:
-            values[position] = prep(row[key])
-        params.append(values)
+    params = [[prep(row[field.attname]) for field, prep in zip(fields, preps, strict=True)]
+              + template for row in rows]
     with connection.cursor() as cursor:
         copy = getattr(cursor.cursor, "copy", None)
         if connection.vendor == "postgresql" and copy is not None:
@@ -91,8 +92,32 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
                 for values in params:
                     stream.write_row(values)
             return
-    _executemany(connection, f"INSERT INTO {table} ({', '.join(columns)}) "
-                             f"VALUES ({', '.join(['%s'] * len(columns))})", params)
+    executemany(connection, f"INSERT INTO {table} ({', '.join(columns)}) "
+                            f"VALUES ({', '.join(['%s'] * len(columns))})", params)
+
+
+def insert_from(model: type[models.Model], varying: Sequence[str],
+                source: models.QuerySet[Any], constants: Mapping[str, Any]) -> int:
+    """INSERT a row per row of ``source`` (a ``values_list`` of the ``varying`` fields'
+    values, in that order), in one statement; rows that would break a unique
+    constraint are left out. Other fields as in :func:`insert_rows`. Returns the
+    rows inserted.
+
+    Nothing passes through Python: for 100,000 rows, ``bulk_create`` spent six
+    of its ten seconds building and preparing objects.
+    """
+    connection = connections[router.db_for_write(model)]
+    others, values = _other_columns(model, connection, varying, constants)
+    columns = [connection.ops.quote_name(_column(_field(model, name))) for name in varying]
+    select, select_params = source.query.sql_with_params()
+    on_conflict = OnConflict.IGNORE
+    sql = (f"{connection.ops.insert_statement(on_conflict=on_conflict)} "
+           f"{connection.ops.quote_name(model._meta.db_table)} ({', '.join(columns + others)}) "
+           f"SELECT src.*, {', '.join(['%s'] * len(values))} FROM ({select}) src "
+           f"{connection.ops.on_conflict_suffix_sql([], on_conflict, None, None)}")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*values, *select_params])
+        return int(cursor.rowcount)
 
 
 def update_rows(model: type[models.Model], fields: Sequence[str],
@@ -111,7 +136,7 @@ def update_rows(model: type[models.Model], fields: Sequence[str],
            f"WHERE {qn(_column(opts.pk))} = %s")
     params = [[prep(row[field.attname]) for field, prep in zip(targets, preps, strict=True)]
               + [row["pk"]] for row in rows]
-    _executemany(connection, sql, params)
+    executemany(connection, sql, params)
 
 
 def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
@@ -138,7 +163,7 @@ def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
     return found
 
 
-def _executemany(connection: Any, sql: str, params: list[list[Any]]) -> None:
+def executemany(connection: Any, sql: str, params: list[list[Any]]) -> None:
     """``executemany``, pipelined where the driver can (psycopg 3).
 
     Without a pipeline psycopg waits for each row's answer: one network round

@@ -66,6 +66,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
+from .rawsql import insert_from
 from .schema import STANDARD_FIELDS, join_tags, normalize_email
 
 log = logging.getLogger("django_satori.sync")
@@ -234,16 +235,23 @@ def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
         raise TypeError(f"{queryset.model.__name__} is not Customer or a connected model "
                         "(SATORI['MAPPINGS']).")
     now = timezone.now()
+    pending = {"status": SyncStatus.PENDING, "operation": Operation.UPSERT, "attempts": 0,
+               "not_before": now, "dispatched_at": None, "updated_at": now}
     with transaction.atomic():
-        missing = queryset.filter(sync_state__isnull=True).values_list("pk", "email")
-        batch = [SyncState(email=email, customer_id=pk, version=0)
-                 for pk, email in missing.iterator(chunk_size=2000)]
-        SyncState.objects.bulk_create(batch, batch_size=1000, ignore_conflicts=True)
         states = SyncState.objects.filter(customer__in=queryset.values("pk"))
-        count = states.update(
-            version=F("version") + 1, status=SyncStatus.PENDING, operation=Operation.UPSERT,
-            attempts=0, not_before=now, dispatched_at=None, updated_at=now,
-        )
+        count = states.update(version=F("version") + 1, **pending)
+        # Customers written with update()/bulk_create() have no outbox row yet: theirs
+        # are inserted pending, by one INSERT ... SELECT.
+        missing = queryset.filter(sync_state__isnull=True).values_list("pk", "email")
+        inserted = insert_from(SyncState, ("customer_id", "email"), missing,
+                               constants={"version": 1, **pending})
+        # Left out: the address has a row without a customer (one deleted before, or
+        # whose e-mail changed). Its history (hashcode, sent tags) is this customer's now.
+        for pk, email in missing:
+            inserted += SyncState.objects.filter(email=email, customer__isnull=True).update(
+                customer_id=pk, version=F("version") + 1, **pending)
+        if inserted:
+            count = states.count()
         if count > conf.BULK_THRESHOLD:
             transaction.on_commit(_enqueue_sweep)
         else:

@@ -487,6 +487,40 @@ def test_mark_for_sync_catches_up_after_queryset_update(satori_sandbox):
         assert satori_sandbox.state.customer(c.email).fields["memo"] == "bulk edited"
 
 
+def test_mark_for_sync_marks_customers_with_and_without_an_outbox_row(satori_sandbox):
+    synced = [make_customer(email=f"s{i}@example.jp") for i in range(2)]
+    drain()
+    Customer.objects.bulk_create([Customer(email=f"b{i}@example.jp", last_name="一括",
+                                           collection_route="web") for i in range(3)])
+    before = dict(SyncState.objects.values_list("email", "version"))
+    assert mark_for_sync(Customer.objects.all()) == 5
+    rows = {s.email: s for s in SyncState.objects.all()}
+    assert {(s.status, s.operation, s.attempts) for s in rows.values()} == {
+        (SyncStatus.PENDING, Operation.UPSERT, 0)}
+    assert [rows[c.email].version for c in synced] == [before[c.email] + 1 for c in synced]
+    assert [rows[f"b{i}@example.jp"].version for i in range(3)] == [1, 1, 1]
+    assert all(s.customer_id is not None and s.not_before is not None for s in rows.values())
+    drain()
+    assert len(satori_sandbox.state.customers) == 5
+    assert {s.status for s in SyncState.objects.all()} == {SyncStatus.SYNCED}
+
+
+def test_mark_for_sync_takes_over_the_outbox_row_of_a_deleted_customer(satori_sandbox):
+    old = make_customer(email="again@example.jp")
+    drain()
+    old.delete()
+    drain()
+    assert SyncState.objects.get().customer_id is None  # kept: the address's history
+    (new,) = Customer.objects.bulk_create([Customer(email="again@example.jp",
+                                                    last_name="再登録", collection_route="web")])
+    assert mark_for_sync(Customer.objects.all()) == 1
+    state = SyncState.objects.get()
+    assert (state.customer_id, state.status, state.operation) == (
+        new.pk, SyncStatus.PENDING, Operation.UPSERT)
+    drain()
+    assert satori_sandbox.state.customer("again@example.jp").fields["last_name"] == "再登録"
+
+
 def test_mark_for_sync_on_a_connected_model_after_bulk_create(satori_sandbox):
     Member.objects.bulk_create([Member(email=f"m{i}@example.jp", family_name="一括")
                                 for i in range(4)])
@@ -614,3 +648,18 @@ def test_a_connected_save_that_changes_nothing_mapped_writes_nothing(satori_sand
     drain()
     assert mark_for_sync(Member.objects.all()) == 1
     assert SyncState.objects.get().status == SyncStatus.PENDING
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"memo": "a\x00b"}, "memo"),
+    ({"tags": ["ok", "b\x00d"]}, "append_tags"),
+    ({"custom_fields": {"custom:plan": "x\x00"}}, "custom:plan"),
+])
+def test_save_refuses_a_nul_character_and_names_the_field(fields, named):
+    from django_satori.exceptions import SatoriValidationError
+
+    with pytest.raises(SatoriValidationError) as caught:
+        make_customer(**fields)
+    assert caught.value.field == named and "NUL" in str(caught.value)
+    # Refused on every database alike (PostgreSQL would fail without naming a field).
+    assert not Customer.objects.exists() and not SyncState.objects.exists()
