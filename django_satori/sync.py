@@ -66,7 +66,8 @@ from .models import (
     SyncState,
     SyncStatus,
 )
-from .rawsql import insert_from
+from .rawsql import executemany, insert_from
+from .redaction import redact_form, redact_text
 from .schema import STANDARD_FIELDS, join_tags, normalize_email
 
 log = logging.getLogger("django_satori.sync")
@@ -767,8 +768,11 @@ def _failed(state: SyncState, token: str, endpoint: str, exc: SatoriError, conf:
     _log(state.email, endpoint, SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY,
          status=exc.status, request=summary, attempt=attempt, message=message, started=started,
          response={"status": exc.status, "message": exc.message})
+    # The row keeps SATORI's words for a person to read; a log line may quote an
+    # address in them, so it is redacted as the client's own lines are.
     log.info("SATORI %s failed for sync state %s (attempt %s, %s): %s", endpoint, state.pk,
-             attempt, "final" if final else f"retry in {delay:.0f}s", message)
+             attempt, "final" if final else f"retry in {delay:.0f}s",
+             redact_text(message) if conf.REDACT_PERSONAL_DATA else message)
     signals.push_failed.send(sender=Customer, email=state.email, customer=customer,
                              endpoint=endpoint, error=exc, final=final)
     return (PushOutcome.FAILED, None) if final else (PushOutcome.RETRY, delay)
@@ -859,7 +863,7 @@ def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
 
     As ``_release`` does for one row: a save during the call leaves the row
     pending, as the data just sent is already stale. One statement per row,
-    sent with ``executemany`` (psycopg pipelines them: one round trip), then
+    sent with ``rawsql.executemany`` (pipelined on psycopg 3: one round trip), then
     one SELECT for the rows left pending. That SELECT also sees a save made
     just after this write-back, which then gets one more, harmless, dispatch.
     """
@@ -879,8 +883,8 @@ def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
     ids = [answer.state.pk for answer in answered]
 
     def write() -> set[int]:
-        with transaction.atomic(using=alias), connection.cursor() as cursor:
-            cursor.executemany(sql, params)
+        with transaction.atomic(using=alias):
+            executemany(connection, sql, params)
             return set(SyncState.objects.using(alias)
                        .filter(pk__in=ids, status=SyncStatus.PENDING)
                        .values_list("pk", flat=True))
@@ -909,8 +913,6 @@ def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
 
 
 def _summary(endpoint: str, wire: dict[str, str], conf: SatoriSettings) -> dict[str, Any]:
-    from .redaction import redact_form
-
     return {"endpoint": endpoint, "fields": redact_form(list(wire.items()),
                                                         conf.REDACT_PERSONAL_DATA)}
 

@@ -442,3 +442,22 @@ def test_a_failed_bulk_part_is_logged_without_the_address_satori_quoted(monkeypa
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("django_satori")]
     assert any("is refused" in text for text in ours)
     assert not any("taro@example.jp" in text for text in ours)
+
+
+def test_a_failed_push_is_logged_without_the_address_satori_quoted(monkeypatch, caplog):
+    Customer.objects.create(email="hanako@example.jp", last_name="花子", collection_route="web")
+    state = SyncState.objects.get()
+
+    class RefusingClient:
+        def upsert_customer(self, *args, **kwargs):
+            raise SatoriValidationError("hanako@example.jp is refused", status=400)
+
+    monkeypatch.setattr("django_satori.client.get_client", RefusingClient)
+    with caplog.at_level(logging.DEBUG, logger="django_satori"):
+        assert sync.push(state.pk, ignore_window=True)[0] is sync.PushOutcome.FAILED
+    # Kept as SATORI worded it where a person looks...
+    assert "hanako@example.jp" in SyncState.objects.get().last_error
+    # ...but redacted in log lines, as REDACT_PERSONAL_DATA asks by default.
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("django_satori")]
+    assert any("is refused" in text for text in ours)
+    assert not any("hanako@example.jp" in text for text in ours)
