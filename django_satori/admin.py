@@ -203,10 +203,12 @@ class CustomerAdmin(admin.ModelAdmin):
         limit = get_settings().BULK_THRESHOLD
         # Bounded by the threshold, so counting is cheap compared with what follows.
         if queryset[:limit + 1].count() > limit:
-            self.message_user(request, _(
+            self.message_user(request, ngettext(
+                "More than %(limit)d customer selected: too many to send one by one. Use "
+                "\"Bulk upsert via CSV\", or \"Mark for sync\" to let the sweep send them.",
                 "More than %(limit)d customers selected: too many to send one by one. Use "
-                "\"Bulk upsert via CSV\", or \"Mark for sync\" to let the sweep send them.")
-                % {"limit": limit}, messages.WARNING)
+                "\"Bulk upsert via CSV\", or \"Mark for sync\" to let the sweep send them.",
+                limit) % {"limit": limit}, messages.WARNING)
             return
         count = sync.mark_for_sync(queryset)
         self.message_user(request, ngettext(

@@ -648,7 +648,8 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
         next_poll_at=now + dt.timedelta(seconds=delay))
     _log(endpoint, SyncLog.Outcome.OK, status=result.status, started=started,
          request=result.request_summary, response=result.response_summary,
-         message=_("Job %(job)s part %(part)s: %(rows)d rows uploaded.")
+         message=ngettext("Job %(job)s part %(part)s: %(rows)d row uploaded.",
+                          "Job %(job)s part %(part)s: %(rows)d rows uploaded.", part.row_count)
          % {"job": job.pk, "part": part.number, "rows": part.row_count})
     _refresh_job(job.pk)
     return "uploaded", delay

@@ -46,6 +46,7 @@ import urllib3.exceptions
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from . import __version__
 from .conf import AUTH_KEYS, SatoriSettings, get_settings
@@ -209,8 +210,10 @@ def parse_response(
     data, ok = _load_json(body)
     if not ok:
         raise SatoriTransientError(
-            _("SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, %(size)d "
-              "bytes); probably a proxy or maintenance page.")
+            ngettext("SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
+                     "%(size)d byte); probably a proxy or maintenance page.",
+                     "SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
+                     "%(size)d bytes); probably a proxy or maintenance page.", len(body))
             % {"code": http_status, "type": scrub(content_type or "none", needles),
                "size": len(body)},
             http_status=http_status,

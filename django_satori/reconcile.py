@@ -28,6 +28,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils.timezone import localtime
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from .conf import get_settings
 from .models import Customer, ImportRun, ImportRunStatus
@@ -268,7 +269,8 @@ def write_text(out: Writable, categories: Iterable[str] = CATEGORIES, *,
         out.write(_("No SATORI export has been imported yet: every customer is only in "
                     "Django or was created by us.") + "\n")
     else:
-        out.write(_("Last import: #%(id)s %(file)s, %(time)s (%(rows)d rows)")
+        out.write(ngettext("Last import: #%(id)s %(file)s, %(time)s (%(rows)d row)",
+                           "Last import: #%(id)s %(file)s, %(time)s (%(rows)d rows)", run.rows)
                   % {"id": run.pk, "file": run.filename or "-",
                      "time": localtime(run.started_at).strftime("%Y-%m-%d %H:%M"), "rows": run.rows}
                   + "\n")

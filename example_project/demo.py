@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(REPO_ROOT / "example_project" / "manage.py")
@@ -246,8 +247,10 @@ def run_check(*, demo_port: int, sandbox_url: str, timeout: float) -> bool:
                 print(_("OK: the customer and its action reached the sandbox."), flush=True)
                 return True
         time.sleep(1)
-    print(_("The customer did not reach the sandbox within %(seconds)d seconds.")
-          % {"seconds": timeout})
+    seconds = int(timeout)  # as %d shows it, so the noun agrees with the number
+    print(ngettext("The customer did not reach the sandbox within %(seconds)d second.",
+                   "The customer did not reach the sandbox within %(seconds)d seconds.", seconds)
+          % {"seconds": seconds})
     return False
 
 

@@ -6,6 +6,7 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client, override_settings
 from django.urls import reverse
+from django.utils import translation
 
 from django_satori import bulk
 from django_satori.models import (
@@ -217,6 +218,28 @@ def test_sync_now_refuses_a_selection_too_large_for_single_calls(root, settings)
     assert not SyncState.objects.filter(status=SyncStatus.PENDING).exists()
     action(root, "mark_for_sync", [customers[0].pk], across=True)
     assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 3
+
+
+TOO_MANY = ("too many to send one by one. Use \"Bulk upsert via CSV\", or \"Mark for sync\" "
+            "to let the sweep send them.")
+
+
+@pytest.mark.parametrize(("limit", "language", "expected"), [
+    (1, "en", f"More than 1 customer selected: {TOO_MANY}"),
+    (2, "en", f"More than 2 customers selected: {TOO_MANY}"),
+    (2, "ja", "2 件を超えるカスタマーが選択されています。1件ずつ送信するには多すぎます。"
+              "「CSVで一括登録・更新」を使うか、「送信待ちにする」で定期処理に送信させてください。"),
+])
+def test_the_too_large_selection_warning_is_worded_for_the_limit(settings, limit, language,
+                                                                 expected):
+    settings.SATORI = {**settings.SATORI, "BULK_THRESHOLD": limit}
+    User.objects.create_superuser("root", password="pw")
+    client = Client(HTTP_ACCEPT_LANGUAGE=language)
+    client.login(username="root", password="pw")
+    customers = [make(f"x{i}@example.jp") for i in range(3)]
+    with translation.override(language):
+        response = action(client, "sync_now", [c.pk for c in customers])
+    assert [str(message) for message in response.context["messages"]] == [expected]
 
 
 def test_a_post_without_the_csrf_token_is_refused():

@@ -24,6 +24,7 @@ from django_satori.models import (
     BulkRowError,
     BulkState,
     Customer,
+    SyncLog,
     SyncState,
     SyncStatus,
 )
@@ -446,6 +447,24 @@ def test_failed_row_numbers_missing_from_the_file_are_noted_on_the_part(satori_s
     assert japanese.error == ("SATORIがファイルに存在しない失敗行番号を 3 件報告しました: "
                               "91, 92, 93。")
     assert three.state == BulkState.FINISHED and three.succeeded_count == 1
+
+
+def test_the_upload_log_counts_the_rows_of_each_part(satori_sandbox):
+    satori_sandbox.configure(bulk_processing_seconds=30)
+    customers(5)
+    job = start(chunk_size=2)
+    bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    two, japanese, one = job.parts.order_by("number")
+    assert (two.row_count, japanese.row_count, one.row_count) == (2, 2, 1)
+    assert bulk.upload_part(one.pk)[0] == bulk.upload_part(two.pk)[0] == "uploaded"
+    with translation.override("ja"):
+        assert bulk.upload_part(japanese.pk)[0] == "uploaded"
+    logged = SyncLog.objects.filter(outcome=SyncLog.Outcome.OK).order_by("pk")
+    assert list(logged.values_list("message", flat=True)) == [
+        f"Job {job.pk} part 3: 1 row uploaded.",
+        f"Job {job.pk} part 1: 2 rows uploaded.",
+        f"ジョブ {job.pk} パート 2: 2 行をアップロードしました。",
+    ]
 
 
 def test_dry_run_writes_parts_but_uploads_and_claims_nothing(satori_sandbox):

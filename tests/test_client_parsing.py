@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 import pytest
+from django.utils import translation
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -164,6 +165,18 @@ def test_non_json_mentions_code_and_type_only() -> None:
     assert "503" in text and "text/html" in text
     assert "secret page text" not in text
     assert info.value.retry_after == 600.0
+
+
+@pytest.mark.parametrize(("body", "language", "expected"), [
+    (b"<", "en", "(HTTP 502, content type text/html, 1 byte); probably a proxy"),
+    (b"<html>", "en", "(HTTP 502, content type text/html, 6 bytes); probably a proxy"),
+    (b"<html>", "ja", "（HTTP 502、Content-Type text/html、6 バイト）。プロキシ"),
+])
+def test_non_json_counts_the_bytes_of_the_reply(body: bytes, language: str,
+                                                 expected: str) -> None:
+    with translation.override(language), pytest.raises(SatoriTransientError) as info:
+        parse(body, http_status=502, headers={"Content-Type": "text/html"})
+    assert expected in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -171,6 +171,44 @@ def test_bulk_status_on_the_command_line_exits_0_and_lists_jobs():
     assert "from cron" in result.stdout
 
 
+@pytest.mark.parametrize(("count", "language", "read", "done", "part"), [
+    (1, "en", "… 1 row read", "of 1 row done in SATORI", "  part 1: Finished, 1 row, file "),
+    (2, "en", "… 2 rows read", "of 2 rows done in SATORI", "  part 1: Finished, 2 rows, file "),
+    (2, "ja", "… 2 行を読み込みました", "SATORIで 2 行中 2 行を処理済み",
+     "  パート 1: 完了、2 行、ファイル "),
+])
+def test_bulk_progress_and_parts_are_worded_for_their_row_count(satori_sandbox, count, language,
+                                                                read, done, part):
+    customers(count)
+    with translation.override(language):
+        out, err = command("satori_bulk_upsert", "--all", "--wait", "--progress-every",
+                           str(count))
+    assert read in err.splitlines()
+    assert any(line.endswith(done) for line in err.splitlines()), err
+    assert any(line.startswith(part) for line in out.splitlines()), out
+
+
+@pytest.mark.parametrize(("count", "language", "expected"), [
+    (1, "en", "part 1: Finished, 1 row (1 ok, 0 failed), process code {code}, 1 check"),
+    (2, "en", "part 1: Finished, 2 rows (2 ok, 0 failed), process code {code}, 2 checks"),
+    (2, "ja", "パート 1: 完了、2 行（成功 2、失敗 0）、プロセスコード {code}、状況確認 2 回"),
+])
+def test_bulk_status_words_rows_and_checks_each_for_its_count(satori_sandbox, count, language,
+                                                              expected):
+    satori_sandbox.configure(bulk_processing_seconds=30)
+    customers(count)
+    job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
+    bulk.run_job(job.pk, on_part_ready=bulk.upload_part)
+    for _check in range(count - 1):  # still processing: one status check each
+        command("satori_bulk_status", "--job", str(job.pk))
+    satori_sandbox.finish_bulk_jobs()
+    with translation.override(language):
+        out, _err = command("satori_bulk_status", "--job", str(job.pk))
+    part = job.parts.get()
+    assert part.poll_count == count
+    assert expected.format(code=part.process_code) in out.splitlines()
+
+
 # --------------------------------------------------------------------------- sync
 
 
@@ -199,7 +237,7 @@ def test_satori_sync_now_keeps_to_the_rate_limit(satori_sandbox, settings):
     started = timezone.now()
     code, message = failing("satori_sync", "--now", "--timeout", "1.5")
     # Two calls this minute; the third waits for the next window, here in the command.
-    assert code == 1 and "the rest stays pending" in message
+    assert code == 1 and message == "Stopped after 1 second; the rest stays pending."
     assert (timezone.now() - started).total_seconds() >= 1.4
     assert len(satori_sandbox.state.requests_for("upsert")) == 2
     assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 1
@@ -210,7 +248,7 @@ def test_satori_sync_retry_failed_and_all_mark_customers(satori_sandbox):
     SyncState.objects.create(email=a.email, customer=a, status=SyncStatus.FAILED)
     SyncState.objects.create(email=b.email, customer=b, status=SyncStatus.SYNCED)
     out, _err = command("satori_sync", "--retry-failed", "--now")
-    assert "1 failed customers marked for sync." in out
+    assert "1 failed customer marked for sync." in out
     assert SyncState.objects.get(email=a.email).status == SyncStatus.SYNCED
     out, _err = command("satori_sync", "--all")
     assert "2 customers marked for sync." in out
@@ -220,5 +258,54 @@ def test_satori_sync_now_exits_1_when_customers_fail(satori_sandbox):
     satori_sandbox.configure(deny_operations={"upsert"})
     Customer.objects.create(email="denied@example.jp", collection_route="web")
     code, message = failing("satori_sync", "--now")
-    assert code == 1 and "1 customers failed" in message
+    assert code == 1 and message == "1 customer failed; see its last error in the admin."
     assert failing("satori_sync", "--timeout", "1")[0] == 2
+
+
+@pytest.mark.parametrize(("failed", "language", "retried", "marked"), [
+    (1, "en", "1 failed customer marked for sync.", "1 customer marked for sync."),
+    (3, "en", "3 failed customers marked for sync.", "3 customers marked for sync."),
+    (3, "ja", "失敗した 3 件のカスタマーを送信待ちにしました。",
+     "3 件のカスタマーを送信待ちにしました。"),
+])
+def test_satori_sync_words_the_marked_count(satori_sandbox, failed, language, retried, marked):
+    for customer in customers(failed):
+        SyncState.objects.create(email=customer.email, customer=customer,
+                                 status=SyncStatus.FAILED)
+    with translation.override(language):
+        retry_out, _err = command("satori_sync", "--retry-failed")
+        all_out, _err = command("satori_sync", "--all")
+    assert retry_out.splitlines()[0] == retried
+    assert all_out.splitlines()[0] == marked
+
+
+@pytest.mark.parametrize(("count", "language", "pending", "failed"), [
+    (1, "en", "1 customer pending.", "1 customer failed; see its last error in the admin."),
+    (2, "en", "2 customers pending.", "2 customers failed; see their last error in the admin."),
+    (2, "ja", "送信待ちのカスタマー: 2 件。",
+     "2 件のカスタマーが失敗しました。最終エラーを管理画面で確認してください。"),
+])
+def test_satori_sync_now_words_the_pending_and_failed_counts(satori_sandbox, count, language,
+                                                             pending, failed):
+    satori_sandbox.configure(deny_operations={"upsert"})
+    for i in range(count):
+        Customer.objects.create(email=f"denied{i}@example.jp", collection_route="web")
+    err = io.StringIO()
+    with translation.override(language), pytest.raises(CommandError) as info:
+        call_command("satori_sync", "--now", stdout=io.StringIO(), stderr=err)
+    assert pending in err.getvalue().splitlines()
+    assert info.value.returncode == 1 and str(info.value) == failed
+
+
+@pytest.mark.parametrize(("language", "expected"), [
+    ("en", "Stopped after 0 seconds; the rest stays pending."),
+    ("ja", "0 秒で停止しました。残りは送信待ちのままです。"),
+])
+def test_satori_sync_now_words_the_seconds_it_stopped_after(satori_sandbox, language,
+                                                            expected):
+    # One second, the singular, is checked with the rate limit above (--timeout 1.5).
+    for i in range(2):
+        Customer.objects.create(email=f"late{i}@example.jp", collection_route="web")
+    with translation.override(language):
+        assert failing("satori_sync", "--now", "--timeout", "0") == (1, expected)
+    assert SyncState.objects.filter(status=SyncStatus.PENDING).exists()

@@ -90,6 +90,116 @@ def test_seed_demo_is_idempotent_and_shows_failures(tmp_path: Path) -> None:
     assert permission in ("approval", "reject")
     assert result["gold"] == 3
     assert result["no_route"] == 2
+    # One member and one lead gone: the summary counts each noun for its own number.
+    manage(tmp_path, "shell", "-c", "from example_project.members.models import Member\n"
+           "from django_satori.models import Customer\n"
+           "Member.objects.filter(email='taro.sato00@sample-shoji.example.jp').delete()\n"
+           "Customer.objects.filter(source_model='').order_by('email').first().delete()\n")
+    assert manage(tmp_path, "seed_demo").strip() == (
+        "Demo data: 1 member and 1 lead created (45 members and 49 SATORI customers in all).")
+    japanese = manage(tmp_path, "shell", "-c", "from django.core.management import call_command\n"
+                      "from django.utils import translation\n"
+                      "with translation.override('ja'):\n"
+                      "    call_command('seed_demo')\n")
+    assert japanese.strip().splitlines()[-1] == ("デモデータ: 会員 0 件とリード 0 件を作成しました "
+                                                 "(合計: 会員 45 件、SATORI カスタマー 49 件)。")
+
+
+#: The members admin's "Send the selected members to SATORI again" action, posted
+#: through the example project's real admin (URLs, LocaleMiddleware, its catalog).
+MEMBER_ACTION = """
+import json
+from django.contrib.auth.models import User
+from django.contrib.messages import get_messages
+from django.test import Client
+from django.test.utils import setup_test_environment
+from django.utils import translation
+from example_project.members.models import Member
+
+setup_test_environment()  # the test client's host, "testserver", is allowed
+root = User.objects.create_superuser("root", password="pw")
+ids = [str(pk) for pk in Member.objects.filter(is_active=True).order_by("pk")
+       .values_list("pk", flat=True)]
+said = []
+for count, language in ((1, "en"), (3, "en"), (3, "ja")):
+    client = Client(HTTP_ACCEPT_LANGUAGE=language)
+    client.force_login(root)
+    with translation.override(language):
+        response = client.post("/admin/members/member/", {
+            "action": "mark_for_sync", "_selected_action": ids[:count], "index": "0"})
+    assert response.status_code == 302, response.status_code
+    said += [str(message) for message in get_messages(response.wsgi_request)]
+print(json.dumps(said, ensure_ascii=False))
+"""
+
+
+def test_the_member_admin_action_counts_the_members_marked(tmp_path: Path) -> None:
+    manage(tmp_path, "migrate", "--verbosity", "0")
+    manage(tmp_path, "seed_demo")
+    said = json.loads(manage(tmp_path, "shell", "-c", MEMBER_ACTION).strip().splitlines()[-1])
+    assert said == ["1 member was marked for sync.", "3 members were marked for sync.",
+                    "3 件の会員を送信待ちにしました。"]
+
+
+#: ``run_check`` (what ``demo --check`` runs) in the example project's own process
+#: (importing example_project here would make its Celery app the current one),
+#: against a stand-in for the site and the sandbox: the sign-up is taken, never delivered.
+DEMO_CHECK = """
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import django
+
+django.setup()
+from django.utils import translation
+
+from example_project import demo
+
+
+class NeverArrives(BaseHTTPRequestHandler):
+    def send(self, status, body=b"", **headers):
+        self.send_response(status)
+        for name, value in {"Content-Length": str(len(body)), **headers}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/signup/":
+            self.send(200, b'<input name="csrfmiddlewaretoken" value="token">')
+        else:  # /_sandbox/state: no customer yet
+            self.send(200, b'{"customers": []}')
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send(302, Location="/thanks/")
+
+    def log_message(self, *args):
+        pass
+
+
+server = ThreadingHTTPServer(("127.0.0.1", 0), NeverArrives)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+port = server.server_address[1]
+for timeout, language in ((1.5, "en"), (0, "en"), (0, "ja")):
+    with translation.override(language):
+        assert not demo.run_check(demo_port=port, sandbox_url=f"http://127.0.0.1:{port}",
+                                  timeout=timeout)
+server.shutdown()
+"""
+
+
+def test_demo_check_says_how_many_seconds_it_waited(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-c", DEMO_CHECK], cwd=REPO_ROOT,
+                            env=example_env(tmp_path,
+                                            DJANGO_SETTINGS_MODULE="example_project.settings"),
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    waited = [line for line in result.stdout.splitlines()
+              if "did not reach the sandbox" in line or "以内に" in line]
+    assert waited == ["The customer did not reach the sandbox within 1 second.",
+                      "The customer did not reach the sandbox within 0 seconds.",
+                      "0 秒以内にカスタマーがサンドボックスに届きませんでした。"]
 
 
 def test_demo_refuses_the_real_satori_with_sandbox_keys(tmp_path: Path) -> None:

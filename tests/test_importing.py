@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import re
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 from django.urls import path
 from django.utils import translation
+from django.utils.timezone import localtime
 
 from django_satori import importing, reconcile, sync
 from django_satori.admin_import import import_urls
@@ -347,6 +349,24 @@ def test_command_imports_prints_skips_and_the_report(tmp_path, sandbox):
         call_command("satori_import", str(tmp_path / "missing.csv"))
 
 
+@pytest.mark.parametrize(("language", "expected"), [
+    ("en", ["1 row read, 1 applied, 0 skipped", "2 rows read, 2 applied, 0 skipped"]),
+    ("ja", ["1 行を読み込み、1 行を反映、0 行をスキップ",
+            "2 行を読み込み、2 行を反映、0 行をスキップ"]),
+])
+def test_command_progress_is_worded_for_the_rows_read(tmp_path, sandbox, language, expected):
+    path = write_export(tmp_path / "e.csv", [export_row(i) for i in range(2)])
+    err = io.StringIO()
+    with translation.override(language):
+        call_command("satori_import", str(path), "--progress-every", "1", "--batch-size", "1",
+                     stdout=io.StringIO(), stderr=err)
+    # Each line ends with the time taken so far, "(0.0s)" or "（0.0 秒）"; the last
+    # line is the final count, printed once more when the import has finished.
+    lines = [re.sub(r"[(（][\d.]+ ?(s|秒)[)）]$", "", line).rstrip()
+             for line in err.getvalue().splitlines()]
+    assert lines == [*expected, expected[-1]]
+
+
 def test_command_counts_the_linked_customers_once_refused_as_not_in_satori(tmp_path, sandbox):
     for i in range(7):
         Customer.objects.create(email=f"user{i}@example.jp", last_name="鈴木")
@@ -438,6 +458,25 @@ def test_the_report_lists_exactly_the_planted_differences(tmp_path, sandbox):
     assert [d.field for d in user1][-3:] == ["tags", "custom:birthday", "custom:plan"]
     assert not user1[0].push_fixes  # empty locally: sending it would not clear SATORI's
     assert user1[1].push_fixes and differing["user2@example.jp"].differences[0].push_fixes
+
+
+@pytest.mark.parametrize(("rows", "language", "expected"), [
+    (1, "en", "Last import: #{id} {file}, {time} (1 row)"),
+    (3, "en", "Last import: #{id} {file}, {time} (3 rows)"),
+    (3, "ja", "最終インポート: #{id} {file}、{time}（3 行）"),
+])
+def test_the_text_report_counts_the_rows_of_the_last_import(tmp_path, sandbox, rows, language,
+                                                            expected):
+    path = write_export(tmp_path / "e.csv", [export_row(i) for i in range(rows)])
+    call_command("satori_import", str(path), "--progress-every", "0", stdout=io.StringIO(),
+                 stderr=io.StringIO())
+    run = ImportRun.objects.get()
+    out = io.StringIO()
+    with translation.override(language):
+        call_command("satori_reconcile", stdout=out)
+    time = localtime(run.started_at).strftime("%Y-%m-%d %H:%M")
+    assert out.getvalue().splitlines()[0] == expected.format(id=run.pk, file=run.filename,
+                                                             time=time)
 
 
 def test_mark_for_sync_from_the_report(tmp_path, sandbox):

@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.utils.translation import gettext_lazy as _
+from django.utils.translation import ngettext
 
 import django_satori
 
@@ -28,5 +29,6 @@ class MemberAdmin(admin.ModelAdmin):
     @admin.action(description=_("Send the selected members to SATORI again"))
     def mark_for_sync(self, request: HttpRequest, queryset: QuerySet[Member]) -> None:
         count = django_satori.mark_for_sync(queryset)
-        self.message_user(request, _("%(count)d members were marked for sync.")
+        self.message_user(request, ngettext("%(count)d member was marked for sync.",
+                                            "%(count)d members were marked for sync.", count)
                           % {"count": count})

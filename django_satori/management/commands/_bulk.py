@@ -147,13 +147,16 @@ class BulkCommand(BaseCommand):
                                returncode=FAILURE)
 
     def _progress(self, job: BulkJob, rows: int) -> None:
-        self.stderr.write(_("… %(rows)d rows read") % {"rows": rows})
+        self.stderr.write(ngettext("… %(rows)d row read", "… %(rows)d rows read", rows)
+                          % {"rows": rows})
 
     def _tick(self, job: BulkJob) -> None:
         key = (job.state, job.succeeded_count, job.failed_count)
         if key != getattr(self, "_last_tick", None):
             self._last_tick = key
-            self.stderr.write(_("… %(state)s: %(done)d of %(rows)d rows done in SATORI")
+            self.stderr.write(ngettext("… %(state)s: %(done)d of %(rows)d row done in SATORI",
+                                       "… %(state)s: %(done)d of %(rows)d rows done in SATORI",
+                                       job.row_count)
                               % {"state": job.get_state_display(),
                                  "done": job.succeeded_count + job.failed_count,
                                  "rows": job.row_count})
@@ -171,7 +174,9 @@ class BulkCommand(BaseCommand):
                  "invalid": job.invalid_count, "busy": job.skipped_count,
                  "parts": job.part_count})
         for part in job.parts.all():
-            write(_("  part %(n)d: %(state)s, %(rows)d rows, file %(file)s%(error)s")
+            write(ngettext("  part %(n)d: %(state)s, %(rows)d row, file %(file)s%(error)s",
+                           "  part %(n)d: %(state)s, %(rows)d rows, file %(file)s%(error)s",
+                           part.row_count)
                   % {"n": part.number, "state": part.get_state_display(), "rows": part.row_count,
                      "file": part.csv_file.name or "—",
                      "error": f" — {part.error}" if part.error else ""})

@@ -11,6 +11,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from django_satori import bulk
 from django_satori.models import BulkJob, BulkPart, BulkState
@@ -71,12 +72,18 @@ class Command(BaseCommand):
         if job.error:
             self.stdout.write(_("Error: %(error)s") % {"error": job.error})
         for part in job.parts.all():
+            # Two counted nouns in one line: each is worded for its own number first.
+            # Translators: the number of rows in a bulk job's part (its CSV file).
+            rows = ngettext("%(n)d row", "%(n)d rows", part.row_count) % {"n": part.row_count}
+            # Translators: how many times SATORI was asked about the part's progress.
+            polls = ngettext("%(n)d check", "%(n)d checks", part.poll_count) % {
+                "n": part.poll_count}
             self.stdout.write(
-                _("part %(n)d: %(state)s, %(rows)d rows (%(ok)d ok, %(bad)d failed), process "
-                  "code %(code)s, %(polls)d checks%(error)s")
-                % {"n": part.number, "state": part.get_state_display(), "rows": part.row_count,
+                _("part %(n)d: %(state)s, %(rows)s (%(ok)d ok, %(bad)d failed), process "
+                  "code %(code)s, %(polls)s%(error)s")
+                % {"n": part.number, "state": part.get_state_display(), "rows": rows,
                    "ok": part.succeeded_count, "bad": part.failed_count,
-                   "code": part.process_code or "—", "polls": part.poll_count,
+                   "code": part.process_code or "—", "polls": polls,
                    "error": f" — {part.error}" if part.error else ""})
         for error in job.row_errors.order_by("part__number", "row_number", "id")[:ERRORS_SHOWN]:
             self.stdout.write(f"  {error.email} [{error.row_number or '-'}] {error.field}: "

@@ -66,8 +66,10 @@ class Command(BaseCommand):
             reconcile.write_text(self.stdout, limit=options["report_limit"])
 
     def _progress(self, result: ImportResult) -> None:
-        self.stderr.write(_("%(rows)d rows read, %(applied)d applied, %(skipped)d skipped "
-                            "(%(seconds).1fs)")
+        self.stderr.write(ngettext("%(rows)d row read, %(applied)d applied, %(skipped)d "
+                                   "skipped (%(seconds).1fs)",
+                                   "%(rows)d rows read, %(applied)d applied, %(skipped)d "
+                                   "skipped (%(seconds).1fs)", result.rows)
                           % {"rows": result.rows, "applied": result.applied,
                              "skipped": result.skipped_count, "seconds": result.seconds})
         sys.stderr.flush()

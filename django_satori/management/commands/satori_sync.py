@@ -19,6 +19,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Min
 from django.utils import timezone
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from django_satori import sync
 from django_satori.conf import get_settings
@@ -49,11 +50,15 @@ class Command(BaseCommand):
             raise usage_error(_("--timeout only makes sense with --now."))
         if options["all"]:
             count = sync.mark_for_sync(Customer.objects.all())
-            self.stdout.write(_("%(n)d customers marked for sync.") % {"n": count})
+            self.stdout.write(ngettext("%(n)d customer marked for sync.",
+                                       "%(n)d customers marked for sync.", count)
+                              % {"n": count})
         elif options["retry_failed"]:
             count = sync.mark_for_sync(
                 Customer.objects.filter(sync_state__status=SyncStatus.FAILED))
-            self.stdout.write(_("%(n)d failed customers marked for sync.") % {"n": count})
+            self.stdout.write(ngettext("%(n)d failed customer marked for sync.",
+                                       "%(n)d failed customers marked for sync.", count)
+                              % {"n": count})
         if options["now"]:
             self._send_now(options["timeout"], max(1, options["progress_every"]))
             return
@@ -75,7 +80,8 @@ class Command(BaseCommand):
         failed_ids: set[int] = set()
         pending = SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
         total = pending.count()
-        self.stderr.write(_("%(n)d customers pending.") % {"n": total})
+        self.stderr.write(ngettext("%(n)d customer pending.", "%(n)d customers pending.", total)
+                          % {"n": total})
         done = 0
         while True:
             now = timezone.now()
@@ -94,8 +100,11 @@ class Command(BaseCommand):
                     break
             if timeout is not None and time.monotonic() - started > timeout:
                 self._summary(outcomes)
-                raise CommandError(_("Stopped after %(s)d seconds; the rest stays pending.")
-                                   % {"s": timeout}, returncode=FAILURE)
+                seconds = int(timeout)  # as %d shows it, so the noun agrees with the number
+                raise CommandError(ngettext("Stopped after %(s)d second; the rest stays pending.",
+                                            "Stopped after %(s)d seconds; the rest stays "
+                                            "pending.", seconds) % {"s": seconds},
+                                   returncode=FAILURE)
             if due and moved:
                 continue
             if due:  # only rows another process holds: give it a moment
@@ -111,8 +120,10 @@ class Command(BaseCommand):
             time.sleep(wait)
         self._summary(outcomes)
         if failed_ids:
-            raise CommandError(_("%(n)d customers failed; see their last error in the admin.")
-                               % {"n": len(failed_ids)}, returncode=FAILURE)
+            failed = len(failed_ids)
+            raise CommandError(ngettext("%(n)d customer failed; see its last error in the admin.",
+                                        "%(n)d customers failed; see their last error in the "
+                                        "admin.", failed) % {"n": failed}, returncode=FAILURE)
 
     def _summary(self, outcomes: dict[str, int]) -> None:
         self.stdout.write(_("Done: %(counts)s") % {

@@ -15,6 +15,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils.translation import gettext as _
+from django.utils.translation import ngettext
 
 from django_satori.models import Customer
 
@@ -119,10 +120,17 @@ class Command(BaseCommand):
                 if not Customer.objects.filter(email=email).exists():
                     Customer.objects.create(email=email, **values)
                     created_leads += 1
+        total_members, total_customers = Member.objects.count(), Customer.objects.count()
+        # Four counted nouns in one sentence: each is worded for its own number first.
         self.stdout.write(
-            _("Demo data: %(members)d members and %(leads)d leads created "
-              "(%(total_members)d members and %(total_customers)d SATORI customers in all).")
-            % {"members": created_members, "leads": created_leads,
-               "total_members": Member.objects.count(),
-               "total_customers": Customer.objects.count()}
+            _("Demo data: %(members)s and %(leads)s created (%(total_members)s and "
+              "%(total_customers)s in all).")
+            % {"members": ngettext("%(n)d member", "%(n)d members", created_members)
+               % {"n": created_members},
+               "leads": ngettext("%(n)d lead", "%(n)d leads", created_leads)
+               % {"n": created_leads},
+               "total_members": ngettext("%(n)d member", "%(n)d members", total_members)
+               % {"n": total_members},
+               "total_customers": ngettext("%(n)d SATORI customer", "%(n)d SATORI customers",
+                                           total_customers) % {"n": total_customers}}
         )
