@@ -60,7 +60,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
-from .rawsql import update_rows
+from .rawsql import analyze_if_stale, update_rows
 from .redaction import redact_text
 
 log = logging.getLogger("django_satori.bulk")
@@ -325,6 +325,10 @@ class _Export:
         self.settle_dry_run = job.dry_run and job.automatic
 
     def run(self) -> None:
+        if self.claims:
+            # The claims join the selection to the outbox: plans from stale statistics
+            # (a large mark_for_sync a moment ago) made this take minutes instead of seconds.
+            analyze_if_stale(SyncState, Customer)
         rows = (job_queryset(self.job).order_by("pk").values_list(*bulk_csv.VALUE_FIELDS)
                 .iterator(chunk_size=self.conf.BULK_EXPORT_ITERATOR_CHUNK))
         encoder = self.encoder

@@ -298,3 +298,49 @@ def test_an_interrupted_export_starts_again_without_the_part_it_was_writing():
     assert part.pk != stale.pk and (part.number, part.state) == (1, BulkState.UPLOADING)
     assert SyncState.objects.filter(bulk_part=part).count() == 3
     assert not done.row_errors.exists()
+
+
+def _flush_table_statistics() -> None:
+    # PostgreSQL 15+ reports a backend's table counters at most once a second; this makes
+    # the next transaction end report them, so pg_stat_user_tables is current.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_force_next_flush()")
+    Customer.objects.exists()  # a transaction end
+
+
+def _analyzed_rows() -> float:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
+                       [SyncState._meta.db_table])
+        return float(cursor.fetchone()[0])
+
+
+@pytest.mark.postgres
+def test_an_export_refreshes_statistics_that_missed_a_large_change():
+    from django_satori import rawsql
+
+    people = customers(1500, "stale")
+    rawsql.analyze(SyncState)  # planned as empty from now on...
+    SyncState.objects.bulk_create([SyncState(email=c.email, customer=c, version=1)
+                                   for c in people])  # ...though 1,500 rows arrived
+    _flush_table_statistics()
+    assert _analyzed_rows() <= 0
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT)
+    bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    assert _analyzed_rows() == 1500
+    # Current statistics are left alone: a job pays for no ANALYZE it does not need.
+    _flush_table_statistics()  # the claims' changes, counted before the ANALYZE
+    rawsql.analyze(SyncState, Customer)
+    SyncState.objects.filter(pk__in=list(SyncState.objects.values_list("pk", flat=True)[:10])
+                             ).update(attempts=1)
+    _flush_table_statistics()
+    assert rawsql.analyze_if_stale(SyncState, Customer) is False
+
+
+def test_statistics_are_a_postgresql_matter():
+    from django_satori import rawsql
+
+    if connection.vendor == "postgresql":
+        pytest.skip("the PostgreSQL case is the test above")
+    customers(1500, "lite")
+    assert rawsql.analyze_if_stale(SyncState, Customer) is False
