@@ -826,7 +826,8 @@ def _release(state: SyncState, token: str, *, status: str,
 #: registration of the same data changes nothing; a delete of a deleted customer is
 #: counted as done).
 WRITE_BACK_BATCH = 20
-#: ... and the longest one is held, so the admin soon shows what SATORI answered.
+#: Held answers are written after the next call once the oldest has waited this long,
+#: so the admin soon shows what SATORI answered even when calls are slow.
 WRITE_BACK_SECONDS = 1.0
 
 
