@@ -66,7 +66,7 @@ from .models import (
     SyncState,
     SyncStatus,
 )
-from .rawsql import executemany, insert_from
+from .rawsql import executemany, insert_from, insert_rows
 from .redaction import redact_form, redact_text
 from .schema import STANDARD_FIELDS, join_tags, normalize_email
 
@@ -934,9 +934,16 @@ def _logs_together() -> Iterator[None]:
         _write_logs(rows)
 
 
+#: Every column of a SyncLog entry but its id.
+_LOG_FIELDS = ("created_at", "email", "endpoint", "outcome", "satori_status", "attempt",
+               "duration_ms", "request_summary", "response_summary", "message")
+
+
 def _write_logs(rows: list[SyncLog]) -> None:
-    if rows:
-        SyncLog.objects.bulk_create(rows)
+    # rawsql rather than bulk_create: the ORM's preparation of each value was most of
+    # the 0.1 ms a push spent on its log entry.
+    insert_rows(SyncLog, _LOG_FIELDS, [{name: getattr(row, name) for name in _LOG_FIELDS}
+                                       for row in rows])
 
 
 def _log(email: str, endpoint: str, outcome: str, *, status: int | None = None,

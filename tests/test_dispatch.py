@@ -162,13 +162,16 @@ def test_a_batch_claims_loads_writes_back_and_logs_its_rows_together(satori_sand
     with CaptureQueriesContext(connection) as queries:
         results = sync.push_batch(ids)
     statements = [q["sql"] for q in queries.captured_queries]
-    # Django logs an executemany() as "<n> times: <sql>".
-    write_backs = [int(sql.split(" times: ")[0]) for sql in statements if " times: " in sql]
+    # Django logs an executemany() as "<n> times: <sql>" (and PostgreSQL's COPY not at all).
+    many = [sql.split(" times: ", 1) for sql in statements if " times: " in sql]
+    write_backs = [int(n) for n, sql in many if sql.startswith("UPDATE")]
+    log_writes = [int(n) for n, sql in many if sql.startswith("INSERT")]
     kinds = Counter(sql.split(None, 1)[0] for sql in statements if " times: " not in sql)
-    # The claim (UPDATE), the load (SELECT), the log entries (INSERT), and per
-    # WRITE_BACK_BATCH answers one executemany and one SELECT for rows left pending.
+    # The claim (UPDATE), the load (SELECT), per WRITE_BACK_BATCH answers one executemany
+    # and one SELECT for rows left pending, and the 25 log entries in one go.
     assert write_backs == [sync.WRITE_BACK_BATCH, 5]
-    assert (kinds["UPDATE"], kinds["SELECT"], kinds["INSERT"]) == (1, 1 + 2, 1)
+    assert (kinds["UPDATE"], kinds["SELECT"]) == (1, 1 + 2)
+    assert kinds["INSERT"] == 0 and log_writes in ([], [25])
     assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
     states = SyncState.objects.filter(pk__in=ids)
     assert {(s.status, s.lease_token, s.attempts, s.in_satori, s.synced_version == s.version)
@@ -348,3 +351,15 @@ def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox,
     # before their turn, and the sweep could hand them to another worker meanwhile.
     assert claim_left == [True] * 4
     assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
+
+
+def test_log_entries_written_together_keep_every_column():
+    # _write_logs names the columns it writes: a new SyncLog field must be added there.
+    assert set(sync._LOG_FIELDS) == {f.name for f in SyncLog._meta.concrete_fields} - {"id"}
+    entry = SyncLog(email="k@example.jp", endpoint="customer/upsert.json", outcome="ok",
+                    satori_status=200, attempt=2, duration_ms=7,
+                    request_summary={"fields": {"customer[memo]": "<redacted 3 chars>"}},
+                    response_summary={"status": 200}, message="メッセージ")
+    sync._write_logs([entry])
+    stored = SyncLog.objects.values(*sync._LOG_FIELDS).get()
+    assert stored == {name: getattr(entry, name) for name in sync._LOG_FIELDS}
