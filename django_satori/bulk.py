@@ -61,7 +61,7 @@ from .models import (
     SyncStatus,
 )
 from .rawsql import analyze_if_stale, update_rows
-from .redaction import redact_text
+from .redaction import for_log
 
 log = logging.getLogger("django_satori.bulk")
 
@@ -702,7 +702,7 @@ def _fail_part(part_id: int, message: str) -> None:
         part = BulkPart.objects.get(pk=part_id)
         # The message may quote SATORI, whose errors can name a customer's address.
         log.warning("Bulk job %s part %s failed: %s", part.job_id, part.number,
-                    redact_text(message) if conf.REDACT_PERSONAL_DATA else message)
+                    for_log(message, conf))
         _refresh_job(part.job_id)
 
 

@@ -62,9 +62,9 @@ from .exceptions import (
 )
 from .redaction import (
     AUTH_FIELDS,
+    for_log,
     install_log_filters,
     redact_form,
-    redact_text,
     scrub,
     scrub_data,
     secret_needles,
@@ -929,9 +929,7 @@ class SatoriClient:
                          wire.method, wire.path, reply.status, reply.http_status, elapsed, shown)
             return
         assert error is not None
-        text = scrub(str(error), self._needles)
-        if self.conf.REDACT_PERSONAL_DATA:
-            text = redact_text(text)
+        text = for_log(scrub(str(error), self._needles), self.conf)
         logger.debug("SATORI %s %s: %s %s (HTTP %s) in %.0f ms; request %s",
                      wire.method, wire.path, type(error).__name__, text,
                      error.http_status, elapsed, shown)

@@ -176,6 +176,12 @@ def redact_text(text: str) -> str:
     return _EMAIL_IN_TEXT.sub(lambda m: redaction_marker(m.group(0)), text)
 
 
+def for_log(text: str, conf: SatoriSettings) -> str:
+    """SATORI's free text as a log line may show it: addresses redacted unless
+    ``REDACT_PERSONAL_DATA`` is False. (Stored errors keep SATORI's words.)"""
+    return redact_text(text) if conf.REDACT_PERSONAL_DATA else text
+
+
 def scrub_data(
     data: Any,
     needles: Iterable[str],

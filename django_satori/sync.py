@@ -67,7 +67,7 @@ from .models import (
     SyncStatus,
 )
 from .rawsql import executemany, insert_from, insert_rows
-from .redaction import redact_form, redact_text
+from .redaction import for_log, redact_form
 from .schema import STANDARD_FIELDS, join_tags, normalize_email
 
 log = logging.getLogger("django_satori.sync")
@@ -772,7 +772,7 @@ def _failed(state: SyncState, token: str, endpoint: str, exc: SatoriError, conf:
     # address in them, so it is redacted as the client's own lines are.
     log.info("SATORI %s failed for sync state %s (attempt %s, %s): %s", endpoint, state.pk,
              attempt, "final" if final else f"retry in {delay:.0f}s",
-             redact_text(message) if conf.REDACT_PERSONAL_DATA else message)
+             for_log(message, conf))
     signals.push_failed.send(sender=Customer, email=state.email, customer=customer,
                              endpoint=endpoint, error=exc, final=final)
     return (PushOutcome.FAILED, None) if final else (PushOutcome.RETRY, delay)
@@ -935,8 +935,7 @@ def _logs_together() -> Iterator[None]:
 
 
 #: Every column of a SyncLog entry but its id.
-_LOG_FIELDS = ("created_at", "email", "endpoint", "outcome", "satori_status", "attempt",
-               "duration_ms", "request_summary", "response_summary", "message")
+_LOG_FIELDS = tuple(f.attname for f in SyncLog._meta.concrete_fields if not f.primary_key)
 
 
 def _write_logs(rows: list[SyncLog]) -> None:
