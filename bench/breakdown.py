@@ -30,8 +30,10 @@ def _measure(step: Callable[[int], Any], count: int) -> dict[str, float]:
     cpu, wall = cpu_seconds(), time.perf_counter()
     for i in range(1, count + 1):
         step(i)
-    return {"cpu_us": (cpu_seconds() - cpu) / count * 1e6,
-            "wall_us": (time.perf_counter() - wall) / count * 1e6}
+    return {
+        "cpu_us": (cpu_seconds() - cpu) / count * 1e6,
+        "wall_us": (time.perf_counter() - wall) / count * 1e6,
+    }
 
 
 def run(count: int = 1000) -> dict[str, Any]:
@@ -39,7 +41,7 @@ def run(count: int = 1000) -> dict[str, Any]:
 
     broker = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     conf = get_settings()
-    customers = list(Customer.objects.filter(source_model="").order_by("pk")[:count + 1])
+    customers = list(Customer.objects.filter(source_model="").order_by("pk")[: count + 1])
     if len(customers) <= count:
         raise RuntimeError(f"need {count + 1} customers")
     steps: dict[str, dict[str, float]] = {}
@@ -61,17 +63,22 @@ def run(count: int = 1000) -> dict[str, Any]:
     sync._can_update_returning = lambda _connection: False  # type: ignore[assignment]
     try:
         data.mark_all_synced()
-        steps["sync._mark_pending, ORM path (two statements; MySQL, SQLite < 3.35)"] = \
-            _measure(mark, count)
+        steps["sync._mark_pending, ORM path (two statements; MySQL, SQLite < 3.35)"] = _measure(
+            mark, count
+        )
     finally:
         sync._can_update_returning = can_return  # type: ignore[assignment]
 
     broker.flushdb()
     steps["push_many.apply_async() (one message; the publisher thread's work)"] = _measure(
-        lambda i: push_many.apply_async(([i],), countdown=conf.COALESCE_SECONDS,
-                                        retry_policy=sync.PUBLISH_RETRY), count)
+        lambda i: push_many.apply_async(
+            ([i],), countdown=conf.COALESCE_SECONDS, retry_policy=sync.PUBLISH_RETRY
+        ),
+        count,
+    )
     steps["Redis LPUSH of 1 KB (the broker's own cost)"] = _measure(
-        lambda i: broker.lpush("bench-breakdown", b"x" * 1024), count)
+        lambda i: broker.lpush("bench-breakdown", b"x" * 1024), count
+    )
     broker.flushdb()
     data.mark_all_synced()
     return {"count": count, "steps": steps}
@@ -95,8 +102,10 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
     now = timezone.now()
     SyncState.objects.bulk_create(
         SyncState(email=email, customer_id=pk, version=1, not_before=now)
-        for pk, email in Customer.objects.filter(source_model="").order_by("pk")
-        .values_list("pk", "email")[:count])
+        for pk, email in Customer.objects.filter(source_model="")
+        .order_by("pk")
+        .values_list("pk", "email")[:count]
+    )
     ids = list(SyncState.objects.order_by("pk").values_list("pk", flat=True))
     totals: dict[str, list[float]] = {}
 
@@ -125,20 +134,28 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
     totals.clear()
     rest = ids[1:]
     for start in range(0, len(rest), sync.DISPATCH_BATCH):  # as push_many messages carry them
-        sync.push_batch(rest[start:start + sync.DISPATCH_BATCH])
+        sync.push_batch(rest[start : start + sync.DISPATCH_BATCH])
     if SyncState.objects.filter(status=SyncStatus.SYNCED).count() != len(ids):
         raise RuntimeError("not every push succeeded")
     n = len(rest)
-    steps = {label: {"cpu_us": cpu / n * 1e6, "wall_us": wall / n * 1e6}
-             for label, (cpu, wall) in totals.items()}
+    steps = {
+        label: {"cpu_us": cpu / n * 1e6, "wall_us": wall / n * 1e6}
+        for label, (cpu, wall) in totals.items()
+    }
 
     def minus(total: str, *parts: str) -> dict[str, float]:
-        return {key: steps[total][key] - sum(steps[p][key] for p in parts)
-                for key in ("cpu_us", "wall_us")}
+        return {
+            key: steps[total][key] - sum(steps[p][key] for p in parts)
+            for key in ("cpu_us", "wall_us")
+        }
 
     steps["claim and load (one UPDATE, one SELECT per batch)"] = minus(
-        "push_batch, total", "one row: payload, checks, call",
-        "_write_back: the answers, WRITE_BACK_BATCH at a time", "SyncLog INSERT (one per batch)")
+        "push_batch, total",
+        "one row: payload, checks, call",
+        "_write_back: the answers, WRITE_BACK_BATCH at a time",
+        "SyncLog INSERT (one per batch)",
+    )
     steps["payload, checks, log entry (the rest of a row)"] = minus(
-        "one row: payload, checks, call", "HTTP call (requests + parse)")
+        "one row: payload, checks, call", "HTTP call (requests + parse)"
+    )
     return {"count": n, "steps": steps}

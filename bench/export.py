@@ -47,8 +47,9 @@ def export_satori(outdir: Path, prepared: Any) -> int:
         job = bulk.start_bulk_job(_selection(), mode="upsert", description="bench")
     done = bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
     if done.invalid_count or done.skipped_count:
-        raise RuntimeError(f"job left out rows: {done.invalid_count} invalid, "
-                           f"{done.skipped_count} skipped")
+        raise RuntimeError(
+            f"job left out rows: {done.invalid_count} invalid, {done.skipped_count} skipped"
+        )
     return int(done.row_count)
 
 
@@ -59,12 +60,12 @@ def export_satori_no_claim(outdir: Path, prepared: Any) -> int:
     CSV and claiming the outbox rows for the parts.
     """
     with transaction.atomic():
-        job = bulk.start_bulk_job(_selection(), mode="upsert", description="bench",
-                                  dry_run=True)
+        job = bulk.start_bulk_job(_selection(), mode="upsert", description="bench", dry_run=True)
     done = bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
     if done.invalid_count or done.skipped_count:
-        raise RuntimeError(f"job left out rows: {done.invalid_count} invalid, "
-                           f"{done.skipped_count} skipped")
+        raise RuntimeError(
+            f"job left out rows: {done.invalid_count} invalid, {done.skipped_count} skipped"
+        )
     return int(done.row_count)
 
 
@@ -75,10 +76,16 @@ def export_plain(outdir: Path, prepared: Any) -> int:
     with open(outdir / "plain.csv", "w", encoding="utf-8", newline="") as out:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(bulk_csv.header(conf))
-        for *values, tags, custom in _selection().values_list(*PLAIN_FIELDS).iterator(
-                chunk_size=2000):
-            writer.writerow([*values, *(custom.get(key, "") for key in custom_keys),
-                             conf.TAG_SEPARATOR.join(tags)])
+        for *values, tags, custom in (
+            _selection().values_list(*PLAIN_FIELDS).iterator(chunk_size=2000)
+        ):
+            writer.writerow(
+                [
+                    *values,
+                    *(custom.get(key, "") for key in custom_keys),
+                    conf.TAG_SEPARATOR.join(tags),
+                ]
+            )
             rows += 1
     return rows
 
@@ -91,13 +98,15 @@ def _resource_class() -> type:
 
     def custom_field(identifier: str) -> Any:
         key = f"custom:{identifier}"
-        return fields.Field(column_name=key,
-                            dehydrate_method=lambda c: c.custom_fields.get(key, ""))
+        return fields.Field(
+            column_name=key, dehydrate_method=lambda c: c.custom_fields.get(key, "")
+        )
 
     attrs: dict[str, Any] = {
         "__module__": __name__,
-        "append_tags": fields.Field(column_name="append_tags",
-                                    dehydrate_method=lambda c: separator.join(c.tags)),
+        "append_tags": fields.Field(
+            column_name="append_tags", dehydrate_method=lambda c: separator.join(c.tags)
+        ),
     }
     names = []
     for identifier in conf.CUSTOM_FIELDS:
@@ -121,8 +130,12 @@ def export_import_export(outdir: Path, resource: Any) -> int:
     return len(dataset)
 
 
-VARIANTS = {"satori": export_satori, "plain": export_plain,
-            "import_export": export_import_export, "satori_no_claim": export_satori_no_claim}
+VARIANTS = {
+    "satori": export_satori,
+    "plain": export_plain,
+    "import_export": export_import_export,
+    "satori_no_claim": export_satori_no_claim,
+}
 
 
 def _prepare(variant: str) -> Any:
@@ -142,8 +155,9 @@ def _reset_bulk_state() -> None:
     shutil.rmtree(Path(settings.MEDIA_ROOT) / "django_satori", ignore_errors=True)
 
 
-def run(variant: str, rows: int, outdir: str, profile: str = "",
-        proposal: str = "") -> dict[str, Any]:
+def run(
+    variant: str, rows: int, outdir: str, profile: str = "", proposal: str = ""
+) -> dict[str, Any]:
     if proposal:
         from . import proposals
 
@@ -172,9 +186,15 @@ def run(variant: str, rows: int, outdir: str, profile: str = "",
         parts = 1
     _reset_bulk_state()
     shutil.rmtree(out, ignore_errors=True)
-    return {**span.figures(), "rows": rows, "per_second": rows / span.seconds,
-            "peak_rss_kib": peak, "bytes": size, "proposal": proposal,
-            "files": parts}
+    return {
+        **span.figures(),
+        "rows": rows,
+        "per_second": rows / span.seconds,
+        "peak_rss_kib": peak,
+        "bytes": size,
+        "proposal": proposal,
+        "files": parts,
+    }
 
 
 def _files(variant: str, out: Path) -> list[Path]:

@@ -57,8 +57,11 @@ ENCODING = "cp932"
 BATCH = 1000
 _KEY_BY_LABEL = {label: key for key, label in JAPANESE.items()}
 _PERMISSION = {"許可": "approval", "拒否": "reject"}
-_TEXT_FIELDS = {f.name for f in Customer._meta.concrete_fields
-                if f.get_internal_type() in ("CharField", "TextField")}
+_TEXT_FIELDS = {
+    f.name
+    for f in Customer._meta.concrete_fields
+    if f.get_internal_type() in ("CharField", "TextField")
+}
 
 
 def make_file(path: str, rows: int) -> dict[str, Any]:
@@ -68,21 +71,22 @@ def make_file(path: str, rows: int) -> dict[str, Any]:
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_suffix(".partial")
-        write_export(partial, (export_row(i) for i in range(rows)), encoding=ENCODING,
-                     labels=JAPANESE)
+        write_export(
+            partial, (export_row(i) for i in range(rows)), encoding=ENCODING, labels=JAPANESE
+        )
         partial.rename(target)
-    return {"seconds": time.perf_counter() - started, "rows": rows,
-            "bytes": target.stat().st_size}
+    return {"seconds": time.perf_counter() - started, "rows": rows, "bytes": target.stat().st_size}
 
 
 def import_satori(path: Path, rows: int) -> int:
     out, err = io.StringIO(), io.StringIO()
     call_command("satori_import", str(path), stdout=out, stderr=err)
     run = ImportRun.objects.get()
-    if (run.rows, run.created_count, run.skipped_count, run.encoding) != (
-            rows, rows, 0, ENCODING):
-        raise RuntimeError(f"import: {run.rows} rows, {run.created_count} created, "
-                           f"{run.skipped_count} skipped, {run.encoding}\n{err.getvalue()[-2000:]}")
+    if (run.rows, run.created_count, run.skipped_count, run.encoding) != (rows, rows, 0, ENCODING):
+        raise RuntimeError(
+            f"import: {run.rows} rows, {run.created_count} created, "
+            f"{run.skipped_count} skipped, {run.encoding}\n{err.getvalue()[-2000:]}"
+        )
     return int(run.created_count)
 
 
@@ -93,14 +97,21 @@ def _plain(path: Path, rows: int, *, states: bool) -> int:
         reader = csv.reader(stream)
         keys = [_KEY_BY_LABEL[label] for label in next(reader)]
         at = {key: position for position, key in enumerate(keys)}
-        text = [(key, at[key]) for key in keys
-                if key in _TEXT_FIELDS and key != "delivery_permission"]
+        text = [
+            (key, at[key]) for key in keys if key in _TEXT_FIELDS and key != "delivery_permission"
+        ]
         custom = [(key, at[key]) for key in keys if key.startswith("custom:")]
-        date_at, permission_at, tags_at = (at["collection_date"], at["delivery_permission"],
-                                           at["tags"])
+        date_at, permission_at, tags_at = (
+            at["collection_date"],
+            at["delivery_permission"],
+            at["tags"],
+        )
         hashcode_at = at["hashcode"]
-        used = [(key, at[key]) for key in keys
-                if key in _TEXT_FIELDS or key.startswith("custom:") or key == "tags"]
+        used = [
+            (key, at[key])
+            for key in keys
+            if key in _TEXT_FIELDS or key.startswith("custom:") or key == "tags"
+        ]
 
         def customer(record: list[str]) -> Customer:
             fields: dict[str, Any] = {key: record[i] for key, i in text}
@@ -118,12 +129,21 @@ def _plain(path: Path, rows: int, *, states: bool) -> int:
                 created = Customer.objects.bulk_create([customer(r) for r in batch])
                 if states:
                     SyncState.objects.bulk_create(
-                        SyncState(email=c.email, customer_id=c.pk, hashcode=r[hashcode_at],
-                                  operation=Operation.UPSERT, status=SyncStatus.SYNCED,
-                                  version=0, synced_version=0, in_satori=True,
-                                  remote_values={key: r[i] for key, i in used if key != "email"},
-                                  remote_seen_at=now, sent_tags=c.tags)
-                        for c, r in zip(created, batch, strict=True))
+                        SyncState(
+                            email=c.email,
+                            customer_id=c.pk,
+                            hashcode=r[hashcode_at],
+                            operation=Operation.UPSERT,
+                            status=SyncStatus.SYNCED,
+                            version=0,
+                            synced_version=0,
+                            in_satori=True,
+                            remote_values={key: r[i] for key, i in used if key != "email"},
+                            remote_seen_at=now,
+                            sent_tags=c.tags,
+                        )
+                        for c, r in zip(created, batch, strict=True)
+                    )
 
         batch: list[list[str]] = []
         for record in reader:
@@ -147,7 +167,10 @@ def import_plain_states(path: Path, rows: int) -> int:
 
 
 VARIANTS: dict[str, Callable[[Path, int], int]] = {
-    "satori": import_satori, "plain": import_plain, "plain_states": import_plain_states}
+    "satori": import_satori,
+    "plain": import_plain,
+    "plain_states": import_plain_states,
+}
 
 
 def _empty() -> None:
@@ -166,10 +189,16 @@ def run(variant: str, path: str, rows: int, profile: str = "") -> dict[str, Any]
     peak = peak_rss_kib()
     customers = Customer.objects.count()
     if written != rows or customers != rows:
-        raise RuntimeError(f"{variant}: {written} rows written, {customers} customers, "
-                           f"expected {rows}")
-    counts = {"states": SyncState.objects.count(),
-              "imported": ImportedCustomer.objects.count()}
+        raise RuntimeError(
+            f"{variant}: {written} rows written, {customers} customers, expected {rows}"
+        )
+    counts = {"states": SyncState.objects.count(), "imported": ImportedCustomer.objects.count()}
     _empty()
-    return {**span.figures(), "rows": rows, "per_second": rows / span.seconds,
-            "peak_rss_kib": peak, "bytes": os.path.getsize(source), **counts}
+    return {
+        **span.figures(),
+        "rows": rows,
+        "per_second": rows / span.seconds,
+        "peak_rss_kib": peak,
+        "bytes": os.path.getsize(source),
+        **counts,
+    }

@@ -39,8 +39,11 @@ class Span:
     base_rss_kib: int = 0
 
     def figures(self) -> dict[str, float]:
-        return {"seconds": self.seconds, "cpu_seconds": self.cpu_seconds,
-                "base_rss_kib": self.base_rss_kib}
+        return {
+            "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
+            "base_rss_kib": self.base_rss_kib,
+        }
 
 
 @contextmanager
@@ -72,8 +75,9 @@ def profiled(path: str, interval: float = 0.001) -> Iterator[None]:
         Path(path).write_text(profiler.output_text(unicode=True, color=False))
 
 
-def wait_for(predicate: object, *, timeout: float, interval: float = 0.2,
-             what: str = "condition") -> float:
+def wait_for(
+    predicate: object, *, timeout: float, interval: float = 0.2, what: str = "condition"
+) -> float:
     """Poll ``predicate()`` until truthy; returns the monotonic time it became true."""
     assert callable(predicate)
     deadline = time.monotonic() + timeout

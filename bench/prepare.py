@@ -31,8 +31,7 @@ def seed(customers: int = 0, members: int = 0, sql: bool = False) -> dict[str, A
     data.seed_members(members)
     if connection.vendor == "postgresql":
         data.analyze()
-    return {"seconds": time.perf_counter() - started, "customers": customers,
-            "members": members}
+    return {"seconds": time.perf_counter() - started, "customers": customers, "members": members}
 
 
 def versions() -> dict[str, Any]:

@@ -52,39 +52,62 @@ class Context:
 
     def environment(self, db: Database, satori: Mapping[str, Any] | None = None) -> dict[str, str]:
         pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("BENCH_DATABASE_URL", "BENCH_SQLITE_PATH", "DJANGO_SETTINGS_MODULE")}
-        env.update({
-            "DJANGO_SETTINGS_MODULE": "bench.settings",
-            "PYTHONPATH": pythonpath,
-            "PYTHONUNBUFFERED": "1",
-            "CELERY_BROKER_URL": self.broker_url,
-            "BENCH_MEDIA_ROOT": str(self.workdir / "media"),
-            "BENCH_SATORI": json.dumps({**self.satori, **(satori or {})}),
-            **db.env,
-        })
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("BENCH_DATABASE_URL", "BENCH_SQLITE_PATH", "DJANGO_SETTINGS_MODULE")
+        }
+        env.update(
+            {
+                "DJANGO_SETTINGS_MODULE": "bench.settings",
+                "PYTHONPATH": pythonpath,
+                "PYTHONUNBUFFERED": "1",
+                "CELERY_BROKER_URL": self.broker_url,
+                "BENCH_MEDIA_ROOT": str(self.workdir / "media"),
+                "BENCH_SATORI": json.dumps({**self.satori, **(satori or {})}),
+                **db.env,
+            }
+        )
         return env
 
-    def child(self, db: Database, task: str, params: Mapping[str, Any] | None = None, *,
-              satori: Mapping[str, Any] | None = None,
-              timeout: float = CHILD_TIMEOUT) -> dict[str, Any]:
+    def child(
+        self,
+        db: Database,
+        task: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        satori: Mapping[str, Any] | None = None,
+        timeout: float = CHILD_TIMEOUT,
+    ) -> dict[str, Any]:
         """Run ``python -m bench.child`` and return its result dict."""
         argv = [sys.executable, "-m", "bench.child", task, json.dumps(dict(params or {}))]
         # Other work on the machine disturbs wall times: each result says how busy it was.
         load = os.getloadavg()[0]
         try:
-            proc = subprocess.run(argv, cwd=REPO_ROOT, env=self.environment(db, satori),
-                                  capture_output=True, text=True, timeout=timeout, check=False)
+            proc = subprocess.run(
+                argv,
+                cwd=REPO_ROOT,
+                env=self.environment(db, satori),
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired as exc:
             raise BenchError(f"{task} on {db.vendor} timed out after {timeout:.0f}s") from exc
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith(RESULT_PREFIX):
                 if proc.returncode == 0:
-                    return {**json.loads(line[len(RESULT_PREFIX):]), "load": load,
-                            "load_after": os.getloadavg()[0]}
+                    return {
+                        **json.loads(line[len(RESULT_PREFIX) :]),
+                        "load": load,
+                        "load_after": os.getloadavg()[0],
+                    }
                 break
-        raise BenchError(f"{task} on {db.vendor} failed (exit {proc.returncode}):\n"
-                         f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}")
+        raise BenchError(
+            f"{task} on {db.vendor} failed (exit {proc.returncode}):\n"
+            f"{_tail(proc.stdout)}\n{_tail(proc.stderr)}"
+        )
 
 
 class Sandbox:
@@ -104,9 +127,16 @@ class Sandbox:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("DJANGO_SETTINGS_MODULE", None)
         with self.log_path.open("a") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=env, text=True,
-                                         stdout=subprocess.PIPE, stderr=log,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=REPO_ROOT,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -132,23 +162,50 @@ class Sandbox:
 class Worker:
     """One ``celery worker`` (prefork pool, concurrency 1: Celery's default pool)."""
 
-    def __init__(self, ctx: Context, db: Database, satori: Mapping[str, Any], name: str,
-                 pool: str = "prefork", concurrency: int = 1):
+    def __init__(
+        self,
+        ctx: Context,
+        db: Database,
+        satori: Mapping[str, Any],
+        name: str,
+        pool: str = "prefork",
+        concurrency: int = 1,
+    ):
         self.hostname = f"{name}@django-satori-bench"
         self.env = ctx.environment(db, satori)
-        self.argv = [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker",
-                     f"--pool={pool}", "-c", str(concurrency), "-l", "info",
-                     "--without-gossip", "--without-mingle", "--without-heartbeat",
-                     "-n", self.hostname]
+        self.argv = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "bench.celery_app",
+            "worker",
+            f"--pool={pool}",
+            "-c",
+            str(concurrency),
+            "-l",
+            "info",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+            "-n",
+            self.hostname,
+        ]
         self.log_path = ctx.logdir / f"worker-{db.vendor}-{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> Worker:
         self.log_path.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         ready = re.compile(re.escape(self.hostname) + r" ready\.")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

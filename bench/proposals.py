@@ -33,13 +33,15 @@ def debounce() -> None:
     """
     original = sync._mark_pending
 
-    def mark_pending(email: str, customer_id: int | None, operation: str,
-                     conf: Any) -> tuple[int, bool]:
+    def mark_pending(
+        email: str, customer_id: int | None, operation: str, conf: Any
+    ) -> tuple[int, bool]:
         state_id, became_pending = original(email, customer_id, operation, conf)
         if not became_pending:
             later = timezone.now() + dt.timedelta(seconds=conf.COALESCE_SECONDS)
             sync.SyncState.objects.filter(pk=state_id, status=sync.SyncStatus.PENDING).update(
-                not_before=Greatest(F("not_before"), later))
+                not_before=Greatest(F("not_before"), later)
+            )
         return state_id, became_pending
 
     sync._mark_pending = mark_pending

@@ -34,8 +34,7 @@ from .procs import BenchError, Context, Database, Sandbox, Worker, running
 from .report import COALESCE_PROPOSALS, EXPORT_PROPOSALS, SAVE_PROPOSALS
 from .settings import CUSTOM_FIELDS, SANDBOX_KEYS
 
-GROUPS = ("saves", "breakdown", "sync", "push_breakdown", "coalesce", "export", "bulk",
-          "import")
+GROUPS = ("saves", "breakdown", "sync", "push_breakdown", "coalesce", "export", "bulk", "import")
 #: Not in the default run (it stays under ten minutes): with --full, or named in --only.
 FULL_GROUPS = ("import",)
 DEFAULT_GROUPS = tuple(g for g in GROUPS if g not in FULL_GROUPS)
@@ -79,14 +78,24 @@ class Runner:
         self.notes: list[str] = []
         self.raw_path = ctx.workdir / "results.json"
 
-    def record(self, group: str, db: Database, case: str, variant: str, run: int,
-               result: dict[str, Any]) -> None:
-        entry = {"group": group, "db": db.vendor, "case": case, "variant": variant,
-                 "run": run, **result}
+    def record(
+        self, group: str, db: Database, case: str, variant: str, run: int, result: dict[str, Any]
+    ) -> None:
+        entry = {
+            "group": group,
+            "db": db.vendor,
+            "case": case,
+            "variant": variant,
+            "run": run,
+            **result,
+        }
         self.records.append(entry)
         self.raw_path.write_text(json.dumps(self.records, indent=1))
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
-                 if k in ("seconds", "per_second", "peak_rss_kib", "calls", "rows")}
+        shown = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in result.items()
+            if k in ("seconds", "per_second", "peak_rss_kib", "calls", "rows")
+        }
         _say(f"{group}/{db.vendor}/{case}/{variant} run {run}: {shown}")
 
     def pairs(self, variants: Sequence[str]) -> list[tuple[int, str]]:
@@ -111,17 +120,24 @@ class Runner:
         _say(f"saves on {db.vendor}: seeding")
         count = self.size(SAVE_COUNT)
         self.seed(db, count, count)
-        variants = ("sync_off", "sync_on", *SAVE_PROPOSALS) if self.options.proposals \
+        variants = (
+            ("sync_off", "sync_on", *SAVE_PROPOSALS)
+            if self.options.proposals
             else ("sync_off", "sync_on")
+        )
         for model in ("customer", "member"):
             for run, variant in self.pairs(variants):
                 satori = {"SYNC_ENABLED": variant != "sync_off"}
-                params: dict[str, Any] = {"model": model, "count": count,
-                                          "tag": f"{variant}-{run}",
-                                          "proposal": SAVE_PROPOSALS.get(variant, "")}
+                params: dict[str, Any] = {
+                    "model": model,
+                    "count": count,
+                    "tag": f"{variant}-{run}",
+                    "proposal": SAVE_PROPOSALS.get(variant, ""),
+                }
                 if self.options.profile and run == 1:
-                    params["profile"] = str(self.profile_path(f"saves-{db.vendor}-{model}-"
-                                                              f"{variant}.txt"))
+                    params["profile"] = str(
+                        self.profile_path(f"saves-{db.vendor}-{model}-{variant}.txt")
+                    )
                 result = self.ctx.child(db, "saves", params, satori=satori)
                 self.record("saves", db, model, variant, run, result)
 
@@ -142,29 +158,41 @@ class Runner:
             if self.options.proposals:
                 variants = (*variants, *EXPORT_PROPOSALS)
             if self.options.export_variants:
-                variants = tuple(v for v in self.options.export_variants.split(",") if v in (
-                    *EXPORT_VARIANTS, *EXPORT_DIAGNOSTICS, *EXPORT_PROPOSALS))
+                variants = tuple(
+                    v
+                    for v in self.options.export_variants.split(",")
+                    if v in (*EXPORT_VARIANTS, *EXPORT_DIAGNOSTICS, *EXPORT_PROPOSALS)
+                )
             if rows > 100_000 and not self.options.import_export_full:
                 # Minutes per run, and the comparison with it is made at 100,000.
                 variants = tuple(v for v in variants if v != "import_export")
             for run, variant in self.pairs(variants):
                 params: dict[str, Any] = {
                     "variant": "satori" if variant in EXPORT_PROPOSALS else variant,
-                    "rows": rows, "outdir": str(self.ctx.workdir / "export"),
-                    "proposal": EXPORT_PROPOSALS.get(variant, "")}
+                    "rows": rows,
+                    "outdir": str(self.ctx.workdir / "export"),
+                    "proposal": EXPORT_PROPOSALS.get(variant, ""),
+                }
                 if self.options.profile and run == 1:
-                    params["profile"] = str(self.profile_path(
-                        f"export-{db.vendor}-{rows}-{variant}.txt"))
+                    params["profile"] = str(
+                        self.profile_path(f"export-{db.vendor}-{rows}-{variant}.txt")
+                    )
                 result = self.ctx.child(db, "export", params)
                 self.record("export", db, str(rows), variant, run, result)
 
-    def with_worker(self, db: Database, body: Callable[[str], None],
-                    satori: dict[str, Any] | None = None, concurrency: int = 1) -> None:
+    def with_worker(
+        self,
+        db: Database,
+        body: Callable[[str], None],
+        satori: dict[str, Any] | None = None,
+        concurrency: int = 1,
+    ) -> None:
         sandbox = Sandbox(self.ctx, SANDBOX_KEYS, CUSTOM_FIELDS)
         with running(sandbox):
             merged = {"BASE_URL": sandbox.url, **(satori or {})}
-            worker = Worker(self.ctx, db, merged, name=f"bench-c{concurrency}",
-                            concurrency=concurrency)
+            worker = Worker(
+                self.ctx, db, merged, name=f"bench-c{concurrency}", concurrency=concurrency
+            )
             with running(worker):
                 body(sandbox.url)
 
@@ -178,10 +206,20 @@ class Runner:
             def body(url: str, concurrency: int = concurrency) -> None:
                 for run, variant in self.pairs(("bare", "engine")):
                     task = "sync_bare" if variant == "bare" else "sync_engine"
-                    result = self.ctx.child(db, task, {"count": count, "sandbox": url},
-                                            satori={**SYNC_SATORI, "BASE_URL": url})
-                    self.record("sync", db, f"c{concurrency}", variant, run,
-                                {**result, "concurrency": concurrency})
+                    result = self.ctx.child(
+                        db,
+                        task,
+                        {"count": count, "sandbox": url},
+                        satori={**SYNC_SATORI, "BASE_URL": url},
+                    )
+                    self.record(
+                        "sync",
+                        db,
+                        f"c{concurrency}",
+                        variant,
+                        run,
+                        {**result, "concurrency": concurrency},
+                    )
 
             self.with_worker(db, body, SYNC_SATORI, concurrency=concurrency)
 
@@ -194,9 +232,12 @@ class Runner:
         sandbox = Sandbox(self.ctx, SANDBOX_KEYS, CUSTOM_FIELDS)
         with running(sandbox):
             for run in range(1, self.options.runs + 1):
-                result = self.ctx.child(db, "push_breakdown",
-                                        {"count": count, "sandbox": sandbox.url},
-                                        satori={**SYNC_SATORI, "BASE_URL": sandbox.url})
+                result = self.ctx.child(
+                    db,
+                    "push_breakdown",
+                    {"count": count, "sandbox": sandbox.url},
+                    satori={**SYNC_SATORI, "BASE_URL": sandbox.url},
+                )
                 self.record("push_breakdown", db, "steps", "steps", run, result)
 
     def coalesce(self, db: Database) -> None:
@@ -207,10 +248,17 @@ class Runner:
 
         def body(url: str) -> None:
             for run, variant in self.pairs(variants):
-                result = self.ctx.child(db, "coalesce", {
-                    "saves": COALESCE_SAVES, "customers": COALESCE_CUSTOMERS, "sandbox": url,
-                    "proposal": COALESCE_PROPOSALS.get(variant, "")},
-                    satori={"BASE_URL": url})
+                result = self.ctx.child(
+                    db,
+                    "coalesce",
+                    {
+                        "saves": COALESCE_SAVES,
+                        "customers": COALESCE_CUSTOMERS,
+                        "sandbox": url,
+                        "proposal": COALESCE_PROPOSALS.get(variant, ""),
+                    },
+                    satori={"BASE_URL": url},
+                )
                 self.record("coalesce", db, "coalesce", variant, run, result)
 
         self.with_worker(db, body)
@@ -221,8 +269,12 @@ class Runner:
 
         def body(url: str) -> None:
             for run in range(1, self.options.runs + 1):
-                result = self.ctx.child(db, "bulk_sync", {"count": count, "sandbox": url},
-                                        satori={**BULK_SATORI, "BASE_URL": url})
+                result = self.ctx.child(
+                    db,
+                    "bulk_sync",
+                    {"count": count, "sandbox": url},
+                    satori={**BULK_SATORI, "BASE_URL": url},
+                )
                 self.record("bulk", db, "bulk", "engine", run, result)
 
         self.with_worker(db, body, BULK_SATORI)
@@ -238,8 +290,9 @@ class Runner:
             for run, variant in self.pairs(IMPORT_VARIANTS):
                 params: dict[str, Any] = {"variant": variant, "path": str(path), "rows": rows}
                 if self.options.profile and run == 1:
-                    params["profile"] = str(self.profile_path(
-                        f"import-{db.vendor}-{rows}-{variant}.txt"))
+                    params["profile"] = str(
+                        self.profile_path(f"import-{db.vendor}-{rows}-{variant}.txt")
+                    )
                 result = self.ctx.child(db, "import", params, satori=IMPORT_SATORI)
                 self.record("import", db, str(rows), variant, run, result)
 
@@ -252,8 +305,9 @@ class Runner:
         return path / name
 
 
-def _databases(ctx: Context, wanted: Sequence[str], stack: list[Any],
-               notes: list[str]) -> dict[str, Database]:
+def _databases(
+    ctx: Context, wanted: Sequence[str], stack: list[Any], notes: list[str]
+) -> dict[str, Database]:
     found: dict[str, Database] = {}
     if "sqlite" in wanted:
         # Like the test suite: in RAM where there is /dev/shm, so neither database
@@ -275,54 +329,95 @@ def _databases(ctx: Context, wanted: Sequence[str], stack: list[Any],
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--full", action="store_true",
-                        help="also export 1,000,000 customers and run the import group "
-                             "(adds about half an hour)")
-    parser.add_argument("--runs", type=int, default=3,
-                        help="runs per figure; the median is reported (default 3, minimum 3)")
-    parser.add_argument("--only", default="",
-                        help=f"comma-separated groups (default: {', '.join(DEFAULT_GROUPS)}; "
-                             f"with --full also {', '.join(FULL_GROUPS)}; all: "
-                             f"{', '.join(GROUPS)})")
-    parser.add_argument("--databases", default="sqlite,postgresql",
-                        help="databases for saves and export (default sqlite,postgresql)")
-    parser.add_argument("--sync-databases", default="",
-                        help="databases for sync, coalesce and bulk (default: postgresql, "
-                             "or sqlite without PostgreSQL)")
-    parser.add_argument("--worker-concurrency", default="1",
-                        help="concurrency of the one worker in the sync throughput runs, "
-                             "comma-separated for several (default: 1; e.g. 1,2 also measures "
-                             "two processes, about 1.5 minutes more)")
-    parser.add_argument("--import-export-full", action="store_true",
-                        help="with --full, also run django-import-export on 1,000,000 rows "
-                             "(slow: minutes per run)")
-    parser.add_argument("--output", default=str(Path(__file__).with_name("RESULTS.md")),
-                        help="the Markdown report to write (default bench/RESULTS.md)")
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="multiply every size by this (to try the harness quickly; the "
-                             "report states it)")
-    parser.add_argument("--proposals", action="store_true",
-                        help="also measure the prototypes of proposed fixes (bench/proposals.py) "
-                             "beside the code as it is")
-    parser.add_argument("--merge", action="store_true",
-                        help="keep the figures of the existing report that this run does not "
-                             "measure (e.g. add --full export figures to a default run)")
-    parser.add_argument("--export-variants", default="",
-                        help="only these exporters (comma-separated: satori, plain, "
-                             "import_export, satori_no_claim: the same job as a dry run)")
-    parser.add_argument("--logs", default="",
-                        help="copy the worker and sandbox logs to this directory at the end")
-    parser.add_argument("--profile", default="",
-                        help="directory for pyinstrument profiles of the first run of each case")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="also export 1,000,000 customers and run the import group (adds about half an hour)",
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="runs per figure; the median is reported (default 3, minimum 3)",
+    )
+    parser.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated groups (default: {', '.join(DEFAULT_GROUPS)}; "
+        f"with --full also {', '.join(FULL_GROUPS)}; all: "
+        f"{', '.join(GROUPS)})",
+    )
+    parser.add_argument(
+        "--databases",
+        default="sqlite,postgresql",
+        help="databases for saves and export (default sqlite,postgresql)",
+    )
+    parser.add_argument(
+        "--sync-databases",
+        default="",
+        help="databases for sync, coalesce and bulk (default: postgresql, "
+        "or sqlite without PostgreSQL)",
+    )
+    parser.add_argument(
+        "--worker-concurrency",
+        default="1",
+        help="concurrency of the one worker in the sync throughput runs, "
+        "comma-separated for several (default: 1; e.g. 1,2 also measures "
+        "two processes, about 1.5 minutes more)",
+    )
+    parser.add_argument(
+        "--import-export-full",
+        action="store_true",
+        help="with --full, also run django-import-export on 1,000,000 rows (slow: minutes per run)",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(Path(__file__).with_name("RESULTS.md")),
+        help="the Markdown report to write (default bench/RESULTS.md)",
+    )
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply every size by this (to try the harness quickly; the report states it)",
+    )
+    parser.add_argument(
+        "--proposals",
+        action="store_true",
+        help="also measure the prototypes of proposed fixes (bench/proposals.py) "
+        "beside the code as it is",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the figures of the existing report that this run does not "
+        "measure (e.g. add --full export figures to a default run)",
+    )
+    parser.add_argument(
+        "--export-variants",
+        default="",
+        help="only these exporters (comma-separated: satori, plain, "
+        "import_export, satori_no_claim: the same job as a dry run)",
+    )
+    parser.add_argument(
+        "--logs", default="", help="copy the worker and sandbox logs to this directory at the end"
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="directory for pyinstrument profiles of the first run of each case",
+    )
     options = parser.parse_args(argv)
     if options.runs < 3:
         parser.error("--runs must be at least 3: every figure is a median of three or more")
     options.worker_concurrency = sorted({int(c) for c in options.worker_concurrency.split(",")})
     if not options.only:
-        options.only = ",".join((*DEFAULT_GROUPS, *FULL_GROUPS) if options.full
-                                else DEFAULT_GROUPS)
+        options.only = ",".join((*DEFAULT_GROUPS, *FULL_GROUPS) if options.full else DEFAULT_GROUPS)
     unknown = set(options.only.split(",")) - set(GROUPS)
     if unknown:
         parser.error(f"unknown group(s): {', '.join(sorted(unknown))}")
@@ -346,8 +441,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = Context(broker_url=redis.url, workdir=workdir, logdir=workdir / "logs")
     runner = Runner(options, ctx)
     if options.scale != 1:
-        runner.notes.append(f"Sizes scaled by {options.scale:g} (--scale): a trial run, "
-                            "not the sizes the targets are about.")
+        runner.notes.append(
+            f"Sizes scaled by {options.scale:g} (--scale): a trial run, "
+            "not the sizes the targets are about."
+        )
     failed = False
     try:
         wanted = options.databases.split(",")
@@ -385,8 +482,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = [{**r, "command": command} for r in runner.records]
     if options.merge:
         records = report.merged(Path(options.output), records)
-    report.write(Path(options.output), records, versions=versions, command=command,
-                 elapsed=time.time() - started, notes=runner.notes, redis=redis.binary)
+    report.write(
+        Path(options.output),
+        records,
+        versions=versions,
+        command=command,
+        elapsed=time.time() - started,
+        notes=runner.notes,
+        redis=redis.binary,
+    )
     _say(f"done in {time.time() - started:.0f}s; wrote {options.output}")
     return 0
 

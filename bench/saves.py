@@ -28,8 +28,7 @@ def _broker() -> Any:
     return redis.Redis.from_url(settings.CELERY_BROKER_URL)
 
 
-def run(model: str, count: int, tag: str, profile: str = "",
-        proposal: str = "") -> dict[str, Any]:
+def run(model: str, count: int, tag: str, profile: str = "", proposal: str = "") -> dict[str, Any]:
     """Save ``count`` objects of ``model`` ("customer" or "member") once each.
 
     Every object is in a synced state first, so that with sync on every save
@@ -74,12 +73,20 @@ def run(model: str, count: int, tag: str, profile: str = "",
     queued = _queued_ids(broker)
     expected = count if sync_on else 0
     if pending != expected or queued != expected:
-        raise RuntimeError(f"expected {expected} pending rows and queued tasks, "
-                           f"found {pending} and {queued}")
+        raise RuntimeError(
+            f"expected {expected} pending rows and queued tasks, found {pending} and {queued}"
+        )
     broker.flushdb()
-    return {**span.figures(), "count": count, "per_second": count / span.seconds,
-            "sync": sync_on, "pending": pending, "queued": queued, "messages": messages,
-            "proposal": proposal}
+    return {
+        **span.figures(),
+        "count": count,
+        "per_second": count / span.seconds,
+        "sync": sync_on,
+        "pending": pending,
+        "queued": queued,
+        "messages": messages,
+        "proposal": proposal,
+    }
 
 
 def _queued_ids(broker: Any) -> int:

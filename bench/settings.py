@@ -51,15 +51,17 @@ else:
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
-            "NAME": os.environ.get("BENCH_SQLITE_PATH",
-                                   os.path.join(tempfile.gettempdir(), "django-satori-bench.db")),
+            "NAME": os.environ.get(
+                "BENCH_SQLITE_PATH", os.path.join(tempfile.gettempdir(), "django-satori-bench.db")
+            ),
             "OPTIONS": _sqlite_options,
         }
     }
 
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
-MEDIA_ROOT = os.environ.get("BENCH_MEDIA_ROOT",
-                            os.path.join(tempfile.gettempdir(), "django-satori-bench-media"))
+MEDIA_ROOT = os.environ.get(
+    "BENCH_MEDIA_ROOT", os.path.join(tempfile.gettempdir(), "django-satori-bench-media")
+)
 
 # Fake keys: the sandbox started by bench.run is given the same ones.
 SANDBOX_KEYS = {

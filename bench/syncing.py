@@ -35,6 +35,7 @@ AUTH_FIELDS = ("user_key", "user_secret", "company_key", "company_secret")
 
 # -- the sandbox's control endpoints -------------------------------------------------
 
+
 def sandbox_reset(url: str) -> None:
     requests.post(url + "/_sandbox/reset", timeout=30).raise_for_status()
 
@@ -56,6 +57,7 @@ def _calls(state: dict[str, Any]) -> dict[str, int]:
 
 # -- single pushes: the engine against a bare loop -----------------------------------
 
+
 def _fresh_outbox() -> None:
     """No outbox rows and no history: every customer is new to SATORI again."""
     SyncLog.objects.all().delete()
@@ -69,8 +71,9 @@ def run_engine(count: int, sandbox: str) -> dict[str, Any]:
         raise RuntimeError("run with the rate limit off and BULK_THRESHOLD above the count")
     _fresh_outbox()
     sandbox_reset(sandbox)
-    customers = Customer.objects.filter(pk__in=list(
-        Customer.objects.order_by("pk").values_list("pk", flat=True)[:count]))
+    customers = Customer.objects.filter(
+        pk__in=list(Customer.objects.order_by("pk").values_list("pk", flat=True)[:count])
+    )
 
     synced = SyncState.objects.filter(status=SyncStatus.SYNCED)
     stuck = SyncState.objects.filter(status=SyncStatus.FAILED)
@@ -87,10 +90,17 @@ def run_engine(count: int, sandbox: str) -> dict[str, Any]:
     state = sandbox_state(sandbox)
     sent = SyncLog.objects.filter(outcome=SyncLog.Outcome.OK).count()
     if marked != count or len(state["customers"]) != count or sent != count:
-        raise RuntimeError(f"marked {marked}, sandbox has {len(state['customers'])} customers, "
-                           f"{sent} calls logged; expected {count} each")
-    return {"seconds": seconds, "count": count, "per_second": count / seconds,
-            "calls_logged": sent, "sandbox_customers": len(state["customers"])}
+        raise RuntimeError(
+            f"marked {marked}, sandbox has {len(state['customers'])} customers, "
+            f"{sent} calls logged; expected {count} each"
+        )
+    return {
+        "seconds": seconds,
+        "count": count,
+        "per_second": count / seconds,
+        "calls_logged": sent,
+        "sandbox_customers": len(state["customers"]),
+    }
 
 
 def wire_bodies(count: int) -> list[bytes]:
@@ -111,25 +121,29 @@ def run_bare(count: int, sandbox: str) -> dict[str, Any]:
     bodies = wire_bodies(count)
     sandbox_reset(sandbox)
     url = sandbox + UPSERT_PATH
-    headers = {"Content-Type": "application/x-www-form-urlencoded",
-               "Accept": "application/json"}
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
     with requests.Session() as session, timed() as span:
         for body in bodies:
             response = session.post(url, data=body, headers=headers, timeout=30)
             if response.status_code != 200:
-                raise RuntimeError(f"sandbox answered {response.status_code}: "
-                                   f"{response.text[:200]}")
+                raise RuntimeError(
+                    f"sandbox answered {response.status_code}: {response.text[:200]}"
+                )
     state = sandbox_state(sandbox)
     if len(state["customers"]) != count:
         raise RuntimeError(f"sandbox has {len(state['customers'])} customers, expected {count}")
-    return {"seconds": span.seconds, "count": count, "per_second": count / span.seconds,
-            "sandbox_customers": len(state["customers"])}
+    return {
+        "seconds": span.seconds,
+        "count": count,
+        "per_second": count / span.seconds,
+        "sandbox_customers": len(state["customers"]),
+    }
 
 
 # -- coalescing ------------------------------------------------------------------------
 
-def run_coalesce(saves: int, customers: int, sandbox: str,
-                 proposal: str = "") -> dict[str, Any]:
+
+def run_coalesce(saves: int, customers: int, sandbox: str, proposal: str = "") -> dict[str, Any]:
     """``saves`` saves spread round-robin over ``customers`` customers, then count calls."""
     conf = get_settings()
     if proposal:
@@ -146,8 +160,10 @@ def run_coalesce(saves: int, customers: int, sandbox: str,
             customer.save()
     settled = SyncState.objects.filter(customer__in=targets, status=SyncStatus.SYNCED)
     burst_end = time.perf_counter()
-    settle = wait_for(lambda: settled.count() == customers, timeout=300,
-                      what="coalesced pushes") - burst_end
+    settle = (
+        wait_for(lambda: settled.count() == customers, timeout=300, what="coalesced pushes")
+        - burst_end
+    )
     # Anything still to come would be due within one window: wait it out, then count.
     time.sleep(conf.COALESCE_SECONDS + 1.0)
     state = sandbox_state(sandbox)
@@ -156,14 +172,22 @@ def run_coalesce(saves: int, customers: int, sandbox: str,
     newest = {c["email"]: c["fields"].get("first_name") for c in state["customers"]}
     last_values = {t.email: f"coalesce-{saves - customers + n}" for n, t in enumerate(targets)}
     current = all(newest.get(email) == value for email, value in last_values.items())
-    return {"seconds": burst.seconds, "saves": saves, "customers": customers,
-            "calls": sum(calls.values()), "calls_by_operation": calls,
-            "settle_seconds": settle, "coalesce_seconds": conf.COALESCE_SECONDS,
-            "sync_log_outcomes": outcomes,
-            "sandbox_has_last_values": current, "proposal": proposal}
+    return {
+        "seconds": burst.seconds,
+        "saves": saves,
+        "customers": customers,
+        "calls": sum(calls.values()),
+        "calls_by_operation": calls,
+        "settle_seconds": settle,
+        "coalesce_seconds": conf.COALESCE_SECONDS,
+        "sync_log_outcomes": outcomes,
+        "sandbox_has_last_values": current,
+        "proposal": proposal,
+    }
 
 
 # -- a backlog through bulk uploads ------------------------------------------------------
+
 
 def run_bulk(count: int, sandbox: str) -> dict[str, Any]:
     """Mark ``count`` customers pending (default threshold): time until all are synced."""
@@ -185,8 +209,10 @@ def run_bulk(count: int, sandbox: str) -> dict[str, Any]:
         if broken_jobs.exists():
             job = broken_jobs.first()
             raise RuntimeError(f"bulk job {job.pk} {job.state}: {job.error}")
-        return synced.count() >= count and not BulkJob.objects.exclude(
-            state=BulkState.FINISHED).exists()
+        return (
+            synced.count() >= count
+            and not BulkJob.objects.exclude(state=BulkState.FINISHED).exists()
+        )
 
     with timed() as span:
         marked = sync.mark_for_sync(customers)
@@ -195,9 +221,16 @@ def run_bulk(count: int, sandbox: str) -> dict[str, Any]:
     state = sandbox_state(sandbox)
     calls = _calls(state)
     statuses = dict(SyncState.objects.values_list("status").annotate(n=Count("pk")))
-    return {"seconds": seconds, "count": count, "marked": marked,
-            "per_second": count / seconds, "calls": sum(calls.values()),
-            "calls_by_operation": calls, "jobs": finished_jobs.count(),
-            "parts": sum(job.part_count for job in finished_jobs),
-            "statuses": statuses, "sandbox_customers": len(state["customers"]),
-            "bulk_threshold": conf.BULK_THRESHOLD}
+    return {
+        "seconds": seconds,
+        "count": count,
+        "marked": marked,
+        "per_second": count / seconds,
+        "calls": sum(calls.values()),
+        "calls_by_operation": calls,
+        "jobs": finished_jobs.count(),
+        "parts": sum(job.part_count for job in finished_jobs),
+        "statuses": statuses,
+        "sandbox_customers": len(state["customers"]),
+        "bulk_threshold": conf.BULK_THRESHOLD,
+    }

@@ -50,11 +50,21 @@ RECENT = 20
 ROW_ERRORS_SHOWN = 200
 
 _BADGE_CLASS: dict[str, str] = {
-    SyncStatus.SYNCED: "ok", SyncStatus.PENDING: "wait", SyncStatus.SENDING: "busy",
-    SyncStatus.IN_BULK: "busy", SyncStatus.FAILED: "bad", SyncStatus.DELETED: "off",
-    SyncStatus.DRY_RUN: "off", SyncStatus.NOT_IN_SATORI: "off", SyncStatus.STOPPED: "off",
-    BulkState.CREATED: "wait", BulkState.EXPORTING: "busy", BulkState.UPLOADING: "busy",
-    BulkState.PROCESSING: "busy", BulkState.FINISHED: "ok", BulkState.CANCELLED: "off",
+    SyncStatus.SYNCED: "ok",
+    SyncStatus.PENDING: "wait",
+    SyncStatus.SENDING: "busy",
+    SyncStatus.IN_BULK: "busy",
+    SyncStatus.FAILED: "bad",
+    SyncStatus.DELETED: "off",
+    SyncStatus.DRY_RUN: "off",
+    SyncStatus.NOT_IN_SATORI: "off",
+    SyncStatus.STOPPED: "off",
+    BulkState.CREATED: "wait",
+    BulkState.EXPORTING: "busy",
+    BulkState.UPLOADING: "busy",
+    BulkState.PROCESSING: "busy",
+    BulkState.FINISHED: "ok",
+    BulkState.CANCELLED: "off",
 }
 
 
@@ -72,6 +82,7 @@ def safe_summary(data: Any) -> str:
 # --------------------------------------------------------------------------
 # Customers
 # --------------------------------------------------------------------------
+
 
 class SyncStatusFilter(admin.SimpleListFilter):
     title = gettext_lazy("sync status")
@@ -92,26 +103,58 @@ class SyncStatusFilter(admin.SimpleListFilter):
 
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
-    list_display = ("email", "name", "lead_company_name", "sync_status", "last_error",
-                    "last_synced")
+    list_display = (
+        "email",
+        "name",
+        "lead_company_name",
+        "sync_status",
+        "last_error",
+        "last_synced",
+    )
     list_filter = (SyncStatusFilter, "delivery_permission", "created_at")
-    search_fields = ("email", "last_name", "first_name", "last_name_reading",
-                     "first_name_reading", "lead_company_name")
+    search_fields = (
+        "email",
+        "last_name",
+        "first_name",
+        "last_name_reading",
+        "first_name_reading",
+        "lead_company_name",
+    )
     list_select_related = ("sync_state",)
     list_per_page = 100
     date_hierarchy = None
     # The sync state is shown under the form (change_form.html), with its history.
     readonly_fields = ("source_model", "source_pk", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("email", ("last_name", "first_name"),
-                           ("last_name_reading", "first_name_reading"),
-                           ("lead_company_name", "department"),
-                           ("phone_number", "mobile_phone_number"), "address", "memo")}),
-        (gettext_lazy("SATORI items"), {"fields": (
-            ("collection_route", "collection_date"), "delivery_permission", "tags",
-            "custom_fields")}),
-        (gettext_lazy("Connected object"), {"fields": (
-            ("source_model", "source_pk"), ("created_at", "updated_at"))}),
+        (
+            None,
+            {
+                "fields": (
+                    "email",
+                    ("last_name", "first_name"),
+                    ("last_name_reading", "first_name_reading"),
+                    ("lead_company_name", "department"),
+                    ("phone_number", "mobile_phone_number"),
+                    "address",
+                    "memo",
+                )
+            },
+        ),
+        (
+            gettext_lazy("SATORI items"),
+            {
+                "fields": (
+                    ("collection_route", "collection_date"),
+                    "delivery_permission",
+                    "tags",
+                    "custom_fields",
+                )
+            },
+        ),
+        (
+            gettext_lazy("Connected object"),
+            {"fields": (("source_model", "source_pk"), ("created_at", "updated_at"))},
+        ),
     )
     actions = ("sync_now", "bulk_upsert", "bulk_register", "retry_failed", "mark_for_sync")
     change_form_template = "admin/django_satori/customer/change_form.html"
@@ -145,8 +188,7 @@ class CustomerAdmin(admin.ModelAdmin):
         state = self._state(obj)
         return truncatechars(state.last_error, 80) if state and state.last_error else ""
 
-    @admin.display(description=gettext_lazy("last synced"),
-                   ordering="sync_state__last_synced_at")
+    @admin.display(description=gettext_lazy("last synced"), ordering="sync_state__last_synced_at")
     def last_synced(self, obj: Customer) -> Any:
         state = self._state(obj)
         return state.last_synced_at if state else None
@@ -158,18 +200,23 @@ class CustomerAdmin(admin.ModelAdmin):
 
         return import_urls(self.admin_site) + super().get_urls()
 
-    def changelist_view(self, request: HttpRequest,
-                        extra_context: dict[str, Any] | None = None) -> HttpResponse:
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
         from .admin_import import IMPORT_PERMS
 
-        extra = {"satori_can_import": request.user.has_perms(IMPORT_PERMS),
-                 **(extra_context or {})}
+        extra = {"satori_can_import": request.user.has_perms(IMPORT_PERMS), **(extra_context or {})}
         return super().changelist_view(request, extra)
 
     # -- the detail page: history next to the form -------------------------------
 
-    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
-                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
         extra = dict(extra_context or {})
         customer = self.get_object(request, object_id)
         if customer is not None:
@@ -179,12 +226,18 @@ class CustomerAdmin(admin.ModelAdmin):
                 emails.add(state.previous_email)
             extra.update(
                 satori_state=state,
-                satori_logs=[(entry, safe_summary(entry.request_summary),
-                              safe_summary(entry.response_summary))
-                             for entry in SyncLog.objects.filter(email__in=emails)[:RECENT]],
+                satori_logs=[
+                    (
+                        entry,
+                        safe_summary(entry.request_summary),
+                        safe_summary(entry.response_summary),
+                    )
+                    for entry in SyncLog.objects.filter(email__in=emails)[:RECENT]
+                ],
                 satori_actions=CustomerAction.objects.filter(customer=customer)[:RECENT],
                 satori_row_errors=BulkRowError.objects.filter(customer=customer)
-                .select_related("job", "part").order_by("-id")[:RECENT],
+                .select_related("job", "part")
+                .order_by("-id")[:RECENT],
             )
         return super().change_view(request, object_id, form_url, extra)
 
@@ -202,39 +255,64 @@ class CustomerAdmin(admin.ModelAdmin):
     def sync_now(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
         limit = get_settings().BULK_THRESHOLD
         # Bounded by the threshold, so counting is cheap compared with what follows.
-        if queryset[:limit + 1].count() > limit:
-            self.message_user(request, ngettext(
-                "More than %(limit)d customer selected: too many to send one by one. Use "
-                "\"Bulk upsert via CSV\", or \"Mark for sync\" to let the sweep send them.",
-                "More than %(limit)d customers selected: too many to send one by one. Use "
-                "\"Bulk upsert via CSV\", or \"Mark for sync\" to let the sweep send them.",
-                limit) % {"limit": limit}, messages.WARNING)
+        if queryset[: limit + 1].count() > limit:
+            self.message_user(
+                request,
+                ngettext(
+                    "More than %(limit)d customer selected: too many to send one by one. Use "
+                    '"Bulk upsert via CSV", or "Mark for sync" to let the sweep send them.',
+                    "More than %(limit)d customers selected: too many to send one by one. Use "
+                    '"Bulk upsert via CSV", or "Mark for sync" to let the sweep send them.',
+                    limit,
+                )
+                % {"limit": limit},
+                messages.WARNING,
+            )
             return
         count = sync.mark_for_sync(queryset)
-        self.message_user(request, ngettext(
-            "%(count)d customer is being sent to SATORI.",
-            "%(count)d customers are being sent to SATORI.", count) % {"count": count},
-            messages.SUCCESS)
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d customer is being sent to SATORI.",
+                "%(count)d customers are being sent to SATORI.",
+                count,
+            )
+            % {"count": count},
+            messages.SUCCESS,
+        )
 
     @admin.action(description=gettext_lazy("Mark for sync"), permissions=["sync"])
     def mark_for_sync(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
         count = sync.mark_for_sync(queryset)
-        self.message_user(request, ngettext(
-            "%(count)d customer marked for sync; it is sent shortly.",
-            "%(count)d customers marked for sync; large selections go through a bulk job.",
-            count) % {"count": count}, messages.SUCCESS)
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d customer marked for sync; it is sent shortly.",
+                "%(count)d customers marked for sync; large selections go through a bulk job.",
+                count,
+            )
+            % {"count": count},
+            messages.SUCCESS,
+        )
 
     @admin.action(description=gettext_lazy("Retry failed"), permissions=["sync"])
     def retry_failed(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
         count = sync.mark_for_sync(queryset.filter(sync_state__status=SyncStatus.FAILED))
         if count:
-            self.message_user(request, ngettext(
-                "%(count)d failed customer will be sent again.",
-                "%(count)d failed customers will be sent again.", count) % {"count": count},
-                messages.SUCCESS)
+            self.message_user(
+                request,
+                ngettext(
+                    "%(count)d failed customer will be sent again.",
+                    "%(count)d failed customers will be sent again.",
+                    count,
+                )
+                % {"count": count},
+                messages.SUCCESS,
+            )
         else:
-            self.message_user(request, _("None of the selected customers had failed."),
-                              messages.INFO)
+            self.message_user(
+                request, _("None of the selected customers had failed."), messages.INFO
+            )
 
     @admin.action(description=gettext_lazy("Bulk upsert via CSV"), permissions=["bulk"])
     def bulk_upsert(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
@@ -244,29 +322,41 @@ class CustomerAdmin(admin.ModelAdmin):
     def bulk_register(self, request: HttpRequest, queryset: models.QuerySet[Customer]) -> None:
         self._start_bulk(request, queryset, BulkMode.REGISTRATION)
 
-    def _start_bulk(self, request: HttpRequest, queryset: models.QuerySet[Customer],
-                    mode: str) -> None:
+    def _start_bulk(
+        self, request: HttpRequest, queryset: models.QuerySet[Customer], mode: str
+    ) -> None:
         filters = request.GET.urlencode()
         across = request.POST.get("select_across") == "1"
         if across:
             description = _("Admin: all matching %(filters)s") % {
-                "filters": filters or _("(no filter)")}
+                "filters": filters or _("(no filter)")
+            }
         else:
             description = _("Admin: %(n)d selected") % {
-                "n": len(request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))}
+                "n": len(request.POST.getlist(helpers.ACTION_CHECKBOX_NAME))
+            }
         with transaction.atomic():
-            job = bulk.start_bulk_job(queryset, mode=mode, user=request.user,
-                                      description=description)
+            job = bulk.start_bulk_job(
+                queryset, mode=mode, user=request.user, description=description
+            )
         url = reverse("admin:django_satori_bulkjob_change", args=[job.pk])
-        self.message_user(request, format_html(
-            '{} <a href="{}">{}</a>',
-            _("Bulk job #%(id)s started: the CSV is written and uploaded in the background.")
-            % {"id": job.pk}, url, _("Follow its progress")), messages.SUCCESS)
+        self.message_user(
+            request,
+            format_html(
+                '{} <a href="{}">{}</a>',
+                _("Bulk job #%(id)s started: the CSV is written and uploaded in the background.")
+                % {"id": job.pk},
+                url,
+                _("Follow its progress"),
+            ),
+            messages.SUCCESS,
+        )
 
 
 # --------------------------------------------------------------------------
 # Bulk jobs
 # --------------------------------------------------------------------------
+
 
 class ReadOnlyMixin:
     """History and machinery: visible, never edited by hand."""
@@ -283,14 +373,36 @@ class ReadOnlyMixin:
 
 @admin.register(BulkJob)
 class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("id", "mode", "state_badge", "description", "row_count", "succeeded_count",
-                    "failed_count", "invalid_count", "progress", "created_at", "started_by")
+    list_display = (
+        "id",
+        "mode",
+        "state_badge",
+        "description",
+        "row_count",
+        "succeeded_count",
+        "failed_count",
+        "invalid_count",
+        "progress",
+        "created_at",
+        "started_by",
+    )
     list_filter = ("state", "mode", "automatic", "dry_run")
     search_fields = ("description",)
     list_select_related = ("started_by",)
     change_form_template = "admin/django_satori/bulkjob/change_form.html"
-    fields = ("mode", "state", "description", "automatic", "dry_run", "started_by",
-              "created_at", "started_at", "finished_at", "last_polled_at", "error")
+    fields = (
+        "mode",
+        "state",
+        "description",
+        "automatic",
+        "dry_run",
+        "started_by",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "last_polled_at",
+        "error",
+    )
 
     class Media:
         css = CSS
@@ -301,8 +413,9 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description=gettext_lazy("progress"))
     def progress(self, obj: BulkJob) -> str:
-        return format_html('<progress class="satori-progress" max="100" value="{}"></progress>',
-                           job_percent(obj))
+        return format_html(
+            '<progress class="satori-progress" max="100" value="{}"></progress>', job_percent(obj)
+        )
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # A running job holds customers (SyncState.bulk_part): only ended ones go.
@@ -323,12 +436,15 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
     def get_urls(self) -> list[Any]:
         wrap = self.admin_site.admin_view
         return [
-            path("<int:job_id>/refresh/", wrap(self.refresh_view),
-                 name="django_satori_bulkjob_refresh"),
-            path("<int:job_id>/cancel/", wrap(self.cancel_view),
-                 name="django_satori_bulkjob_cancel"),
-            path("part/<int:part_id>/csv/", wrap(self.csv_view),
-                 name="django_satori_bulkpart_csv"),
+            path(
+                "<int:job_id>/refresh/",
+                wrap(self.refresh_view),
+                name="django_satori_bulkjob_refresh",
+            ),
+            path(
+                "<int:job_id>/cancel/", wrap(self.cancel_view), name="django_satori_bulkjob_cancel"
+            ),
+            path("part/<int:part_id>/csv/", wrap(self.csv_view), name="django_satori_bulkpart_csv"),
             *super().get_urls(),
         ]
 
@@ -345,9 +461,12 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
         if not request.user.has_perm(BULK_PERMISSION):
             raise PermissionDenied
         asked = bulk.refresh_job(job)
-        self.message_user(request, ngettext(
-            "Asked SATORI about %(n)d part.", "Asked SATORI about %(n)d parts.", asked)
-            % {"n": asked}, messages.INFO)
+        self.message_user(
+            request,
+            ngettext("Asked SATORI about %(n)d part.", "Asked SATORI about %(n)d parts.", asked)
+            % {"n": asked},
+            messages.INFO,
+        )
         return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
 
     def cancel_view(self, request: HttpRequest, job_id: int) -> HttpResponse:
@@ -357,15 +476,19 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
         if not request.user.has_perm(BULK_PERMISSION):
             raise PermissionDenied
         result = bulk.cancel_job(job)
-        self.message_user(request, result.message(),
-                          messages.WARNING if result.uploaded_parts else messages.SUCCESS)
+        self.message_user(
+            request,
+            result.message(),
+            messages.WARNING if result.uploaded_parts else messages.SUCCESS,
+        )
         return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
 
     def csv_view(self, request: HttpRequest, part_id: int) -> HttpResponseBase:
         """The part's CSV holds personal data: served only to staff allowed to run bulk jobs."""
         part = get_object_or_404(BulkPart.objects.select_related("job"), pk=part_id)
-        if not (self.has_view_permission(request, part.job)
-                and request.user.has_perm(BULK_PERMISSION)):
+        if not (
+            self.has_view_permission(request, part.job) and request.user.has_perm(BULK_PERMISSION)
+        ):
             raise PermissionDenied
         if not part.csv_file.name:
             raise Http404(_("This part has no CSV file."))
@@ -373,19 +496,28 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
             fileobj = bulk.bulk_storage().open(part.csv_file.name, "rb")
         except OSError:
             raise Http404(_("The CSV file is no longer in storage.")) from None
-        response = FileResponse(fileobj, as_attachment=True,
-                                filename=f"satori-bulk-{part.job_id}-{part.number}.csv",
-                                content_type="text/csv; charset=utf-8")
+        response = FileResponse(
+            fileobj,
+            as_attachment=True,
+            filename=f"satori-bulk-{part.job_id}-{part.number}.csv",
+            content_type="text/csv; charset=utf-8",
+        )
         response["Cache-Control"] = "private, no-store"
         return response
 
-    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
-                    extra_context: dict[str, Any] | None = None) -> HttpResponse:
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
         extra = dict(extra_context or {})
         job = self.get_object(request, object_id)
         if job is not None:
-            errors = job.row_errors.select_related("part").order_by("part__number",
-                                                                    "row_number", "id")
+            errors = job.row_errors.select_related("part").order_by(
+                "part__number", "row_number", "id"
+            )
             extra.update(
                 job=job,
                 parts=job.parts.all(),
@@ -419,8 +551,16 @@ def delete_job_files(job: BulkJob) -> None:
 
 @admin.register(BulkRowError)
 class BulkRowErrorAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("job", "part", "row_number", "email", "customer_link", "field", "message",
-                    "before_upload")
+    list_display = (
+        "job",
+        "part",
+        "row_number",
+        "email",
+        "customer_link",
+        "field",
+        "message",
+        "before_upload",
+    )
     list_filter = ("before_upload", "field")
     search_fields = ("email", "message")
     list_select_related = ("job", "part", "customer")
@@ -438,10 +578,20 @@ class BulkRowErrorAdmin(ReadOnlyMixin, admin.ModelAdmin):
 # Outbox and history (read-only)
 # --------------------------------------------------------------------------
 
+
 @admin.register(SyncState)
 class SyncStateAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("email", "status_badge", "operation", "attempts", "short_error",
-                    "last_synced_at", "in_satori", "hashcode", "bulk_part")
+    list_display = (
+        "email",
+        "status_badge",
+        "operation",
+        "attempts",
+        "short_error",
+        "last_synced_at",
+        "in_satori",
+        "hashcode",
+        "bulk_part",
+    )
     list_filter = ("status", "operation", "in_satori")
     search_fields = ("email", "hashcode", "previous_email")
     list_select_related = ("bulk_part",)
@@ -461,13 +611,31 @@ class SyncStateAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
 @admin.register(SyncLog)
 class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("created_at", "email", "endpoint", "outcome", "satori_status", "attempt",
-                    "duration_ms", "short_message")
+    list_display = (
+        "created_at",
+        "email",
+        "endpoint",
+        "outcome",
+        "satori_status",
+        "attempt",
+        "duration_ms",
+        "short_message",
+    )
     list_filter = ("outcome", "endpoint")
     search_fields = ("email", "message")
     date_hierarchy = "created_at"
-    fields = ("created_at", "email", "endpoint", "outcome", "satori_status", "attempt",
-              "duration_ms", "message", "request", "response")
+    fields = (
+        "created_at",
+        "email",
+        "endpoint",
+        "outcome",
+        "satori_status",
+        "attempt",
+        "duration_ms",
+        "message",
+        "request",
+        "response",
+    )
     readonly_fields = ("request", "response")
 
     @admin.display(description=gettext_lazy("message"))
@@ -485,8 +653,7 @@ class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
 @admin.register(CustomerAction)
 class CustomerActionAdmin(ReadOnlyMixin, admin.ModelAdmin):
-    list_display = ("occurred_at", "email", "name", "status", "attempts", "short_error",
-                    "sent_at")
+    list_display = ("occurred_at", "email", "name", "status", "attempts", "short_error", "sent_at")
     list_filter = ("status",)
     search_fields = ("email", "name")
     date_hierarchy = "occurred_at"
@@ -500,9 +667,18 @@ class CustomerActionAdmin(ReadOnlyMixin, admin.ModelAdmin):
 class ImportRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
     """Each import of SATORI's admin export; the full report is on its own page."""
 
-    list_display = ("started_at", "filename", "encoding", "status", "rows",
-                    "created_count", "linked_count", "refreshed_count", "skipped_count",
-                    "report_link")
+    list_display = (
+        "started_at",
+        "filename",
+        "encoding",
+        "status",
+        "rows",
+        "created_count",
+        "linked_count",
+        "refreshed_count",
+        "skipped_count",
+        "report_link",
+    )
     list_filter = ("status",)
     search_fields = ("filename",)
     date_hierarchy = "started_at"

@@ -42,11 +42,13 @@ class ImportForm(forms.Form):
         initial="auto",
     )
     dry_run = forms.BooleanField(
-        label=gettext_lazy("Dry run (show what would change, write nothing)"), required=False,
+        label=gettext_lazy("Dry run (show what would change, write nothing)"),
+        required=False,
         initial=True,
     )
     columns = forms.CharField(
-        label=gettext_lazy("Extra column names"), required=False,
+        label=gettext_lazy("Extra column names"),
+        required=False,
         widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
         help_text=gettext_lazy("One HEADER=KEY per line, for example プラン=custom:plan."),
     )
@@ -58,8 +60,9 @@ class ImportForm(forms.Form):
                 continue
             header, sep, key = line.partition("=")
             if not sep or not header.strip() or not key.strip():
-                raise forms.ValidationError(_("Write each line as HEADER=KEY (got %(line)r).")
-                                            % {"line": line[:80]})
+                raise forms.ValidationError(
+                    _("Write each line as HEADER=KEY (got %(line)r).") % {"line": line[:80]}
+                )
             mapping[header.strip()] = key.strip()
         return mapping
 
@@ -68,12 +71,15 @@ def import_urls(admin_site: admin.AdminSite) -> list[URLPattern]:
     """URL patterns of the import pages, wrapped by ``admin_site.admin_view``."""
     views = _Views(admin_site)
     return [
-        path("import/", admin_site.admin_view(views.upload),
-             name="django_satori_customer_import"),
-        path("import/report/", admin_site.admin_view(views.report),
-             name="django_satori_customer_reconcile"),
-        path("import/<int:run_id>/", admin_site.admin_view(views.run),
-             name="django_satori_importrun"),
+        path("import/", admin_site.admin_view(views.upload), name="django_satori_customer_import"),
+        path(
+            "import/report/",
+            admin_site.admin_view(views.report),
+            name="django_satori_customer_reconcile",
+        ),
+        path(
+            "import/<int:run_id>/", admin_site.admin_view(views.run), name="django_satori_importrun"
+        ),
     ]
 
 
@@ -87,9 +93,14 @@ class _Views:
     def _context(self, request: HttpRequest, title: str, **extra: Any) -> dict[str, Any]:
         # So that {% url 'admin:...' %} in the templates resolves to this admin site.
         request.current_app = self.site.name
-        return {**self.site.each_context(request), "title": title, "opts": Customer._meta,
-                "import_url": self._url("django_satori_customer_import"),
-                "report_url": self._url("django_satori_customer_reconcile"), **extra}
+        return {
+            **self.site.each_context(request),
+            "title": title,
+            "opts": Customer._meta,
+            "import_url": self._url("django_satori_customer_import"),
+            "report_url": self._url("django_satori_customer_reconcile"),
+            **extra,
+        }
 
     # -- upload ---------------------------------------------------------------
 
@@ -103,34 +114,57 @@ class _Views:
                 uploaded = form.cleaned_data["file"]
                 try:
                     result = import_export(
-                        uploaded, encoding=form.cleaned_data["encoding"],
-                        dry_run=form.cleaned_data["dry_run"], columns=form.cleaned_data["columns"],
-                        filename=uploaded.name or "", started_by=request.user,
+                        uploaded,
+                        encoding=form.cleaned_data["encoding"],
+                        dry_run=form.cleaned_data["dry_run"],
+                        columns=form.cleaned_data["columns"],
+                        filename=uploaded.name or "",
+                        started_by=request.user,
                     )
                 except ImportFileError as exc:
                     form.add_error("file", str(exc))
                 else:
                     if result.run is not None:
-                        messages.success(request, _(
-                            "Imported: %(created)d created, %(linked)d linked, %(refreshed)d "
-                            "refreshed, %(skipped)d skipped. Nothing was sent to SATORI.") % {
-                            "created": result.created, "linked": result.linked,
-                            "refreshed": result.refreshed, "skipped": result.skipped_count})
+                        messages.success(
+                            request,
+                            _(
+                                "Imported: %(created)d created, %(linked)d linked, %(refreshed)d "
+                                "refreshed, %(skipped)d skipped. Nothing was sent to SATORI."
+                            )
+                            % {
+                                "created": result.created,
+                                "linked": result.linked,
+                                "refreshed": result.refreshed,
+                                "skipped": result.skipped_count,
+                            },
+                        )
                         return HttpResponseRedirect(
-                            self._url("django_satori_importrun", result.run.pk))
+                            self._url("django_satori_importrun", result.run.pk)
+                        )
         else:
             form = ImportForm()
         runs = ImportRun.objects.order_by("-pk")[:10]
-        return TemplateResponse(request, f"{TEMPLATE_DIR}/upload.html", self._context(
-            request, _("Import SATORI's customer export"), form=form, result=result,
-            runs=[(run, self._url("django_satori_importrun", run.pk)) for run in runs]))
+        return TemplateResponse(
+            request,
+            f"{TEMPLATE_DIR}/upload.html",
+            self._context(
+                request,
+                _("Import SATORI's customer export"),
+                form=form,
+                result=result,
+                runs=[(run, self._url("django_satori_importrun", run.pk)) for run in runs],
+            ),
+        )
 
     def run(self, request: HttpRequest, run_id: int) -> HttpResponse:
         if not request.user.has_perm("django_satori.view_customer"):
             raise PermissionDenied
         run = get_object_or_404(ImportRun, pk=run_id)
-        return TemplateResponse(request, f"{TEMPLATE_DIR}/run.html", self._context(
-            request, _("SATORI export import #%(id)s") % {"id": run.pk}, run=run))
+        return TemplateResponse(
+            request,
+            f"{TEMPLATE_DIR}/run.html",
+            self._context(request, _("SATORI export import #%(id)s") % {"id": run.pk}, run=run),
+        )
 
     # -- reconciliation ---------------------------------------------------------
 
@@ -150,12 +184,21 @@ class _Views:
             items, counts_different, by_field = self._different_page(page_number)
             page = Paginator(range(counts_different), PAGE_SIZE).get_page(page_number)
         else:
-            queryset = (reconcile.only_in_django() if category == "only_in_django"
-                        else reconcile.only_in_satori()).select_related("sync_state")
+            queryset = (
+                reconcile.only_in_django()
+                if category == "only_in_django"
+                else reconcile.only_in_satori()
+            ).select_related("sync_state")
             page = Paginator(queryset, PAGE_SIZE).get_page(page_number)
-            items = [{"id": c.pk, "email": c.email,
-                      "status": _status(getattr(c, "sync_state", None)), "differences": ()}
-                     for c in page.object_list]
+            items = [
+                {
+                    "id": c.pk,
+                    "email": c.email,
+                    "status": _status(getattr(c, "sync_state", None)),
+                    "differences": (),
+                }
+                for c in page.object_list
+            ]
         counts: dict[str, int | None] = {
             "only_in_django": reconcile.only_in_django().count(),
             "only_in_satori": reconcile.only_in_satori().count(),
@@ -164,14 +207,29 @@ class _Views:
         for item in items:
             item["url"] = self._change_url(item["id"])
             item["status"] = _status_label(item["status"])
-        tabs = [(key, label, counts[key]) for key, label in (
-            ("different", _("In both, with different values")),
-            ("only_in_django", _("Only in Django")),
-            ("only_in_satori", _("Only in SATORI")))]
-        return TemplateResponse(request, f"{TEMPLATE_DIR}/report.html", self._context(
-            request, _("Reconciliation with SATORI"), category=category, tabs=tabs, items=items,
-            page=page, by_field=sorted(by_field.items(), key=lambda kv: -kv[1]),
-            last_import=reconcile.last_import(), can_sync=request.user.has_perm(SYNC_PERM)))
+        tabs = [
+            (key, label, counts[key])
+            for key, label in (
+                ("different", _("In both, with different values")),
+                ("only_in_django", _("Only in Django")),
+                ("only_in_satori", _("Only in SATORI")),
+            )
+        ]
+        return TemplateResponse(
+            request,
+            f"{TEMPLATE_DIR}/report.html",
+            self._context(
+                request,
+                _("Reconciliation with SATORI"),
+                category=category,
+                tabs=tabs,
+                items=items,
+                page=page,
+                by_field=sorted(by_field.items(), key=lambda kv: -kv[1]),
+                last_import=reconcile.last_import(),
+                can_sync=request.user.has_perm(SYNC_PERM),
+            ),
+        )
 
     def _different_page(self, page_number: int) -> tuple[list[dict[str, Any]], int, dict[str, int]]:
         """One pass over the customers: the page's items, the total, the count per field."""
@@ -181,8 +239,14 @@ class _Views:
         by_field: dict[str, int] = {}
         for found in reconcile.different():
             if start <= total < start + PAGE_SIZE:
-                items.append({"id": found.customer_id, "email": found.email,
-                              "status": found.sync_status, "differences": found.differences})
+                items.append(
+                    {
+                        "id": found.customer_id,
+                        "email": found.email,
+                        "status": found.sync_status,
+                        "differences": found.differences,
+                    }
+                )
             total += 1
             for diff in found.differences:
                 by_field[diff.field] = by_field.get(diff.field, 0) + 1
@@ -199,11 +263,18 @@ class _Views:
             messages.warning(request, _("No customer was chosen."))
         else:
             marked = reconcile.mark_ids_for_sync(ids)
-            messages.success(request, ngettext("%(n)d customer marked for sync with SATORI.",
-                                               "%(n)d customers marked for sync with SATORI.",
-                                               marked) % {"n": marked})
-        return HttpResponseRedirect(f"{self._url('django_satori_customer_reconcile')}"
-                                    f"?category={category}")
+            messages.success(
+                request,
+                ngettext(
+                    "%(n)d customer marked for sync with SATORI.",
+                    "%(n)d customers marked for sync with SATORI.",
+                    marked,
+                )
+                % {"n": marked},
+            )
+        return HttpResponseRedirect(
+            f"{self._url('django_satori_customer_reconcile')}?category={category}"
+        )
 
     def _change_url(self, pk: int) -> str:
         try:

@@ -65,8 +65,7 @@ from .redaction import for_log
 
 log = logging.getLogger("django_satori.bulk")
 
-ACTIVE_STATES = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING,
-                 BulkState.PROCESSING)
+ACTIVE_STATES = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING, BulkState.PROCESSING)
 TERMINAL_STATES = (BulkState.FINISHED, BulkState.FAILED, BulkState.CANCELLED)
 #: SATORI takes at most this many data rows per upload.
 MAX_CHUNK_SIZE = 10_000
@@ -88,7 +87,7 @@ StateRow = tuple[int, Any, Any]
 
 def chunked(items: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def bulk_storage(conf: SatoriSettings | None = None) -> Storage:
@@ -98,6 +97,7 @@ def bulk_storage(conf: SatoriSettings | None = None) -> Storage:
 # --------------------------------------------------------------------------
 # Starting and cancelling
 # --------------------------------------------------------------------------
+
 
 def start_bulk_job(
     customers: models.QuerySet[Customer],
@@ -154,21 +154,31 @@ class CancelResult:
         parts, released, uploaded = self.cancelled_parts, self.released, self.uploaded_parts
         # One count per sentence, so that each is worded for its own number.
         sentences = [
-            ngettext("Cancelled %(n)d part not yet uploaded.",
-                     "Cancelled %(n)d parts not yet uploaded.", parts) % {"n": parts},
-            ngettext("%(n)d customer released.", "%(n)d customers released.",
-                     released) % {"n": released},
+            ngettext(
+                "Cancelled %(n)d part not yet uploaded.",
+                "Cancelled %(n)d parts not yet uploaded.",
+                parts,
+            )
+            % {"n": parts},
+            ngettext("%(n)d customer released.", "%(n)d customers released.", released)
+            % {"n": released},
         ]
         if uploaded:
-            sentences.append(ngettext(
-                "%(n)d part had already been uploaded: SATORI offers no way to recall an "
-                "upload, so it runs to the end and its results are still recorded.",
-                "%(n)d parts had already been uploaded: SATORI offers no way to recall an "
-                "upload, so they run to the end and their results are still recorded.",
-                uploaded) % {"n": uploaded})
+            sentences.append(
+                ngettext(
+                    "%(n)d part had already been uploaded: SATORI offers no way to recall an "
+                    "upload, so it runs to the end and its results are still recorded.",
+                    "%(n)d parts had already been uploaded: SATORI offers no way to recall an "
+                    "upload, so they run to the end and their results are still recorded.",
+                    uploaded,
+                )
+                % {"n": uploaded}
+            )
         # English puts a space between sentences, Japanese none after "。".
-        return "".join(sentence if i == 0 or sentences[i - 1].endswith("。") else " " + sentence
-                       for i, sentence in enumerate(sentences))
+        return "".join(
+            sentence if i == 0 or sentences[i - 1].endswith("。") else " " + sentence
+            for i, sentence in enumerate(sentences)
+        )
 
 
 def cancel_job(job: BulkJob | int) -> CancelResult:
@@ -180,16 +190,23 @@ def cancel_job(job: BulkJob | int) -> CancelResult:
         if job_row.state in TERMINAL_STATES:
             return CancelResult(0, 0, 0, already_done=True)
         not_uploaded = Q(state__in=(BulkState.CREATED, BulkState.EXPORTING)) | Q(
-            state=BulkState.UPLOADING, uploaded_at__isnull=True)
+            state=BulkState.UPLOADING, uploaded_at__isnull=True
+        )
         part_ids = list(job_row.parts.filter(not_uploaded).values_list("pk", flat=True))
         cancelled = BulkPart.objects.filter(not_uploaded, pk__in=part_ids).update(
-            state=BulkState.CANCELLED, finished_at=now, error=_("Cancelled before upload."))
+            state=BulkState.CANCELLED, finished_at=now, error=_("Cancelled before upload.")
+        )
         # Only the parts cancelled here: an upload may have claimed one since the list
         # was read (the job's lock does not stop it), and that part keeps its customers.
-        released = sum(_release_part(pk) for pk in BulkPart.objects.filter(
-            pk__in=part_ids, state=BulkState.CANCELLED).values_list("pk", flat=True))
+        released = sum(
+            _release_part(pk)
+            for pk in BulkPart.objects.filter(
+                pk__in=part_ids, state=BulkState.CANCELLED
+            ).values_list("pk", flat=True)
+        )
         in_flight = job_row.parts.filter(
-            state__in=(BulkState.UPLOADING, BulkState.PROCESSING)).count()
+            state__in=(BulkState.UPLOADING, BulkState.PROCESSING)
+        ).count()
         result = CancelResult(cancelled, in_flight, released)
         job_row.state = BulkState.CANCELLED
         job_row.error = result.message()
@@ -204,8 +221,9 @@ def refresh_job(job: BulkJob | int) -> int:
     """Ask SATORI now about every processing part of ``job``; returns how many were asked."""
     job_id = job if isinstance(job, int) else job.pk
     asked = 0
-    for part_id in BulkPart.objects.filter(job_id=job_id, state=BulkState.PROCESSING) \
-            .values_list("pk", flat=True):
+    for part_id in BulkPart.objects.filter(job_id=job_id, state=BulkState.PROCESSING).values_list(
+        "pk", flat=True
+    ):
         _outcome, delay = poll_part(part_id, force=True)
         asked += 1
         if delay is not None:
@@ -217,14 +235,19 @@ def refresh_job(job: BulkJob | int) -> int:
 # Queueing the next step (a broker outage only delays: see poll_overdue_parts)
 # --------------------------------------------------------------------------
 
+
 def _enqueue(task_name: str, object_id: int, countdown: float = 0) -> bool:
     from . import tasks
 
     try:
         getattr(tasks, task_name).apply_async((object_id,), countdown=max(0.0, countdown))
     except Exception:
-        log.warning("Could not queue %s(%s); the sweep will pick it up.", task_name, object_id,
-                    exc_info=True)
+        log.warning(
+            "Could not queue %s(%s); the sweep will pick it up.",
+            task_name,
+            object_id,
+            exc_info=True,
+        )
         return False
     return True
 
@@ -245,6 +268,7 @@ def enqueue_poll(part_id: int, countdown: float = 0) -> bool:
 # Export
 # --------------------------------------------------------------------------
 
+
 def run_job(
     job_id: int,
     *,
@@ -259,14 +283,16 @@ def run_job(
     """
     now = timezone.now()
     claimed = BulkJob.objects.filter(pk=job_id, state=BulkState.CREATED).update(
-        state=BulkState.EXPORTING, started_at=now)
+        state=BulkState.EXPORTING, started_at=now
+    )
     job = BulkJob.objects.get(pk=job_id)
     if not claimed:
         if job.state != BulkState.EXPORTING:
             return job  # a duplicate delivery: done already, or cancelled
         _recover_interrupted_export(job)
-    export = _Export(job, get_settings(), on_part_ready or enqueue_upload, progress,
-                     max(1, progress_every))
+    export = _Export(
+        job, get_settings(), on_part_ready or enqueue_upload, progress, max(1, progress_every)
+    )
     try:
         export.run()
     except Exception as exc:
@@ -289,11 +315,14 @@ def _recover_interrupted_export(job: BulkJob) -> None:
 def _fail_export(job: BulkJob, exc: BaseException) -> None:
     log.exception("Bulk job %s: the export failed.", job.pk)
     BulkPart.objects.filter(pk__in=_release_unfinished_parts(job)).update(
-        state=BulkState.FAILED, error=_("The export stopped with an error."))
-    message = _("The export stopped with an error (%(kind)s); customers not yet uploaded were "
-                "released.") % {"kind": type(exc).__name__}
+        state=BulkState.FAILED, error=_("The export stopped with an error.")
+    )
+    message = _(
+        "The export stopped with an error (%(kind)s); customers not yet uploaded were released."
+    ) % {"kind": type(exc).__name__}
     BulkJob.objects.filter(pk=job.pk, state=BulkState.EXPORTING).update(
-        state=BulkState.UPLOADING, error=message)
+        state=BulkState.UPLOADING, error=message
+    )
     _refresh_job(job.pk)
 
 
@@ -306,9 +335,14 @@ def _release_unfinished_parts(job: BulkJob) -> list[int]:
 
 
 class _Export:
-    def __init__(self, job: BulkJob, conf: SatoriSettings,
-                 on_part_ready: Callable[[int], Any],
-                 progress: Callable[[BulkJob, int], Any] | None, every: int) -> None:
+    def __init__(
+        self,
+        job: BulkJob,
+        conf: SatoriSettings,
+        on_part_ready: Callable[[int], Any],
+        progress: Callable[[BulkJob, int], Any] | None,
+        every: int,
+    ) -> None:
         self.job = job
         self.every = every
         self.conf = conf
@@ -329,8 +363,12 @@ class _Export:
             # The claims join the selection to the outbox: plans from stale statistics
             # (a large mark_for_sync a moment ago) made this take minutes instead of seconds.
             analyze_if_stale(SyncState, Customer)
-        rows = (job_queryset(self.job).order_by("pk").values_list(*bulk_csv.VALUE_FIELDS)
-                .iterator(chunk_size=self.conf.BULK_EXPORT_ITERATOR_CHUNK))
+        rows = (
+            job_queryset(self.job)
+            .order_by("pk")
+            .values_list(*bulk_csv.VALUE_FIELDS)
+            .iterator(chunk_size=self.conf.BULK_EXPORT_ITERATOR_CHUNK)
+        )
         encoder = self.encoder
         encode = encoder._encode
         progress, every, size = self.progress, self.every, self.size
@@ -375,9 +413,16 @@ class _Export:
     def _invalid(self, values: Sequence[Any], exc: SatoriValidationError) -> None:
         self.invalid += 1
         email = str(values[1] or "")[:255]
-        self.errors.append(BulkRowError(
-            job=self.job, email=email, customer_id=values[0], field=(exc.field or "")[:100],
-            message=exc.message, before_upload=True))
+        self.errors.append(
+            BulkRowError(
+                job=self.job,
+                email=email,
+                customer_id=values[0],
+                field=(exc.field or "")[:100],
+                message=exc.message,
+                before_upload=True,
+            )
+        )
         if len(self.errors) >= BATCH:
             self._flush_errors()
 
@@ -401,8 +446,12 @@ class _Export:
             claimed: set[str] = set()
             # One commit for the part and its claim (on SQLite each commit is a disk sync).
             with transaction.atomic():
-                part = BulkPart.objects.create(job=self.job, number=self.number,
-                                               state=BulkState.EXPORTING, row_count=len(writer))
+                part = BulkPart.objects.create(
+                    job=self.job,
+                    number=self.number,
+                    state=BulkState.EXPORTING,
+                    row_count=len(writer),
+                )
                 if self.claims:
                     claimed = _claim(part, writer.members, self.conf)
             if self.claims:
@@ -420,11 +469,12 @@ class _Export:
                 self.number -= 1
                 return True
             name = bulk_storage(self.conf).save(
-                f"django_satori/bulk/job-{self.job.pk}-part-{part.number}.csv",
-                writer.finish())
+                f"django_satori/bulk/job-{self.job.pk}-part-{part.number}.csv", writer.finish()
+            )
             ready = BulkState.CREATED if self.job.dry_run else BulkState.UPLOADING
             moved = BulkPart.objects.filter(pk=part.pk, state=BulkState.EXPORTING).update(
-                state=ready, csv_file=name, row_count=len(writer))
+                state=ready, csv_file=name, row_count=len(writer)
+            )
             if not moved:  # cancelled while we wrote it
                 _release_part(part.pk)
                 return False
@@ -437,27 +487,37 @@ class _Export:
 
     def _count(self) -> None:
         BulkJob.objects.filter(pk=self.job.pk).update(
-            skipped_count=self.skipped, invalid_count=self.invalid,
-            part_count=self.number, row_count=self._rows())
+            skipped_count=self.skipped,
+            invalid_count=self.invalid,
+            part_count=self.number,
+            row_count=self._rows(),
+        )
 
     def _rows(self) -> int:
-        return BulkPart.objects.filter(job_id=self.job.pk).exclude(
-            state=BulkState.CANCELLED).aggregate(n=Sum("row_count"))["n"] or 0
+        return (
+            BulkPart.objects.filter(job_id=self.job.pk)
+            .exclude(state=BulkState.CANCELLED)
+            .aggregate(n=Sum("row_count"))["n"]
+            or 0
+        )
 
     def _done(self) -> None:
         self._count()
         now = timezone.now()
         if self.job.dry_run:
             BulkJob.objects.filter(pk=self.job.pk, state=BulkState.EXPORTING).update(
-                state=BulkState.FINISHED, finished_at=now)
+                state=BulkState.FINISHED, finished_at=now
+            )
         else:
             BulkJob.objects.filter(pk=self.job.pk, state=BulkState.EXPORTING).update(
-                state=BulkState.UPLOADING)
+                state=BulkState.UPLOADING
+            )
         _refresh_job(self.job.pk)
 
 
-def _counted(rows: Iterable[T], every: int, progress: Callable[[BulkJob, int], Any],
-             job: BulkJob) -> Iterator[T]:
+def _counted(
+    rows: Iterable[T], every: int, progress: Callable[[BulkJob, int], Any], job: BulkJob
+) -> Iterator[T]:
     """``rows``, calling ``progress`` every ``every`` rows (kept out of the plain loop)."""
     for seen, values in enumerate(rows, start=1):
         if seen % every == 0:
@@ -485,8 +545,11 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     unknown = Q(in_satori=False, hashcode="")
     # Rows being sent are left alone even when their claim has expired: the sweep gives
     # those back first, and a slow worker's late answer must not land on a bulk row.
-    free = SyncState.objects.filter(bulk_part__isnull=True).exclude(
-        status=SyncStatus.SENDING).exclude(identity_change)
+    free = (
+        SyncState.objects.filter(bulk_part__isnull=True)
+        .exclude(status=SyncStatus.SENDING)
+        .exclude(identity_change)
+    )
     if not conf.CREATE_UNKNOWN:
         free = free.exclude(unknown)
     vendor = connections[router.db_for_write(SyncState)].vendor
@@ -494,7 +557,8 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     for members_of in _by_email(emails, vendor):
         # As few columns as possible: this UPDATE is most of an export's cost.
         updated += free.filter(members_of).update(
-            bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version"))
+            bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version")
+        )
     if updated == len(emails) and vendor in ("postgresql", "sqlite"):
         # The part is new and e-mails are unique (compared exactly, as these databases do):
         # every member's row is now the part's, so there is nothing to read back.
@@ -505,7 +569,8 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
     handover: list[int] = []
     for pairs in chunked(rest):
         rows = SyncState.objects.filter(email__in=[e for _pk, e in pairs]).values_list(
-            "pk", "email", "bulk_part_id", "status", "previous_email", "hashcode", "in_satori")
+            "pk", "email", "bulk_part_id", "status", "previous_email", "hashcode", "in_satori"
+        )
         for pk, email, bulk_part, status, previous, hashcode, in_satori in rows:
             existing.add(email)
             if bulk_part is not None or status == SyncStatus.SENDING:
@@ -514,19 +579,31 @@ def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings)
                 handover.append(pk)
             elif not conf.CREATE_UNKNOWN and not in_satori and not hashcode:
                 SyncState.objects.filter(pk=pk, bulk_part__isnull=True).update(
-                    status=SyncStatus.NOT_IN_SATORI, updated_at=now,
-                    last_error=_("Not in SATORI, and SATORI['CREATE_UNKNOWN'] is False: "
-                                 "not created."))
+                    status=SyncStatus.NOT_IN_SATORI,
+                    updated_at=now,
+                    last_error=_(
+                        "Not in SATORI, and SATORI['CREATE_UNKNOWN'] is False: not created."
+                    ),
+                )
     missing = [(pk, email) for pk, email in rest if email not in existing]
     if missing:
         # Customers written with update()/bulk_create() have no outbox row yet.
         creatable = conf.CREATE_UNKNOWN
         SyncState.objects.bulk_create(
-            [SyncState(email=email, customer_id=pk, operation=Operation.UPSERT,
-                       status=SyncStatus.IN_BULK if creatable else SyncStatus.NOT_IN_SATORI,
-                       bulk_part=part if creatable else None, bulk_version=1)
-             for pk, email in missing],
-            batch_size=BATCH, ignore_conflicts=True)
+            [
+                SyncState(
+                    email=email,
+                    customer_id=pk,
+                    operation=Operation.UPSERT,
+                    status=SyncStatus.IN_BULK if creatable else SyncStatus.NOT_IN_SATORI,
+                    bulk_part=part if creatable else None,
+                    bulk_version=1,
+                )
+                for pk, email in missing
+            ],
+            batch_size=BATCH,
+            ignore_conflicts=True,
+        )
         claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
     if handover:
         _hand_over(handover, now)
@@ -560,7 +637,8 @@ def _hand_over(state_ids: list[int], now: dt.datetime) -> None:
 
     for batch in chunked(state_ids):
         SyncState.objects.filter(pk__in=batch, bulk_part__isnull=True).update(
-            status=SyncStatus.PENDING, not_before=now, dispatched_at=now, updated_at=now)
+            status=SyncStatus.PENDING, not_before=now, dispatched_at=now, updated_at=now
+        )
     transaction.on_commit(functools.partial(dispatch_many, list(state_ids)))
 
 
@@ -573,12 +651,15 @@ def _mark_invalid(errors: list[BulkRowError]) -> None:
     """
     now = timezone.now()
     by_email = {e.email: e.message for e in errors}
-    snapshot = list(SyncState.objects.filter(email__in=list(by_email), bulk_part__isnull=True)
-                    .exclude(_busy(now)).values_list("pk", "email", "version"))
+    snapshot = list(
+        SyncState.objects.filter(email__in=list(by_email), bulk_part__isnull=True)
+        .exclude(_busy(now))
+        .values_list("pk", "email", "version")
+    )
     for pk, email, version in snapshot:
         SyncState.objects.filter(pk=pk, version=version, bulk_part__isnull=True).update(
-            status=SyncStatus.FAILED, last_error=by_email[email], last_error_at=now,
-            updated_at=now)
+            status=SyncStatus.FAILED, last_error=by_email[email], last_error_at=now, updated_at=now
+        )
 
 
 def _settle_dry_run(emails: list[str]) -> None:
@@ -586,9 +667,9 @@ def _settle_dry_run(emails: list[str]) -> None:
     # so the sweep does not start the same job again every minute.
     now = timezone.now()
     for batch in chunked(emails):
-        SyncState.objects.filter(email__in=batch, status=SyncStatus.PENDING,
-                                 bulk_part__isnull=True).update(
-            status=SyncStatus.DRY_RUN, updated_at=now)
+        SyncState.objects.filter(
+            email__in=batch, status=SyncStatus.PENDING, bulk_part__isnull=True
+        ).update(status=SyncStatus.DRY_RUN, updated_at=now)
 
 
 def _release_part(part_id: int, *, error: str = "", hold_seconds: float = 0) -> int:
@@ -597,8 +678,10 @@ def _release_part(part_id: int, *, error: str = "", hold_seconds: float = 0) -> 
     now = timezone.now()
     changes: dict[str, Any] = {
         "bulk_part": None,
-        "status": Case(When(version=F("synced_version"), then=Value(SyncStatus.SYNCED)),
-                       default=Value(SyncStatus.PENDING)),
+        "status": Case(
+            When(version=F("synced_version"), then=Value(SyncStatus.SYNCED)),
+            default=Value(SyncStatus.PENDING),
+        ),
         "dispatched_at": None,
         "not_before": now + dt.timedelta(seconds=hold_seconds) if hold_seconds else None,
         "updated_at": now,
@@ -612,6 +695,7 @@ def _release_part(part_id: int, *, error: str = "", hold_seconds: float = 0) -> 
 # Upload
 # --------------------------------------------------------------------------
 
+
 def upload_part(part_id: int) -> tuple[str, float | None]:
     """Upload one part. Returns (outcome, seconds until the next step or None).
 
@@ -621,14 +705,17 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
     conf = get_settings()
     now = timezone.now()
     claimed = BulkPart.objects.filter(
-        pk=part_id, state=BulkState.UPLOADING, uploaded_at__isnull=True,
+        pk=part_id,
+        state=BulkState.UPLOADING,
+        uploaded_at__isnull=True,
     ).update(uploaded_at=now, upload_attempts=F("upload_attempts") + 1)
     if not claimed:
         return "busy", None
     part = BulkPart.objects.select_related("job").get(pk=part_id)
     job = part.job
     endpoint = "bulk_customers/%s.json" % (
-        "registration" if job.mode == BulkMode.REGISTRATION else "upsert")
+        "registration" if job.mode == BulkMode.REGISTRATION else "upsert"
+    )
     started = time.monotonic()
     try:
         from .client import get_client
@@ -636,55 +723,80 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
         client = get_client()
         send = client.bulk_register if job.mode == BulkMode.REGISTRATION else client.bulk_upsert
         with bulk_storage(conf).open(str(part.csv_file.name), "rb") as fileobj:
-            result = send(cast(BinaryIO, fileobj), identity_type=job.identity_type,
-                          filename=f"customers-{job.pk}-{part.number}.csv")
+            result = send(
+                cast(BinaryIO, fileobj),
+                identity_type=job.identity_type,
+                filename=f"customers-{job.pk}-{part.number}.csv",
+            )
     except SatoriError as exc:
         return _upload_failed(part, exc, endpoint, started, conf)
     except OSError as exc:  # the stored file is gone (storage cleaned, wrong BULK_STORAGE)
         message = _("The part's CSV file could not be read from storage (%(kind)s).") % {
-            "kind": type(exc).__name__}
+            "kind": type(exc).__name__
+        }
         _fail_part(part.pk, message)
         return "failed", None
     now = timezone.now()
     delay = conf.BULK_POLL_INTERVAL_SECONDS
     BulkPart.objects.filter(pk=part.pk).update(
-        state=BulkState.PROCESSING, process_code=result.process_code, uploaded_at=now,
-        next_poll_at=now + dt.timedelta(seconds=delay))
-    _log(endpoint, SyncLog.Outcome.OK, status=result.status, started=started,
-         request=result.request_summary, response=result.response_summary,
-         message=ngettext("Job %(job)s part %(part)s: %(rows)d row uploaded.",
-                          "Job %(job)s part %(part)s: %(rows)d rows uploaded.", part.row_count)
-         % {"job": job.pk, "part": part.number, "rows": part.row_count})
+        state=BulkState.PROCESSING,
+        process_code=result.process_code,
+        uploaded_at=now,
+        next_poll_at=now + dt.timedelta(seconds=delay),
+    )
+    _log(
+        endpoint,
+        SyncLog.Outcome.OK,
+        status=result.status,
+        started=started,
+        request=result.request_summary,
+        response=result.response_summary,
+        message=ngettext(
+            "Job %(job)s part %(part)s: %(rows)d row uploaded.",
+            "Job %(job)s part %(part)s: %(rows)d rows uploaded.",
+            part.row_count,
+        )
+        % {"job": job.pk, "part": part.number, "rows": part.row_count},
+    )
     _refresh_job(job.pk)
     return "uploaded", delay
 
 
-def _upload_failed(part: BulkPart, exc: SatoriError, endpoint: str, started: float,
-                   conf: SatoriSettings) -> tuple[str, float | None]:
+def _upload_failed(
+    part: BulkPart, exc: SatoriError, endpoint: str, started: float, conf: SatoriSettings
+) -> tuple[str, float | None]:
     attempt = part.upload_attempts
     retry = exc.retryable and attempt < UPLOAD_MAX_ATTEMPTS
-    _log(endpoint, SyncLog.Outcome.RETRY if retry else SyncLog.Outcome.FAILED,
-         status=exc.status, started=started, attempt=attempt,
-         request=getattr(exc, "request_summary", {}), response=getattr(exc, "response_summary",
-                                                                       {}),
-         message=str(exc))
+    _log(
+        endpoint,
+        SyncLog.Outcome.RETRY if retry else SyncLog.Outcome.FAILED,
+        status=exc.status,
+        started=started,
+        attempt=attempt,
+        request=getattr(exc, "request_summary", {}),
+        response=getattr(exc, "response_summary", {}),
+        message=str(exc),
+    )
     if retry:
         from .sync import backoff
 
         delay = backoff(attempt, conf, getattr(exc, "retry_after", None))
         # SATORI has no idempotency key: after a timeout the file may have been
         # received, so this retry can start a second SATORI job for the same rows.
-        note = _("Upload attempt %(n)d failed: %(error)s. Trying again in %(delay)d s. If "
-                 "SATORI received the file before the error, it may process these rows "
-                 "twice; for upserts that is harmless.") % {
-            "n": attempt, "error": str(exc), "delay": int(delay)}
+        note = _(
+            "Upload attempt %(n)d failed: %(error)s. Trying again in %(delay)d s. If "
+            "SATORI received the file before the error, it may process these rows "
+            "twice; for upserts that is harmless."
+        ) % {"n": attempt, "error": str(exc), "delay": int(delay)}
         BulkPart.objects.filter(pk=part.pk, state=BulkState.UPLOADING).update(
-            uploaded_at=None, error=note)
+            uploaded_at=None, error=note
+        )
         return "retry", delay
     if exc.retryable:
-        message = _("SATORI did not take the file after %(n)d attempts: %(error)s. If one of "
-                    "them reached SATORI, it may still process these rows.") % {
-            "n": attempt, "error": str(exc)}
+        message = _(
+            "SATORI did not take the file after %(n)d attempts: %(error)s. If one of "
+            "them reached SATORI, it may still process these rows."
+        ) % {"n": attempt, "error": str(exc)}
     else:
         message = _("SATORI refused the file: %(error)s") % {"error": str(exc)}
     _fail_part(part.pk, message)
@@ -695,20 +807,25 @@ def _fail_part(part_id: int, message: str) -> None:
     """The part is over without results: its customers go back (see _release_part)."""
     conf = get_settings()
     now = timezone.now()
-    moved = BulkPart.objects.filter(pk=part_id).exclude(state__in=TERMINAL_STATES).update(
-        state=BulkState.FAILED, error=message, finished_at=now, next_poll_at=None)
+    moved = (
+        BulkPart.objects.filter(pk=part_id)
+        .exclude(state__in=TERMINAL_STATES)
+        .update(state=BulkState.FAILED, error=message, finished_at=now, next_poll_at=None)
+    )
     if moved:
         _release_part(part_id, error=message, hold_seconds=conf.RETRY_BACKOFF_MAX_SECONDS)
         part = BulkPart.objects.get(pk=part_id)
         # The message may quote SATORI, whose errors can name a customer's address.
-        log.warning("Bulk job %s part %s failed: %s", part.job_id, part.number,
-                    for_log(message, conf))
+        log.warning(
+            "Bulk job %s part %s failed: %s", part.job_id, part.number, for_log(message, conf)
+        )
         _refresh_job(part.job_id)
 
 
 # --------------------------------------------------------------------------
 # Status and results
 # --------------------------------------------------------------------------
+
 
 def poll_delay(poll_count: int, conf: SatoriSettings) -> float:
     """Seconds before the next status check: growing from the interval to the maximum."""
@@ -727,21 +844,29 @@ def poll_part(part_id: int, *, force: bool = False) -> tuple[str, float | None]:
     now = timezone.now()
     due = BulkPart.objects.filter(pk=part_id, state=BulkState.PROCESSING)
     if not force:
-        due = due.filter(Q(next_poll_at__isnull=True) |
-                         Q(next_poll_at__lte=now + dt.timedelta(seconds=1)))
-    claimed = due.update(next_poll_at=now + dt.timedelta(seconds=POLL_CLAIM_SECONDS),
-                         poll_count=F("poll_count") + 1, last_polled_at=now)
+        due = due.filter(
+            Q(next_poll_at__isnull=True) | Q(next_poll_at__lte=now + dt.timedelta(seconds=1))
+        )
+    claimed = due.update(
+        next_poll_at=now + dt.timedelta(seconds=POLL_CLAIM_SECONDS),
+        poll_count=F("poll_count") + 1,
+        last_polled_at=now,
+    )
     if not claimed:
         return "not_due", None
     part = BulkPart.objects.get(pk=part_id)
     BulkJob.objects.filter(pk=part.job_id).update(last_polled_at=now)
     uploaded = part.uploaded_at or now
     if (now - uploaded).total_seconds() > conf.BULK_DEADLINE_SECONDS:
-        _fail_part(part.pk, _(
-            "SATORI had not finished this part %(hours).1f hours after the upload "
-            "(SATORI['BULK_DEADLINE_SECONDS']); its customers were put back so they are sent "
-            "again. SATORI may still apply the rows later.") % {
-            "hours": conf.BULK_DEADLINE_SECONDS / 3600})
+        _fail_part(
+            part.pk,
+            _(
+                "SATORI had not finished this part %(hours).1f hours after the upload "
+                "(SATORI['BULK_DEADLINE_SECONDS']); its customers were put back so they are sent "
+                "again. SATORI may still apply the rows later."
+            )
+            % {"hours": conf.BULK_DEADLINE_SECONDS / 3600},
+        )
         return "failed", None
     from .client import get_client
 
@@ -749,38 +874,62 @@ def poll_part(part_id: int, *, force: bool = False) -> tuple[str, float | None]:
     try:
         status = get_client().bulk_status(part.process_code)
     except SatoriNotFoundError as exc:
-        _log("bulk_customers/status.json", SyncLog.Outcome.FAILED, status=exc.status,
-             started=started, message=str(exc))
-        _fail_part(part.pk, _(
-            "SATORI no longer knows process code %(code)s (expired or unknown): %(error)s. "
-            "The results cannot be read, so its customers were put back to be sent again.")
-            % {"code": part.process_code, "error": str(exc)})
+        _log(
+            "bulk_customers/status.json",
+            SyncLog.Outcome.FAILED,
+            status=exc.status,
+            started=started,
+            message=str(exc),
+        )
+        _fail_part(
+            part.pk,
+            _(
+                "SATORI no longer knows process code %(code)s (expired or unknown): %(error)s. "
+                "The results cannot be read, so its customers were put back to be sent again."
+            )
+            % {"code": part.process_code, "error": str(exc)},
+        )
         return "failed", None
     except SatoriError as exc:
-        _log("bulk_customers/status.json", SyncLog.Outcome.RETRY if exc.retryable else
-             SyncLog.Outcome.FAILED, status=exc.status, started=started, message=str(exc))
+        _log(
+            "bulk_customers/status.json",
+            SyncLog.Outcome.RETRY if exc.retryable else SyncLog.Outcome.FAILED,
+            status=exc.status,
+            started=started,
+            message=str(exc),
+        )
         if not exc.retryable:
-            _fail_part(part.pk, _("SATORI refused the status request: %(error)s") % {
-                "error": str(exc)})
+            _fail_part(
+                part.pk, _("SATORI refused the status request: %(error)s") % {"error": str(exc)}
+            )
             return "failed", None
         delay = max(poll_delay(part.poll_count, conf), float(getattr(exc, "retry_after", 0) or 0))
         BulkPart.objects.filter(pk=part.pk, state=BulkState.PROCESSING).update(
             next_poll_at=timezone.now() + dt.timedelta(seconds=delay),
-            error=_("Last status check failed: %(error)s") % {"error": str(exc)})
+            error=_("Last status check failed: %(error)s") % {"error": str(exc)},
+        )
         return "processing", delay
     if not status.finished:
         delay = poll_delay(part.poll_count, conf)
         BulkPart.objects.filter(pk=part.pk, state=BulkState.PROCESSING).update(
-            next_poll_at=timezone.now() + dt.timedelta(seconds=delay), error="")
+            next_poll_at=timezone.now() + dt.timedelta(seconds=delay), error=""
+        )
         return "processing", delay
     apply_results(part, [(row.row_number, row.message) for row in status.failed_rows])
-    _log("bulk_customers/status.json", SyncLog.Outcome.OK, status=status.status,
-         started=started, request=status.request_summary,
-         response={"process_status": status.process_status,
-                   "succeeded_rows": len(status.succeeded_rows),
-                   "failed_rows": len(status.failed_rows)},
-         message=_("Job %(job)s part %(part)s finished.") % {"job": part.job_id,
-                                                            "part": part.number})
+    _log(
+        "bulk_customers/status.json",
+        SyncLog.Outcome.OK,
+        status=status.status,
+        started=started,
+        request=status.request_summary,
+        response={
+            "process_status": status.process_status,
+            "succeeded_rows": len(status.succeeded_rows),
+            "failed_rows": len(status.failed_rows),
+        },
+        message=_("Job %(job)s part %(part)s finished.")
+        % {"job": part.job_id, "part": part.number},
+    )
     return "finished", None
 
 
@@ -807,7 +956,8 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
     now = timezone.now()
     with transaction.atomic():
         won = BulkPart.objects.filter(pk=part.pk, state=BulkState.PROCESSING).update(
-            state=BulkState.FINISHED, finished_at=now, next_poll_at=None, error="")
+            state=BulkState.FINISHED, finished_at=now, next_poll_at=None, error=""
+        )
         if not won:
             return False
         failed_by_email: dict[str, tuple[int, str]] = {}
@@ -823,9 +973,12 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
                 tags = cells[columns.index("append_tags")] if "append_tags" in columns else ""
                 if tags:
                     tags_by_email[email] = tags.split(conf.TAG_SEPARATOR)
-        states = {email: (pk, customer_id, sent_tags) for pk, email, customer_id, sent_tags in
-                  SyncState.objects.filter(bulk_part=part).values_list(
-                      "pk", "email", "customer_id", "sent_tags")}
+        states = {
+            email: (pk, customer_id, sent_tags)
+            for pk, email, customer_id, sent_tags in SyncState.objects.filter(
+                bulk_part=part
+            ).values_list("pk", "email", "customer_id", "sent_tags")
+        }
         _write_failures(part, failed_by_email, states, columns, now)
         succeeded = [email for email in states if email not in failed_by_email]
         _write_successes(part, succeeded, states, tags_by_email, now)
@@ -834,12 +987,16 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
             note = ngettext(
                 "SATORI reported %(n)d failed row number that is not in the file: %(rows)s.",
                 "SATORI reported %(n)d failed row numbers that are not in the file: %(rows)s.",
-                len(failed)) % {"n": len(failed), "rows": ", ".join(map(str, sorted(failed)[:20]))}
+                len(failed),
+            ) % {"n": len(failed), "rows": ", ".join(map(str, sorted(failed)[:20]))}
         BulkPart.objects.filter(pk=part.pk).update(
-            succeeded_count=len(succeeded), failed_count=len(failed_by_email), error=note)
-        pending = list(SyncState.objects.filter(pk__in=[v[0] for v in states.values()],
-                                                status=SyncStatus.PENDING)
-                       .values_list("pk", flat=True))
+            succeeded_count=len(succeeded), failed_count=len(failed_by_email), error=note
+        )
+        pending = list(
+            SyncState.objects.filter(
+                pk__in=[v[0] for v in states.values()], status=SyncStatus.PENDING
+            ).values_list("pk", flat=True)
+        )
     if pending and len(pending) <= conf.BULK_THRESHOLD:
         from .sync import dispatch_many
 
@@ -848,30 +1005,53 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
     return True
 
 
-def _write_failures(part: BulkPart, failed_by_email: dict[str, tuple[int, str]],
-                    states: dict[str, StateRow],
-                    columns: list[str], now: dt.datetime) -> None:
+def _write_failures(
+    part: BulkPart,
+    failed_by_email: dict[str, tuple[int, str]],
+    states: dict[str, StateRow],
+    columns: list[str],
+    now: dt.datetime,
+) -> None:
     errors = [
-        BulkRowError(job_id=part.job_id, part=part, row_number=row_number, email=email[:255],
-                     customer_id=states[email][1] if email in states else None,
-                     field=_field_in(message, columns)[:100], message=message)
+        BulkRowError(
+            job_id=part.job_id,
+            part=part,
+            row_number=row_number,
+            email=email[:255],
+            customer_id=states[email][1] if email in states else None,
+            field=_field_in(message, columns)[:100],
+            message=message,
+        )
         for email, (row_number, message) in failed_by_email.items()
     ]
     BulkRowError.objects.bulk_create(errors, batch_size=BATCH)
-    rows = [SyncState(pk=states[email][0], last_error=message, last_error_at=now)
-            for email, (_n, message) in failed_by_email.items() if email in states]
+    rows = [
+        SyncState(pk=states[email][0], last_error=message, last_error_at=now)
+        for email, (_n, message) in failed_by_email.items()
+        if email in states
+    ]
     for batch in chunked(rows):
         SyncState.objects.bulk_update(batch, ["last_error", "last_error_at"])
         SyncState.objects.filter(pk__in=[r.pk for r in batch], bulk_part=part).update(
-            status=Case(When(version=F("bulk_version"), then=Value(SyncStatus.FAILED)),
-                        default=Value(SyncStatus.PENDING)),
-            bulk_part=None, attempts=F("attempts") + 1, not_before=None,
-            dispatched_at=None, updated_at=now)
+            status=Case(
+                When(version=F("bulk_version"), then=Value(SyncStatus.FAILED)),
+                default=Value(SyncStatus.PENDING),
+            ),
+            bulk_part=None,
+            attempts=F("attempts") + 1,
+            not_before=None,
+            dispatched_at=None,
+            updated_at=now,
+        )
 
 
-def _write_successes(part: BulkPart, emails: list[str],
-                     states: dict[str, StateRow],
-                     tags_by_email: dict[str, list[str]], now: dt.datetime) -> None:
+def _write_successes(
+    part: BulkPart,
+    emails: list[str],
+    states: dict[str, StateRow],
+    tags_by_email: dict[str, list[str]],
+    now: dt.datetime,
+) -> None:
     # SATORI now has these tags too; a later single push removes any dropped locally.
     grown = []
     for email in emails:
@@ -885,12 +1065,23 @@ def _write_successes(part: BulkPart, emails: list[str],
     ids = [states[email][0] for email in emails]
     for batch in chunked(ids):
         SyncState.objects.filter(pk__in=batch, bulk_part=part).update(
-            status=Case(When(version=F("bulk_version"), then=Value(SyncStatus.SYNCED)),
-                        default=Value(SyncStatus.PENDING)),
-            synced_version=F("bulk_version"), in_satori=True, last_synced_at=now,
-            attempts=0, last_error="", last_error_at=None, bulk_part=None,
+            status=Case(
+                When(version=F("bulk_version"), then=Value(SyncStatus.SYNCED)),
+                default=Value(SyncStatus.PENDING),
+            ),
+            synced_version=F("bulk_version"),
+            in_satori=True,
+            last_synced_at=now,
+            attempts=0,
+            last_error="",
+            last_error_at=None,
+            bulk_part=None,
             # Unknown to us what exactly SATORI stored: the next single push sends in full.
-            fingerprint="", not_before=None, dispatched_at=None, updated_at=now)
+            fingerprint="",
+            not_before=None,
+            dispatched_at=None,
+            updated_at=now,
+        )
 
 
 def _refresh_job(job_id: int) -> None:
@@ -900,7 +1091,8 @@ def _refresh_job(job_id: int) -> None:
         job = BulkJob.objects.select_for_update().get(pk=job_id)
         parts = job.parts.all()
         totals = parts.exclude(state=BulkState.CANCELLED).aggregate(
-            rows=Sum("row_count"), ok=Sum("succeeded_count"), bad=Sum("failed_count"))
+            rows=Sum("row_count"), ok=Sum("succeeded_count"), bad=Sum("failed_count")
+        )
         states = list(parts.values_list("state", flat=True))
         job.row_count = totals["rows"] or 0
         job.succeeded_count = totals["ok"] or 0
@@ -933,6 +1125,7 @@ def _refresh_job(job_id: int) -> None:
 # Safety net (called by sync.sweep every minute)
 # --------------------------------------------------------------------------
 
+
 def poll_overdue_parts(now: dt.datetime) -> int:
     """Find bulk work whose task was lost and queue it again; returns how many were queued.
 
@@ -945,21 +1138,29 @@ def poll_overdue_parts(now: dt.datetime) -> int:
     grace = dt.timedelta(seconds=max(60.0, conf.BULK_POLL_MAX_INTERVAL_SECONDS))
     queued = 0
     overdue = BulkPart.objects.filter(state=BulkState.PROCESSING).filter(
-        Q(next_poll_at__isnull=True) | Q(next_poll_at__lt=now - grace))
+        Q(next_poll_at__isnull=True) | Q(next_poll_at__lt=now - grace)
+    )
     for part_id in overdue.values_list("pk", flat=True)[:1000]:
         queued += enqueue_poll(part_id)
-    waiting = BulkPart.objects.filter(state=BulkState.UPLOADING, uploaded_at__isnull=True,
-                                      job__started_at__lt=now - grace)
+    waiting = BulkPart.objects.filter(
+        state=BulkState.UPLOADING, uploaded_at__isnull=True, job__started_at__lt=now - grace
+    )
     for part_id in waiting.values_list("pk", flat=True)[:1000]:
         queued += enqueue_upload(part_id)
     cut_off = BulkPart.objects.filter(
-        state=BulkState.UPLOADING, process_code="",
-        uploaded_at__lt=now - dt.timedelta(seconds=UPLOAD_STALE_SECONDS))
+        state=BulkState.UPLOADING,
+        process_code="",
+        uploaded_at__lt=now - dt.timedelta(seconds=UPLOAD_STALE_SECONDS),
+    )
     for part_id in cut_off.values_list("pk", flat=True)[:1000]:
-        _fail_part(part_id, _(
-            "The upload was interrupted before SATORI's answer arrived, so there is no process "
-            "code. SATORI may or may not have received the file; its customers were put back "
-            "to be sent again."))
+        _fail_part(
+            part_id,
+            _(
+                "The upload was interrupted before SATORI's answer arrived, so there is no process "
+                "code. SATORI may or may not have received the file; its customers were put back "
+                "to be sent again."
+            ),
+        )
     unstarted = BulkJob.objects.filter(state=BulkState.CREATED, created_at__lt=now - grace)
     for job_id in unstarted.values_list("pk", flat=True)[:100]:
         queued += enqueue_run(job_id)
@@ -969,6 +1170,7 @@ def poll_overdue_parts(now: dt.datetime) -> int:
 # --------------------------------------------------------------------------
 # Running a job in this process (commands with --wait, no worker needed)
 # --------------------------------------------------------------------------
+
 
 def drive_job(
     job_id: int,
@@ -988,8 +1190,7 @@ def drive_job(
     def ready(part_id: int) -> None:
         due[part_id] = (time.monotonic(), "upload")
 
-    job = run_job(job_id, on_part_ready=ready, progress=progress,
-                  progress_every=progress_every)
+    job = run_job(job_id, on_part_ready=ready, progress=progress, progress_every=progress_every)
     started = time.monotonic()
     while True:
         now = time.monotonic()
@@ -1000,8 +1201,10 @@ def drive_job(
             if step == "upload":
                 outcome, delay = upload_part(part_id)
                 if outcome in ("uploaded", "retry") and delay is not None:
-                    due[part_id] = (time.monotonic() + delay,
-                                    "poll" if outcome == "uploaded" else "upload")
+                    due[part_id] = (
+                        time.monotonic() + delay,
+                        "poll" if outcome == "uploaded" else "upload",
+                    )
             else:
                 outcome, delay = poll_part(part_id, force=True)
                 if delay is not None:
@@ -1018,11 +1221,26 @@ def drive_job(
 
 # --------------------------------------------------------------------------
 
-def _log(endpoint: str, outcome: str, *, status: int | None = None,
-         started: float | None = None, attempt: int = 0, request: Any = None,
-         response: Any = None, message: str = "") -> None:
+
+def _log(
+    endpoint: str,
+    outcome: str,
+    *,
+    status: int | None = None,
+    started: float | None = None,
+    attempt: int = 0,
+    request: Any = None,
+    response: Any = None,
+    message: str = "",
+) -> None:
     duration = int((time.monotonic() - started) * 1000) if started else 0
     SyncLog.objects.create(
-        endpoint=endpoint, outcome=outcome, satori_status=status, attempt=attempt,
-        duration_ms=duration, request_summary=request if isinstance(request, dict) else {},
-        response_summary=response if isinstance(response, dict) else {}, message=message)
+        endpoint=endpoint,
+        outcome=outcome,
+        satori_status=status,
+        attempt=attempt,
+        duration_ms=duration,
+        request_summary=request if isinstance(request, dict) else {},
+        response_summary=response if isinstance(response, dict) else {},
+        message=message,
+    )

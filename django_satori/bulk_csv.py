@@ -52,8 +52,7 @@ _ONLY_STR = {str}
 
 def header(conf: SatoriSettings) -> list[str]:
     """email, the data fields, one ``custom:<id>`` per declared custom field, append_tags."""
-    return ["email", *DATA_FIELDS, *(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS),
-            "append_tags"]
+    return ["email", *DATA_FIELDS, *(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS), "append_tags"]
 
 
 class RowEncoder:
@@ -67,12 +66,16 @@ class RowEncoder:
         self._definitions = dict(conf.CUSTOM_FIELDS)
         #: Keys whose values need no conversion when they are strings (plain text).
         self._plain_text = frozenset(
-            CUSTOM_PREFIX + i for i, d in conf.CUSTOM_FIELDS.items()
-            if custom_field_type(d)[0] == "text")
+            CUSTOM_PREFIX + i
+            for i, d in conf.CUSTOM_FIELDS.items()
+            if custom_field_type(d)[0] == "text"
+        )
         #: Positions and keys of integer fields: an ``int`` value needs only ``str()``.
         self._integers = tuple(
-            (n, CUSTOM_PREFIX + i) for n, (i, d) in enumerate(conf.CUSTOM_FIELDS.items())
-            if custom_field_type(d)[0] == "integer" and _CUSTOM_ID_RE.match(i))
+            (n, CUSTOM_PREFIX + i)
+            for n, (i, d) in enumerate(conf.CUSTOM_FIELDS.items())
+            if custom_field_type(d)[0] == "integer" and _CUSTOM_ID_RE.match(i)
+        )
         self._fast_keys = self._plain_text | {key for _n, key in self._integers}
         self._route = conf.BULK_DEFAULT_COLLECTION_ROUTE
         self._separator = conf.TAG_SEPARATOR
@@ -100,16 +103,26 @@ class RowEncoder:
             email = cells[0]
             # Customer.save() stored it normalised, so checking the pattern is enough;
             # the full normalisation (NFKC, trimming, case) runs only when that fails.
-            if not (email.isascii() and email.islower() and len(email) <= EMAIL_MAX_LENGTH
-                    and ".." not in email and email_ok(email)) \
-                    and normalize_email(email) != email:
+            if (
+                not (
+                    email.isascii()
+                    and email.islower()
+                    and len(email) <= EMAIL_MAX_LENGTH
+                    and ".." not in email
+                    and email_ok(email)
+                )
+                and normalize_email(email) != email
+            ):
                 self._not_normalised(email)
             if not cells[c_route]:
                 if not route:
                     raise SatoriValidationError(
-                        _("The bulk API refuses rows without a collection route: set it on "
-                          "the customer or set SATORI['BULK_DEFAULT_COLLECTION_ROUTE']."),
-                        field="collection_route")
+                        _(
+                            "The bulk API refuses rows without a collection route: set it on "
+                            "the customer or set SATORI['BULK_DEFAULT_COLLECTION_ROUTE']."
+                        ),
+                        field="collection_route",
+                    )
                 cells[c_route] = route
             date = cells[c_date]
             cells[c_date] = date.isoformat() if date else ""
@@ -117,7 +130,9 @@ class RowEncoder:
             if permission and permission not in permissions:
                 raise SatoriValidationError(
                     _("delivery_permission must be 'approval' or 'reject' (got %(value)r).")
-                    % {"value": str(permission)[:40]}, field="delivery_permission")
+                    % {"value": str(permission)[:40]},
+                    field="delivery_permission",
+                )
             custom = values[c_custom]
             cells.extend(custom_cells(custom) if custom else no_custom)
             tags = values[c_tags]
@@ -134,21 +149,24 @@ class RowEncoder:
     def _nul(self, cells: list[str]) -> None:
         for name, cell in zip(self.header, cells, strict=True):
             if "\x00" in cell:
-                raise SatoriValidationError(_("The value contains a NUL character."),
-                                            field=name)
+                raise SatoriValidationError(_("The value contains a NUL character."), field=name)
 
     def _not_normalised(self, email: str) -> None:
         # Customer.save() normalises; update() and bulk_create() do not.
         raise SatoriValidationError(
-            _("The stored e-mail address %(stored)r is not in normalised form (%(normal)r); "
-              "save the customer to fix it.")
+            _(
+                "The stored e-mail address %(stored)r is not in normalised form (%(normal)r); "
+                "save the customer to fix it."
+            )
             % {"stored": str(email)[:80], "normal": normalize_email(email)},
-            field="email")
+            field="email",
+        )
 
     def _custom(self, custom: Any) -> list[str]:
         if not isinstance(custom, dict):
-            raise SatoriValidationError(_("Custom fields must be a JSON object."),
-                                        field="custom_fields")
+            raise SatoriValidationError(
+                _("Custom fields must be a JSON object."), field="custom_fields"
+            )
         if custom.keys() <= self._fast_keys:
             get = custom.get
             cells = [get(key, "") for key in self._custom_keys]
@@ -165,21 +183,27 @@ class RowEncoder:
         for key, value in custom.items():
             if key not in self._custom_set:
                 raise SatoriValidationError(
-                    _("Unknown custom field %(key)s: declare it in SATORI['CUSTOM_FIELDS'] "
-                      "with the identifier set in SATORI's admin screen.") % {"key": key},
-                    field=str(key)[:100])
+                    _(
+                        "Unknown custom field %(key)s: declare it in SATORI['CUSTOM_FIELDS'] "
+                        "with the identifier set in SATORI's admin screen."
+                    )
+                    % {"key": key},
+                    field=str(key)[:100],
+                )
             if not (key in self._plain_text and isinstance(value, str)):
                 checked[key] = value  # integers, dates, choices: the schema's rules
-        cleaned = (clean_customer(checked, custom_fields=self._definitions, require_email=False)
-                   if checked else {})
+        cleaned = (
+            clean_customer(checked, custom_fields=self._definitions, require_email=False)
+            if checked
+            else {}
+        )
         cells = []
         for key in self._custom_keys:
             if key in cleaned:
                 cells.append(cleaned[key])
             else:
                 value = custom.get(key)
-                cells.append(value if isinstance(value, str) and key in self._plain_text
-                             else "")
+                cells.append(value if isinstance(value, str) and key in self._plain_text else "")
         return cells
 
 

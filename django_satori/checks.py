@@ -60,51 +60,72 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        return [Error("settings.SATORI must be a dict.", id="django_satori.E004",
-                      obj="SATORI")]
+        return [Error("settings.SATORI must be a dict.", id="django_satori.E004", obj="SATORI")]
     messages: list[CheckMessage] = []
     raw = raw_settings()
 
     for key in AUTH_KEYS:
         value = raw.get(key)
         if not isinstance(value, str) or not value.strip():
-            messages.append(Error(
-                f"SATORI['{key}'] is missing or empty.",
-                hint="Copy the four keys from SATORI's admin screen into settings "
-                     "(read them from the environment in your settings module).",
-                id="django_satori.E001", obj=f"SATORI['{key}']",
-            ))
+            messages.append(
+                Error(
+                    f"SATORI['{key}'] is missing or empty.",
+                    hint="Copy the four keys from SATORI's admin screen into settings "
+                    "(read them from the environment in your settings module).",
+                    id="django_satori.E001",
+                    obj=f"SATORI['{key}']",
+                )
+            )
 
     for key in sorted(set(raw) - SETTING_NAMES):
         close = difflib.get_close_matches(key, SETTING_NAMES, n=1)
         hint = f"Did you mean {close[0]!r}?" if close else "See docs/configuration.md."
-        messages.append(Error(f"Unknown setting SATORI[{key!r}].", hint=hint,
-                              id="django_satori.E002", obj=f"SATORI[{key!r}]"))
+        messages.append(
+            Error(
+                f"Unknown setting SATORI[{key!r}].",
+                hint=hint,
+                id="django_satori.E002",
+                obj=f"SATORI[{key!r}]",
+            )
+        )
 
     for key, types in _TYPES.items():
-        if key in raw and (not isinstance(raw[key], types) or
-                           (bool not in types and isinstance(raw[key], bool))):
-            messages.append(Error(
-                f"SATORI[{key!r}] has the wrong type {type(raw[key]).__name__}; expected "
-                + " or ".join(t.__name__ for t in types) + ".",
-                id="django_satori.E004", obj=f"SATORI[{key!r}]",
-            ))
+        if key in raw and (
+            not isinstance(raw[key], types) or (bool not in types and isinstance(raw[key], bool))
+        ):
+            messages.append(
+                Error(
+                    f"SATORI[{key!r}] has the wrong type {type(raw[key]).__name__}; expected "
+                    + " or ".join(t.__name__ for t in types)
+                    + ".",
+                    id="django_satori.E004",
+                    obj=f"SATORI[{key!r}]",
+                )
+            )
     if any(m.id == "django_satori.E004" for m in messages):
         return messages
 
     conf = SatoriSettings(**{k: v for k, v in raw.items() if k in SETTING_NAMES})
     url = urlparse(conf.BASE_URL)
     if url.scheme not in ("http", "https") or not url.netloc:
-        messages.append(Error(f"SATORI['BASE_URL'] {conf.BASE_URL!r} is not an http(s) URL.",
-                              id="django_satori.E003", obj="SATORI['BASE_URL']"))
+        messages.append(
+            Error(
+                f"SATORI['BASE_URL'] {conf.BASE_URL!r} is not an http(s) URL.",
+                id="django_satori.E003",
+                obj="SATORI['BASE_URL']",
+            )
+        )
     elif url.scheme != "https" and not django_settings.DEBUG and not _is_loopback(url.hostname):
-        messages.append(Error(
-            "SATORI['BASE_URL'] must use https outside DEBUG: the API keys travel in "
-            "every request.",
-            hint="Use https://api.satr.jp. Plain http is accepted only with DEBUG = True "
-                 "or for a loopback address (the sandbox).",
-            id="django_satori.E003", obj="SATORI['BASE_URL']",
-        ))
+        messages.append(
+            Error(
+                "SATORI['BASE_URL'] must use https outside DEBUG: the API keys travel in "
+                "every request.",
+                hint="Use https://api.satr.jp. Plain http is accepted only with DEBUG = True "
+                "or for a loopback address (the sandbox).",
+                id="django_satori.E003",
+                obj="SATORI['BASE_URL']",
+            )
+        )
 
     messages.extend(_check_values(conf))
     messages.extend(_check_custom_fields(conf))
@@ -131,8 +152,12 @@ def _check_values(conf: SatoriSettings) -> list[CheckMessage]:
     if conf.PUSH_ENDPOINT not in ("upsert", "registration"):
         messages.append(_value_error("PUSH_ENDPOINT", "must be 'upsert' or 'registration'."))
     if not 1 <= conf.BULK_CHUNK_SIZE <= 10_000:
-        messages.append(_value_error("BULK_CHUNK_SIZE", "must be between 1 and 10000 "
-                                     "(SATORI takes at most 10,000 rows per upload)."))
+        messages.append(
+            _value_error(
+                "BULK_CHUNK_SIZE",
+                "must be between 1 and 10000 (SATORI takes at most 10,000 rows per upload).",
+            )
+        )
     if conf.RATE_LIMIT_PER_MINUTE is not None and conf.RATE_LIMIT_PER_MINUTE < 1:
         messages.append(_value_error("RATE_LIMIT_PER_MINUTE", "must be positive, or None."))
     if conf.MAX_ATTEMPTS < 1:
@@ -146,23 +171,35 @@ def _check_values(conf: SatoriSettings) -> list[CheckMessage]:
     timeout = conf.TIMEOUT
     parts = timeout if isinstance(timeout, (tuple, list)) else (timeout,)
     if not parts or not all(isinstance(p, (int, float)) and p > 0 for p in parts):
-        messages.append(_value_error("TIMEOUT", "must be a positive number or a "
-                                     "(connect, read) pair."))
+        messages.append(
+            _value_error("TIMEOUT", "must be a positive number or a (connect, read) pair.")
+        )
     if conf.RATE_LIMIT_PER_MINUTE is not None:
         backend = django_settings.CACHES.get(conf.RATE_LIMIT_CACHE, {}).get("BACKEND", "")
         if not backend:
-            messages.append(_value_error("RATE_LIMIT_CACHE",
-                                         f"names no cache in CACHES ({conf.RATE_LIMIT_CACHE!r})."))
+            messages.append(
+                _value_error(
+                    "RATE_LIMIT_CACHE", f"names no cache in CACHES ({conf.RATE_LIMIT_CACHE!r})."
+                )
+            )
         elif backend.endswith(("LocMemCache", "DummyCache")) and not django_settings.DEBUG:
-            messages.append(Warning(
-                "The SATORI rate limit uses a per-process cache, so each worker counts alone.",
-                hint="Point SATORI['RATE_LIMIT_CACHE'] at Redis, Memcached or the database "
-                     "cache so all workers share one limit.",
-                id="django_satori.W001", obj="SATORI['RATE_LIMIT_CACHE']",
-            ))
+            messages.append(
+                Warning(
+                    "The SATORI rate limit uses a per-process cache, so each worker counts alone.",
+                    hint="Point SATORI['RATE_LIMIT_CACHE'] at Redis, Memcached or the database "
+                    "cache so all workers share one limit.",
+                    id="django_satori.W001",
+                    obj="SATORI['RATE_LIMIT_CACHE']",
+                )
+            )
     if conf.DRY_RUN:
-        messages.append(Warning("SATORI['DRY_RUN'] is on: nothing is sent to SATORI.",
-                                id="django_satori.W002", obj="SATORI['DRY_RUN']"))
+        messages.append(
+            Warning(
+                "SATORI['DRY_RUN'] is on: nothing is sent to SATORI.",
+                id="django_satori.W002",
+                obj="SATORI['DRY_RUN']",
+            )
+        )
     return messages
 
 
@@ -175,16 +212,23 @@ def _check_custom_fields(conf: SatoriSettings) -> list[CheckMessage]:
             kind, choices = "", ()
             problem = str(exc)
         else:
-            problem = "" if kind in CUSTOM_FIELD_TYPES else (
-                f"has unknown type {kind!r}; use one of {', '.join(CUSTOM_FIELD_TYPES)}.")
+            problem = (
+                ""
+                if kind in CUSTOM_FIELD_TYPES
+                else (f"has unknown type {kind!r}; use one of {', '.join(CUSTOM_FIELD_TYPES)}.")
+            )
         if isinstance(identifier, str) and identifier.startswith("custom:"):
             problem = "must be the bare identifier, without the 'custom:' prefix."
         if kind == "select" and not choices:
             problem = "is a select field without 'choices'."
         if problem:
-            messages.append(Error(f"SATORI['CUSTOM_FIELDS'][{identifier!r}] {problem}",
-                                  id="django_satori.E006",
-                                  obj=f"SATORI['CUSTOM_FIELDS'][{identifier!r}]"))
+            messages.append(
+                Error(
+                    f"SATORI['CUSTOM_FIELDS'][{identifier!r}] {problem}",
+                    id="django_satori.E006",
+                    obj=f"SATORI['CUSTOM_FIELDS'][{identifier!r}]",
+                )
+            )
     return messages
 
 

@@ -202,20 +202,29 @@ def parse_response(
         # A redirect is never SATORI's answer; following it would re-send the
         # keys (status.json's query string) to wherever Location points.
         raise SatoriConfigurationError(
-            _("SATORI answered with a redirect (HTTP %(code)s); check SATORI['BASE_URL'] "
-              "(it should be https://api.satr.jp).") % {"code": http_status},
+            _(
+                "SATORI answered with a redirect (HTTP %(code)s); check SATORI['BASE_URL'] "
+                "(it should be https://api.satr.jp)."
+            )
+            % {"code": http_status},
             http_status=http_status,
         )
 
     data, ok = _load_json(body)
     if not ok:
         raise SatoriTransientError(
-            ngettext("SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
-                     "%(size)d byte); probably a proxy or maintenance page.",
-                     "SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
-                     "%(size)d bytes); probably a proxy or maintenance page.", len(body))
-            % {"code": http_status, "type": scrub(content_type or "none", needles),
-               "size": len(body)},
+            ngettext(
+                "SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
+                "%(size)d byte); probably a proxy or maintenance page.",
+                "SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
+                "%(size)d bytes); probably a proxy or maintenance page.",
+                len(body),
+            )
+            % {
+                "code": http_status,
+                "type": scrub(content_type or "none", needles),
+                "size": len(body),
+            },
             http_status=http_status,
             retry_after=retry_after,
         )
@@ -225,8 +234,10 @@ def parse_response(
     if status is None:
         if 200 <= http_status < 300 or not 100 <= http_status < 600:
             raise SatoriError(
-                _("SATORI's reply has an unexpected shape (HTTP %(code)s, JSON %(kind)s "
-                  "without a usable status).")
+                _(
+                    "SATORI's reply has an unexpected shape (HTTP %(code)s, JSON %(kind)s "
+                    "without a usable status)."
+                )
                 % {"code": http_status, "kind": type(data).__name__},
                 http_status=http_status,
                 response=data,
@@ -248,8 +259,8 @@ def parse_response(
         retry_after = _retry_after_hint(payload, data)
     raise error_for_status(
         status,
-        _message_text(message, needles) or _("SATORI refused the request (status %(status)s).")
-        % {"status": status},
+        _message_text(message, needles)
+        or _("SATORI refused the request (status %(status)s).") % {"status": status},
         http_status=http_status,
         response=data,
         retry_after=retry_after,
@@ -268,8 +279,12 @@ def error_for_status(
 ) -> SatoriError:
     """The error class for a non-success SATORI status (JSON status, or HTTP code)."""
     # ``field`` goes on every class: a 404 or 403 naming customer[email] says which identity.
-    common: dict[str, Any] = {"status": status, "http_status": http_status,
-                              "response": response, "field": field}
+    common: dict[str, Any] = {
+        "status": status,
+        "http_status": http_status,
+        "response": response,
+        "field": field,
+    }
     if status == 401:
         return SatoriAuthenticationError(message, **common)
     if status == 403:
@@ -448,11 +463,19 @@ class _MultipartStream(_SafeRepr):
     ``Content-Length`` (not chunked, which SATORI was never seen to accept).
     """
 
-    def __init__(self, fields: list[tuple[str, str]], file_field: str, filename: str,
-                 file_type: str, file: IO[bytes], file_size: int) -> None:
+    def __init__(
+        self,
+        fields: list[tuple[str, str]],
+        file_field: str,
+        filename: str,
+        file_type: str,
+        file: IO[bytes],
+        file_size: int,
+    ) -> None:
         self.boundary = uuid.uuid4().hex
-        head = b"".join(self._part_header(name) + value.encode("utf-8") + b"\r\n"
-                        for name, value in fields)
+        head = b"".join(
+            self._part_header(name) + value.encode("utf-8") + b"\r\n" for name, value in fields
+        )
         head += self._part_header(file_field, filename, file_type)
         tail = f"\r\n--{self.boundary}--\r\n".encode("ascii")
         self._parts: list[bytes | tuple[IO[bytes], int]] = [head, (file, file_size), tail]
@@ -464,8 +487,9 @@ class _MultipartStream(_SafeRepr):
     def content_type(self) -> str:
         return f"multipart/form-data; boundary={self.boundary}"
 
-    def _part_header(self, name: str, filename: str | None = None,
-                     content_type: str | None = None) -> bytes:
+    def _part_header(
+        self, name: str, filename: str | None = None, content_type: str | None = None
+    ) -> bytes:
         disposition = f'Content-Disposition: form-data; name="{name}"'
         if filename is not None:
             disposition += f'; filename="{filename}"'
@@ -487,7 +511,9 @@ class _MultipartStream(_SafeRepr):
             part = self._parts[self._index]
             want = -1 if size < 0 else size - len(out)
             if isinstance(part, bytes):
-                piece = part[self._offset:] if want < 0 else part[self._offset:self._offset + want]
+                piece = (
+                    part[self._offset :] if want < 0 else part[self._offset : self._offset + want]
+                )
                 self._offset += len(piece)
                 done = self._offset >= len(part)
             else:
@@ -671,8 +697,9 @@ class SatoriClient:
             pairs.append((params["url"], _absolute_url(str(url))))
         pairs.append((params["date"], self._action_time(occurred_at)))
         path = "/" + str(self.conf.ACTION_PATH).lstrip("/")
-        wire = self._form_wire(ACTION_ENDPOINT, "POST", path, pairs,
-                               visible=(params["name"], params["date"]))
+        wire = self._form_wire(
+            ACTION_ENDPOINT, "POST", path, pairs, visible=(params["name"], params["date"])
+        )
         return self._customer_result(wire, *self._call(wire))
 
     def _action_time(self, occurred_at: dt.datetime | None) -> str:
@@ -688,9 +715,7 @@ class SatoriClient:
         if occurred_at is None:
             occurred_at = dt.datetime.now(zone)
         elif not isinstance(occurred_at, dt.datetime):
-            raise SatoriValidationError(
-                _("occurred_at must be a datetime."), field="date"
-            )
+            raise SatoriValidationError(_("occurred_at must be a datetime."), field="date")
         elif occurred_at.tzinfo is not None and occurred_at.utcoffset() is not None:
             occurred_at = occurred_at.astimezone(zone)
         return occurred_at.strftime("%Y-%m-%d %H:%M:%S")
@@ -698,14 +723,20 @@ class SatoriClient:
     # ---------------------------------------------------------------- bulk
 
     def bulk_register(
-        self, csv_file: bytes | BinaryIO, *, identity_type: str = "email",
+        self,
+        csv_file: bytes | BinaryIO,
+        *,
+        identity_type: str = "email",
         filename: str = "customers.csv",
     ) -> BulkUploadResult:
         """Upload a UTF-8 CSV of new customers; returns the job's ``process_code``."""
         return self._bulk_upload("bulk/registration", csv_file, identity_type, filename)
 
     def bulk_upsert(
-        self, csv_file: bytes | BinaryIO, *, identity_type: str = "email",
+        self,
+        csv_file: bytes | BinaryIO,
+        *,
+        identity_type: str = "email",
         filename: str = "customers.csv",
     ) -> BulkUploadResult:
         """Upload a UTF-8 CSV to create or update customers; returns the ``process_code``.
@@ -741,7 +772,9 @@ class SatoriClient:
             error = SatoriError(
                 _("SATORI accepted the CSV upload but sent no process_code (status %(status)s).")
                 % {"status": reply.status},
-                status=reply.status, http_status=reply.http_status, response=reply.data,
+                status=reply.status,
+                http_status=reply.http_status,
+                response=reply.data,
             )
             self._annotate(error, wire, reply.data)
             raise error
@@ -770,7 +803,10 @@ class SatoriClient:
             failed_rows = _failed_rows(payload.get("failed_rows"))
         except SatoriError as error:
             error.status, error.http_status, error.response = (
-                reply.status, reply.http_status, reply.data)
+                reply.status,
+                reply.http_status,
+                reply.data,
+            )
             self._annotate(error, wire, reply.data)
             raise
         succeeded = payload.get("succeeded_rows")
@@ -791,13 +827,18 @@ class SatoriClient:
     # ---------------------------------------------------------------- plumbing
 
     def _check_configuration(self) -> None:
-        missing = [key for key in AUTH_KEYS
-                   if not isinstance(getattr(self.conf, key), str)
-                   or not getattr(self.conf, key).strip()]
+        missing = [
+            key
+            for key in AUTH_KEYS
+            if not isinstance(getattr(self.conf, key), str) or not getattr(self.conf, key).strip()
+        ]
         if missing:
             raise SatoriConfigurationError(
-                _("SATORI keys missing or empty: %(keys)s. Copy them from SATORI's admin "
-                  "screen into settings.SATORI.") % {"keys": ", ".join(missing)}
+                _(
+                    "SATORI keys missing or empty: %(keys)s. Copy them from SATORI's admin "
+                    "screen into settings.SATORI."
+                )
+                % {"keys": ", ".join(missing)}
             )
         parts = urlsplit(self._base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -810,8 +851,10 @@ class SatoriClient:
             )
 
     def _auth_pairs(self) -> list[tuple[str, str]]:
-        return [(name, getattr(self.conf, key)) for name, key in zip(AUTH_FIELDS, AUTH_KEYS,
-                                                                     strict=True)]
+        return [
+            (name, getattr(self.conf, key))
+            for name, key in zip(AUTH_FIELDS, AUTH_KEYS, strict=True)
+        ]
 
     @staticmethod
     def _identity(email: str | None, hashcode: str | None) -> tuple[str, str]:
@@ -828,28 +871,43 @@ class SatoriClient:
     # The wire builders keep the raw keys out of the locals of every frame an
     # error passes through (error trackers record frame locals).
 
-    def _bulk_wire(self, endpoint: str, identity_type: str, file: IO[bytes], size: int,
-                   filename: str) -> _Wire:
+    def _bulk_wire(
+        self, endpoint: str, identity_type: str, file: IO[bytes], size: int, filename: str
+    ) -> _Wire:
         safe_name = _safe_filename(filename)
         fields = [*self._auth_pairs(), ("identity_type", identity_type)]
         body = _MultipartStream(fields, CSV_FIELD, safe_name, "text/csv", file, size)
         summary = redact_form(fields, self.conf.REDACT_PERSONAL_DATA)
         summary[CSV_FIELD] = f"{safe_name} ({size} bytes)"
         method, path = ENDPOINTS[endpoint]
-        return _Wire(endpoint, method, path, body=body, content_type=body.content_type,
-                     summary=summary)
+        return _Wire(
+            endpoint, method, path, body=body, content_type=body.content_type, summary=summary
+        )
 
     def _status_wire(self, code: str) -> _Wire:
         pairs = [*self._auth_pairs(), ("process_code", code)]
         method, path = ENDPOINTS["bulk/status"]
-        return _Wire("bulk/status", method, path, query=urlencode(pairs, encoding="utf-8"),
-                     summary=redact_form(pairs, self.conf.REDACT_PERSONAL_DATA))
+        return _Wire(
+            "bulk/status",
+            method,
+            path,
+            query=urlencode(pairs, encoding="utf-8"),
+            summary=redact_form(pairs, self.conf.REDACT_PERSONAL_DATA),
+        )
 
-    def _form_wire(self, endpoint: str, method: str, path: str,
-                   pairs: list[tuple[str, str]], visible: tuple[str, ...] = ()) -> _Wire:
+    def _form_wire(
+        self,
+        endpoint: str,
+        method: str,
+        path: str,
+        pairs: list[tuple[str, str]],
+        visible: tuple[str, ...] = (),
+    ) -> _Wire:
         form = [*self._auth_pairs(), *pairs]
         return _Wire(
-            endpoint, method, path,
+            endpoint,
+            method,
+            path,
             # urlencode quotes like PHP's http_build_query: brackets and ':' become
             # %5B %5D %3A, spaces '+', non-ASCII as UTF-8 bytes.
             body=urlencode(form, encoding="utf-8").encode("ascii"),
@@ -872,24 +930,39 @@ class SatoriClient:
                 allow_redirects=False,
             )
         # Order matters: every requests error is also an OSError.
-        except (requests.exceptions.InvalidURL, requests.exceptions.MissingSchema,
-                requests.exceptions.InvalidSchema, requests.exceptions.InvalidHeader) as exc:
+        except (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.MissingSchema,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.InvalidHeader,
+        ) as exc:
             failure = SatoriConfigurationError(
-                _("The request to SATORI could not be built (%(kind)s); check "
-                  "SATORI['BASE_URL'] and the keys.") % {"kind": type(exc).__name__})
+                _(
+                    "The request to SATORI could not be built (%(kind)s); check "
+                    "SATORI['BASE_URL'] and the keys."
+                )
+                % {"kind": type(exc).__name__}
+            )
         except requests.Timeout as exc:
             failure = SatoriTransientError(
-                _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__})
-        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                requests.exceptions.ContentDecodingError) as exc:
+                _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__}
+            )
+        except (
+            requests.ConnectionError,
+            requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError,
+        ) as exc:
             failure = SatoriTransientError(
-                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__})
+                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
+            )
         except requests.RequestException as exc:
             failure = SatoriError(
-                _("The request to SATORI failed (%(kind)s).") % {"kind": type(exc).__name__})
+                _("The request to SATORI failed (%(kind)s).") % {"kind": type(exc).__name__}
+            )
         except (http.client.HTTPException, urllib3.exceptions.HTTPError, OSError) as exc:
             failure = SatoriTransientError(
-                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__})
+                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
+            )
         elapsed = (time.monotonic() - started) * 1000
         if failure is not None:
             # Raised outside the except blocks: no __context__, so the requests
@@ -900,8 +973,10 @@ class SatoriClient:
 
         try:
             reply = parse_response(
-                http_response.content, http_response.status_code,
-                http_response.headers, needles=self._needles,
+                http_response.content,
+                http_response.status_code,
+                http_response.headers,
+                needles=self._needles,
             )
         except SatoriError as error:
             self._annotate(error, wire, error.response)
@@ -919,20 +994,39 @@ class SatoriClient:
     def _response_summary(self, data: Any) -> Any:
         return scrub_data(data, self._needles, redact_personal=self.conf.REDACT_PERSONAL_DATA)
 
-    def _log(self, wire: _Wire, elapsed: float, error: SatoriError | None,
-             reply: SatoriReply | None = None) -> None:
+    def _log(
+        self,
+        wire: _Wire,
+        elapsed: float,
+        error: SatoriError | None,
+        reply: SatoriReply | None = None,
+    ) -> None:
         if not logger.isEnabledFor(logging.DEBUG):
             return
         shown = {k: v for k, v in wire.summary.items() if k not in AUTH_FIELDS}
         if error is None and reply is not None:
-            logger.debug("SATORI %s %s: status %s (HTTP %s) in %.0f ms; request %s",
-                         wire.method, wire.path, reply.status, reply.http_status, elapsed, shown)
+            logger.debug(
+                "SATORI %s %s: status %s (HTTP %s) in %.0f ms; request %s",
+                wire.method,
+                wire.path,
+                reply.status,
+                reply.http_status,
+                elapsed,
+                shown,
+            )
             return
         assert error is not None
         text = for_log(scrub(str(error), self._needles), self.conf)
-        logger.debug("SATORI %s %s: %s %s (HTTP %s) in %.0f ms; request %s",
-                     wire.method, wire.path, type(error).__name__, text,
-                     error.http_status, elapsed, shown)
+        logger.debug(
+            "SATORI %s %s: %s %s (HTTP %s) in %.0f ms; request %s",
+            wire.method,
+            wire.path,
+            type(error).__name__,
+            text,
+            error.http_status,
+            elapsed,
+            shown,
+        )
 
 
 def _port(parts: Any) -> int | None:
@@ -1006,9 +1100,12 @@ def _failed_rows(value: Any) -> list[FailedRow]:
             # Guessing would count a refused row as sent; better to stop and say so.
             raise SatoriError(_("SATORI's failed_rows has an entry without a row_number."))
         message = item.get("message") if isinstance(item, dict) else None
-        rows.append(FailedRow(row_number=number,
-                              message=message if isinstance(message, str) else
-                              _message_text(message, ())))
+        rows.append(
+            FailedRow(
+                row_number=number,
+                message=message if isinstance(message, str) else _message_text(message, ()),
+            )
+        )
     return rows
 
 
@@ -1036,8 +1133,12 @@ def get_client() -> SatoriClient:
     pid = os.getpid()
     conf = get_settings()
     client = _shared.client
-    if (client is not None and _shared.pid == pid and _shared.generation == _generation
-            and client.conf is conf):
+    if (
+        client is not None
+        and _shared.pid == pid
+        and _shared.generation == _generation
+        and client.conf is conf
+    ):
         return client
     if client is not None and _shared.pid == pid:
         client.close()

@@ -105,8 +105,11 @@ class SatoriSettings:
     def __repr__(self) -> str:
         # Secrets never appear in reprs (tracebacks with locals, debug pages).
         shown = {
-            f.name: ("********" if f.name in AUTH_KEYS and getattr(self, f.name) else
-                     getattr(self, f.name))
+            f.name: (
+                "********"
+                if f.name in AUTH_KEYS and getattr(self, f.name)
+                else getattr(self, f.name)
+            )
             for f in dataclasses.fields(self)
         }
         return f"SatoriSettings({shown!r})"

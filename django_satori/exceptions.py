@@ -56,8 +56,7 @@ class SatoriError(Exception):
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.message!r}, status={self.status!r}, "
-            f"field={self.field!r})"
+            f"{type(self).__name__}({self.message!r}, status={self.status!r}, field={self.field!r})"
         )
 
 

@@ -65,7 +65,8 @@ _BATCH_ATTEMPTS = 3
 #: Keys a column can map to (besides ``custom:<identifier>``). ``tags`` is the
 #: export's column of current tags; ``append_tags``/``delete_tags`` are send-only.
 IMPORT_KEYS: tuple[str, ...] = (
-    *(k for k in STANDARD_FIELDS if k not in ("append_tags", "delete_tags")), "tags",
+    *(k for k in STANDARD_FIELDS if k not in ("append_tags", "delete_tags")),
+    "tags",
 )
 
 #: Japanese column labels the admin screen may write, mapped to our keys.
@@ -102,7 +103,8 @@ JAPANESE_HEADERS: dict[str, str] = {
 
 _DATE_RE = re.compile(r"^(\d{4})[/-](\d{1,2})[/-](\d{1,2})(?:[ T]\d{1,2}:\d{2}(?::\d{2})?)?$")
 _TEXT_FIELDS_MAX: dict[str, int] = {
-    f.name: f.max_length for f in Customer._meta.concrete_fields
+    f.name: f.max_length
+    for f in Customer._meta.concrete_fields
     if f.max_length and f.name in IMPORT_KEYS
 }
 
@@ -194,6 +196,7 @@ SkipCallback = Callable[[SkippedRow], None]
 # Encoding
 # --------------------------------------------------------------------------
 
+
 def _bad_lines(sample: bytes, encoding: str, *, complete: bool) -> tuple[list[int], int, int]:
     """Lines of ``sample`` that do not decode: (bad line numbers, lines, non-ASCII lines).
 
@@ -223,8 +226,9 @@ def _label(encoding: str) -> str:
     return "Shift_JIS (cp932)" if encoding == "cp932" else "UTF-8"
 
 
-def choose_encoding(stream: IO[bytes], requested: str = "auto",
-                    sample_size: int | None = None) -> str:
+def choose_encoding(
+    stream: IO[bytes], requested: str = "auto", sample_size: int | None = None
+) -> str:
     """Detect (``auto``) or check the encoding from the start of ``stream``.
 
     BOM -> ``utf-8-sig``; a sample that is valid UTF-8 -> ``utf-8``; otherwise
@@ -234,8 +238,10 @@ def choose_encoding(stream: IO[bytes], requested: str = "auto",
     The stream is put back where it was.
     """
     if requested not in ENCODINGS:
-        raise ImportFileError(_("Unknown encoding %(name)r; use one of: %(choices)s.")
-                              % {"name": requested, "choices": ", ".join(ENCODINGS)})
+        raise ImportFileError(
+            _("Unknown encoding %(name)r; use one of: %(choices)s.")
+            % {"name": requested, "choices": ", ".join(ENCODINGS)}
+        )
     sample_size = sample_size or SAMPLE_BYTES
     start = stream.tell()
     sample = stream.read(sample_size)
@@ -256,12 +262,15 @@ def choose_encoding(stream: IO[bytes], requested: str = "auto",
     if bad and (bad[0] == 1 or len(bad) * 2 > non_ascii):
         hint = "cp932" if encoding.startswith("utf-8") else "utf-8"
         raise ImportFileError(
-            ngettext("The file is not valid %(encoding)s (%(count)d undecodable line in the "
-                     "first part of the file). Choose the encoding with --encoding (try "
-                     "%(hint)s).",
-                     "The file is not valid %(encoding)s (%(count)d undecodable lines in the "
-                     "first part of the file). Choose the encoding with --encoding (try "
-                     "%(hint)s).", len(bad))
+            ngettext(
+                "The file is not valid %(encoding)s (%(count)d undecodable line in the "
+                "first part of the file). Choose the encoding with --encoding (try "
+                "%(hint)s).",
+                "The file is not valid %(encoding)s (%(count)d undecodable lines in the "
+                "first part of the file). Choose the encoding with --encoding (try "
+                "%(hint)s).",
+                len(bad),
+            )
             % {"encoding": _label(encoding), "count": len(bad), "hint": hint},
             line=bad[0],
         )
@@ -328,9 +337,12 @@ def _records(lines: _Lines) -> Iterator[_Record]:
         first, previous = previous + 1, reader.line_num
         bad = lines.bad_between(first, previous)
         if bad is not None:
-            yield _Record(first, None, _("line %(line)d holds bytes that are not valid "
-                                         "%(encoding)s") % {"line": bad,
-                                                            "encoding": _label(lines.encoding)})
+            yield _Record(
+                first,
+                None,
+                _("line %(line)d holds bytes that are not valid %(encoding)s")
+                % {"line": bad, "encoding": _label(lines.encoding)},
+            )
         elif values:  # blank lines are not rows
             yield _Record(first, values)
 
@@ -339,8 +351,10 @@ def _records(lines: _Lines) -> Iterator[_Record]:
 # Header
 # --------------------------------------------------------------------------
 
-def _header_key(name: str, conf: SatoriSettings,
-                extra: Mapping[str, str]) -> tuple[str | None, str]:
+
+def _header_key(
+    name: str, conf: SatoriSettings, extra: Mapping[str, str]
+) -> tuple[str | None, str]:
     """Our key for one header cell, or (None, why it is ignored)."""
     text = unicodedata.normalize("NFKC", name).strip()
     if name in extra:
@@ -351,7 +365,7 @@ def _header_key(name: str, conf: SatoriSettings,
     if lowered in IMPORT_KEYS:
         return lowered, ""
     if lowered.startswith(CUSTOM_PREFIX):
-        identifier = text[len(CUSTOM_PREFIX):].strip()
+        identifier = text[len(CUSTOM_PREFIX) :].strip()
         if identifier in conf.CUSTOM_FIELDS:
             return CUSTOM_PREFIX + identifier, ""
         return None, _("custom field not declared in SATORI['CUSTOM_FIELDS']")
@@ -360,9 +374,9 @@ def _header_key(name: str, conf: SatoriSettings,
     return None, _("unknown column")
 
 
-def map_header(header: list[str], conf: SatoriSettings | None = None,
-               extra: Mapping[str, str] | None = None
-               ) -> tuple[list[str | None], dict[str, str], list[IgnoredColumn]]:
+def map_header(
+    header: list[str], conf: SatoriSettings | None = None, extra: Mapping[str, str] | None = None
+) -> tuple[list[str | None], dict[str, str], list[IgnoredColumn]]:
     """Map header cells to our keys: (key per column, used columns, ignored columns).
 
     ``extra`` maps further header names (for example a custom field's
@@ -373,8 +387,12 @@ def map_header(header: list[str], conf: SatoriSettings | None = None,
     for target in extra.values():
         if not _valid_target(target, conf):
             raise ImportFileError(
-                _("Column mapping target %(key)r is not a customer item or a declared custom "
-                  "field.") % {"key": target})
+                _(
+                    "Column mapping target %(key)r is not a customer item or a declared custom "
+                    "field."
+                )
+                % {"key": target}
+            )
     keys: list[str | None] = []
     used: dict[str, str] = {}
     ignored: list[IgnoredColumn] = []
@@ -393,8 +411,8 @@ def map_header(header: list[str], conf: SatoriSettings | None = None,
             used[shown] = key
     if "email" not in taken:
         raise ImportFileError(
-            _("No e-mail column: the header needs 'email' (or 'メールアドレス'). Found: "
-              "%(found)s.") % {"found": ", ".join(h.strip() for h in header)[:500]},
+            _("No e-mail column: the header needs 'email' (or 'メールアドレス'). Found: %(found)s.")
+            % {"found": ", ".join(h.strip() for h in header)[:500]},
             line=1,
         )
     return keys, used, ignored
@@ -402,13 +420,14 @@ def map_header(header: list[str], conf: SatoriSettings | None = None,
 
 def _valid_target(key: str, conf: SatoriSettings) -> bool:
     if key.startswith(CUSTOM_PREFIX):
-        return key[len(CUSTOM_PREFIX):] in conf.CUSTOM_FIELDS
+        return key[len(CUSTOM_PREFIX) :] in conf.CUSTOM_FIELDS
     return key in IMPORT_KEYS
 
 
 # --------------------------------------------------------------------------
 # Values
 # --------------------------------------------------------------------------
+
 
 def parse_export_date(value: str) -> str:
     """``YYYY/MM/DD`` or ``YYYY-MM-DD`` (a time part is dropped) -> ``YYYY-MM-DD``; '' stays ''."""
@@ -447,9 +466,12 @@ def delivery_permission(value: str, labels: Mapping[str, str]) -> str:
         if unicodedata.normalize("NFKC", label).lower() == folded:
             return api_value
     raise RowError(
-        _("delivery permission %(value)r is not one of %(labels)s "
-          "(see SATORI['DELIVERY_PERMISSION_LABELS'])")
-        % {"value": text[:40], "labels": ", ".join(labels)})
+        _(
+            "delivery permission %(value)r is not one of %(labels)s "
+            "(see SATORI['DELIVERY_PERMISSION_LABELS'])"
+        )
+        % {"value": text[:40], "labels": ", ".join(labels)}
+    )
 
 
 class RowConverter:
@@ -476,7 +498,7 @@ class RowConverter:
             labels = conf.DELIVERY_PERMISSION_LABELS
             return lambda raw: delivery_permission(raw, labels)
         if key.startswith(CUSTOM_PREFIX):
-            kind, _choices = custom_field_type(conf.CUSTOM_FIELDS[key[len(CUSTOM_PREFIX):]])
+            kind, _choices = custom_field_type(conf.CUSTOM_FIELDS[key[len(CUSTOM_PREFIX) :]])
             if kind == "date":
                 return parse_export_date
             if kind == "integer":
@@ -488,8 +510,9 @@ class RowConverter:
 
         def text(raw: str) -> str:
             if len(raw) > limit:
-                raise RowError(_("%(key)s is longer than %(max)d characters")
-                               % {"key": key, "max": limit})
+                raise RowError(
+                    _("%(key)s is longer than %(max)d characters") % {"key": key, "max": limit}
+                )
             return raw
 
         return text
@@ -497,8 +520,10 @@ class RowConverter:
     def __call__(self, line: int, record: list[str]) -> ExportRow:
         """Check one record and convert it; raises :class:`RowError` with the reason."""
         if len(record) != self.width:
-            raise RowError(_("expected %(expected)d columns, found %(found)d")
-                           % {"expected": self.width, "found": len(record)})
+            raise RowError(
+                _("expected %(expected)d columns, found %(found)d")
+                % {"expected": self.width, "found": len(record)}
+            )
         if any("\x00" in raw for raw in record):
             # PostgreSQL refuses NUL in text; found here, it costs one row, not a batch.
             raise RowError(_("the row contains a NUL character"))
@@ -506,8 +531,10 @@ class RowConverter:
         try:
             email = normalize_email(raw_email)
         except SatoriValidationError as exc:
-            raise RowError(_("e-mail %(value)r: %(error)s")
-                           % {"value": raw_email.strip()[:80], "error": exc.message}) from None
+            raise RowError(
+                _("e-mail %(value)r: %(error)s")
+                % {"value": raw_email.strip()[:80], "error": exc.message}
+            ) from None
         hashcode = ""
         if self.hashcode_at is not None:
             hashcode = record[self.hashcode_at].strip()
@@ -519,9 +546,11 @@ class RowConverter:
 
 #: Customer columns an import writes; the others get their defaults.
 _CUSTOMER_COLUMNS: tuple[str, ...] = (
-    "email", "custom_fields", *(k for k in IMPORT_KEYS if k not in ("email", "hashcode")))
-_STATE_COLUMNS: tuple[str, ...] = (
-    "email", "customer_id", "hashcode", "remote_values", "sent_tags")
+    "email",
+    "custom_fields",
+    *(k for k in IMPORT_KEYS if k not in ("email", "hashcode")),
+)
+_STATE_COLUMNS: tuple[str, ...] = ("email", "customer_id", "hashcode", "remote_values", "sent_tags")
 
 
 def customer_fields(row: ExportRow) -> dict[str, Any]:
@@ -548,6 +577,7 @@ def customer_fields(row: ExportRow) -> dict[str, Any]:
 # The import
 # --------------------------------------------------------------------------
 
+
 def import_export(
     source: str | Path | IO[bytes],
     *,
@@ -569,10 +599,18 @@ def import_export(
     """
     if isinstance(source, str | Path):
         with open(source, "rb") as stream:
-            return import_export(stream, encoding=encoding, dry_run=dry_run,
-                                 batch_size=batch_size, columns=columns, progress=progress,
-                                 progress_every=progress_every, on_skip=on_skip,
-                                 filename=filename or Path(source).name, started_by=started_by)
+            return import_export(
+                stream,
+                encoding=encoding,
+                dry_run=dry_run,
+                batch_size=batch_size,
+                columns=columns,
+                progress=progress,
+                progress_every=progress_every,
+                on_skip=on_skip,
+                filename=filename or Path(source).name,
+                started_by=started_by,
+            )
     conf = get_settings()
     started = time.monotonic()
     chosen = choose_encoding(source, encoding)
@@ -582,11 +620,12 @@ def import_export(
     if header is None:
         raise ImportFileError(_("The file is empty."))
     if header.values is None:
-        raise ImportFileError(_("The header cannot be read: %(error)s") % {"error": header.error},
-                              line=header.first_line)
+        raise ImportFileError(
+            _("The header cannot be read: %(error)s") % {"error": header.error},
+            line=header.first_line,
+        )
     keys, used, ignored = map_header(header.values, conf, columns)
-    result = ImportResult(encoding=chosen, dry_run=dry_run, columns=used,
-                          ignored_columns=ignored)
+    result = ImportResult(encoding=chosen, dry_run=dry_run, columns=used, ignored_columns=ignored)
     convert_row = RowConverter(keys, conf)
     importer = _Importer(result, conf, on_skip, started_by=started_by, filename=filename)
     try:
@@ -604,9 +643,11 @@ def import_export(
                 else:
                     earlier = batch.get(row.email)
                     if earlier is not None:
-                        importer.skip(row.line, row.email,
-                                      _("same e-mail address as line %(line)d")
-                                      % {"line": earlier.line})
+                        importer.skip(
+                            row.line,
+                            row.email,
+                            _("same e-mail address as line %(line)d") % {"line": earlier.line},
+                        )
                     else:
                         batch[row.email] = row
             if len(batch) >= batch_size:
@@ -642,8 +683,15 @@ def _email_guess(record: list[str], keys: list[str | None]) -> str:
 class _Importer:
     """Applies checked rows in batches and keeps the run's record."""
 
-    def __init__(self, result: ImportResult, conf: SatoriSettings,
-                 on_skip: SkipCallback | None, *, started_by: Any, filename: str) -> None:
+    def __init__(
+        self,
+        result: ImportResult,
+        conf: SatoriSettings,
+        on_skip: SkipCallback | None,
+        *,
+        started_by: Any,
+        filename: str,
+    ) -> None:
         self.result = result
         self.conf = conf
         self.on_skip = on_skip
@@ -655,7 +703,9 @@ class _Importer:
         self.run: ImportRun | None = None
         if not result.dry_run:
             self.run = ImportRun.objects.create(
-                filename=filename[:255], encoding=result.encoding, started_at=self.stamp,
+                filename=filename[:255],
+                encoding=result.encoding,
+                started_at=self.stamp,
                 started_by=started_by if getattr(started_by, "pk", None) else None,
                 unknown_columns=[c.as_dict() for c in result.ignored_columns],
             )
@@ -687,24 +737,35 @@ class _Importer:
             if not self.result.dry_run:  # only now: a retried batch sees its rows afresh
                 self.seen_digests.add(_email_digest(row.email))
 
-    def _apply(self, rows: list[ExportRow]
-               ) -> tuple[dict[str, int], list[tuple[ExportRow, str]]]:
+    def _apply(self, rows: list[ExportRow]) -> tuple[dict[str, int], list[tuple[ExportRow, str]]]:
         emails = [row.email for row in rows]
         states: dict[str, Any] = {}
         customers: dict[str, int] = dict(pairs_in(Customer, "email", emails, "id"))
         for chunk in _chunks(emails):
-            states.update((s["email"], s) for s in SyncState.objects.filter(email__in=chunk)
-                          .values("pk", "email", "customer_id", "operation", "status",
-                                  "in_satori", "hashcode", "remote_seen_at"))
+            states.update(
+                (s["email"], s)
+                for s in SyncState.objects.filter(email__in=chunk).values(
+                    "pk",
+                    "email",
+                    "customer_id",
+                    "operation",
+                    "status",
+                    "in_satori",
+                    "hashcode",
+                    "remote_seen_at",
+                )
+            )
         hash_owner = self._hashcode_owners(rows)
         # A customer's sync state is one row; it may sit under an older address.
         stateless = [pk for email, pk in customers.items() if email not in states]
         elsewhere: dict[int, str] = {}
         for chunk in _chunks(stateless):
-            elsewhere.update(SyncState.objects.filter(customer_id__in=chunk)
-                             .values_list("customer_id", "email"))
-        counts = dict.fromkeys(("created", "linked", "refreshed", "hashcodes",
-                                "were_not_in_satori"), 0)
+            elsewhere.update(
+                SyncState.objects.filter(customer_id__in=chunk).values_list("customer_id", "email")
+            )
+        counts = dict.fromkeys(
+            ("created", "linked", "refreshed", "hashcodes", "were_not_in_satori"), 0
+        )
         skips: list[tuple[ExportRow, str]] = []
         new_rows: list[ExportRow] = []
         changed: list[dict[str, Any]] = []
@@ -717,9 +778,17 @@ class _Importer:
                 continue
             pk = customers.get(row.email)
             if pk is not None and state is None and pk in elsewhere:
-                skips.append((row, _("the local customer's sync state is kept under another "
-                                     "address (%(email)s); save the customer once, then import "
-                                     "again") % {"email": elsewhere[pk]}))
+                skips.append(
+                    (
+                        row,
+                        _(
+                            "the local customer's sync state is kept under another "
+                            "address (%(email)s); save the customer once, then import "
+                            "again"
+                        )
+                        % {"email": elsewhere[pk]},
+                    )
+                )
                 continue
             if pk is None:
                 new_rows.append(row)
@@ -735,9 +804,16 @@ class _Importer:
             if row.hashcode and row.hashcode != hashcode:
                 counts["hashcodes"] += 1
                 hashcode = row.hashcode
-            changed.append({"pk": state["pk"], "in_satori": True, "hashcode": hashcode,
-                            "remote_values": row.values, "remote_seen_at": self.stamp,
-                            "customer_id": pk})
+            changed.append(
+                {
+                    "pk": state["pk"],
+                    "in_satori": True,
+                    "hashcode": hashcode,
+                    "remote_values": row.values,
+                    "remote_seen_at": self.stamp,
+                    "customer_id": pk,
+                }
+            )
         counts["created"] = len(new_rows)
         counts["hashcodes"] += sum(1 for row in new_rows if row.hashcode)
         if self.result.dry_run:
@@ -746,40 +822,67 @@ class _Importer:
             insert_rows(Customer, _CUSTOMER_COLUMNS, [customer_fields(row) for row in new_rows])
             pks = dict(pairs_in(Customer, "email", [row.email for row in new_rows], "id"))
             run_id = self.run.pk if self.run else None
-            insert_rows(ImportedCustomer, ("customer_id", "run_id"),
-                        [{"customer_id": pks[row.email], "run_id": run_id} for row in new_rows])
-            new_states.extend(self._state(row, pks[row.email], tags=row.values.get("tags"))
-                              for row in new_rows)
+            insert_rows(
+                ImportedCustomer,
+                ("customer_id", "run_id"),
+                [{"customer_id": pks[row.email], "run_id": run_id} for row in new_rows],
+            )
+            new_states.extend(
+                self._state(row, pks[row.email], tags=row.values.get("tags")) for row in new_rows
+            )
         # Status "synced" with version 0: nothing is pending, so nothing goes out;
         # the reconciliation report shows whether the values agree.
-        insert_rows(SyncState, _STATE_COLUMNS, new_states, constants={
-            "operation": Operation.UPSERT, "status": SyncStatus.SYNCED, "version": 0,
-            "synced_version": 0, "in_satori": True, "remote_seen_at": self.stamp})
-        update_rows(SyncState, ("in_satori", "hashcode", "remote_values", "remote_seen_at",
-                                "customer_id"), changed)
+        insert_rows(
+            SyncState,
+            _STATE_COLUMNS,
+            new_states,
+            constants={
+                "operation": Operation.UPSERT,
+                "status": SyncStatus.SYNCED,
+                "version": 0,
+                "synced_version": 0,
+                "in_satori": True,
+                "remote_seen_at": self.stamp,
+            },
+        )
+        update_rows(
+            SyncState,
+            ("in_satori", "hashcode", "remote_values", "remote_seen_at", "customer_id"),
+            changed,
+        )
         return counts, skips
 
-    def _conflict(self, row: ExportRow, state: dict[str, Any] | None,
-                  customers: dict[str, int], hash_owner: dict[str, str]) -> str:
+    def _conflict(
+        self,
+        row: ExportRow,
+        state: dict[str, Any] | None,
+        customers: dict[str, int],
+        hash_owner: dict[str, str],
+    ) -> str:
         """Why ``row`` cannot be applied, or ''."""
         digest = _email_digest(row.email)
-        if digest in self.seen_digests or (state is not None
-                                           and state["remote_seen_at"] == self.stamp):
+        if digest in self.seen_digests or (
+            state is not None and state["remote_seen_at"] == self.stamp
+        ):
             return _("the same e-mail address appeared earlier in the file")
         if self.result.dry_run:
             self.seen_digests.add(digest)
         owner = hash_owner.get(row.hashcode) if row.hashcode else None
         if owner:
-            return _("SATORI's hashcode of this row belongs locally to %(email)s: the e-mail "
-                     "address was probably changed on one side; resolve it by hand") % {
-                "email": owner}
+            return _(
+                "SATORI's hashcode of this row belongs locally to %(email)s: the e-mail "
+                "address was probably changed on one side; resolve it by hand"
+            ) % {"email": owner}
         if row.email not in customers and state is not None and state["customer_id"] is None:
             if state["operation"] == Operation.DELETE:
-                return _("this customer was deleted locally (sync status: %(status)s); it is "
-                         "not re-created from the export") % {
-                    "status": SyncStatus(state["status"]).label}
-            return _("this address was replaced by a local e-mail change; the customer is "
-                     "not re-created from the export")
+                return _(
+                    "this customer was deleted locally (sync status: %(status)s); it is "
+                    "not re-created from the export"
+                ) % {"status": SyncStatus(state["status"]).label}
+            return _(
+                "this address was replaced by a local e-mail change; the customer is "
+                "not re-created from the export"
+            )
         return ""
 
     def _hashcode_owners(self, rows: list[ExportRow]) -> dict[str, str]:
@@ -791,10 +894,11 @@ class _Importer:
                 owners[hashcode] = email
         return owners
 
-    def _state(self, row: ExportRow, customer_id: int, *,
-               tags: list[str] | None) -> dict[str, Any]:
+    def _state(self, row: ExportRow, customer_id: int, *, tags: list[str] | None) -> dict[str, Any]:
         return {
-            "email": row.email, "customer_id": customer_id, "hashcode": row.hashcode,
+            "email": row.email,
+            "customer_id": customer_id,
+            "hashcode": row.hashcode,
             "remote_values": row.values,
             # A new customer holds SATORI's tags; a tag removed locally later must go
             # out as delete_tags, exactly as if we had sent it.
@@ -807,10 +911,14 @@ class _Importer:
         result = self.result
         ImportRun.objects.filter(pk=self.run.pk).update(
             status=ImportRunStatus.FAILED if failed else ImportRunStatus.FINISHED,
-            finished_at=timezone.now(), rows=result.rows, created_count=result.created,
-            linked_count=result.linked, refreshed_count=result.refreshed,
+            finished_at=timezone.now(),
+            rows=result.rows,
+            created_count=result.created,
+            linked_count=result.linked,
+            refreshed_count=result.refreshed,
             skipped_count=result.skipped_count,
-            skipped_rows=[s.as_dict() for s in result.skipped], message=failed[:2000],
+            skipped_rows=[s.as_dict() for s in result.skipped],
+            message=failed[:2000],
         )
         self.run.refresh_from_db()
 
@@ -821,4 +929,4 @@ def _email_digest(email: str) -> bytes:
 
 def _chunks(items: list[Any], size: int = _LOOKUP_CHUNK) -> Iterable[list[Any]]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]

@@ -117,7 +117,10 @@ def load_mappings(conf: SatoriSettings | None = None) -> dict[type[models.Model]
                 key in STANDARD_FIELDS or key.startswith(CUSTOM_PREFIX)
             ):
                 raise MappingError(f"{where}['fields']: {key!r} is not a SATORI customer item.")
-            if key.startswith(CUSTOM_PREFIX) and key[len(CUSTOM_PREFIX):] not in conf.CUSTOM_FIELDS:
+            if (
+                key.startswith(CUSTOM_PREFIX)
+                and key[len(CUSTOM_PREFIX) :] not in conf.CUSTOM_FIELDS
+            ):
                 raise MappingError(
                     f"{where}['fields']: {key!r} is not declared in SATORI['CUSTOM_FIELDS']."
                 )
@@ -131,8 +134,11 @@ def load_mappings(conf: SatoriSettings | None = None) -> dict[type[models.Model]
             email=_getter(entry["email"], f"{where}['email']"),
             fields=fields,
             tags=_getter(entry["tags"], f"{where}['tags']") if entry.get("tags") else None,
-            condition=(_getter(entry["condition"], f"{where}['condition']")
-                       if entry.get("condition") else None),
+            condition=(
+                _getter(entry["condition"], f"{where}['condition']")
+                if entry.get("condition")
+                else None
+            ),
             on_delete=on_delete,
         )
     return result

@@ -50,16 +50,21 @@ class Customer(models.Model):
     email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, unique=True)
     # SATORI's own item names need a context: "last name" or "company" in Django's or
     # the project's catalog (姓, 会社) would otherwise win over ours (苗字, 会社名).
-    last_name = models.CharField(pgettext_lazy("satori item", "last name"), max_length=255,
-                                 blank=True)
-    first_name = models.CharField(pgettext_lazy("satori item", "first name"), max_length=255,
-                                  blank=True)
-    last_name_reading = models.CharField(pgettext_lazy("satori item", "last name (reading)"),
-                                         max_length=255, blank=True)
-    first_name_reading = models.CharField(pgettext_lazy("satori item", "first name (reading)"),
-                                          max_length=255, blank=True)
-    lead_company_name = models.CharField(pgettext_lazy("satori item", "company"),
-                                         max_length=255, blank=True)
+    last_name = models.CharField(
+        pgettext_lazy("satori item", "last name"), max_length=255, blank=True
+    )
+    first_name = models.CharField(
+        pgettext_lazy("satori item", "first name"), max_length=255, blank=True
+    )
+    last_name_reading = models.CharField(
+        pgettext_lazy("satori item", "last name (reading)"), max_length=255, blank=True
+    )
+    first_name_reading = models.CharField(
+        pgettext_lazy("satori item", "first name (reading)"), max_length=255, blank=True
+    )
+    lead_company_name = models.CharField(
+        pgettext_lazy("satori item", "company"), max_length=255, blank=True
+    )
     department = models.CharField(_("department"), max_length=255, blank=True)
     phone_number = models.CharField(_("phone number"), max_length=64, blank=True)
     mobile_phone_number = models.CharField(_("mobile phone number"), max_length=64, blank=True)
@@ -123,8 +128,9 @@ class Customer(models.Model):
         from django.utils.translation import gettext
 
         def refuse(field: str) -> SatoriValidationError:
-            return SatoriValidationError(gettext("The value contains a NUL character."),
-                                         field=field)
+            return SatoriValidationError(
+                gettext("The value contains a NUL character."), field=field
+            )
 
         for field in self._meta.concrete_fields:
             value = getattr(self, field.attname)
@@ -151,12 +157,16 @@ class Customer(models.Model):
         if not isinstance(self.tags, list) or not all(isinstance(t, str) for t in self.tags):
             errors["tags"] = [gettext("Tags must be a list of names.")]
         if not isinstance(self.custom_fields, dict):
-            errors["custom_fields"] = [gettext('Custom fields must be an object such as '
-                                               '{"custom:plan": "gold"}.')]
+            errors["custom_fields"] = [
+                gettext('Custom fields must be an object such as {"custom:plan": "gold"}.')
+            ]
         else:
             try:
-                clean_customer(self.custom_fields, custom_fields=get_settings().CUSTOM_FIELDS,
-                               require_email=False)
+                clean_customer(
+                    self.custom_fields,
+                    custom_fields=get_settings().CUSTOM_FIELDS,
+                    require_email=False,
+                )
             except SatoriValidationError as exc:
                 errors["custom_fields"] = [f"{exc.field}: {exc.message}"]
         if errors:
@@ -215,9 +225,7 @@ class SyncState(models.Model):
     #: Known to exist in SATORI (created by us or imported from SATORI's export).
     in_satori = models.BooleanField(_("known in SATORI"), default=False)
     #: The e-mail SATORI has for this customer when it was changed locally.
-    previous_email = models.CharField(
-        _("previous e-mail"), max_length=EMAIL_MAX_LENGTH, blank=True
-    )
+    previous_email = models.CharField(_("previous e-mail"), max_length=EMAIL_MAX_LENGTH, blank=True)
 
     not_before = models.DateTimeField(_("not before"), null=True, blank=True)
     dispatched_at = models.DateTimeField(_("task queued at"), null=True, blank=True)
@@ -249,8 +257,10 @@ class SyncState(models.Model):
         # indexed column writes a new entry into every index of the table: keep them
         # few. (status, not_before) serves the status lookups too; plain Index() has
         # no PostgreSQL "_like" twin, which nothing here needs.
-        indexes = [models.Index(fields=["status", "not_before"], name="django_sato_status_nb"),
-                   models.Index(fields=["hashcode"], name="django_sato_hashcode")]
+        indexes = [
+            models.Index(fields=["status", "not_before"], name="django_sato_status_nb"),
+            models.Index(fields=["hashcode"], name="django_sato_hashcode"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.email} ({self.get_status_display()})"
@@ -319,10 +329,12 @@ class SyncLog(models.Model):
         DRY_RUN = "dry_run", _("Dry run")
 
     # Set when the entry is made, not when it is written: a batch writes its entries together.
-    created_at = models.DateTimeField(_("time"), default=timezone.now, editable=False,
-                                      db_index=True)
-    email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True,
-                             db_index=True)
+    created_at = models.DateTimeField(
+        _("time"), default=timezone.now, editable=False, db_index=True
+    )
+    email = models.CharField(
+        _("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True, db_index=True
+    )
     endpoint = models.CharField(_("endpoint"), max_length=100)
     outcome = models.CharField(_("outcome"), max_length=16, choices=Outcome.choices)
     satori_status = models.IntegerField(_("SATORI status"), null=True, blank=True)
@@ -362,7 +374,10 @@ class BulkJob(models.Model):
     mode = models.CharField(_("mode"), max_length=16, choices=BulkMode.choices)
     identity_type = models.CharField(_("identity type"), max_length=16, default="email")
     state = models.CharField(
-        _("state"), max_length=16, choices=BulkState.choices, default=BulkState.CREATED,
+        _("state"),
+        max_length=16,
+        choices=BulkState.choices,
+        default=BulkState.CREATED,
         db_index=True,
     )
     #: The selection, kept as a pickled ``Query`` of Customer (never a list of pks).
@@ -407,15 +422,20 @@ class BulkJob(models.Model):
 class BulkPart(models.Model):
     """One SATORI upload (at most 10,000 rows) of a :class:`BulkJob`."""
 
-    job = models.ForeignKey(BulkJob, verbose_name=_("job"), on_delete=models.CASCADE,
-                            related_name="parts")
+    job = models.ForeignKey(
+        BulkJob, verbose_name=_("job"), on_delete=models.CASCADE, related_name="parts"
+    )
     number = models.PositiveIntegerField(_("part"))
     state = models.CharField(
-        _("state"), max_length=16, choices=BulkState.choices, default=BulkState.CREATED,
+        _("state"),
+        max_length=16,
+        choices=BulkState.choices,
+        default=BulkState.CREATED,
         db_index=True,
     )
-    csv_file = models.FileField(_("CSV file"), upload_to="django_satori/bulk/", max_length=255,
-                                blank=True)
+    csv_file = models.FileField(
+        _("CSV file"), upload_to="django_satori/bulk/", max_length=255, blank=True
+    )
     row_count = models.PositiveIntegerField(_("rows"), default=0)
     succeeded_count = models.PositiveIntegerField(_("succeeded"), default=0)
     failed_count = models.PositiveIntegerField(_("failed"), default=0)
@@ -443,15 +463,28 @@ class BulkPart(models.Model):
 class BulkRowError(models.Model):
     """A row SATORI refused, or one left out before upload because it was invalid."""
 
-    job = models.ForeignKey(BulkJob, verbose_name=_("job"), on_delete=models.CASCADE,
-                            related_name="row_errors")
-    part = models.ForeignKey(BulkPart, verbose_name=_("part"), null=True, blank=True,
-                             on_delete=models.CASCADE, related_name="row_errors")
+    job = models.ForeignKey(
+        BulkJob, verbose_name=_("job"), on_delete=models.CASCADE, related_name="row_errors"
+    )
+    part = models.ForeignKey(
+        BulkPart,
+        verbose_name=_("part"),
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        related_name="row_errors",
+    )
     #: SATORI's row number (the header is row 1); empty for rows left out locally.
     row_number = models.PositiveIntegerField(_("row"), null=True, blank=True)
     email = models.CharField(_("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True)
-    customer = models.ForeignKey(Customer, verbose_name=_("customer"), null=True, blank=True,
-                                 on_delete=models.SET_NULL, related_name="+")
+    customer = models.ForeignKey(
+        Customer,
+        verbose_name=_("customer"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
     field = models.CharField(_("field"), max_length=100, blank=True)
     message = models.TextField(_("message"))
     before_upload = models.BooleanField(_("left out before upload"), default=False)
@@ -482,8 +515,9 @@ class ImportRun(models.Model):
 
     filename = models.CharField(_("file"), max_length=255, blank=True)
     encoding = models.CharField(_("encoding"), max_length=16, blank=True)
-    status = models.CharField(_("status"), max_length=16, choices=ImportRunStatus.choices,
-                              default=ImportRunStatus.RUNNING)
+    status = models.CharField(
+        _("status"), max_length=16, choices=ImportRunStatus.choices, default=ImportRunStatus.RUNNING
+    )
     started_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         verbose_name=_("started by"),
@@ -522,10 +556,21 @@ class ImportedCustomer(models.Model):
     reconciliation report calls "only in SATORI".
     """
 
-    customer = models.OneToOneField(Customer, verbose_name=_("customer"), primary_key=True,
-                                    on_delete=models.CASCADE, related_name="satori_import")
-    run = models.ForeignKey(ImportRun, verbose_name=_("import"), null=True, blank=True,
-                            on_delete=models.SET_NULL, related_name="created_customers")
+    customer = models.OneToOneField(
+        Customer,
+        verbose_name=_("customer"),
+        primary_key=True,
+        on_delete=models.CASCADE,
+        related_name="satori_import",
+    )
+    run = models.ForeignKey(
+        ImportRun,
+        verbose_name=_("import"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="created_customers",
+    )
 
     class Meta:
         verbose_name = _("customer created by an import")

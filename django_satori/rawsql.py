@@ -38,13 +38,15 @@ def _prep(field: models.Field[Any, Any], connection: Any) -> Prep:
         ops, encoder = connection.ops, field.encoder
         return lambda value: ops.adapt_json_value(value, encoder)
     if isinstance(field, models.ForeignKey) and isinstance(
-            field.target_field, models.AutoField | models.BigAutoField):
+        field.target_field, models.AutoField | models.BigAutoField
+    ):
         return lambda value: value if value is None else int(value)
     return lambda value: field.get_db_prep_save(value, connection=connection)
 
 
-def _other_columns(model: type[models.Model], connection: Any, skip: Sequence[str],
-                   constants: Mapping[str, Any]) -> tuple[list[str], list[Any]]:
+def _other_columns(
+    model: type[models.Model], connection: Any, skip: Sequence[str], constants: Mapping[str, Any]
+) -> tuple[list[str], list[Any]]:
     """Quoted columns and prepared values of the concrete fields not in ``skip``: from
     ``constants``, else "now" for ``auto_now``/``auto_now_add``, else the default."""
     now = timezone.now()
@@ -64,9 +66,12 @@ def _other_columns(model: type[models.Model], connection: Any, skip: Sequence[st
     return columns, values
 
 
-def insert_rows(model: type[models.Model], varying: Sequence[str],
-                rows: Sequence[Mapping[str, Any]],
-                constants: Mapping[str, Any] | None = None) -> None:
+def insert_rows(
+    model: type[models.Model],
+    varying: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    constants: Mapping[str, Any] | None = None,
+) -> None:
     """INSERT one row per mapping; ``varying`` names (attnames) the keys each mapping has.
 
     ``constants`` gives fields the same value in every row. Every other
@@ -81,8 +86,10 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
     others, template = _other_columns(model, connection, varying, constants or {})
     columns = [connection.ops.quote_name(_column(field)) for field in fields] + others
     table = connection.ops.quote_name(model._meta.db_table)
-    params = [[prep(row[field.attname]) for field, prep in zip(fields, preps, strict=True)]
-              + template for row in rows]
+    params = [
+        [prep(row[field.attname]) for field, prep in zip(fields, preps, strict=True)] + template
+        for row in rows
+    ]
     with connection.cursor() as cursor:
         copy = getattr(cursor.cursor, "copy", None)
         if connection.vendor == "postgresql" and copy is not None:
@@ -92,12 +99,19 @@ def insert_rows(model: type[models.Model], varying: Sequence[str],
                 for values in params:
                     stream.write_row(values)
             return
-    executemany(connection, f"INSERT INTO {table} ({', '.join(columns)}) "
-                            f"VALUES ({', '.join(['%s'] * len(columns))})", params)
+    executemany(
+        connection,
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
+        params,
+    )
 
 
-def insert_from(model: type[models.Model], varying: Sequence[str],
-                source: models.QuerySet[Any], constants: Mapping[str, Any]) -> int:
+def insert_from(
+    model: type[models.Model],
+    varying: Sequence[str],
+    source: models.QuerySet[Any],
+    constants: Mapping[str, Any],
+) -> int:
     """INSERT a row per row of ``source`` (a ``values_list`` of the ``varying`` fields'
     values, in that order), in one statement; rows that would break a unique
     constraint are left out. Other fields as in :func:`insert_rows`. Returns the
@@ -111,17 +125,20 @@ def insert_from(model: type[models.Model], varying: Sequence[str],
     columns = [connection.ops.quote_name(_column(_field(model, name))) for name in varying]
     select, select_params = source.query.sql_with_params()
     on_conflict = OnConflict.IGNORE
-    sql = (f"{connection.ops.insert_statement(on_conflict=on_conflict)} "
-           f"{connection.ops.quote_name(model._meta.db_table)} ({', '.join(columns + others)}) "
-           f"SELECT src.*, {', '.join(['%s'] * len(values))} FROM ({select}) src "
-           f"{connection.ops.on_conflict_suffix_sql([], on_conflict, None, None)}")
+    sql = (
+        f"{connection.ops.insert_statement(on_conflict=on_conflict)} "
+        f"{connection.ops.quote_name(model._meta.db_table)} ({', '.join(columns + others)}) "
+        f"SELECT src.*, {', '.join(['%s'] * len(values))} FROM ({select}) src "
+        f"{connection.ops.on_conflict_suffix_sql([], on_conflict, None, None)}"
+    )
     with connection.cursor() as cursor:
         cursor.execute(sql, [*values, *select_params])
         return int(cursor.rowcount)
 
 
-def update_rows(model: type[models.Model], fields: Sequence[str],
-                rows: Sequence[Mapping[str, Any]]) -> None:
+def update_rows(
+    model: type[models.Model], fields: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
     """UPDATE ``fields`` (attnames) of each row, found by its ``"pk"`` key."""
     if not rows:
         return
@@ -132,15 +149,17 @@ def update_rows(model: type[models.Model], fields: Sequence[str],
     targets = [_field(model, name) for name in fields]
     preps = [_prep(field, connection) for field in targets]
     assignments = ", ".join(f"{qn(_column(field))} = %s" for field in targets)
-    sql = (f"UPDATE {qn(opts.db_table)} SET {assignments} "
-           f"WHERE {qn(_column(opts.pk))} = %s")
-    params = [[prep(row[field.attname]) for field, prep in zip(targets, preps, strict=True)]
-              + [row["pk"]] for row in rows]
+    sql = f"UPDATE {qn(opts.db_table)} SET {assignments} WHERE {qn(_column(opts.pk))} = %s"
+    params = [
+        [prep(row[field.attname]) for field, prep in zip(targets, preps, strict=True)] + [row["pk"]]
+        for row in rows
+    ]
     executemany(connection, sql, params)
 
 
-def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
-             other: str, chunk: int = 500) -> list[tuple[Any, Any]]:
+def pairs_in(
+    model: type[models.Model], key: str, values: Sequence[str], other: str, chunk: int = 500
+) -> list[tuple[Any, Any]]:
     """``(key, other)`` of the rows whose text column ``key`` is in ``values``.
 
     The ORM prepares each ``IN`` parameter through the field; for text keys
@@ -155,10 +174,12 @@ def pairs_in(model: type[models.Model], key: str, values: Sequence[str],
     found: list[tuple[Any, Any]] = []
     with connection.cursor() as cursor:
         for start in range(0, len(values), chunk):
-            part = list(values[start:start + chunk])
+            part = list(values[start : start + chunk])
             cursor.execute(
                 f"SELECT {key_column}, {other_column} FROM {qn(opts.db_table)} "
-                f"WHERE {key_column} IN ({', '.join(['%s'] * len(part))})", part)
+                f"WHERE {key_column} IN ({', '.join(['%s'] * len(part))})",
+                part,
+            )
             found.extend(cursor.fetchall())
     return found
 
@@ -195,8 +216,7 @@ def analyze(*models_: type[models.Model]) -> None:
         cursor.execute(f"ANALYZE {tables}")
 
 
-def analyze_if_stale(*models_: type[models.Model], share: float = 0.2,
-                     floor: int = 1000) -> bool:
+def analyze_if_stale(*models_: type[models.Model], share: float = 0.2, floor: int = 1000) -> bool:
     """:func:`analyze` the tables whose statistics miss more than ``share`` of their rows
     (and at least ``floor``); returns whether it did. PostgreSQL only.
 
@@ -213,11 +233,13 @@ def analyze_if_stale(*models_: type[models.Model], share: float = 0.2,
         cursor.execute(
             "SELECT s.relname, s.n_mod_since_analyze, GREATEST(c.reltuples, 0) "
             "FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid "
-            "WHERE s.relid = ANY(%s::regclass[])", [tables])
-        stale = {name for name, changed, rows in cursor.fetchall()
-                 if changed >= max(floor, share * rows)}
+            "WHERE s.relid = ANY(%s::regclass[])",
+            [tables],
+        )
+        stale = {
+            name for name, changed, rows in cursor.fetchall() if changed >= max(floor, share * rows)
+        }
     if not stale:
         return False
     analyze(*(m for m in models_ if m._meta.db_table in stale))
     return True
-

@@ -111,9 +111,13 @@ class _Rules:
     @classmethod
     def current(cls) -> _Rules:
         conf = get_settings()
-        return cls(conf.TAG_SEPARATOR, {
-            CUSTOM_PREFIX + identifier: custom_field_type(definition)[0] == "date"
-            for identifier, definition in conf.CUSTOM_FIELDS.items()})
+        return cls(
+            conf.TAG_SEPARATOR,
+            {
+                CUSTOM_PREFIX + identifier: custom_field_type(definition)[0] == "date"
+                for identifier, definition in conf.CUSTOM_FIELDS.items()
+            },
+        )
 
 
 _ORDER = {name: position for position, name in enumerate((*DATA_FIELDS, "tags"))}
@@ -123,8 +127,13 @@ def _field_order(key: str) -> tuple[int, str]:
     return _ORDER.get(key, len(_ORDER)), key
 
 
-def _compare(local: Mapping[str, Any], tags: Any, custom: Mapping[str, Any],
-             remote: Mapping[str, Any], rules: _Rules) -> list[FieldDifference]:
+def _compare(
+    local: Mapping[str, Any],
+    tags: Any,
+    custom: Mapping[str, Any],
+    remote: Mapping[str, Any],
+    rules: _Rules,
+) -> list[FieldDifference]:
     differences: list[FieldDifference] = []
     # In the customer form's order, whatever order the JSON came back in (jsonb sorts keys).
     for key in sorted(remote, key=_field_order):
@@ -132,8 +141,11 @@ def _compare(local: Mapping[str, Any], tags: Any, custom: Mapping[str, Any],
         if key == "tags":
             local_tags, remote_tags = _tags(tags), _tags(remote_value)
             if local_tags != remote_tags:
-                differences.append(FieldDifference(key, rules.separator.join(local_tags),
-                                                   rules.separator.join(remote_tags)))
+                differences.append(
+                    FieldDifference(
+                        key, rules.separator.join(local_tags), rules.separator.join(remote_tags)
+                    )
+                )
             continue
         if key in local:
             local_value = local[key]
@@ -159,7 +171,8 @@ def _compare(local: Mapping[str, Any], tags: Any, custom: Mapping[str, Any],
 def only_in_django() -> models.QuerySet[Customer]:
     """Customers SATORI is not known to have."""
     return Customer.objects.filter(
-        Q(sync_state__isnull=True) | Q(sync_state__in_satori=False)).order_by("pk")
+        Q(sync_state__isnull=True) | Q(sync_state__in_satori=False)
+    ).order_by("pk")
 
 
 def only_in_satori() -> models.QuerySet[Customer]:
@@ -168,24 +181,37 @@ def only_in_satori() -> models.QuerySet[Customer]:
 
 
 def with_remote_values() -> models.QuerySet[Customer]:
-    return (Customer.objects.filter(sync_state__remote_seen_at__isnull=False)
-            .select_related("sync_state").order_by("pk"))
+    return (
+        Customer.objects.filter(sync_state__remote_seen_at__isnull=False)
+        .select_related("sync_state")
+        .order_by("pk")
+    )
 
 
-def different(queryset: models.QuerySet[Customer] | None = None, *,
-              chunk_size: int = 2000) -> Iterator[CustomerDifferences]:
+def different(
+    queryset: models.QuerySet[Customer] | None = None, *, chunk_size: int = 2000
+) -> Iterator[CustomerDifferences]:
     """Customers whose values differ from SATORI's last export, in pk order (streamed)."""
     customers = with_remote_values()
     if queryset is not None:
         customers = customers.filter(pk__in=queryset.values("pk"))
     rules = _Rules.current()
     # Plain tuples, not model instances: this runs over every imported customer.
-    columns = ("pk", "email", "tags", "custom_fields", "sync_state__status",
-               "sync_state__remote_values", *DATA_FIELDS)
+    columns = (
+        "pk",
+        "email",
+        "tags",
+        "custom_fields",
+        "sync_state__status",
+        "sync_state__remote_values",
+        *DATA_FIELDS,
+    )
     for pk, email, tags, custom, status, remote, *values in customers.values_list(
-            *columns).iterator(chunk_size=chunk_size):
-        diffs = _compare(dict(zip(DATA_FIELDS, values, strict=True)), tags, custom or {},
-                         remote or {}, rules)
+        *columns
+    ).iterator(chunk_size=chunk_size):
+        diffs = _compare(
+            dict(zip(DATA_FIELDS, values, strict=True)), tags, custom or {}, remote or {}, rules
+        )
         if diffs:
             yield CustomerDifferences(pk, email, status, tuple(diffs))
 
@@ -195,9 +221,11 @@ def last_import() -> ImportRun | None:
 
 
 def summarize() -> ReconcileSummary:
-    summary = ReconcileSummary(only_in_django=only_in_django().count(),
-                               only_in_satori=only_in_satori().count(),
-                               last_import=last_import())
+    summary = ReconcileSummary(
+        only_in_django=only_in_django().count(),
+        only_in_satori=only_in_satori().count(),
+        last_import=last_import(),
+    )
     for item in different():
         summary.different += 1
         summary.by_field.update(d.field for d in item.differences)
@@ -216,8 +244,9 @@ def category_ids(category: str) -> Iterator[int]:
         raise ValueError(f"unknown category {category!r}; use one of {', '.join(CATEGORIES)}")
 
 
-def rows(categories: Iterable[str] = CATEGORIES, *,
-         limit: int | None = None) -> Iterator[tuple[str, str, str, str, str]]:
+def rows(
+    categories: Iterable[str] = CATEGORIES, *, limit: int | None = None
+) -> Iterator[tuple[str, str, str, str, str]]:
     """``(category, email, field, django value, SATORI value)``, one per difference.
 
     The two "only in" categories give one row per customer with empty field and values.
@@ -241,8 +270,9 @@ def rows(categories: Iterable[str] = CATEGORIES, *,
             yield category, email, "", "", ""
 
 
-def write_csv(out: Writable, categories: Iterable[str] = CATEGORIES, *,
-              limit: int | None = None) -> int:
+def write_csv(
+    out: Writable, categories: Iterable[str] = CATEGORIES, *, limit: int | None = None
+) -> int:
     """The report as CSV (header ``CSV_HEADER``); returns the number of data rows."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_HEADER)
@@ -253,27 +283,44 @@ def write_csv(out: Writable, categories: Iterable[str] = CATEGORIES, *,
     return count
 
 
-def write_text(out: Writable, categories: Iterable[str] = CATEGORIES, *,
-               limit: int | None = 50) -> None:
+def write_text(
+    out: Writable, categories: Iterable[str] = CATEGORIES, *, limit: int | None = 50
+) -> None:
     """The report for people: counts, then up to ``limit`` customers per category."""
     categories = tuple(categories)
     summary = summarize()
     titles = {
         "only_in_django": (_("Only in Django (not known in SATORI)"), summary.only_in_django),
-        "only_in_satori": (_("Only in SATORI (created by an import, no project object)"),
-                           summary.only_in_satori),
+        "only_in_satori": (
+            _("Only in SATORI (created by an import, no project object)"),
+            summary.only_in_satori,
+        ),
         "different": (_("In both, with different values"), summary.different),
     }
     run = summary.last_import
     if run is None:
-        out.write(_("No SATORI export has been imported yet: every customer is only in "
-                    "Django or was created by us.") + "\n")
+        out.write(
+            _(
+                "No SATORI export has been imported yet: every customer is only in "
+                "Django or was created by us."
+            )
+            + "\n"
+        )
     else:
-        out.write(ngettext("Last import: #%(id)s %(file)s, %(time)s (%(rows)d row)",
-                           "Last import: #%(id)s %(file)s, %(time)s (%(rows)d rows)", run.rows)
-                  % {"id": run.pk, "file": run.filename or "-",
-                     "time": localtime(run.started_at).strftime("%Y-%m-%d %H:%M"), "rows": run.rows}
-                  + "\n")
+        out.write(
+            ngettext(
+                "Last import: #%(id)s %(file)s, %(time)s (%(rows)d row)",
+                "Last import: #%(id)s %(file)s, %(time)s (%(rows)d rows)",
+                run.rows,
+            )
+            % {
+                "id": run.pk,
+                "file": run.filename or "-",
+                "time": localtime(run.started_at).strftime("%Y-%m-%d %H:%M"),
+                "rows": run.rows,
+            }
+            + "\n"
+        )
     for category in categories:
         title, total = titles[category]
         out.write(f"\n{title}: {total}\n")
@@ -288,8 +335,12 @@ def write_text(out: Writable, categories: Iterable[str] = CATEGORIES, *,
                 current = email
                 out.write(f"  {email}\n")
             if name:
-                out.write("    " + _("%(field)s: Django %(local)r, SATORI %(remote)r")
-                          % {"field": name, "local": local, "remote": remote} + "\n")
+                out.write(
+                    "    "
+                    + _("%(field)s: Django %(local)r, SATORI %(remote)r")
+                    % {"field": name, "local": local, "remote": remote}
+                    + "\n"
+                )
         if limit is not None and total > shown:
             out.write("  " + _("... and %(n)d more") % {"n": total - shown} + "\n")
 
@@ -301,5 +352,5 @@ def mark_ids_for_sync(ids: list[int], chunk: int = 500) -> int:
 
     marked = 0
     for start in range(0, len(ids), chunk):
-        marked += mark_for_sync(Customer.objects.filter(pk__in=ids[start:start + chunk]))
+        marked += mark_for_sync(Customer.objects.filter(pk__in=ids[start : start + chunk]))
     return marked

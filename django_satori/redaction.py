@@ -32,32 +32,36 @@ MASK = "********"
 
 #: Customer items and bookkeeping fields whose values describe the operation,
 #: not the person, so they stay readable in summaries.
-NON_PERSONAL_FIELDS: frozenset[str] = frozenset({
-    "identity_type",
-    "hashcode",
-    "lead_company_name",
-    "department",
-    "collection_route",
-    "collection_date",
-    "delivery_permission",
-    "append_tags",
-    "delete_tags",
-    "process_code",
-    "customer_csv_file",
-})
+NON_PERSONAL_FIELDS: frozenset[str] = frozenset(
+    {
+        "identity_type",
+        "hashcode",
+        "lead_company_name",
+        "department",
+        "collection_route",
+        "collection_date",
+        "delivery_permission",
+        "append_tags",
+        "delete_tags",
+        "process_code",
+        "customer_csv_file",
+    }
+)
 
 #: Keys whose values are personal wherever they show up in a reply.
-PERSONAL_FIELDS: frozenset[str] = frozenset({
-    "email",
-    "last_name",
-    "first_name",
-    "last_name_reading",
-    "first_name_reading",
-    "phone_number",
-    "mobile_phone_number",
-    "address",
-    "memo",
-})
+PERSONAL_FIELDS: frozenset[str] = frozenset(
+    {
+        "email",
+        "last_name",
+        "first_name",
+        "last_name_reading",
+        "first_name_reading",
+        "phone_number",
+        "mobile_phone_number",
+        "address",
+        "memo",
+    }
+)
 
 _BRACKETED = re.compile(r"^[A-Za-z0-9_]+\[([^\]]+)\]$")
 _EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
@@ -205,14 +209,22 @@ def scrub_data(
         for key, value in data.items():
             clean_key = scrub(key, needles)
             copied[clean_key] = scrub_data(
-                value, needles, redact_personal=redact_personal, _depth=_depth + 1,
+                value,
+                needles,
+                redact_personal=redact_personal,
+                _depth=_depth + 1,
                 _personal=_personal or (redact_personal and _is_personal_reply_key(clean_key)),
             )
         return copied
     if isinstance(data, list | tuple):
         return [
-            scrub_data(item, needles, redact_personal=redact_personal, _depth=_depth + 1,
-                       _personal=_personal)
+            scrub_data(
+                item,
+                needles,
+                redact_personal=redact_personal,
+                _depth=_depth + 1,
+                _personal=_personal,
+            )
             for item in data
         ]
     if data is None or isinstance(data, bool):

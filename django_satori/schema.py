@@ -107,8 +107,11 @@ def _clean_custom(identifier: str, value: Any, definitions: Mapping[str, Any]) -
     key = CUSTOM_PREFIX + identifier
     if not _CUSTOM_ID_RE.match(identifier) or identifier not in definitions:
         raise SatoriValidationError(
-            _("Unknown custom field %(key)s: declare it in SATORI['CUSTOM_FIELDS'] "
-              "with the identifier set in SATORI's admin screen.") % {"key": key},
+            _(
+                "Unknown custom field %(key)s: declare it in SATORI['CUSTOM_FIELDS'] "
+                "with the identifier set in SATORI's admin screen."
+            )
+            % {"key": key},
             field=key,
         )
     kind, choices = custom_field_type(definitions[identifier])
@@ -172,7 +175,7 @@ def clean_customer(
         if value is None or (isinstance(value, str) and value == ""):
             continue
         if key.startswith(CUSTOM_PREFIX):
-            cleaned[key] = _clean_custom(key[len(CUSTOM_PREFIX):], value, custom_fields)
+            cleaned[key] = _clean_custom(key[len(CUSTOM_PREFIX) :], value, custom_fields)
         elif key not in STANDARD_FIELDS:
             raise SatoriValidationError(
                 _("Unknown SATORI customer field %(key)r.") % {"key": key}, field=key

@@ -81,13 +81,18 @@ _SENDABLE = (SyncStatus.PENDING, SyncStatus.SENDING)
 #: Sent, or on its way: an unchanged connected object need not be marked again.
 #: (Failed, stopped and the rest are marked again, so a save can restart them.)
 _UNDER_WAY = (SyncStatus.SYNCED, SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK)
-_BULK_JOB_ACTIVE = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING,
-                    BulkState.PROCESSING)
+_BULK_JOB_ACTIVE = (
+    BulkState.CREATED,
+    BulkState.EXPORTING,
+    BulkState.UPLOADING,
+    BulkState.PROCESSING,
+)
 
 
 # --------------------------------------------------------------------------
 # 1. Recording changes, inside the caller's transaction
 # --------------------------------------------------------------------------
+
 
 def record_change(customer: Customer) -> None:
     """Mark ``customer`` for sync; called by ``Customer.save()`` in its transaction."""
@@ -129,22 +134,36 @@ def _mark_pending(
     marked = _mark_existing(email, customer_id, operation, now, due)
     if marked is not None:
         return marked
-    row = (SyncState.objects.select_for_update().filter(email=email)
-           .values_list("pk", "status").first())
+    row = (
+        SyncState.objects.select_for_update()
+        .filter(email=email)
+        .values_list("pk", "status")
+        .first()
+    )
     if row is None:
         try:
             with transaction.atomic():
                 state = SyncState.objects.create(
-                    email=email, customer_id=customer_id, operation=operation,
-                    status=SyncStatus.PENDING, dispatched_at=now, not_before=due,
+                    email=email,
+                    customer_id=customer_id,
+                    operation=operation,
+                    status=SyncStatus.PENDING,
+                    dispatched_at=now,
+                    not_before=due,
                 )
             return state.pk, True
         except IntegrityError:  # created by a concurrent transaction: update it instead
-            row = (SyncState.objects.select_for_update().filter(email=email)
-                   .values_list("pk", "status").get())
+            row = (
+                SyncState.objects.select_for_update()
+                .filter(email=email)
+                .values_list("pk", "status")
+                .get()
+            )
     pk, status = row
     changes: dict[str, Any] = {
-        "version": F("version") + 1, "status": SyncStatus.PENDING, "operation": operation,
+        "version": F("version") + 1,
+        "status": SyncStatus.PENDING,
+        "operation": operation,
         "updated_at": now,
     }
     if customer_id is not None or operation == Operation.DELETE:
@@ -174,20 +193,28 @@ _MARK_SQL = (
 )
 
 
-def _mark_existing(email: str, customer_id: int | None, operation: str, now: dt.datetime,
-                   due: dt.datetime) -> tuple[int, bool] | None:
+def _mark_existing(
+    email: str, customer_id: int | None, operation: str, now: dt.datetime, due: dt.datetime
+) -> tuple[int, bool] | None:
     """``_mark_pending`` for an existing row in one statement; None: no such row, or
     a database that cannot return rows from an UPDATE (the caller's ORM path)."""
     connection = connections[router.db_for_write(SyncState)]
     if not _can_update_returning(connection):
         return None
     adapt = connection.ops.adapt_datetimefield_value
-    params = {"pending": SyncStatus.PENDING, "operation": operation, "now": adapt(now),
-              "due": adapt(due), "email": email, "customer": customer_id,
-              "clear": operation == Operation.DELETE}
+    params = {
+        "pending": SyncStatus.PENDING,
+        "operation": operation,
+        "now": adapt(now),
+        "due": adapt(due),
+        "email": email,
+        "customer": customer_id,
+        "clear": operation == Operation.DELETE,
+    }
     with connection.cursor() as cursor:
-        cursor.execute(_MARK_SQL.format(table=connection.ops.quote_name(SyncState._meta.db_table)),
-                       params)
+        cursor.execute(
+            _MARK_SQL.format(table=connection.ops.quote_name(SyncState._meta.db_table)), params
+        )
         row = cursor.fetchone()
     return None if row is None else (int(row[0]), bool(row[1]))
 
@@ -208,11 +235,17 @@ def _follow_email_change(customer: Customer, old_email: str) -> None:
     if old is None:
         return
     SyncState.objects.filter(pk=old.pk).update(
-        customer=None, operation=Operation.NONE, status=SyncStatus.SYNCED,
+        customer=None,
+        operation=Operation.NONE,
+        status=SyncStatus.SYNCED,
         updated_at=timezone.now(),
     )
-    carried = {"hashcode": old.hashcode, "in_satori": old.in_satori, "sent_tags": old.sent_tags,
-               "previous_email": old.previous_email or (old_email if old.in_satori else "")}
+    carried = {
+        "hashcode": old.hashcode,
+        "in_satori": old.in_satori,
+        "sent_tags": old.sent_tags,
+        "previous_email": old.previous_email or (old_email if old.in_satori else ""),
+    }
     updated = SyncState.objects.filter(email=customer.email).update(**carried)
     if not updated:
         SyncState.objects.create(email=customer.email, version=0, **carried)
@@ -233,24 +266,33 @@ def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
                 count += 1
         return count
     if queryset.model is not Customer:
-        raise TypeError(f"{queryset.model.__name__} is not Customer or a connected model "
-                        "(SATORI['MAPPINGS']).")
+        raise TypeError(
+            f"{queryset.model.__name__} is not Customer or a connected model (SATORI['MAPPINGS'])."
+        )
     now = timezone.now()
-    pending = {"status": SyncStatus.PENDING, "operation": Operation.UPSERT, "attempts": 0,
-               "not_before": now, "dispatched_at": None, "updated_at": now}
+    pending = {
+        "status": SyncStatus.PENDING,
+        "operation": Operation.UPSERT,
+        "attempts": 0,
+        "not_before": now,
+        "dispatched_at": None,
+        "updated_at": now,
+    }
     with transaction.atomic():
         states = SyncState.objects.filter(customer__in=queryset.values("pk"))
         count = states.update(version=F("version") + 1, **pending)
         # Customers written with update()/bulk_create() have no outbox row yet: theirs
         # are inserted pending, by one INSERT ... SELECT.
         missing = queryset.filter(sync_state__isnull=True).values_list("pk", "email")
-        inserted = insert_from(SyncState, ("customer_id", "email"), missing,
-                               constants={"version": 1, **pending})
+        inserted = insert_from(
+            SyncState, ("customer_id", "email"), missing, constants={"version": 1, **pending}
+        )
         # Left out: the address has a row without a customer (one deleted before, or
         # whose e-mail changed). Its history (hashcode, sent tags) is this customer's now.
         for pk, email in missing:
             inserted += SyncState.objects.filter(email=email, customer__isnull=True).update(
-                customer_id=pk, version=F("version") + 1, **pending)
+                customer_id=pk, version=F("version") + 1, **pending
+            )
         if inserted:
             count = states.count()
         if count > conf.BULK_THRESHOLD:
@@ -262,6 +304,7 @@ def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
 
 
 # Connected project models ----------------------------------------------------
+
 
 def _source_saved(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) -> None:
     mapping = get_mappings().get(sender)
@@ -287,7 +330,8 @@ def _sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -
         return True
     if customer is None:
         customer = Customer.objects.filter(email=values["email"]).first() or Customer(
-            source_model=mapping.label, source_pk=pk)
+            source_model=mapping.label, source_pk=pk
+        )
         customer.source_model, customer.source_pk = mapping.label, pk
     for name, value in values.items():
         setattr(customer, name, value)
@@ -323,7 +367,8 @@ def _source_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
 def _stop(customer: Customer, reason: str) -> None:
     Customer.objects.filter(pk=customer.pk).update(source_model="", source_pk="")
     SyncState.objects.filter(customer=customer).update(
-        status=SyncStatus.STOPPED, last_error=reason, updated_at=timezone.now())
+        status=SyncStatus.STOPPED, last_error=reason, updated_at=timezone.now()
+    )
 
 
 _connected: list[tuple[models.signals.ModelSignal, Any, str]] = []
@@ -339,8 +384,9 @@ def connect_signals() -> None:
     ]
     for model, mapping in get_mappings().items():
         wiring.append((post_save, model, _source_saved, f"django_satori.saved.{mapping.label}"))
-        wiring.append((post_delete, model, _source_deleted,
-                       f"django_satori.deleted.{mapping.label}"))
+        wiring.append(
+            (post_delete, model, _source_deleted, f"django_satori.deleted.{mapping.label}")
+        )
     for signal, sender, receiver, uid in wiring:
         signal.connect(receiver, sender=sender, dispatch_uid=uid, weak=False)
         _connected.append((signal, sender, uid))
@@ -352,8 +398,7 @@ def connect_signals() -> None:
 
 #: One quick retry, then give up: the row is safe in the outbox and the sweep
 #: sends it later, so a save must not hang while the broker is down.
-PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2,
-                 "interval_max": 0.3}
+PUBLISH_RETRY = {"max_retries": 1, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.3}
 #: After a failed publish, skip publishing for this long (per process): during a
 #: broker outage every save would otherwise wait for its own failed attempt.
 BROKER_PAUSE_SECONDS = 5.0
@@ -410,8 +455,9 @@ class _Publisher:
         with self._changed:
             self._unsent += 1
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="django-satori-publisher")
+                self._thread = threading.Thread(
+                    target=self._run, daemon=True, name="django-satori-publisher"
+                )
                 self._thread.start()
         self._queue.put((state_id, countdown))
 
@@ -495,7 +541,7 @@ def dispatch_many(state_ids: list[int], countdown: float = 0) -> int:
 
     queued = 0
     for start in range(0, len(state_ids), DISPATCH_BATCH):
-        ids = state_ids[start:start + DISPATCH_BATCH]
+        ids = state_ids[start : start + DISPATCH_BATCH]
         if _publish(push_many, (ids,), countdown, f"the push of {len(ids)} sync state(s)"):
             queued += len(ids)
     return queued
@@ -510,6 +556,7 @@ def _enqueue_sweep() -> None:
 # --------------------------------------------------------------------------
 # 3. Sending, in the worker
 # --------------------------------------------------------------------------
+
 
 class PushOutcome(enum.Enum):
     SYNCED = "synced"
@@ -537,8 +584,7 @@ def push(state_id: int, *, ignore_window: bool = False) -> PushResult:
     return push_batch([state_id], ignore_window=ignore_window)[state_id]
 
 
-def push_batch(state_ids: list[int], *,
-               ignore_window: bool = False) -> dict[int, PushResult]:
+def push_batch(state_ids: list[int], *, ignore_window: bool = False) -> dict[int, PushResult]:
     """:func:`push` for several rows, sent one after another (the ``push_many`` task).
 
     The rows are claimed with one UPDATE and loaded with one SELECT; SATORI's
@@ -557,12 +603,18 @@ def push_batch(state_ids: list[int], *,
     if ignore_window:
         due |= Q(attempts=0)
     lease = dt.timedelta(seconds=conf.LEASE_SECONDS)
-    (SyncState.objects.filter(pk__in=state_ids, status__in=_SENDABLE, bulk_part__isnull=True)
-     .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
-     .filter(due)
-     .update(status=SyncStatus.SENDING, lease_token=token, lease_until=now + lease))
-    claimed = {state.pk: state for state in SyncState.objects.select_related("customer")
-               .filter(pk__in=state_ids, lease_token=token)}
+    (
+        SyncState.objects.filter(pk__in=state_ids, status__in=_SENDABLE, bulk_part__isnull=True)
+        .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
+        .filter(due)
+        .update(status=SyncStatus.SENDING, lease_token=token, lease_until=now + lease)
+    )
+    claimed = {
+        state.pk: state
+        for state in SyncState.objects.select_related("customer").filter(
+            pk__in=state_ids, lease_token=token
+        )
+    }
     results: dict[int, PushResult] = {}
     answered: list[_Answered] = []
     # A long batch renews its claim on the rows still to come before it runs out.
@@ -575,17 +627,21 @@ def push_batch(state_ids: list[int], *,
                     results[state_id] = _why_not_claimed(state_id, now)
                     continue
                 if time.monotonic() > renew_at:
-                    (SyncState.objects.filter(pk__in=[pk for pk in claimed if pk not in results],
-                                              lease_token=token)
-                     .update(lease_until=timezone.now() + lease))
+                    (
+                        SyncState.objects.filter(
+                            pk__in=[pk for pk in claimed if pk not in results], lease_token=token
+                        ).update(lease_until=timezone.now() + lease)
+                    )
                     renew_at = time.monotonic() + conf.LEASE_SECONDS / 2
                 outcome = _send(state, token, conf)
                 if isinstance(outcome, _Answered):
                     answered.append(outcome)
                 else:
                     results[state_id] = outcome
-                if answered and (len(answered) >= WRITE_BACK_BATCH or time.monotonic()
-                                 - answered[0].at > WRITE_BACK_SECONDS):
+                if answered and (
+                    len(answered) >= WRITE_BACK_BATCH
+                    or time.monotonic() - answered[0].at > WRITE_BACK_SECONDS
+                ):
                     results.update(_write_back(answered, token))
                     answered = []
             if answered:
@@ -617,7 +673,8 @@ def _send(state: SyncState, token: str, conf: SatoriSettings) -> PushResult | _A
 def _give_back(state_ids: list[int], token: str) -> None:
     try:
         SyncState.objects.filter(pk__in=state_ids, lease_token=token).update(
-            status=SyncStatus.PENDING, lease_until=None, lease_token="")
+            status=SyncStatus.PENDING, lease_until=None, lease_token=""
+        )
     except DatabaseError:  # the database is gone: the claims expire and the sweep hands them out
         log.warning("Could not give back %d claimed sync state(s).", len(state_ids))
 
@@ -655,8 +712,11 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
 
     customer = state.customer
     assert customer is not None
-    endpoint = "customer/registration.json" if conf.PUSH_ENDPOINT == "registration" \
+    endpoint = (
+        "customer/registration.json"
+        if conf.PUSH_ENDPOINT == "registration"
         else "customer/upsert.json"
+    )
     if not conf.CREATE_UNKNOWN and not (state.in_satori or state.hashcode):
         message = _("Not in SATORI, and SATORI['CREATE_UNKNOWN'] is False: not created.")
         _release(state, token, status=SyncStatus.NOT_IN_SATORI, last_error=message)
@@ -669,8 +729,9 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
         # A bad tag (one holding the separator) is refused here, before any hook
         # or call: it must fail with its reason, not crash the task and come back.
         return _failed(state, token, endpoint, exc, conf, customer, summary={})
-    responses = signals.before_push.send(sender=Customer, customer=customer, payload=payload,
-                                         endpoint=endpoint)
+    responses = signals.before_push.send(
+        sender=Customer, customer=customer, payload=payload, endpoint=endpoint
+    )
     if any(response is False for _receiver, response in responses):
         message = _("A before_push receiver vetoed this push.")
         _release(state, token, status=SyncStatus.STOPPED, last_error=message)
@@ -687,34 +748,64 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
     summary = _summary(endpoint, wire, conf)
     if digest == state.fingerprint and identity == "email":
         newer = _release(state, token, status=SyncStatus.SYNCED, synced_version=state.version)
-        _log(state.email, endpoint, SyncLog.Outcome.SKIPPED, request=summary,
-             message=_("Unchanged since the last push: not sent again."))
+        _log(
+            state.email,
+            endpoint,
+            SyncLog.Outcome.SKIPPED,
+            request=summary,
+            message=_("Unchanged since the last push: not sent again."),
+        )
         return PushOutcome.UNCHANGED, _again(newer)
     if conf.DRY_RUN:
         _release(state, token, status=SyncStatus.DRY_RUN)
-        _log(state.email, endpoint, SyncLog.Outcome.DRY_RUN, request=summary,
-             message=_("Dry run: this is what would have been sent."))
+        _log(
+            state.email,
+            endpoint,
+            SyncLog.Outcome.DRY_RUN,
+            request=summary,
+            message=_("Dry run: this is what would have been sent."),
+        )
         return PushOutcome.DRY_RUN, None
     wait = ratelimit.acquire(conf)
     if wait:
         return _rate_limited(state, token, wait, conf)
 
     client = get_client()
-    send = client.register_customer if conf.PUSH_ENDPOINT == "registration" \
-        else client.upsert_customer
+    send = (
+        client.register_customer if conf.PUSH_ENDPOINT == "registration" else client.upsert_customer
+    )
     started = time.monotonic()
     try:
         result = send(wire, identity_type=identity)
     except SatoriError as exc:
-        return _failed(state, token, endpoint, exc, conf, customer, summary=summary,
-                       started=started)
-    _log(state.email, endpoint, SyncLog.Outcome.OK, status=result.status, request=summary,
-         response=getattr(result, "response_summary", {}), attempt=state.attempts + 1,
-         started=started)
+        return _failed(
+            state, token, endpoint, exc, conf, customer, summary=summary, started=started
+        )
+    _log(
+        state.email,
+        endpoint,
+        SyncLog.Outcome.OK,
+        status=result.status,
+        request=summary,
+        response=getattr(result, "response_summary", {}),
+        attempt=state.attempts + 1,
+        started=started,
+    )
     return _Answered(
-        state, PushOutcome.SYNCED, SyncStatus.SYNCED, customer, endpoint, result,
-        values={"fingerprint": digest, "sent_tags": list(customer.tags or []), "in_satori": True,
-                "hashcode": result.hashcode or state.hashcode, "previous_email": ""})
+        state,
+        PushOutcome.SYNCED,
+        SyncStatus.SYNCED,
+        customer,
+        endpoint,
+        result,
+        values={
+            "fingerprint": digest,
+            "sent_tags": list(customer.tags or []),
+            "in_satori": True,
+            "hashcode": result.hashcode or state.hashcode,
+            "previous_email": "",
+        },
+    )
 
 
 def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResult | _Answered:
@@ -741,40 +832,99 @@ def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
         result = exc  # already gone: deleting twice is not an error
     except SatoriError as exc:
         return _failed(state, token, endpoint, exc, conf, None, summary=summary, started=started)
-    _log(state.email, endpoint, SyncLog.Outcome.OK, status=getattr(result, "status", None),
-         request=summary, started=started, attempt=state.attempts + 1,
-         message=str(result) if isinstance(result, SatoriError) else "")
+    _log(
+        state.email,
+        endpoint,
+        SyncLog.Outcome.OK,
+        status=getattr(result, "status", None),
+        request=summary,
+        started=started,
+        attempt=state.attempts + 1,
+        message=str(result) if isinstance(result, SatoriError) else "",
+    )
     return _Answered(
-        state, PushOutcome.DELETED, SyncStatus.DELETED, None, endpoint, result,
-        values={"fingerprint": "", "sent_tags": [], "in_satori": False, "hashcode": "",
-                "previous_email": state.previous_email})
+        state,
+        PushOutcome.DELETED,
+        SyncStatus.DELETED,
+        None,
+        endpoint,
+        result,
+        values={
+            "fingerprint": "",
+            "sent_tags": [],
+            "in_satori": False,
+            "hashcode": "",
+            "previous_email": state.previous_email,
+        },
+    )
 
 
-def _failed(state: SyncState, token: str, endpoint: str, exc: SatoriError, conf: SatoriSettings,
-            customer: Customer | None, *, summary: dict[str, Any],
-            started: float | None = None) -> PushResult:
+def _failed(
+    state: SyncState,
+    token: str,
+    endpoint: str,
+    exc: SatoriError,
+    conf: SatoriSettings,
+    customer: Customer | None,
+    *,
+    summary: dict[str, Any],
+    started: float | None = None,
+) -> PushResult:
     attempt = state.attempts + 1
     final = not exc.retryable or attempt >= conf.MAX_ATTEMPTS
     message = str(exc)
     if final:
-        _release(state, token, status=SyncStatus.FAILED, attempts=attempt, last_error=message,
-                 last_error_at=timezone.now())
+        _release(
+            state,
+            token,
+            status=SyncStatus.FAILED,
+            attempts=attempt,
+            last_error=message,
+            last_error_at=timezone.now(),
+        )
         delay = None
     else:
         delay = backoff(attempt, conf, getattr(exc, "retry_after", None))
         due = timezone.now() + dt.timedelta(seconds=delay)
-        _release(state, token, status=SyncStatus.PENDING, attempts=attempt, last_error=message,
-                 last_error_at=timezone.now(), not_before=due, dispatched_at=due)
-    _log(state.email, endpoint, SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY,
-         status=exc.status, request=summary, attempt=attempt, message=message, started=started,
-         response={"status": exc.status, "message": exc.message})
+        _release(
+            state,
+            token,
+            status=SyncStatus.PENDING,
+            attempts=attempt,
+            last_error=message,
+            last_error_at=timezone.now(),
+            not_before=due,
+            dispatched_at=due,
+        )
+    _log(
+        state.email,
+        endpoint,
+        SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY,
+        status=exc.status,
+        request=summary,
+        attempt=attempt,
+        message=message,
+        started=started,
+        response={"status": exc.status, "message": exc.message},
+    )
     # The row keeps SATORI's words for a person to read; a log line may quote an
     # address in them, so it is redacted as the client's own lines are.
-    log.info("SATORI %s failed for sync state %s (attempt %s, %s): %s", endpoint, state.pk,
-             attempt, "final" if final else f"retry in {delay:.0f}s",
-             for_log(message, conf))
-    signals.push_failed.send(sender=Customer, email=state.email, customer=customer,
-                             endpoint=endpoint, error=exc, final=final)
+    log.info(
+        "SATORI %s failed for sync state %s (attempt %s, %s): %s",
+        endpoint,
+        state.pk,
+        attempt,
+        "final" if final else f"retry in {delay:.0f}s",
+        for_log(message, conf),
+    )
+    signals.push_failed.send(
+        sender=Customer,
+        email=state.email,
+        customer=customer,
+        endpoint=endpoint,
+        error=exc,
+        final=final,
+    )
     return (PushOutcome.FAILED, None) if final else (PushOutcome.RETRY, delay)
 
 
@@ -785,8 +935,7 @@ def backoff(attempt: int, conf: SatoriSettings, retry_after: float | None = None
     return max(delay, float(retry_after or 0))
 
 
-def _rate_limited(state: SyncState, token: str, wait: float,
-                  conf: SatoriSettings) -> PushResult:
+def _rate_limited(state: SyncState, token: str, wait: float, conf: SatoriSettings) -> PushResult:
     due = timezone.now() + dt.timedelta(seconds=wait)
     if SyncState.objects.filter(status=SyncStatus.PENDING).count() > conf.BULK_THRESHOLD:
         # Too much for single calls: leave it to the sweep, which starts a bulk job.
@@ -801,21 +950,27 @@ def _again(newer: bool) -> float | None:
     return get_settings().COALESCE_SECONDS if newer else None
 
 
-def _release(state: SyncState, token: str, *, status: str,
-             synced_version: int | None = None, **fields: Any) -> bool:
+def _release(
+    state: SyncState, token: str, *, status: str, synced_version: int | None = None, **fields: Any
+) -> bool:
     """Write the outcome and give up the claim, unless a newer change arrived meanwhile.
 
     A newer version keeps the row pending, as the data just sent is already
     stale; returns True then. Usually the first UPDATE matches, so a push
     costs one statement here (the second runs only after a save during the call).
     """
-    changes: dict[str, Any] = {"lease_until": None, "lease_token": "",
-                               "updated_at": timezone.now(), **fields}
+    changes: dict[str, Any] = {
+        "lease_until": None,
+        "lease_token": "",
+        "updated_at": timezone.now(),
+        **fields,
+    }
     if synced_version is not None:
         changes.update(synced_version=synced_version, not_before=None)
     mine = SyncState.objects.filter(pk=state.pk, lease_token=token)
     if mine.filter(version=state.version if synced_version is None else synced_version).update(
-            status=status, **changes):
+        status=status, **changes
+    ):
         return False
     return bool(mine.update(status=SyncStatus.PENDING, **changes))
 
@@ -855,8 +1010,15 @@ _WRITE_BACK_SQL = (
     "in_satori = %s, hashcode = %s, previous_email = %s, last_synced_at = %s, updated_at = %s "
     "WHERE id = %s AND lease_token = %s"
 )
-_ANSWER_FIELDS = ("fingerprint", "sent_tags", "in_satori", "hashcode", "previous_email",
-                  "last_synced_at", "updated_at")
+_ANSWER_FIELDS = (
+    "fingerprint",
+    "sent_tags",
+    "in_satori",
+    "hashcode",
+    "previous_email",
+    "last_synced_at",
+    "updated_at",
+)
 
 
 def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
@@ -876,19 +1038,27 @@ def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
     params = []
     for answer in answered:
         values = {**answer.values, "last_synced_at": now, "updated_at": now}
-        params.append([answer.state.version, answer.status, SyncStatus.PENDING,
-                       answer.state.version,
-                       *(field.get_db_prep_save(values[field.name], connection)
-                         for field in fields),
-                       answer.state.pk, token])
+        params.append(
+            [
+                answer.state.version,
+                answer.status,
+                SyncStatus.PENDING,
+                answer.state.version,
+                *(field.get_db_prep_save(values[field.name], connection) for field in fields),
+                answer.state.pk,
+                token,
+            ]
+        )
     ids = [answer.state.pk for answer in answered]
 
     def write() -> set[int]:
         with transaction.atomic(using=alias):
             executemany(connection, sql, params)
-            return set(SyncState.objects.using(alias)
-                       .filter(pk__in=ids, status=SyncStatus.PENDING)
-                       .values_list("pk", flat=True))
+            return set(
+                SyncState.objects.using(alias)
+                .filter(pk__in=ids, status=SyncStatus.PENDING)
+                .values_list("pk", flat=True)
+            )
 
     try:
         newer = write()
@@ -905,17 +1075,23 @@ def _write_back(answered: list[_Answered], token: str) -> dict[int, PushResult]:
     for answer in answered:
         results[answer.state.pk] = answer.outcome, _again(answer.state.pk in newer)
         try:
-            signals.after_push.send(sender=Customer, email=answer.state.email,
-                                    customer=answer.customer, endpoint=answer.endpoint,
-                                    result=answer.result)
+            signals.after_push.send(
+                sender=Customer,
+                email=answer.state.email,
+                customer=answer.customer,
+                endpoint=answer.endpoint,
+                result=answer.result,
+            )
         except Exception:  # a receiver's bug: SATORI has the data, the row says so
             log.exception("An after_push receiver failed for sync state %s.", answer.state.pk)
     return results
 
 
 def _summary(endpoint: str, wire: dict[str, str], conf: SatoriSettings) -> dict[str, Any]:
-    return {"endpoint": endpoint, "fields": redact_form(list(wire.items()),
-                                                        conf.REDACT_PERSONAL_DATA)}
+    return {
+        "endpoint": endpoint,
+        "fields": redact_form(list(wire.items()), conf.REDACT_PERSONAL_DATA),
+    }
 
 
 #: SyncLog rows waiting to be written together (push_batch), per thread.
@@ -941,18 +1117,36 @@ _LOG_FIELDS = tuple(f.attname for f in SyncLog._meta.concrete_fields if not f.pr
 def _write_logs(rows: list[SyncLog]) -> None:
     # rawsql rather than bulk_create: the ORM's preparation of each value was most of
     # the 0.1 ms a push spent on its log entry.
-    insert_rows(SyncLog, _LOG_FIELDS, [{name: getattr(row, name) for name in _LOG_FIELDS}
-                                       for row in rows])
+    insert_rows(
+        SyncLog, _LOG_FIELDS, [{name: getattr(row, name) for name in _LOG_FIELDS} for row in rows]
+    )
 
 
-def _log(email: str, endpoint: str, outcome: str, *, status: int | None = None,
-         request: dict[str, Any] | None = None, response: dict[str, Any] | None = None,
-         message: str = "", attempt: int = 0, started: float | None = None) -> None:
+def _log(
+    email: str,
+    endpoint: str,
+    outcome: str,
+    *,
+    status: int | None = None,
+    request: dict[str, Any] | None = None,
+    response: dict[str, Any] | None = None,
+    message: str = "",
+    attempt: int = 0,
+    started: float | None = None,
+) -> None:
     duration = int((time.monotonic() - started) * 1000) if started else 0
-    entry = SyncLog(email=email, endpoint=endpoint, outcome=outcome, satori_status=status,
-                    request_summary=request or {}, response_summary=response or {},
-                    message=message, attempt=attempt, duration_ms=duration,
-                    created_at=timezone.now())
+    entry = SyncLog(
+        email=email,
+        endpoint=endpoint,
+        outcome=outcome,
+        satori_status=status,
+        request_summary=request or {},
+        response_summary=response or {},
+        message=message,
+        attempt=attempt,
+        duration_ms=duration,
+        created_at=timezone.now(),
+    )
     rows = getattr(_pending_logs, "rows", None)
     if rows is None:
         entry.save()
@@ -965,9 +1159,16 @@ def _log(email: str, endpoint: str, outcome: str, *, status: int | None = None,
 
 # Actions ------------------------------------------------------------------------
 
-def add_action(email: str, name: str, *, content: str = "", url: str = "",
-               occurred_at: dt.datetime | None = None,
-               customer: Customer | None = None) -> CustomerAction:
+
+def add_action(
+    email: str,
+    name: str,
+    *,
+    content: str = "",
+    url: str = "",
+    occurred_at: dt.datetime | None = None,
+    customer: Customer | None = None,
+) -> CustomerAction:
     """Record a user-defined action for ``email``; sent to SATORI after commit."""
     email = normalize_email(email)
     if not name or not str(name).strip():
@@ -975,7 +1176,11 @@ def add_action(email: str, name: str, *, content: str = "", url: str = "",
     if customer is None:
         customer = Customer.objects.filter(email=email).first()
     action = CustomerAction.objects.create(
-        email=email, customer=customer, name=str(name).strip(), content=content, url=url,
+        email=email,
+        customer=customer,
+        name=str(name).strip(),
+        content=content,
+        url=url,
         occurred_at=occurred_at or timezone.now(),
     )
     transaction.on_commit(lambda: dispatch_action(action.pk, 0))
@@ -996,67 +1201,109 @@ def send_action(action_id: int) -> tuple[str, float | None]:
     now = timezone.now()
     endpoint = conf.ACTION_PATH.rsplit("/", 2)[-2:]
     endpoint_name = "/".join(endpoint)
-    claimed = (CustomerAction.objects.filter(pk=action_id)
-               .filter(Q(status=ActionStatus.PENDING) |
-                       Q(status=ActionStatus.SENDING, lease_until__lt=now))
-               .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-               .update(status=ActionStatus.SENDING,
-                       lease_until=now + dt.timedelta(seconds=conf.LEASE_SECONDS)))
+    claimed = (
+        CustomerAction.objects.filter(pk=action_id)
+        .filter(
+            Q(status=ActionStatus.PENDING) | Q(status=ActionStatus.SENDING, lease_until__lt=now)
+        )
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .update(
+            status=ActionStatus.SENDING, lease_until=now + dt.timedelta(seconds=conf.LEASE_SECONDS)
+        )
+    )
     if not claimed:
         return "busy", None
     action = CustomerAction.objects.get(pk=action_id)
-    customer_state = SyncState.objects.filter(email=action.email).values(
-        "status", "in_satori").first()
-    on_its_way = customer_state and not customer_state["in_satori"] and customer_state[
-        "status"] in (SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK)
+    customer_state = (
+        SyncState.objects.filter(email=action.email).values("status", "in_satori").first()
+    )
+    on_its_way = (
+        customer_state
+        and not customer_state["in_satori"]
+        and customer_state["status"] in (SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK)
+    )
     if on_its_way:
         # An action for a customer SATORI does not have yet would be refused.
         delay = max(conf.COALESCE_SECONDS, 5.0)
         CustomerAction.objects.filter(pk=action_id).update(
-            status=ActionStatus.PENDING, lease_until=None,
-            not_before=now + dt.timedelta(seconds=delay))
+            status=ActionStatus.PENDING,
+            lease_until=None,
+            not_before=now + dt.timedelta(seconds=delay),
+        )
         return "waiting", delay
-    summary = _summary(endpoint_name, {"email": action.email, "name": action.name,
-                                       "content": action.content, "url": action.url}, conf)
+    summary = _summary(
+        endpoint_name,
+        {"email": action.email, "name": action.name, "content": action.content, "url": action.url},
+        conf,
+    )
     if conf.DRY_RUN:
-        CustomerAction.objects.filter(pk=action_id).update(status=ActionStatus.DRY_RUN,
-                                                           lease_until=None)
+        CustomerAction.objects.filter(pk=action_id).update(
+            status=ActionStatus.DRY_RUN, lease_until=None
+        )
         _log(action.email, endpoint_name, SyncLog.Outcome.DRY_RUN, request=summary)
         return "dry_run", None
     wait = ratelimit.acquire(conf)
     if wait:
         CustomerAction.objects.filter(pk=action_id).update(
-            status=ActionStatus.PENDING, lease_until=None,
-            not_before=now + dt.timedelta(seconds=wait))
+            status=ActionStatus.PENDING,
+            lease_until=None,
+            not_before=now + dt.timedelta(seconds=wait),
+        )
         return "rate_limited", wait
     attempt = action.attempts + 1
     started = time.monotonic()
     try:
-        result = get_client().add_action(email=action.email, name=action.name,
-                                         content=action.content, url=action.url,
-                                         occurred_at=action.occurred_at)
+        result = get_client().add_action(
+            email=action.email,
+            name=action.name,
+            content=action.content,
+            url=action.url,
+            occurred_at=action.occurred_at,
+        )
     except SatoriError as exc:
         final = not exc.retryable or attempt >= conf.MAX_ATTEMPTS
         retry_in = None if final else backoff(attempt, conf, getattr(exc, "retry_after", None))
         CustomerAction.objects.filter(pk=action_id).update(
-            status=ActionStatus.FAILED if final else ActionStatus.PENDING, attempts=attempt,
-            last_error=str(exc), lease_until=None,
-            not_before=None if final else timezone.now() + dt.timedelta(seconds=retry_in or 0))
-        _log(action.email, endpoint_name,
-             SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY, status=exc.status,
-             request=summary, attempt=attempt, message=str(exc), started=started)
+            status=ActionStatus.FAILED if final else ActionStatus.PENDING,
+            attempts=attempt,
+            last_error=str(exc),
+            lease_until=None,
+            not_before=None if final else timezone.now() + dt.timedelta(seconds=retry_in or 0),
+        )
+        _log(
+            action.email,
+            endpoint_name,
+            SyncLog.Outcome.FAILED if final else SyncLog.Outcome.RETRY,
+            status=exc.status,
+            request=summary,
+            attempt=attempt,
+            message=str(exc),
+            started=started,
+        )
         return ("failed", None) if final else ("retry", retry_in)
     CustomerAction.objects.filter(pk=action_id).update(
-        status=ActionStatus.SENT, attempts=attempt, last_error="", lease_until=None,
-        sent_at=timezone.now())
-    _log(action.email, endpoint_name, SyncLog.Outcome.OK, status=result.status,
-         request=summary, attempt=attempt, started=started)
+        status=ActionStatus.SENT,
+        attempts=attempt,
+        last_error="",
+        lease_until=None,
+        sent_at=timezone.now(),
+    )
+    _log(
+        action.email,
+        endpoint_name,
+        SyncLog.Outcome.OK,
+        status=result.status,
+        request=summary,
+        attempt=attempt,
+        started=started,
+    )
     return "sent", None
 
 
 # --------------------------------------------------------------------------
 # 4. The safety net
 # --------------------------------------------------------------------------
+
 
 def sweep(*, limit: int = 5000) -> dict[str, int]:
     """Re-dispatch what stayed pending; route a large backlog through a bulk job.
@@ -1072,11 +1319,13 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
         return counts
     # A worker died holding a claim: give the row back.
     counts["reclaimed"] = SyncState.objects.filter(
-        status=SyncStatus.SENDING, lease_until__lt=now).update(
-        status=SyncStatus.PENDING, lease_until=None, lease_token="", updated_at=now)
-    due = (SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
-           .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-           .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale)))
+        status=SyncStatus.SENDING, lease_until__lt=now
+    ).update(status=SyncStatus.PENDING, lease_until=None, lease_token="", updated_at=now)
+    due = (
+        SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .filter(Q(dispatched_at__isnull=True) | Q(dispatched_at__lt=stale))
+    )
     upserts = due.filter(operation=Operation.UPSERT, customer__isnull=False)
     if upserts.count() > conf.BULK_THRESHOLD:
         counts["bulk"] = _route_to_bulk(upserts)
@@ -1085,10 +1334,14 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
     if ids:
         SyncState.objects.filter(pk__in=ids).update(dispatched_at=now)
         counts["dispatched"] = dispatch_many(ids)
-    actions = (CustomerAction.objects.filter(
-        Q(status=ActionStatus.PENDING) | Q(status=ActionStatus.SENDING, lease_until__lt=now))
+    actions = (
+        CustomerAction.objects.filter(
+            Q(status=ActionStatus.PENDING) | Q(status=ActionStatus.SENDING, lease_until__lt=now)
+        )
         .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-        .filter(created_at__lt=stale).values_list("pk", flat=True)[:limit])
+        .filter(created_at__lt=stale)
+        .values_list("pk", flat=True)[:limit]
+    )
     counts["actions"] = sum(dispatch_action(pk) for pk in actions)
     counts["bulk_polled"] = _poll_overdue_bulk_parts(now)
     return counts
@@ -1101,8 +1354,12 @@ def _route_to_bulk(pending: models.QuerySet[SyncState]) -> int:
         return 0  # one automatic job at a time; the next sweep takes the rest
     customers = Customer.objects.filter(sync_state__in=pending)
     with transaction.atomic():
-        job = start_bulk_job(customers, mode=pending_bulk_mode(), automatic=True,
-                             description=_("Backlog of pending customers"))
+        job = start_bulk_job(
+            customers,
+            mode=pending_bulk_mode(),
+            automatic=True,
+            description=_("Backlog of pending customers"),
+        )
     return job.pk
 
 

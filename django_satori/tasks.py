@@ -70,6 +70,7 @@ def sweep() -> dict[str, int]:
 # Bulk CSV jobs (see django_satori.bulk). Each step queues the next one; waiting
 # for SATORI is a task scheduled for later, never a sleeping worker.
 
+
 @shared_task(name="django_satori.tasks.run_bulk_job", **_COMMON)
 def run_bulk_job(job_id: int) -> str:
     from . import bulk

@@ -12,4 +12,3 @@ app = Celery("example_project")
 # Every CELERY_* Django setting configures Celery (CELERY_BROKER_URL, CELERY_BEAT_SCHEDULE...).
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
-

@@ -35,8 +35,12 @@ from django.utils.translation import ngettext
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANAGE = str(REPO_ROOT / "example_project" / "manage.py")
-SANDBOX_KEYS = ("sandbox-user-key", "sandbox-user-secret", "sandbox-company-key",
-                "sandbox-company-secret")
+SANDBOX_KEYS = (
+    "sandbox-user-key",
+    "sandbox-user-secret",
+    "sandbox-company-key",
+    "sandbox-company-secret",
+)
 
 
 class Stop(Exception):
@@ -94,7 +98,8 @@ def prepare(*, use_sandbox: bool, seed: bool, var_dir: Path) -> str:
     password = _admin_password(var_dir)
     user_model = get_user_model()
     admin, _created = user_model.objects.get_or_create(
-        username="admin", defaults={"email": "admin@example.com"})
+        username="admin", defaults={"email": "admin@example.com"}
+    )
     admin.is_staff = admin.is_superuser = admin.is_active = True
     admin.set_password(password)  # so the printed login always works
     admin.save()
@@ -118,11 +123,13 @@ def _forget_previous_sandbox() -> None:
 
     if not SyncState.objects.exclude(fingerprint="", in_satori=False).exists():
         return
-    SyncState.objects.update(fingerprint="", in_satori=False, hashcode="", sent_tags=[],
-                             previous_email="")
+    SyncState.objects.update(
+        fingerprint="", in_satori=False, hashcode="", sent_tags=[], previous_email=""
+    )
     django_satori.mark_for_sync(Member.objects.all())
     django_satori.mark_for_sync(
-        Customer.objects.filter(source_model="").exclude(sync_state__status=SyncStatus.STOPPED))
+        Customer.objects.filter(source_model="").exclude(sync_state__status=SyncStatus.STOPPED)
+    )
     print(_("The sandbox starts empty: customers from the last run are sent to it again."))
 
 
@@ -134,8 +141,7 @@ def _children_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def start_all(*, use_sandbox: bool, sandbox_port: int, demo_port: int,
-              var_dir: Path) -> list[Any]:
+def start_all(*, use_sandbox: bool, sandbox_port: int, demo_port: int, var_dir: Path) -> list[Any]:
     """Start sandbox, worker + beat and web server; return them in start order."""
     from example_project import runner
 
@@ -151,28 +157,47 @@ def start_all(*, use_sandbox: bool, sandbox_port: int, demo_port: int,
 
     def fail(child: runner.Child) -> None:
         raise RuntimeError(
-            _("%(name)s did not start. The end of %(log)s:") % {
-                "name": child.name, "log": child.log_path} + "\n" + child.log_tail())
+            _("%(name)s did not start. The end of %(log)s:")
+            % {"name": child.name, "log": child.log_path}
+            + "\n"
+            + child.log_tail()
+        )
 
     try:
         if use_sandbox:
-            sandbox = start("sandbox", [python, MANAGE, "satori_sandbox", "--port",
-                                        str(sandbox_port)])
-            if not runner.wait_until(runner.http_ok(f"http://127.0.0.1:{sandbox_port}/"),
-                                     child=sandbox, timeout=30):
+            sandbox = start(
+                "sandbox", [python, MANAGE, "satori_sandbox", "--port", str(sandbox_port)]
+            )
+            if not runner.wait_until(
+                runner.http_ok(f"http://127.0.0.1:{sandbox_port}/"), child=sandbox, timeout=30
+            ):
                 fail(sandbox)
-        worker = start("celery", [
-            python, "-m", "celery", "-A", "example_project", "worker", "--beat",
-            "--loglevel", "INFO", "--concurrency", "2", "--without-mingle", "--without-gossip",
-            "--schedule", str(var_dir / "celerybeat-schedule"),
-        ])
-        web = start("web", [python, MANAGE, "runserver", f"127.0.0.1:{demo_port}",
-                            "--noreload"])
-        if not runner.wait_until(runner.http_ok(f"http://127.0.0.1:{demo_port}/"),
-                                 child=web, timeout=60):
+        worker = start(
+            "celery",
+            [
+                python,
+                "-m",
+                "celery",
+                "-A",
+                "example_project",
+                "worker",
+                "--beat",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                "2",
+                "--without-mingle",
+                "--without-gossip",
+                "--schedule",
+                str(var_dir / "celerybeat-schedule"),
+            ],
+        )
+        web = start("web", [python, MANAGE, "runserver", f"127.0.0.1:{demo_port}", "--noreload"])
+        if not runner.wait_until(
+            runner.http_ok(f"http://127.0.0.1:{demo_port}/"), child=web, timeout=60
+        ):
             fail(web)
-        if not runner.wait_until(runner.log_contains(worker, " ready."), child=worker,
-                                 timeout=60):
+        if not runner.wait_until(runner.log_contains(worker, " ready."), child=worker, timeout=60):
             fail(worker)
     except BaseException:
         stop_all(started)
@@ -186,25 +211,32 @@ def stop_all(children: list[Any]) -> None:
         child.stop()
 
 
-def print_banner(*, demo_port: int, sandbox_url: str | None, password: str,
-                 var_dir: Path) -> None:
+def print_banner(*, demo_port: int, sandbox_url: str | None, password: str, var_dir: Path) -> None:
     site = f"http://127.0.0.1:{demo_port}"
     lines = [
         "",
         _("The django-satori demo is running."),
         "",
         "  " + _("Sign-up form:") + f"      {site}/signup/",
-        "  " + _("Admin:") + f"             {site}/admin/   "
-        + _("(user: %(user)s, password: %(password)s)") % {"user": "admin",
-                                                            "password": password},
+        "  "
+        + _("Admin:")
+        + f"             {site}/admin/   "
+        + _("(user: %(user)s, password: %(password)s)") % {"user": "admin", "password": password},
         "  " + _("SATORI customers:") + f"  {site}/admin/django_satori/customer/",
     ]
     if sandbox_url:
-        lines.append("  " + _("SATORI sandbox:") + f"    {sandbox_url}/   "
-                     + _("(what SATORI received; JSON at /_sandbox/state)"))
+        lines.append(
+            "  "
+            + _("SATORI sandbox:")
+            + f"    {sandbox_url}/   "
+            + _("(what SATORI received; JSON at /_sandbox/state)")
+        )
     else:
-        lines.append("  " + _("Talking to the real SATORI at %(url)s")
-                     % {"url": os.environ.get("SATORI_BASE_URL", "")})
+        lines.append(
+            "  "
+            + _("Talking to the real SATORI at %(url)s")
+            % {"url": os.environ.get("SATORI_BASE_URL", "")}
+        )
     lines += [
         "  " + _("Logs:") + f"              {var_dir / 'log'}",
         "",
@@ -224,21 +256,31 @@ def run_check(*, demo_port: int, sandbox_url: str, timeout: float) -> bool:
         form = http.get(f"{site}/signup/", timeout=10)
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', form.text)
         if form.status_code != 200 or token is None:
-            print(_("The sign-up form did not load (HTTP %(status)s).")
-                  % {"status": form.status_code})
+            print(
+                _("The sign-up form did not load (HTTP %(status)s).") % {"status": form.status_code}
+            )
             return False
-        answer = http.post(f"{site}/signup/", timeout=30, allow_redirects=False, data={
-            "csrfmiddlewaretoken": token.group(1), "document": "pricing",
-            "family_name": "確認", "given_name": "太郎", "email": email,
-            "company": "株式会社チェック", "plan": "standard", "interests": ["セミナー"],
-            "newsletter": "on",
-        }, headers={"Referer": f"{site}/signup/"})
+        answer = http.post(
+            f"{site}/signup/",
+            timeout=30,
+            allow_redirects=False,
+            data={
+                "csrfmiddlewaretoken": token.group(1),
+                "document": "pricing",
+                "family_name": "確認",
+                "given_name": "太郎",
+                "email": email,
+                "company": "株式会社チェック",
+                "plan": "standard",
+                "interests": ["セミナー"],
+                "newsletter": "on",
+            },
+            headers={"Referer": f"{site}/signup/"},
+        )
     if answer.status_code != 302:
-        print(_("The sign-up was not accepted (HTTP %(status)s).")
-              % {"status": answer.status_code})
+        print(_("The sign-up was not accepted (HTTP %(status)s).") % {"status": answer.status_code})
         return False
-    print(_("Signed up %(email)s; waiting for it in the sandbox...") % {"email": email},
-          flush=True)
+    print(_("Signed up %(email)s; waiting for it in the sandbox...") % {"email": email}, flush=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = requests.get(f"{sandbox_url}/_sandbox/state", timeout=10).json()
@@ -248,21 +290,33 @@ def run_check(*, demo_port: int, sandbox_url: str, timeout: float) -> bool:
                 return True
         time.sleep(1)
     seconds = int(timeout)  # as %d shows it, so the noun agrees with the number
-    print(ngettext("The customer did not reach the sandbox within %(seconds)d second.",
-                   "The customer did not reach the sandbox within %(seconds)d seconds.", seconds)
-          % {"seconds": seconds})
+    print(
+        ngettext(
+            "The customer did not reach the sandbox within %(seconds)d second.",
+            "The customer did not reach the sandbox within %(seconds)d seconds.",
+            seconds,
+        )
+        % {"seconds": seconds}
+    )
     return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m example_project.demo",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="start, sign up once, wait for it in the sandbox, stop")
-    parser.add_argument("--seed", action="store_true",
-                        help="seed demo data even when talking to the real SATORI")
-    parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds --check waits for the sign-up to arrive")
+    parser = argparse.ArgumentParser(
+        prog="python -m example_project.demo", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="start, sign up once, wait for it in the sandbox, stop"
+    )
+    parser.add_argument(
+        "--seed", action="store_true", help="seed demo data even when talking to the real SATORI"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="seconds --check waits for the sign-up to arrive",
+    )
     args = parser.parse_args(argv)
 
     demo_port = int(os.environ.get("DEMO_PORT", "8000"))
@@ -282,43 +336,65 @@ def main(argv: list[str] | None = None) -> int:
     if use_sandbox:
         sandbox_port = urlparse(conf.BASE_URL).port or sandbox_port
     elif tuple(getattr(conf, key) for key in AUTH_KEYS) == SANDBOX_KEYS:
-        print(_("SATORI_BASE_URL points at %(url)s but the SATORI_* keys are the "
-                 "sandbox's: set the four real keys.") % {"url": conf.BASE_URL},
-              file=sys.stderr)
+        print(
+            _(
+                "SATORI_BASE_URL points at %(url)s but the SATORI_* keys are the "
+                "sandbox's: set the four real keys."
+            )
+            % {"url": conf.BASE_URL},
+            file=sys.stderr,
+        )
         return 2
     if args.check and not use_sandbox:
         print(_("--check only runs against the sandbox."), file=sys.stderr)
         return 2
-    busy = [port for port in ([demo_port] + ([sandbox_port] if use_sandbox else []))
-            if not runner.port_is_free("127.0.0.1", port)]
+    busy = [
+        port
+        for port in ([demo_port] + ([sandbox_port] if use_sandbox else []))
+        if not runner.port_is_free("127.0.0.1", port)
+    ]
     if busy:
-        print(_("Port(s) %(ports)s already in use: stop what uses them, or set DEMO_PORT / "
-                 "SANDBOX_PORT.") % {"ports": ", ".join(map(str, busy))}, file=sys.stderr)
+        print(
+            _(
+                "Port(s) %(ports)s already in use: stop what uses them, or set DEMO_PORT / "
+                "SANDBOX_PORT."
+            )
+            % {"ports": ", ".join(map(str, busy))},
+            file=sys.stderr,
+        )
         return 2
 
     password = prepare(use_sandbox=use_sandbox, seed=use_sandbox or args.seed, var_dir=var_dir)
-    previous = {signum: signal.signal(signum, _on_signal)
-                for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    previous = {
+        signum: signal.signal(signum, _on_signal)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     children: list[runner.Child] = []
     try:
         print(_("Starting the sandbox, the Celery worker and the web server..."), flush=True)
-        children = start_all(use_sandbox=use_sandbox, sandbox_port=sandbox_port,
-                             demo_port=demo_port, var_dir=var_dir)
+        children = start_all(
+            use_sandbox=use_sandbox, sandbox_port=sandbox_port, demo_port=demo_port, var_dir=var_dir
+        )
         sandbox_url = f"http://127.0.0.1:{sandbox_port}" if use_sandbox else None
         if args.check:
             assert sandbox_url is not None
-            return 0 if run_check(demo_port=demo_port, sandbox_url=sandbox_url,
-                                  timeout=args.timeout) else 1
-        print_banner(demo_port=demo_port, sandbox_url=sandbox_url, password=password,
-                     var_dir=var_dir)
+            return (
+                0
+                if run_check(demo_port=demo_port, sandbox_url=sandbox_url, timeout=args.timeout)
+                else 1
+            )
+        print_banner(
+            demo_port=demo_port, sandbox_url=sandbox_url, password=password, var_dir=var_dir
+        )
         while True:
             for child in children:
                 code = child.exited()
                 if code is not None:
-                    print(_("%(name)s stopped unexpectedly (exit code %(code)s). "
-                             "The end of %(log)s:") % {"name": child.name, "code": code,
-                                                      "log": child.log_path},
-                          file=sys.stderr)
+                    print(
+                        _("%(name)s stopped unexpectedly (exit code %(code)s). The end of %(log)s:")
+                        % {"name": child.name, "code": code, "log": child.log_path},
+                        file=sys.stderr,
+                    )
                     print(child.log_tail(), file=sys.stderr)
                     return 1
             time.sleep(0.5)

@@ -34,15 +34,22 @@ def _die_with_parent() -> None:
 class Child:
     """One started command, its log file, and its process group."""
 
-    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, cwd: Path,
-                 env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], *, log_path: Path, cwd: Path, env: dict[str, str]
+    ) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = log_path.open("wb")  # one run per log
         self.process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
-            list(argv), cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            list(argv),
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
 
     @property

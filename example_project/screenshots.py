@@ -38,9 +38,12 @@ def main() -> None:
     site = args.site
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=args.chromium, headless=True)
-        context = browser.new_context(viewport={"width": 1280, "height": 800},
-                                      locale=args.language, timezone_id="Asia/Tokyo",
-                                      extra_http_headers={"Accept-Language": args.language})
+        context = browser.new_context(
+            viewport={"width": 1280, "height": 800},
+            locale=args.language,
+            timezone_id="Asia/Tokyo",
+            extra_http_headers={"Accept-Language": args.language},
+        )
         page = context.new_page()
         page.goto(f"{site}/signup/")
         shoot(page, f"signup{suffix}", args.out, full=True)

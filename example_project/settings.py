@@ -27,8 +27,11 @@ VAR_DIR = Path(env("EXAMPLE_VAR_DIR", default=str(BASE_DIR / "var")))
 
 DEBUG = env.bool("DEBUG", default=True)
 # Outside DEBUG a real secret is required: no default.
-SECRET_KEY = env("SECRET_KEY") if not DEBUG else env(
-    "SECRET_KEY", default="django-insecure-example-project-only")
+SECRET_KEY = (
+    env("SECRET_KEY")
+    if not DEBUG
+    else env("SECRET_KEY", default="django-insecure-example-project-only")
+)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
 
 INSTALLED_APPS = [
@@ -70,9 +73,7 @@ TEMPLATES = [
     }
 ]
 
-DATABASES = {
-    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
-}
+DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 # A connected model's row and its SATORI outbox row must commit together:
 # every request runs in one transaction (docs/connecting-models.md).
 DATABASES["default"]["ATOMIC_REQUESTS"] = True

@@ -36,8 +36,9 @@ def _fast_polls():
 def user_with(*codenames: str, username: str = "staff") -> User:
     user = User.objects.create_user(username, password="pw", is_staff=True)
     for codename in codenames:
-        user.user_permissions.add(Permission.objects.get(codename=codename,
-                                                         content_type__app_label="django_satori"))
+        user.user_permissions.add(
+            Permission.objects.get(codename=codename, content_type__app_label="django_satori")
+        )
     return user
 
 
@@ -70,16 +71,21 @@ def action(client: Client, name: str, pks=(), *, across: bool = False, query: st
 def failed_customer() -> Customer:
     customer = make("failed@example.jp", last_name="失敗")
     SyncState.objects.filter(email=customer.email).update(
-        status=SyncStatus.FAILED, attempts=3, hashcode="hc-123",
-        last_error="SATORI status 400, field 'email': メールアドレスの形式が正しくありません")
+        status=SyncStatus.FAILED,
+        attempts=3,
+        hashcode="hc-123",
+        last_error="SATORI status 400, field 'email': メールアドレスの形式が正しくありません",
+    )
     return customer
 
 
 # --------------------------------------------------------------------------- pages
 
 
-@pytest.mark.parametrize("language, expected", [("en", "Select SATORI customer to change"),
-                                                ("ja", "変更する SATORIカスタマー を選択")])
+@pytest.mark.parametrize(
+    "language, expected",
+    [("en", "Select SATORI customer to change"), ("ja", "変更する SATORIカスタマー を選択")],
+)
 def test_customer_list_renders_with_badges_in_english_and_japanese(client, language, expected):
     User.objects.create_superuser("root", password="pw")
     client.login(username="root", password="pw")
@@ -109,15 +115,23 @@ def test_the_status_filter_and_search_narrow_the_list(root):
 
 def test_customer_page_shows_sync_state_history_and_bulk_errors(root):
     customer = failed_customer()
-    SyncLog.objects.create(email=customer.email, endpoint="customer/upsert.json",
-                           outcome=SyncLog.Outcome.FAILED, satori_status=400,
-                           message="refused by SATORI",
-                           request_summary={"customer[email]": "<15 chars>",
-                                            "user_key": "test-user-key-6f1d"})
+    SyncLog.objects.create(
+        email=customer.email,
+        endpoint="customer/upsert.json",
+        outcome=SyncLog.Outcome.FAILED,
+        satori_status=400,
+        message="refused by SATORI",
+        request_summary={"customer[email]": "<15 chars>", "user_key": "test-user-key-6f1d"},
+    )
     job = BulkJob.objects.create(mode="upsert", state=BulkState.FINISHED)
-    BulkRowError.objects.create(job=job, email=customer.email, customer=customer,
-                                field="collection_route", message="必須項目です",
-                                before_upload=True)
+    BulkRowError.objects.create(
+        job=job,
+        email=customer.email,
+        customer=customer,
+        field="collection_route",
+        message="必須項目です",
+        before_upload=True,
+    )
     response = root.get(reverse("admin:django_satori_customer_change", args=[customer.pk]))
     html = response.content.decode()
     assert response.status_code == 200
@@ -129,9 +143,11 @@ def test_customer_page_shows_sync_state_history_and_bulk_errors(root):
 
 
 def test_history_admins_are_read_only_and_never_show_keys(root):
-    entry = SyncLog.objects.create(endpoint="bulk_customers/status.json", outcome="ok",
-                                   request_summary={"user_secret": "test-user-secret-93ab",
-                                                    "process_code": "abc"})
+    entry = SyncLog.objects.create(
+        endpoint="bulk_customers/status.json",
+        outcome="ok",
+        request_summary={"user_secret": "test-user-secret-93ab", "process_code": "abc"},
+    )
     make("a@example.jp")
     url = reverse("admin:django_satori_synclog_change", args=[entry.pk])
     html = root.get(url).content.decode()
@@ -151,8 +167,9 @@ def test_bulk_upsert_of_all_matching_stores_the_filtered_query(root):
     for i in range(3):
         make(f"x{i}@example.jp")
     failed_customer()
-    response = action(root, "bulk_upsert", [Customer.objects.first().pk], across=True,
-                      query="?sync_status=failed")
+    response = action(
+        root, "bulk_upsert", [Customer.objects.first().pk], across=True, query="?sync_status=failed"
+    )
     assert response.status_code == 200
     job = BulkJob.objects.get()
     assert job.mode == "upsert" and job.started_by.username == "root"
@@ -168,7 +185,9 @@ def test_bulk_register_of_selected_rows(root):
     job = BulkJob.objects.get()
     assert job.mode == "registration"
     assert sorted(bulk.job_queryset(job).values_list("email", flat=True)) == [
-        "a@example.jp", "b@example.jp"]
+        "a@example.jp",
+        "b@example.jp",
+    ]
 
 
 def test_actions_need_their_permissions(client):
@@ -220,18 +239,28 @@ def test_sync_now_refuses_a_selection_too_large_for_single_calls(root, settings)
     assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 3
 
 
-TOO_MANY = ("too many to send one by one. Use \"Bulk upsert via CSV\", or \"Mark for sync\" "
-            "to let the sweep send them.")
+TOO_MANY = (
+    'too many to send one by one. Use "Bulk upsert via CSV", or "Mark for sync" '
+    "to let the sweep send them."
+)
 
 
-@pytest.mark.parametrize(("limit", "language", "expected"), [
-    (1, "en", f"More than 1 customer selected: {TOO_MANY}"),
-    (2, "en", f"More than 2 customers selected: {TOO_MANY}"),
-    (2, "ja", "2 件を超えるカスタマーが選択されています。1件ずつ送信するには多すぎます。"
-              "「CSVで一括登録・更新」を使うか、「送信待ちにする」で定期処理に送信させてください。"),
-])
-def test_the_too_large_selection_warning_is_worded_for_the_limit(settings, limit, language,
-                                                                 expected):
+@pytest.mark.parametrize(
+    ("limit", "language", "expected"),
+    [
+        (1, "en", f"More than 1 customer selected: {TOO_MANY}"),
+        (2, "en", f"More than 2 customers selected: {TOO_MANY}"),
+        (
+            2,
+            "ja",
+            "2 件を超えるカスタマーが選択されています。1件ずつ送信するには多すぎます。"
+            "「CSVで一括登録・更新」を使うか、「送信待ちにする」で定期処理に送信させてください。",
+        ),
+    ],
+)
+def test_the_too_large_selection_warning_is_worded_for_the_limit(
+    settings, limit, language, expected
+):
     settings.SATORI = {**settings.SATORI, "BULK_THRESHOLD": limit}
     User.objects.create_superuser("root", password="pw")
     client = Client(HTTP_ACCEPT_LANGUAGE=language)
@@ -262,9 +291,13 @@ def test_a_post_without_the_csrf_token_is_refused():
 def finished_job_with_a_failure(sandbox) -> BulkJob:
     sandbox.configure(own_only=True)
     sandbox.seed_customer("taken@example.jp")
-    Customer.objects.bulk_create([Customer(email="free@example.jp", collection_route="web"),
-                                  Customer(email="taken@example.jp", collection_route="web"),
-                                  Customer(email="noroute@example.jp")])
+    Customer.objects.bulk_create(
+        [
+            Customer(email="free@example.jp", collection_route="web"),
+            Customer(email="taken@example.jp", collection_route="web"),
+            Customer(email="noroute@example.jp"),
+        ]
+    )
     job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
     return bulk.drive_job(job.pk, timeout=20)
 
@@ -275,8 +308,10 @@ def test_bulk_job_page_shows_progress_parts_and_row_errors(client, satori_sandbo
     client.login(username="root", password="pw")
     job = finished_job_with_a_failure(satori_sandbox)
     with override_settings(LANGUAGE_CODE=language):
-        response = client.get(reverse("admin:django_satori_bulkjob_change", args=[job.pk]),
-                              HTTP_ACCEPT_LANGUAGE=language)
+        response = client.get(
+            reverse("admin:django_satori_bulkjob_change", args=[job.pk]),
+            HTTP_ACCEPT_LANGUAGE=language,
+        )
     html = response.content.decode()
     assert response.status_code == 200
     assert 'id="satori-rows">2<' in html and 'id="satori-failed">1<' in html
@@ -311,12 +346,9 @@ def test_cancel_button_cancels_a_job_not_yet_uploaded(root):
     make("a@example.jp")
     job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
     bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
-    assert root.get(reverse("admin:django_satori_bulkjob_cancel", args=[job.pk])).status_code \
-        == 405
-    response = root.post(reverse("admin:django_satori_bulkjob_cancel", args=[job.pk]),
-                         follow=True)
-    assert "Cancelled 1 part not yet uploaded. 1 customer released." \
-        in response.content.decode()
+    assert root.get(reverse("admin:django_satori_bulkjob_cancel", args=[job.pk])).status_code == 405
+    response = root.post(reverse("admin:django_satori_bulkjob_cancel", args=[job.pk]), follow=True)
+    assert "Cancelled 1 part not yet uploaded. 1 customer released." in response.content.decode()
     job.refresh_from_db()
     assert job.state == BulkState.CANCELLED
     assert SyncState.objects.get().status == SyncStatus.PENDING
@@ -341,13 +373,16 @@ def test_csv_download_needs_the_bulk_permission(client, satori_sandbox):
 def test_running_jobs_cannot_be_deleted_and_deleting_removes_files(root, satori_sandbox):
     make("a@example.jp")
     running = bulk.start_bulk_job(Customer.objects.all(), mode="upsert", dry_run=True)
-    assert root.get(reverse("admin:django_satori_bulkjob_delete", args=[running.pk])) \
-        .status_code == 403
+    assert (
+        root.get(reverse("admin:django_satori_bulkjob_delete", args=[running.pk])).status_code
+        == 403
+    )
     job = bulk.run_job(running.pk)
     name = job.parts.get().csv_file.name
     assert bulk.bulk_storage().exists(name)
-    response = root.post(reverse("admin:django_satori_bulkjob_delete", args=[job.pk]),
-                         {"post": "yes"})
+    response = root.post(
+        reverse("admin:django_satori_bulkjob_delete", args=[job.pk]), {"post": "yes"}
+    )
     assert response.status_code == 302
     assert not BulkJob.objects.exists()
     assert not bulk.bulk_storage().exists(name)
@@ -365,8 +400,9 @@ def test_import_runs_are_listed_read_only_with_a_link_to_their_report(client):
 
     from django_satori.models import ImportRun
 
-    run = ImportRun.objects.create(filename="export.csv", encoding="cp932",
-                                   started_at=timezone.now(), rows=3, created_count=2)
+    run = ImportRun.objects.create(
+        filename="export.csv", encoding="cp932", started_at=timezone.now(), rows=3, created_count=2
+    )
     User.objects.create_superuser("root", password="pw")
     client.login(username="root", password="pw")
     page = client.get("/admin/django_satori/importrun/")

@@ -19,8 +19,13 @@ from tests import services
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 CHROMIUM = Path("/usr/bin/chromium")
-SHOTS = Path(os.environ.get("DJANGO_SATORI_TEST_ARTIFACTS")
-             or Path(__file__).resolve().parent.parent / "test-artifacts") / "screenshots"
+SHOTS = (
+    Path(
+        os.environ.get("DJANGO_SATORI_TEST_ARTIFACTS")
+        or Path(__file__).resolve().parent.parent / "test-artifacts"
+    )
+    / "screenshots"
+)
 FAST = {"BULK_POLL_INTERVAL_SECONDS": 0.2, "BULK_POLL_MAX_INTERVAL_SECONDS": 0.5}
 
 
@@ -39,12 +44,17 @@ def browser_page(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=str(CHROMIUM),
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
         )
         try:
-            context = browser.new_context(viewport={"width": 1400, "height": 1000},
-                                          locale="en-US")
+            context = browser.new_context(viewport={"width": 1400, "height": 1000}, locale="en-US")
             page = context.new_page()
             page.set_default_timeout(30_000)
             yield page
@@ -62,10 +72,20 @@ def test_bulk_upsert_from_the_admin_reaches_finished_and_shows_satoris_message(
     satori_sandbox.seed_customer("taken@example.jp", created_by="another-user")
     User.objects.create_superuser("admin", password="browser-pw")
     Customer.objects.bulk_create(
-        [Customer(email=f"ok{i}@example.jp", last_name="山田", first_name=f"太郎{i}",
-                  collection_route="web") for i in range(5)]
-        + [Customer(email="taken@example.jp", collection_route="web"),
-           Customer(email="noroute@example.jp", last_name="経路なし")])
+        [
+            Customer(
+                email=f"ok{i}@example.jp",
+                last_name="山田",
+                first_name=f"太郎{i}",
+                collection_route="web",
+            )
+            for i in range(5)
+        ]
+        + [
+            Customer(email="taken@example.jp", collection_route="web"),
+            Customer(email="noroute@example.jp", last_name="経路なし"),
+        ]
+    )
     celery_worker(FAST)
 
     page.goto(f"{live_server.url}/admin/login/?next=/admin/django_satori/customer/")
@@ -93,7 +113,8 @@ def test_bulk_upsert_from_the_admin_reaches_finished_and_shows_satoris_message(
 
     page.click("#satori-row-errors >> text=taken@example.jp")
     expect(page.locator("#satori-sync")).to_contain_text(
-        "他のユーザーが登録したカスタマーは操作できません")
+        "他のユーザーが登録したカスタマーは操作できません"
+    )
     expect(page.locator("#satori-sync .satori-badge")).to_have_text("Failed")
     page.screenshot(path=str(SHOTS / "bulk-3-failed-customer.png"), full_page=True)
 

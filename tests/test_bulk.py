@@ -50,7 +50,8 @@ def customers(n: int, prefix: str = "user", **fields) -> list[Customer]:
     defaults = {"last_name": "山田", "collection_route": "web"}
     return Customer.objects.bulk_create(
         [Customer(email=f"{prefix}{i}@example.jp", **{**defaults, **fields}) for i in range(n)],
-        batch_size=2000)
+        batch_size=2000,
+    )
 
 
 def run(job: BulkJob, **kwargs) -> BulkJob:
@@ -60,8 +61,9 @@ def run(job: BulkJob, **kwargs) -> BulkJob:
 def start(queryset=None, **kwargs) -> BulkJob:
     kwargs.setdefault("mode", "upsert")
     with transaction.atomic():
-        return bulk.start_bulk_job(queryset if queryset is not None else Customer.objects.all(),
-                                   **kwargs)
+        return bulk.start_bulk_job(
+            queryset if queryset is not None else Customer.objects.all(), **kwargs
+        )
 
 
 def stored_bytes(part: BulkPart) -> bytes:
@@ -77,17 +79,27 @@ def statuses() -> dict[str, int]:
 
 
 def test_csv_has_the_api_header_rfc4180_quoting_and_reaches_satori_intact(satori_sandbox):
-    memo = "改行\r\nと \"引用符\", カンマ 🎉" + "x" * 10_000
+    memo = '改行\r\nと "引用符", カンマ 🎉' + "x" * 10_000
     Customer.objects.create(
-        email="taro@example.jp", last_name="山田, 太郎", first_name='"Taro"',
-        lead_company_name="Example株式会社", memo=memo, collection_route="",
-        collection_date=dt.date(2026, 1, 31), delivery_permission="reject",
-        tags=["資料請求", "セミナー"], custom_fields={"custom:plan": "gold", "custom:age": 42},
+        email="taro@example.jp",
+        last_name="山田, 太郎",
+        first_name='"Taro"',
+        lead_company_name="Example株式会社",
+        memo=memo,
+        collection_route="",
+        collection_date=dt.date(2026, 1, 31),
+        delivery_permission="reject",
+        tags=["資料請求", "セミナー"],
+        custom_fields={"custom:plan": "gold", "custom:age": 42},
     )
-    Customer.objects.create(email="cr@example.jp", collection_route="web",
-                            memo="bare\rCR", address="x")
-    Customer.objects.create(email="hanako@example.jp", collection_route="展示会",
-                            custom_fields={"custom:birthday": dt.date(1990, 5, 1).isoformat()})
+    Customer.objects.create(
+        email="cr@example.jp", collection_route="web", memo="bare\rCR", address="x"
+    )
+    Customer.objects.create(
+        email="hanako@example.jp",
+        collection_route="展示会",
+        custom_fields={"custom:birthday": dt.date(1990, 5, 1).isoformat()},
+    )
     with satori(BULK_DEFAULT_COLLECTION_ROUTE="API連携"):
         job = run(start(description="format"))
 
@@ -99,10 +111,11 @@ def test_csv_has_the_api_header_rfc4180_quoting_and_reaches_satori_intact(satori
     assert header_line == (
         "email,last_name,first_name,last_name_reading,first_name_reading,lead_company_name,"
         "department,phone_number,mobile_phone_number,address,memo,collection_route,"
-        "collection_date,delivery_permission,custom:plan,custom:age,custom:birthday,append_tags")
+        "collection_date,delivery_permission,custom:plan,custom:age,custom:birthday,append_tags"
+    )
     # Quotes doubled, the cell with the comma quoted, the CRLF kept inside the quotes.
     assert '"山田, 太郎","""Taro"""'.encode() in data
-    assert "\"改行\r\nと \"\"引用符\"\", カンマ 🎉".encode() in data
+    assert '"改行\r\nと ""引用符"", カンマ 🎉'.encode() in data
     rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
     by_email = {row["email"]: row for row in rows}
     taro = by_email["taro@example.jp"]
@@ -132,10 +145,12 @@ def test_csv_has_the_api_header_rfc4180_quoting_and_reaches_satori_intact(satori
 def test_invalid_rows_are_left_out_reported_and_the_rest_goes_ahead(satori_sandbox):
     customers(3, prefix="fine")
     Customer.objects.create(email="noroute@example.jp", collection_route="")
-    Customer.objects.create(email="plan@example.jp", collection_route="web",
-                            custom_fields={"custom:age": "forty"})
-    Customer.objects.create(email="unknown@example.jp", collection_route="web",
-                            custom_fields={"custom:color": "red"})
+    Customer.objects.create(
+        email="plan@example.jp", collection_route="web", custom_fields={"custom:age": "forty"}
+    )
+    Customer.objects.create(
+        email="unknown@example.jp", collection_route="web", custom_fields={"custom:color": "red"}
+    )
     Customer.objects.create(email="tagsep@example.jp", collection_route="web", tags=["a,b"])
     bypassing_save = [
         Customer(email="Upper@Example.jp", collection_route="web"),
@@ -144,8 +159,9 @@ def test_invalid_rows_are_left_out_reported_and_the_rest_goes_ahead(satori_sandb
     ]
     nul_possible = connection.vendor != "postgresql"  # PostgreSQL cannot store NUL at all
     if nul_possible:
-        bypassing_save.append(Customer(email="nul@example.jp", collection_route="web",
-                                       memo="a\x00b"))
+        bypassing_save.append(
+            Customer(email="nul@example.jp", collection_route="web", memo="a\x00b")
+        )
     Customer.objects.bulk_create(bypassing_save)
 
     job = run(start())
@@ -182,7 +198,11 @@ def test_25000_customers_become_three_parts_and_all_are_synced(satori_sandbox):
     parts = list(job.parts.values_list("number", "row_count", "state"))
     assert parts == [(1, 10_000, "finished"), (2, 10_000, "finished"), (3, 5_000, "finished")]
     assert (job.row_count, job.succeeded_count, job.failed_count, job.part_count) == (
-        25_000, 25_000, 0, 3)
+        25_000,
+        25_000,
+        0,
+        3,
+    )
     assert statuses() == {SyncStatus.SYNCED: 25_000}
     assert len(satori_sandbox.state.customers) == 25_000
     assert len(satori_sandbox.state.requests_for("bulk_upsert")) == 3
@@ -217,12 +237,17 @@ def test_failed_rows_map_to_the_right_customers_despite_a_quoted_newline(satori_
     # "Own records only": rows for customers another SATORI user created are refused.
     satori_sandbox.configure(own_only=True)
     satori_sandbox.seed_customer("taken@example.jp", created_by="another-user")
-    Customer.objects.bulk_create([
-        Customer(email="first@example.jp", memo="line one\nline two\nline three",
-                 collection_route="web"),
-        Customer(email="taken@example.jp", collection_route="web"),
-        Customer(email="last@example.jp", collection_route="web"),
-    ])
+    Customer.objects.bulk_create(
+        [
+            Customer(
+                email="first@example.jp",
+                memo="line one\nline two\nline three",
+                collection_route="web",
+            ),
+            Customer(email="taken@example.jp", collection_route="web"),
+            Customer(email="last@example.jp", collection_route="web"),
+        ]
+    )
     job = run(start())
 
     assert (job.state, job.succeeded_count, job.failed_count) == (BulkState.FINISHED, 2, 1)
@@ -271,7 +296,8 @@ def test_the_deadline_fails_a_part_that_never_finishes(satori_sandbox):
         part = job.parts.get()
         assert bulk.poll_part(part.pk, force=True)[0] == "processing"
         BulkPart.objects.filter(pk=part.pk).update(
-            uploaded_at=timezone.now() - dt.timedelta(seconds=5))
+            uploaded_at=timezone.now() - dt.timedelta(seconds=5)
+        )
         assert bulk.poll_part(part.pk, force=True)[0] == "failed"
     part.refresh_from_db()
     assert "BULK_DEADLINE_SECONDS" in part.error
@@ -305,8 +331,12 @@ def test_a_save_during_the_job_sends_the_newer_version_afterwards(satori_sandbox
 
 def test_rows_being_sent_singly_are_left_out_and_counted(satori_sandbox):
     busy, free = customers(2)
-    SyncState.objects.create(email=busy.email, customer=busy, status=SyncStatus.SENDING,
-                             lease_until=timezone.now() + dt.timedelta(minutes=5))
+    SyncState.objects.create(
+        email=busy.email,
+        customer=busy,
+        status=SyncStatus.SENDING,
+        lease_until=timezone.now() + dt.timedelta(minutes=5),
+    )
     job = run(start())
     assert (job.row_count, job.skipped_count, job.succeeded_count) == (1, 1, 1)
     assert SyncState.objects.get(email=busy.email).status == SyncStatus.SENDING
@@ -365,8 +395,9 @@ def test_a_second_upload_task_for_the_same_part_does_nothing(satori_sandbox):
 def test_cancel_before_upload_releases_the_customers(satori_sandbox):
     customers(5)
     Customer.objects.create(email="synced@example.jp", collection_route="web")
-    assert sync.push(SyncState.objects.get(email="synced@example.jp").pk)[0] \
-        is sync.PushOutcome.SYNCED
+    assert (
+        sync.push(SyncState.objects.get(email="synced@example.jp").pk)[0] is sync.PushOutcome.SYNCED
+    )
     job = start(chunk_size=3)
     ready: list[int] = []
     bulk.run_job(job.pk, on_part_ready=ready.append)
@@ -410,20 +441,35 @@ def test_an_uploaded_part_cannot_be_recalled_but_its_results_are_kept(satori_san
 RECALL = "SATORI offers no way to recall an upload"
 
 
-@pytest.mark.parametrize(("counts", "language", "expected"), [
-    ((1, 0, 1), "en", "Cancelled 1 part not yet uploaded. 1 customer released."),
-    ((3, 0, 3), "en", "Cancelled 3 parts not yet uploaded. 3 customers released."),
-    ((0, 1, 0), "en", "Cancelled 0 parts not yet uploaded. 0 customers released. 1 part had "
-                      f"already been uploaded: {RECALL}, so it runs to the end and its results "
-                      "are still recorded."),
-    ((1, 3, 2), "en", "Cancelled 1 part not yet uploaded. 2 customers released. 3 parts had "
-                      f"already been uploaded: {RECALL}, so they run to the end and their "
-                      "results are still recorded."),
-    ((3, 3, 5), "ja", "未アップロードの 3 件のパートをキャンセルしました。"
-                      "5 件のカスタマーを解放しました。3 件のパートはアップロード済みです。"
-                      "SATORIにはアップロードを取り消す手段がないため、最後まで処理され、"
-                      "結果も記録されます。"),
-])
+@pytest.mark.parametrize(
+    ("counts", "language", "expected"),
+    [
+        ((1, 0, 1), "en", "Cancelled 1 part not yet uploaded. 1 customer released."),
+        ((3, 0, 3), "en", "Cancelled 3 parts not yet uploaded. 3 customers released."),
+        (
+            (0, 1, 0),
+            "en",
+            "Cancelled 0 parts not yet uploaded. 0 customers released. 1 part had "
+            f"already been uploaded: {RECALL}, so it runs to the end and its results "
+            "are still recorded.",
+        ),
+        (
+            (1, 3, 2),
+            "en",
+            "Cancelled 1 part not yet uploaded. 2 customers released. 3 parts had "
+            f"already been uploaded: {RECALL}, so they run to the end and their "
+            "results are still recorded.",
+        ),
+        (
+            (3, 3, 5),
+            "ja",
+            "未アップロードの 3 件のパートをキャンセルしました。"
+            "5 件のカスタマーを解放しました。3 件のパートはアップロード済みです。"
+            "SATORIにはアップロードを取り消す手段がないため、最後まで処理され、"
+            "結果も記録されます。",
+        ),
+    ],
+)
 def test_the_cancel_message_is_worded_for_each_count(counts, language, expected):
     with translation.override(language):
         assert bulk.CancelResult(*counts).message() == expected
@@ -442,10 +488,12 @@ def test_failed_row_numbers_missing_from_the_file_are_noted_on_the_part(satori_s
     for part in (one, three, japanese):
         part.refresh_from_db()
     assert one.error == "SATORI reported 1 failed row number that is not in the file: 90."
-    assert three.error == ("SATORI reported 3 failed row numbers that are not in the file: "
-                           "91, 92, 93.")
-    assert japanese.error == ("SATORIがファイルに存在しない失敗行番号を 3 件報告しました: "
-                              "91, 92, 93。")
+    assert three.error == (
+        "SATORI reported 3 failed row numbers that are not in the file: 91, 92, 93."
+    )
+    assert japanese.error == (
+        "SATORIがファイルに存在しない失敗行番号を 3 件報告しました: 91, 92, 93。"
+    )
     assert three.state == BulkState.FINISHED and three.succeeded_count == 1
 
 
@@ -514,8 +562,7 @@ def test_an_interrupted_upload_fails_its_part_and_releases_customers(satori_sand
     ready: list[int] = []
     bulk.run_job(job.pk, on_part_ready=ready.append)
     # A worker claimed the upload and died before SATORI's answer arrived.
-    BulkPart.objects.filter(pk=ready[0]).update(
-        uploaded_at=timezone.now() - dt.timedelta(hours=1))
+    BulkPart.objects.filter(pk=ready[0]).update(uploaded_at=timezone.now() - dt.timedelta(hours=1))
     bulk.poll_overdue_parts(timezone.now())
     part = BulkPart.objects.get(pk=ready[0])
     assert part.state == BulkState.FAILED and "may or may not have received" in part.error
@@ -547,8 +594,7 @@ def test_a_real_worker_runs_the_whole_job(satori_sandbox, celery_worker):
 
     worker.wait_until(done, timeout=60)
     assert job.state == BulkState.FINISHED, job.error
-    assert (job.row_count, job.succeeded_count, job.invalid_count, job.part_count) == (
-        23, 23, 1, 3)
+    assert (job.row_count, job.succeeded_count, job.invalid_count, job.part_count) == (23, 23, 1, 3)
     assert statuses()[SyncStatus.SYNCED] == 23
     assert len(satori_sandbox.state.customers) == 23
     # The worker polled from re-scheduled tasks: several checks per part.

@@ -37,14 +37,19 @@ pytestmark = pytest.mark.django_db(transaction=True)
 def customers(n: int, prefix: str) -> list[Customer]:
     """bulk_create skips save(): no outbox rows until a test makes them."""
     return Customer.objects.bulk_create(
-        [Customer(email=f"{prefix}{i}@example.jp", last_name="山田", collection_route="web")
-         for i in range(n)], batch_size=1000)
+        [
+            Customer(email=f"{prefix}{i}@example.jp", last_name="山田", collection_route="web")
+            for i in range(n)
+        ],
+        batch_size=1000,
+    )
 
 
 def outbox(people: list[Customer], **fields) -> list[SyncState]:
     fields.setdefault("status", SyncStatus.SYNCED)
     return SyncState.objects.bulk_create(
-        [SyncState(email=c.email, customer=c, **fields) for c in people], batch_size=1000)
+        [SyncState(email=c.email, customer=c, **fields) for c in people], batch_size=1000
+    )
 
 
 def new_part(number: int = 1) -> BulkPart:
@@ -70,14 +75,20 @@ def test_the_claim_takes_and_leaves_each_kind_of_row_as_documented(dispatched):
     pending = customers(3, "pending")
     outbox(pending, status=SyncStatus.PENDING, version=5, synced_version=4)
     busy = customers(2, "busy")
-    outbox(busy, status=SyncStatus.SENDING,
-           lease_until=timezone.now() - dt.timedelta(minutes=5))  # expired: still left alone
+    outbox(
+        busy, status=SyncStatus.SENDING, lease_until=timezone.now() - dt.timedelta(minutes=5)
+    )  # expired: still left alone
     elsewhere = customers(2, "elsewhere")
     other_part = new_part(7)
     outbox(elsewhere, status=SyncStatus.IN_BULK, bulk_part=other_part)
     moved = customers(1, "moved")
-    outbox(moved, status=SyncStatus.PENDING, previous_email="old@example.jp", hashcode="h1",
-           in_satori=True)
+    outbox(
+        moved,
+        status=SyncStatus.PENDING,
+        previous_email="old@example.jp",
+        hashcode="h1",
+        in_satori=True,
+    )
     no_row = customers(4, "norow")
     people = synced + pending + busy + elsewhere + moved + no_row
 
@@ -93,16 +104,21 @@ def test_the_claim_takes_and_leaves_each_kind_of_row_as_documented(dispatched):
     assert all(rows[c.email].bulk_version == 3 for c in synced)
     assert all(rows[c.email].bulk_version == 5 for c in pending)
     assert all(rows[c.email].customer_id == c.pk for c in no_row)
-    assert all(rows[c.email].status == SyncStatus.SENDING and rows[c.email].bulk_part_id is None
-               for c in busy)
+    assert all(
+        rows[c.email].status == SyncStatus.SENDING and rows[c.email].bulk_part_id is None
+        for c in busy
+    )
     assert all(rows[c.email].bulk_part_id == other_part.pk for c in elsewhere)
     handed = rows[moved[0].email]
     assert (handed.bulk_part_id, handed.status) == (None, SyncStatus.PENDING)
     assert handed.dispatched_at is not None
     assert dispatched == [handed.pk]
     if connection.vendor in ("sqlite", "postgresql"):
-        claims = [q["sql"] for q in queries.captured_queries
-                  if q["sql"].startswith("UPDATE") and "bulk_part_id" in q["sql"].split("WHERE")[0]]
+        claims = [
+            q["sql"]
+            for q in queries.captured_queries
+            if q["sql"].startswith("UPDATE") and "bulk_part_id" in q["sql"].split("WHERE")[0]
+        ]
         assert len(claims) == 1  # the whole part in one statement
 
 
@@ -143,7 +159,9 @@ def test_without_create_unknown_customers_satori_does_not_know_are_not_claimed(d
     rows = {s.email: s for s in SyncState.objects.all()}
     for c in unknown + no_row:
         assert (rows[c.email].status, rows[c.email].bulk_part_id) == (
-            SyncStatus.NOT_IN_SATORI, None)
+            SyncStatus.NOT_IN_SATORI,
+            None,
+        )
     assert all("CREATE_UNKNOWN" in rows[c.email].last_error for c in unknown)
     assert dispatched == []
 
@@ -153,7 +171,8 @@ def test_an_export_claims_every_written_row_once_and_writes_only_claimed_rows():
     outbox(people[:1000])  # the rest have no outbox row yet
     busy = people[5]
     SyncState.objects.filter(email=busy.email).update(
-        status=SyncStatus.SENDING, lease_until=timezone.now() + dt.timedelta(minutes=5))
+        status=SyncStatus.SENDING, lease_until=timezone.now() + dt.timedelta(minutes=5)
+    )
     bad = people[700]
     Customer.objects.filter(pk=bad.pk).update(delivery_permission="maybe")
 
@@ -167,8 +186,9 @@ def test_an_export_claims_every_written_row_once_and_writes_only_claimed_rows():
         with bulk.bulk_storage().open(part.csv_file.name, "rb") as fileobj:
             emails = [cells[0] for _n, _columns, cells in bulk_csv.read_rows(fileobj)]
         assert len(emails) == len(set(emails)) == part.row_count
-        assert set(emails) == set(SyncState.objects.filter(bulk_part=part)
-                                  .values_list("email", flat=True))
+        assert set(emails) == set(
+            SyncState.objects.filter(bulk_part=part).values_list("email", flat=True)
+        )
     assert SyncState.objects.exclude(bulk_part=None).count() == 1232
     assert SyncState.objects.get(email=busy.email).bulk_part_id is None
     bad_row = SyncState.objects.get(email=bad.email)
@@ -188,17 +208,38 @@ def slow_encoder() -> bulk_csv.RowEncoder:
 
 def row(custom) -> tuple:
     values = dict.fromkeys(bulk_csv.VALUE_FIELDS, "")
-    values.update(pk=1, email="a@example.jp", collection_route="web", collection_date=None,
-                  tags=["x"], custom_fields=custom)
+    values.update(
+        pk=1,
+        email="a@example.jp",
+        collection_route="web",
+        collection_date=None,
+        tags=["x"],
+        custom_fields=custom,
+    )
     return tuple(values[name] for name in bulk_csv.VALUE_FIELDS)
 
 
-@pytest.mark.parametrize("custom", [
-    {"age": 0}, {"age": -12}, {"age": 12345678901234567890}, {"age": 3, "plan": "gold"},
-    {"plan": "gold"}, {}, {"age": "42"}, {"age": " 7 "}, {"age": True}, {"age": 1.5},
-    {"age": "x"}, {"age": None}, {"age": ""}, {"age": 5, "birthday": "2001-02-03"},
-    {"age": 5, "plan": 9}, {"age": 5, "nope": 1},
-])
+@pytest.mark.parametrize(
+    "custom",
+    [
+        {"age": 0},
+        {"age": -12},
+        {"age": 12345678901234567890},
+        {"age": 3, "plan": "gold"},
+        {"plan": "gold"},
+        {},
+        {"age": "42"},
+        {"age": " 7 "},
+        {"age": True},
+        {"age": 1.5},
+        {"age": "x"},
+        {"age": None},
+        {"age": ""},
+        {"age": 5, "birthday": "2001-02-03"},
+        {"age": 5, "plan": 9},
+        {"age": 5, "nope": 1},
+    ],
+)
 def test_the_integer_fast_path_gives_what_the_schema_gives(custom):
     fast, slow = bulk_csv.RowEncoder(get_settings()), slow_encoder()
     try:
@@ -237,8 +278,9 @@ def test_cancel_leaves_its_customers_to_a_part_whose_upload_began_meanwhile():
         nonlocal raced
         if not raced and sql.startswith("UPDATE") and "bulkpart" in sql:
             raced = True
-            BulkPart.objects.filter(pk=first.pk, state=BulkState.UPLOADING,
-                                    uploaded_at__isnull=True).update(uploaded_at=timezone.now())
+            BulkPart.objects.filter(
+                pk=first.pk, state=BulkState.UPLOADING, uploaded_at__isnull=True
+            ).update(uploaded_at=timezone.now())
         return execute(sql, params, many, context)
 
     with connection.execute_wrapper(upload_claims_first):
@@ -254,8 +296,12 @@ def test_an_automatic_dry_run_settles_its_rows_when_the_selection_repeats_them()
     people = customers(2, "repeat")
     outbox(people, status=SyncStatus.PENDING)
     CustomerAction.objects.bulk_create(
-        [CustomerAction(email=c.email, customer=c, name=name, occurred_at=timezone.now())
-         for c in people for name in ("a", "b")])
+        [
+            CustomerAction(email=c.email, customer=c, name=name, occurred_at=timezone.now())
+            for c in people
+            for name in ("a", "b")
+        ]
+    )
     repeated = Customer.objects.filter(actions__name__in=["a", "b"])  # each customer twice
     job = bulk.start_bulk_job(repeated, mode=BulkMode.UPSERT, automatic=True, dry_run=True)
     done = bulk.run_job(job.pk)
@@ -280,8 +326,10 @@ def test_an_export_that_fails_releases_the_part_it_was_writing(monkeypatch):
     part = job.parts.get()
     assert (part.state, part.error) == (BulkState.FAILED, "The export stopped with an error.")
     assert job.state == BulkState.FAILED and "OSError" in job.error
-    assert list(SyncState.objects.values_list("status", "bulk_part")) == [
-        (SyncStatus.PENDING, None)] * 3
+    assert (
+        list(SyncState.objects.values_list("status", "bulk_part"))
+        == [(SyncStatus.PENDING, None)] * 3
+    )
 
 
 def test_an_interrupted_export_starts_again_without_the_part_it_was_writing():
@@ -310,8 +358,9 @@ def _flush_table_statistics() -> None:
 
 def _analyzed_rows() -> float:
     with connection.cursor() as cursor:
-        cursor.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass",
-                       [SyncState._meta.db_table])
+        cursor.execute(
+            "SELECT reltuples FROM pg_class WHERE oid = %s::regclass", [SyncState._meta.db_table]
+        )
         return float(cursor.fetchone()[0])
 
 
@@ -321,8 +370,9 @@ def test_an_export_refreshes_statistics_that_missed_a_large_change():
 
     people = customers(1500, "stale")
     rawsql.analyze(SyncState)  # planned as empty from now on...
-    SyncState.objects.bulk_create([SyncState(email=c.email, customer=c, version=1)
-                                   for c in people])  # ...though 1,500 rows arrived
+    SyncState.objects.bulk_create(
+        [SyncState(email=c.email, customer=c, version=1) for c in people]
+    )  # ...though 1,500 rows arrived
     _flush_table_statistics()
     assert _analyzed_rows() <= 0
     job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT)
@@ -331,8 +381,9 @@ def test_an_export_refreshes_statistics_that_missed_a_large_change():
     # Current statistics are left alone: a job pays for no ANALYZE it does not need.
     _flush_table_statistics()  # the claims' changes, counted before the ANALYZE
     rawsql.analyze(SyncState, Customer)
-    SyncState.objects.filter(pk__in=list(SyncState.objects.values_list("pk", flat=True)[:10])
-                             ).update(attempts=1)
+    SyncState.objects.filter(
+        pk__in=list(SyncState.objects.values_list("pk", flat=True)[:10])
+    ).update(attempts=1)
     _flush_table_statistics()
     assert rawsql.analyze_if_stale(SyncState, Customer) is False
 

@@ -10,7 +10,10 @@ from django_satori.checks import check_settings
 from django_satori.conf import get_settings
 
 VALID = {
-    "USER_KEY": "k1", "USER_SECRET": "s1", "COMPANY_KEY": "k2", "COMPANY_SECRET": "s2",
+    "USER_KEY": "k1",
+    "USER_SECRET": "s1",
+    "COMPANY_KEY": "k2",
+    "COMPANY_SECRET": "s2",
     "RATE_LIMIT_PER_MINUTE": None,  # the tests' cache is per-process (that is W001)
 }
 
@@ -32,8 +35,11 @@ def test_valid_settings_pass():
 @pytest.mark.parametrize("key", ["USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET"])
 def test_missing_or_empty_keys_are_e001_naming_the_key(key):
     for value in (None, "", "   "):
-        satori = {**VALID, key: value} if value is not None else {
-            k: v for k, v in VALID.items() if k != key}
+        satori = (
+            {**VALID, key: value}
+            if value is not None
+            else {k: v for k, v in VALID.items() if k != key}
+        )
         found = messages(**satori)
         assert [m.id for m in found] == ["django_satori.E001"]
         assert key in found[0].msg
@@ -67,9 +73,17 @@ def test_plain_http_is_allowed_in_debug_and_to_the_local_sandbox():
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("TIMEOUT", "10"), ("SYNC_ENABLED", "yes"), ("COALESCE_SECONDS", "30"),
-     ("MAX_ATTEMPTS", True), ("MAPPINGS", []), ("BULK_CHUNK_SIZE", 20_000),
-     ("PUSH_ENDPOINT", "post"), ("TIMEOUT", -1), ("TAG_SEPARATOR", "")],
+    [
+        ("TIMEOUT", "10"),
+        ("SYNC_ENABLED", "yes"),
+        ("COALESCE_SECONDS", "30"),
+        ("MAX_ATTEMPTS", True),
+        ("MAPPINGS", []),
+        ("BULK_CHUNK_SIZE", 20_000),
+        ("PUSH_ENDPOINT", "post"),
+        ("TIMEOUT", -1),
+        ("TAG_SEPARATOR", ""),
+    ],
 )
 def test_bad_types_and_values_are_e004(key, value):
     found = messages(**VALID, **{key: value})
@@ -85,11 +99,13 @@ def test_satori_must_be_a_dict():
 def test_bad_mappings_are_e005():
     found = messages(**VALID, MAPPINGS={"nope.Model": {"email": "email"}})
     assert [m.id for m in found] == ["django_satori.E005"]
-    found = messages(**VALID, MAPPINGS={"testapp.Member": {"email": "email",
-                                                           "fields": {"colour": "x"}}})
+    found = messages(
+        **VALID, MAPPINGS={"testapp.Member": {"email": "email", "fields": {"colour": "x"}}}
+    )
     assert [m.id for m in found] == ["django_satori.E005"] and "colour" in found[0].msg
-    found = messages(**VALID, MAPPINGS={"testapp.Member": {"email": "email",
-                                                           "fields": {"custom:x": "plan"}}})
+    found = messages(
+        **VALID, MAPPINGS={"testapp.Member": {"email": "email", "fields": {"custom:x": "plan"}}}
+    )
     assert [m.id for m in found] == ["django_satori.E005"]
 
 
@@ -110,8 +126,9 @@ def test_dry_run_is_w002():
 
 
 def test_accessor_follows_override_settings_and_hides_secrets():
-    with override_settings(SATORI={**VALID, "TIMEOUT": [3, 20], "ACTION_PARAMS": {
-            "name": "action[title]"}}):
+    with override_settings(
+        SATORI={**VALID, "TIMEOUT": [3, 20], "ACTION_PARAMS": {"name": "action[title]"}}
+    ):
         conf = get_settings()
         assert conf.TIMEOUT == (3, 20)
         assert conf.ACTION_PARAMS["name"] == "action[title]"

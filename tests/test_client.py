@@ -152,11 +152,17 @@ class _Handler(BaseHTTPRequestHandler):
                 kept += chunk
         parts = urlsplit(self.path)
         with self.server.lock:
-            self.server.requests.append(Captured(
-                method=self.command, path=parts.path, query=parts.query,
-                headers=dict(self.headers.items()), body=bytes(kept),
-                body_sha256=digest.hexdigest(), body_length=length,
-            ))
+            self.server.requests.append(
+                Captured(
+                    method=self.command,
+                    path=parts.path,
+                    query=parts.query,
+                    headers=dict(self.headers.items()),
+                    body=bytes(kept),
+                    body_sha256=digest.hexdigest(),
+                    body_length=length,
+                )
+            )
         reply = self.server.next_reply()
         if reply.delay:
             time.sleep(reply.delay)
@@ -210,16 +216,18 @@ def json_reply(data: Any, status: int = 200, **headers: str) -> Reply:
 
 
 def test_upsert_sends_exact_urlencoded_body(capture: CaptureServer, client: SatoriClient) -> None:
-    result = client.upsert_customer({
-        "email": "  Taro.Yamada@Example.COM ",
-        "last_name": "山田",
-        "first_name": "太郎",
-        "lead_company_name": "Example株式会社 東京",
-        "collection_date": "2025/01/31",
-        "delivery_permission": "approval",
-        "append_tags": "a,b",
-        "custom:plan": "gold & more",
-    })
+    result = client.upsert_customer(
+        {
+            "email": "  Taro.Yamada@Example.COM ",
+            "last_name": "山田",
+            "first_name": "太郎",
+            "lead_company_name": "Example株式会社 東京",
+            "collection_date": "2025/01/31",
+            "delivery_permission": "approval",
+            "append_tags": "a,b",
+            "custom:plan": "gold & more",
+        }
+    )
 
     (sent,) = capture.requests
     assert sent.method == "POST"
@@ -252,9 +260,7 @@ def test_upsert_sends_exact_urlencoded_body(capture: CaptureServer, client: Sato
     assert (result.endpoint, result.status, result.hashcode) == ("customer/upsert", 200, "hc-1")
 
 
-def test_register_and_delete_paths_and_bodies(
-    capture: CaptureServer, client: SatoriClient
-) -> None:
+def test_register_and_delete_paths_and_bodies(capture: CaptureServer, client: SatoriClient) -> None:
     client.register_customer({"email": "ａｂｃ@ｅｘａｍｐｌｅ.ｊｐ", "memo": "1行目\n2行目"})
     client.delete_customer(email="Someone@Example.jp")
     client.delete_customer(hashcode="HC 9/9")
@@ -286,8 +292,9 @@ def test_register_and_delete_paths_and_bodies(
 
 def test_tag_lists_are_joined_with_the_configured_separator(capture: CaptureServer) -> None:
     with make_client(capture, TAG_SEPARATOR="|") as satori:
-        satori.upsert_customer({"email": "a@b.jp", "append_tags": ["x", "y", "x"],
-                                "delete_tags": ("z",)})
+        satori.upsert_customer(
+            {"email": "a@b.jp", "append_tags": ["x", "y", "x"], "delete_tags": ("z",)}
+        )
         with pytest.raises(SatoriValidationError) as info:
             satori.upsert_customer({"email": "a@b.jp", "delete_tags": ["bad|tag"]})
     assert info.value.field == "delete_tags"
@@ -299,14 +306,16 @@ def test_tag_lists_are_joined_with_the_configured_separator(capture: CaptureServ
 
 def test_add_action_defaults_and_time_zone(capture: CaptureServer, client: SatoriClient) -> None:
     client.add_action(
-        email="Taro@Example.com", name="資料ダウンロード", content="価格表 PDF",
+        email="Taro@Example.com",
+        name="資料ダウンロード",
+        content="価格表 PDF",
         url="https://example.com/dl?id=1",
         occurred_at=dt.datetime(2025, 1, 31, 15, 4, 5, tzinfo=dt.UTC),
     )
-    client.add_action(hashcode="hc-1", name="visit",
-                      occurred_at=dt.datetime(2025, 2, 1, 9, 0, 0))  # naive = already JST
-    before = dt.datetime.now(dt.timezone(dt.timedelta(hours=9))).replace(microsecond=0,
-                                                                         tzinfo=None)
+    client.add_action(
+        hashcode="hc-1", name="visit", occurred_at=dt.datetime(2025, 2, 1, 9, 0, 0)
+    )  # naive = already JST
+    before = dt.datetime.now(dt.timezone(dt.timedelta(hours=9))).replace(microsecond=0, tzinfo=None)
     client.add_action(email="a@b.jp", name="now")
     after = dt.datetime.now(dt.timezone(dt.timedelta(hours=9))).replace(tzinfo=None)
 
@@ -325,18 +334,23 @@ def test_add_action_defaults_and_time_zone(capture: CaptureServer, client: Sator
         b"&customer%5Bidentity_type%5D=hashcode&customer%5Bhashcode%5D=hc-1"
         b"&action%5Bname%5D=visit&action%5Bdate%5D=2025-02-01+09%3A00%3A00"
     )
-    sent_at = dt.datetime.strptime(dict(parse_qsl(third.body.decode()))["action[date]"],
-                                   "%Y-%m-%d %H:%M:%S")
+    sent_at = dt.datetime.strptime(
+        dict(parse_qsl(third.body.decode()))["action[date]"], "%Y-%m-%d %H:%M:%S"
+    )
     assert before <= sent_at <= after
 
 
 def test_add_action_uses_configured_path_and_names(capture: CaptureServer) -> None:
     params = {"name": "action_name", "content": "detail", "url": "link", "date": "occurred"}
-    with make_client(capture, ACTION_PATH="custom/actions.json", ACTION_PARAMS=params,
-                     ACTION_TIMEZONE="UTC") as satori:
-        satori.add_action(email="a@b.jp", name="n", content="c",
-                          occurred_at=dt.datetime(2025, 1, 1, 9, 0, tzinfo=dt.timezone(
-                              dt.timedelta(hours=9))))
+    with make_client(
+        capture, ACTION_PATH="custom/actions.json", ACTION_PARAMS=params, ACTION_TIMEZONE="UTC"
+    ) as satori:
+        satori.add_action(
+            email="a@b.jp",
+            name="n",
+            content="c",
+            occurred_at=dt.datetime(2025, 1, 1, 9, 0, tzinfo=dt.timezone(dt.timedelta(hours=9))),
+        )
     (sent,) = capture.requests
     assert sent.path == "/custom/actions.json"
     assert sent.body == AUTH_BODY + (
@@ -367,14 +381,14 @@ def test_add_action_validation(
 
 def _multipart(boundary: str, identity_type: str, filename: str, data: bytes) -> bytes:
     parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'
-        .encode()
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
         for name, value in [*KEYS.items(), ("identity_type", identity_type)]
     ]
     parts.append(
         f'--{boundary}\r\nContent-Disposition: form-data; name="customer_csv_file"; '
         f'filename="{filename}"\r\nContent-Type: text/csv\r\n\r\n'.encode()
-        + data + f"\r\n--{boundary}--\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
     )
     return b"".join(parts)
 
@@ -383,15 +397,20 @@ CSV = "email,last_name,collection_route\r\ntaro@example.com,山田,自社フォ�
 
 
 def test_bulk_upload_sends_exact_multipart(capture: CaptureServer, client: SatoriClient) -> None:
-    capture.reply(json_reply({"status": 202, "message": "Accepted",
-                              "body": {"process_code": "pc-1"}}))
+    capture.reply(
+        json_reply({"status": 202, "message": "Accepted", "body": {"process_code": "pc-1"}})
+    )
     result = client.bulk_upsert(CSV)
 
     (sent,) = capture.requests
     assert (sent.method, sent.path, sent.query) == (
-        "POST", "/api/v4/public/bulk_customers/upsert.json", "")
-    match = re.fullmatch(r"multipart/form-data; boundary=([0-9a-f]{32})",
-                         sent.header("Content-Type") or "")
+        "POST",
+        "/api/v4/public/bulk_customers/upsert.json",
+        "",
+    )
+    match = re.fullmatch(
+        r"multipart/form-data; boundary=([0-9a-f]{32})", sent.header("Content-Type") or ""
+    )
     assert match, sent.header("Content-Type")
     assert sent.body == _multipart(match.group(1), "email", "customers.csv", CSV)
     assert sent.header("Content-Length") == str(len(sent.body))
@@ -399,8 +418,11 @@ def test_bulk_upload_sends_exact_multipart(capture: CaptureServer, client: Sator
     assert isinstance(result, BulkUploadResult)
     assert (result.process_code, result.status) == ("pc-1", 202)
     assert result.request_summary == {
-        "user_key": "********", "user_secret": "********", "company_key": "********",
-        "company_secret": "********", "identity_type": "email",
+        "user_key": "********",
+        "user_secret": "********",
+        "company_key": "********",
+        "company_secret": "********",
+        "identity_type": "email",
         "customer_csv_file": f"customers.csv ({len(CSV)} bytes)",
     }
 
@@ -413,8 +435,9 @@ def test_bulk_register_streams_file_objects_from_their_position(
     capture.reply(json_reply({"status": 200, "message": {"process_code": "pc-2"}}))
     with path.open("rb") as handle:
         handle.seek(len(b"IGNORED"))
-        result = client.bulk_register(handle, identity_type="hashcode",
-                                      filename='../evil "name".csv')
+        result = client.bulk_register(
+            handle, identity_type="hashcode", filename='../evil "name".csv'
+        )
     (sent,) = capture.requests
     assert sent.path == "/api/v4/public/bulk_customers/registration.json"
     boundary = (sent.header("Content-Type") or "").rsplit("=", 1)[1]
@@ -477,11 +500,18 @@ def test_bulk_upload_streams_a_10000_row_file(
 
 
 def test_bulk_status_query_string(capture: CaptureServer, client: SatoriClient) -> None:
-    capture.reply(json_reply({
-        "status": 200,
-        "body": {"process_status": "finished", "succeeded_rows": [{"row_number": 2}],
-                 "failed_rows": [{"row_number": 3, "message": "メールアドレスが不正です"}]},
-    }))
+    capture.reply(
+        json_reply(
+            {
+                "status": 200,
+                "body": {
+                    "process_status": "finished",
+                    "succeeded_rows": [{"row_number": 2}],
+                    "failed_rows": [{"row_number": 3, "message": "メールアドレスが不正です"}],
+                },
+            }
+        )
+    )
     status = client.bulk_status("pc 1/2")
 
     (sent,) = capture.requests
@@ -509,19 +539,31 @@ def test_bulk_status_query_string(capture: CaptureServer, client: SatoriClient) 
         ({"status": 200, "process_status": "queued", "failed_rows": []}, False, "queued", []),
         ({"status": 200, "body": {"process_status": "Finished"}}, False, "Finished", []),
         ({"status": 200, "body": {}}, False, "", []),
-        ({"status": 200, "body": {"process_status": "finished",
-                                  "failed_rows": [{"row_number": "7", "message": None}]}},
-         True, "finished", [FailedRow(7, "")]),
+        (
+            {
+                "status": 200,
+                "body": {
+                    "process_status": "finished",
+                    "failed_rows": [{"row_number": "7", "message": None}],
+                },
+            },
+            True,
+            "finished",
+            [FailedRow(7, "")],
+        ),
     ],
 )
 def test_bulk_status_envelopes(
-    capture: CaptureServer, client: SatoriClient, payload: dict[str, Any], finished: bool,
-    state: str, failed: list[FailedRow],
+    capture: CaptureServer,
+    client: SatoriClient,
+    payload: dict[str, Any],
+    finished: bool,
+    state: str,
+    failed: list[FailedRow],
 ) -> None:
     capture.reply(json_reply(payload))
     status = client.bulk_status("pc")
-    assert (status.finished, status.process_status, status.failed_rows) == (
-        finished, state, failed)
+    assert (status.finished, status.process_status, status.failed_rows) == (finished, state, failed)
 
 
 @pytest.mark.parametrize(
@@ -530,8 +572,11 @@ def test_bulk_status_envelopes(
 def test_bulk_status_malformed_failed_rows_is_an_error(
     capture: CaptureServer, client: SatoriClient, failed_rows: Any
 ) -> None:
-    capture.reply(json_reply({"status": 200, "body": {"process_status": "finished",
-                                                       "failed_rows": failed_rows}}))
+    capture.reply(
+        json_reply(
+            {"status": 200, "body": {"process_status": "finished", "failed_rows": failed_rows}}
+        )
+    )
     with pytest.raises(SatoriError) as info:
         client.bulk_status("pc")
     assert not info.value.retryable
@@ -628,8 +673,11 @@ def test_json_status_wins_over_http_code(capture: CaptureServer, client: SatoriC
     ],
 )
 def test_error_classes(
-    capture: CaptureServer, client: SatoriClient, status: int,
-    error_class: type[SatoriError], retryable: bool,
+    capture: CaptureServer,
+    client: SatoriClient,
+    status: int,
+    error_class: type[SatoriError],
+    retryable: bool,
 ) -> None:
     capture.reply(json_reply({"status": status, "message": f"エラー {status}"}))
     with pytest.raises(error_class) as info:
@@ -655,12 +703,16 @@ def test_permission_error_is_an_authentication_error(
 @pytest.mark.parametrize(
     ("reply", "needle"),
     [
-        (Reply(502, b"<html><body>502 Bad Gateway</body></html>", {"Content-Type": "text/html"}),
-         "text/html"),
+        (
+            Reply(502, b"<html><body>502 Bad Gateway</body></html>", {"Content-Type": "text/html"}),
+            "text/html",
+        ),
         (Reply(200, b'{"status": 200, "message": {"customer[hash', {}), "none"),
         (Reply(200, b"", {"Content-Type": "application/json"}), "application/json"),
-        (Reply(200, b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}),
-         "application/json"),
+        (
+            Reply(200, b"\xff\xfe\x00garbage", {"Content-Type": "application/json"}),
+            "application/json",
+        ),
     ],
 )
 def test_non_json_replies_are_transient(
@@ -690,7 +742,10 @@ def test_non_json_replies_are_transient(
     ],
 )
 def test_unexpected_json_shapes(
-    capture: CaptureServer, client: SatoriClient, body: bytes, http_status: int,
+    capture: CaptureServer,
+    client: SatoriClient,
+    body: bytes,
+    http_status: int,
     error_class: type[SatoriError],
 ) -> None:
     capture.reply(Reply(http_status, body))
@@ -719,8 +774,11 @@ def test_redirects_are_not_followed(capture: CaptureServer, client: SatoriClient
     ],
 )
 def test_retry_after(
-    capture: CaptureServer, client: SatoriClient, headers: dict[str, str],
-    payload: dict[str, Any], expected: float | None,
+    capture: CaptureServer,
+    client: SatoriClient,
+    headers: dict[str, str],
+    payload: dict[str, Any],
+    expected: float | None,
 ) -> None:
     capture.reply(json_reply(payload, status=payload["status"], **headers))
     with pytest.raises(SatoriTransientError) as info:
@@ -730,8 +788,13 @@ def test_retry_after(
 
 def test_retry_after_http_date(capture: CaptureServer, client: SatoriClient) -> None:
     when = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=90)
-    capture.reply(json_reply({"status": 429, "message": "x"}, status=429,
-                             **{"Retry-After": when.strftime("%a, %d %b %Y %H:%M:%S GMT")}))
+    capture.reply(
+        json_reply(
+            {"status": 429, "message": "x"},
+            status=429,
+            **{"Retry-After": when.strftime("%a, %d %b %Y %H:%M:%S GMT")},
+        )
+    )
     with pytest.raises(SatoriRateLimitError) as info:
         client.upsert_customer({"email": "a@b.jp"})
     assert info.value.retry_after is not None
@@ -745,8 +808,10 @@ def _assert_unchained(error: BaseException) -> None:
 
 def test_read_timeout(capture: CaptureServer) -> None:
     capture.reply(Reply(delay=1.0))
-    with make_client(capture, TIMEOUT=(2.0, 0.2)) as satori, \
-            pytest.raises(SatoriTransientError) as info:
+    with (
+        make_client(capture, TIMEOUT=(2.0, 0.2)) as satori,
+        pytest.raises(SatoriTransientError) as info,
+    ):
         satori.bulk_status("pc")
     assert "ReadTimeout" in str(info.value)
     assert info.value.retryable
@@ -880,8 +945,15 @@ def test_satori_validation_errors_name_the_field(
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("USER_KEY", ""), ("USER_SECRET", "   "), ("COMPANY_KEY", None), ("COMPANY_SECRET", ""),
-     ("BASE_URL", "api.satr.jp"), ("TIMEOUT", "ten"), ("TIMEOUT", (1, 0))],
+    [
+        ("USER_KEY", ""),
+        ("USER_SECRET", "   "),
+        ("COMPANY_KEY", None),
+        ("COMPANY_SECRET", ""),
+        ("BASE_URL", "api.satr.jp"),
+        ("TIMEOUT", "ten"),
+        ("TIMEOUT", (1, 0)),
+    ],
 )
 def test_configuration_errors_before_any_request(
     capture: CaptureServer, setting: str, value: Any
@@ -906,8 +978,10 @@ def test_configuration_errors_before_any_request(
 
 
 def test_unknown_action_time_zone(capture: CaptureServer) -> None:
-    with make_client(capture, ACTION_TIMEZONE="Mars/Olympus") as satori, \
-            pytest.raises(SatoriConfigurationError) as info:
+    with (
+        make_client(capture, ACTION_TIMEZONE="Mars/Olympus") as satori,
+        pytest.raises(SatoriConfigurationError) as info,
+    ):
         satori.add_action(email="a@b.jp", name="x")
     _assert_unchained(info.value)
     assert capture.requests == []
@@ -934,20 +1008,39 @@ def _error_texts(error: BaseException) -> list[str]:
 
 def _echoing_replies(capture: CaptureServer) -> list[Reply]:
     """Replies that quote the request back, keys included, in every way we can think of."""
-    status_url = (capture.url + "/api/v4/public/bulk_customers/status.json?user_key="
-                  + KEYS["user_key"] + "&user_secret=" + KEYS["user_secret"])
+    status_url = (
+        capture.url
+        + "/api/v4/public/bulk_customers/status.json?user_key="
+        + KEYS["user_key"]
+        + "&user_secret="
+        + KEYS["user_secret"]
+    )
     return [
         json_reply({"status": 401, "message": f"user_key {KEYS['user_key']} is not valid"}),
-        json_reply({"status": 400, "message": {f"customer[{KEYS['company_secret']}]": "bad",
-                                               "echo": dict(KEYS)}}),
-        Reply(404, f"<html><a href='{status_url}'>{status_url}</a></html>".encode(),
-              {"Content-Type": "text/html"}),
+        json_reply(
+            {
+                "status": 400,
+                "message": {f"customer[{KEYS['company_secret']}]": "bad", "echo": dict(KEYS)},
+            }
+        ),
+        Reply(
+            404,
+            f"<html><a href='{status_url}'>{status_url}</a></html>".encode(),
+            {"Content-Type": "text/html"},
+        ),
         json_reply({"status": 500, "message": "boom", "query": status_url}, status=500),
         Reply(action="drop"),
         Reply(delay=0.6),
         Reply(action="short"),
-        json_reply({"status": 200, "body": {"process_status": "finished",
-                                            "failed_rows": [{"message": KEYS['user_secret']}]}}),
+        json_reply(
+            {
+                "status": 200,
+                "body": {
+                    "process_status": "finished",
+                    "failed_rows": [{"message": KEYS["user_secret"]}],
+                },
+            }
+        ),
     ]
 
 
@@ -980,8 +1073,12 @@ def test_no_key_appears_in_logs_errors_tracebacks_or_reprs(
     for name, call in calls.items():
         capture.reply(successes[name])
         result = call()
-        texts += [repr(result), str(result), repr(dataclasses.asdict(result)),
-                  repr(result.request_summary)]
+        texts += [
+            repr(result),
+            str(result),
+            repr(dataclasses.asdict(result)),
+            repr(result.request_summary),
+        ]
         for reply in _echoing_replies(capture):
             capture.reply(reply)
             try:
@@ -996,8 +1093,11 @@ def test_no_key_appears_in_logs_errors_tracebacks_or_reprs(
     assert errors >= len(calls) * 7
     texts += [record.getMessage() for record in caplog.records]
     texts.append(caplog.text)
-    assert any("status.json" in record.getMessage() for record in caplog.records
-               if record.name.startswith("urllib3")), "urllib3 request lines were not captured"
+    assert any(
+        "status.json" in record.getMessage()
+        for record in caplog.records
+        if record.name.startswith("urllib3")
+    ), "urllib3 request lines were not captured"
     assert any(record.name == "django_satori.client" for record in caplog.records)
     assert _leaks(texts) == []
 
@@ -1007,8 +1107,10 @@ def test_requests_error_text_would_have_leaked() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = (f"http://127.0.0.1:{port}/api/v4/public/bulk_customers/status.json?user_key="
-           + KEYS["user_key"])
+    url = (
+        f"http://127.0.0.1:{port}/api/v4/public/bulk_customers/status.json?user_key="
+        + KEYS["user_key"]
+    )
     with pytest.raises(requests.ConnectionError) as info:
         requests.get(url, timeout=2)
     assert KEYS["user_key"] in "".join(traceback.format_exception(info.value))
@@ -1023,9 +1125,15 @@ def test_debug_log_line_per_call_with_personal_data_redacted(
     capture: CaptureServer, client: SatoriClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="django_satori.client")
-    client.upsert_customer({"email": "taro@example.com", "last_name": "山田",
-                            "phone_number": "03-1234-5678", "custom:plan": "gold",
-                            "collection_route": "web"})
+    client.upsert_customer(
+        {
+            "email": "taro@example.com",
+            "last_name": "山田",
+            "phone_number": "03-1234-5678",
+            "custom:plan": "gold",
+            "collection_route": "web",
+        }
+    )
     capture.reply(json_reply({"status": 400, "message": "taro@example.com は不正です"}))
     with pytest.raises(SatoriValidationError) as info:
         client.upsert_customer({"email": "taro@example.com"})
@@ -1044,8 +1152,10 @@ def test_debug_log_line_per_call_with_personal_data_redacted(
     assert "SatoriValidationError" in failed and "taro@example.com" not in failed
     # The error itself keeps SATORI's words as they are, for the person fixing it.
     assert "taro@example.com" in str(info.value)
-    assert info.value.response_summary == {"status": 400,
-                                           "message": "<redacted 16 chars> は不正です"}
+    assert info.value.response_summary == {
+        "status": 400,
+        "message": "<redacted 16 chars> は不正です",
+    }
 
 
 def test_personal_data_shown_when_redaction_is_off(
@@ -1062,14 +1172,22 @@ def test_personal_data_shown_when_redaction_is_off(
 
 
 def test_result_summaries(capture: CaptureServer, client: SatoriClient) -> None:
-    capture.reply(json_reply({"status": 200, "message": {"customer[hashcode]": "H",
-                                                         "customer[email]": "a@b.jp"}}))
-    result = client.upsert_customer({"email": "a@b.jp", "lead_company_name": "ACME",
-                                     "custom:plan": "gold"})
+    capture.reply(
+        json_reply(
+            {"status": 200, "message": {"customer[hashcode]": "H", "customer[email]": "a@b.jp"}}
+        )
+    )
+    result = client.upsert_customer(
+        {"email": "a@b.jp", "lead_company_name": "ACME", "custom:plan": "gold"}
+    )
     assert result.request_summary == {
-        "user_key": "********", "user_secret": "********", "company_key": "********",
-        "company_secret": "********", "customer[identity_type]": "email",
-        "customer[email]": "<redacted 6 chars>", "customer[lead_company_name]": "ACME",
+        "user_key": "********",
+        "user_secret": "********",
+        "company_key": "********",
+        "company_secret": "********",
+        "customer[identity_type]": "email",
+        "customer[email]": "<redacted 6 chars>",
+        "customer[lead_company_name]": "ACME",
         "customer[custom:plan]": "<redacted 4 chars>",
     }
     assert result.response_summary == {
@@ -1176,11 +1294,17 @@ def test_sandbox_upsert_register_delete(satori_sandbox: Any) -> None:
     satori = get_client()
     assert satori_sandbox.url == satori.conf.BASE_URL
 
-    created = satori.upsert_customer({
-        "email": "Ｔａｒｏ@Example.com", "last_name": "山田", "first_name": "太郎",
-        "custom:plan": "gold", "append_tags": "資料請求,展示会", "collection_date": "2025/01/31",
-        "delivery_permission": "approval",
-    })
+    created = satori.upsert_customer(
+        {
+            "email": "Ｔａｒｏ@Example.com",
+            "last_name": "山田",
+            "first_name": "太郎",
+            "custom:plan": "gold",
+            "append_tags": "資料請求,展示会",
+            "collection_date": "2025/01/31",
+            "delivery_permission": "approval",
+        }
+    )
     stored = satori_sandbox.state.customer("taro@example.com")
     assert stored is not None
     assert created.hashcode == stored.hashcode
@@ -1192,8 +1316,9 @@ def test_sandbox_upsert_register_delete(satori_sandbox: Any) -> None:
     assert _sent_form(satori_sandbox, "upsert")["customer[email]"] == "taro@example.com"
 
     # registration fills blanks only (the sandbox follows SATORI's documented v3 rule)
-    again = satori.register_customer({"email": "taro@example.com", "last_name": "上書き",
-                                      "memo": "新しいメモ"})
+    again = satori.register_customer(
+        {"email": "taro@example.com", "last_name": "上書き", "memo": "新しいメモ"}
+    )
     assert again.hashcode == created.hashcode
     assert stored.fields["last_name"] == "山田" and stored.fields["memo"] == "新しいメモ"
 
@@ -1209,12 +1334,19 @@ def test_sandbox_add_action(satori_sandbox: Any) -> None:
     satori = get_client()
     satori.upsert_customer({"email": "a@example.jp"})
     result = satori.add_action(
-        email="A@example.jp", name="セミナー参加", content="第3回", url="https://example.jp/s/3",
+        email="A@example.jp",
+        name="セミナー参加",
+        content="第3回",
+        url="https://example.jp/s/3",
         occurred_at=dt.datetime(2025, 3, 1, 1, 2, 3, tzinfo=dt.UTC),
     )
     (action,) = satori_sandbox.state.customer("a@example.jp").actions
     assert (action.name, action.content, action.url, action.date) == (
-        "セミナー参加", "第3回", "https://example.jp/s/3", "2025-03-01 10:02:03")
+        "セミナー参加",
+        "第3回",
+        "https://example.jp/s/3",
+        "2025-03-01 10:02:03",
+    )
     assert result.endpoint == "customer/add_action"
     with pytest.raises(SatoriNotFoundError):
         satori.add_action(email="nobody@example.jp", name="x")
@@ -1239,7 +1371,10 @@ def test_sandbox_bulk_upload_and_status(satori_sandbox: Any, envelope: str) -> N
     (record,) = satori_sandbox.state.requests_for("bulk_upsert")
     (upload_file,) = record.files
     assert (upload_file.name, upload_file.filename, upload_file.content_type) == (
-        "customer_csv_file", "customers.csv", "text/csv")
+        "customer_csv_file",
+        "customers.csv",
+        "text/csv",
+    )
     assert upload_file.content == SANDBOX_CSV
     assert record.form_dict() == {**KEYS, "identity_type": "email"}
 
@@ -1258,7 +1393,9 @@ def test_sandbox_bulk_register_processing_then_finished(satori_sandbox: Any) -> 
     assert satori_sandbox.state.customer("new@example.jp") is not None
     (record,) = satori_sandbox.state.requests_for("bulk_registration")
     assert (record.method, record.path) == (
-        "POST", "/api/v4/public/bulk_customers/registration.json")
+        "POST",
+        "/api/v4/public/bulk_customers/registration.json",
+    )
     status_query = dict(satori_sandbox.state.requests_for("bulk_status")[0].query)
     assert status_query == {**KEYS, "process_code": upload.process_code}
 
@@ -1297,12 +1434,19 @@ def test_sandbox_wrong_keys_and_permissions(satori_sandbox: Any) -> None:
 
 @pytest.mark.parametrize(
     ("kind", "error_class"),
-    [("500", SatoriTransientError), ("503", SatoriTransientError),
-     ("429", SatoriRateLimitError), ("html", SatoriTransientError),
-     ("drop", SatoriTransientError), ("timeout", SatoriTransientError)],
+    [
+        ("500", SatoriTransientError),
+        ("503", SatoriTransientError),
+        ("429", SatoriRateLimitError),
+        ("html", SatoriTransientError),
+        ("drop", SatoriTransientError),
+        ("timeout", SatoriTransientError),
+    ],
 )
 def test_sandbox_faults_on_every_endpoint_leak_nothing(
-    satori_sandbox: Any, caplog: pytest.LogCaptureFixture, kind: str,
+    satori_sandbox: Any,
+    caplog: pytest.LogCaptureFixture,
+    kind: str,
     error_class: type[SatoriError],
 ) -> None:
     caplog.set_level(logging.DEBUG)

@@ -51,10 +51,15 @@ def _needles() -> tuple[str, ...]:
     conf = get_settings()
     import dataclasses
 
-    return secret_needles(dataclasses.replace(
-        conf, USER_KEY=SECRETS[0], USER_SECRET=SECRETS[1], COMPANY_KEY=SECRETS[2],
-        COMPANY_SECRET=SECRETS[3],
-    ))
+    return secret_needles(
+        dataclasses.replace(
+            conf,
+            USER_KEY=SECRETS[0],
+            USER_SECRET=SECRETS[1],
+            COMPANY_KEY=SECRETS[2],
+            COMPANY_SECRET=SECRETS[3],
+        )
+    )
 
 
 NEEDLES = _needles()
@@ -62,8 +67,7 @@ NEEDLES = _needles()
 
 def parse(data: Any, http_status: int = 200, headers: dict[str, str] | None = None) -> Any:
     body = data if isinstance(data, bytes) else json.dumps(data).encode()
-    return parse_response(body, http_status, JSON if headers is None else headers,
-                          needles=NEEDLES)
+    return parse_response(body, http_status, JSON if headers is None else headers, needles=NEEDLES)
 
 
 # --------------------------------------------------------------------------- envelopes
@@ -73,7 +77,10 @@ def test_success_envelopes() -> None:
     reply = parse({"status": 200, "message": {"customer[hashcode]": "H"}})
     assert isinstance(reply, SatoriReply)
     assert (reply.status, reply.payload, reply.http_status) == (
-        200, {"customer[hashcode]": "H"}, 200)
+        200,
+        {"customer[hashcode]": "H"},
+        200,
+    )
     reply = parse({"status": 202, "message": "Accepted", "body": {"process_code": "P"}})
     assert reply.payload == {"process_code": "P"} and reply.message == "Accepted"
     reply = parse({"status": 200, "message": "OK", "process_code": "P"})
@@ -91,8 +98,10 @@ def test_status_coercion(status: Any, expected: int) -> None:
     assert parse({"status": status}).status == expected
 
 
-@pytest.mark.parametrize("status", [True, None, "OK", 200.5, "2000", -200, 0, 600, [200], "²⁰⁰",
-                                    {"code": 200}, float("nan")])
+@pytest.mark.parametrize(
+    "status",
+    [True, None, "OK", 200.5, "2000", -200, 0, 600, [200], "²⁰⁰", {"code": 200}, float("nan")],
+)
 def test_unusable_status_with_http_200_is_a_shape_error(status: Any) -> None:
     body = json.dumps({"status": status}, allow_nan=True).encode()
     with pytest.raises(SatoriError) as info:
@@ -118,20 +127,32 @@ def test_json_status_wins() -> None:
 @pytest.mark.parametrize(
     ("status", "error_class"),
     [
-        (401, SatoriAuthenticationError), (403, SatoriPermissionError),
-        (404, SatoriNotFoundError), (400, SatoriValidationError),
-        (405, SatoriValidationError), (413, SatoriValidationError),
-        (422, SatoriValidationError), (408, SatoriTransientError),
-        (425, SatoriTransientError), (429, SatoriRateLimitError),
-        (500, SatoriTransientError), (502, SatoriTransientError),
-        (599, SatoriTransientError), (100, SatoriError), (304, SatoriError),
+        (401, SatoriAuthenticationError),
+        (403, SatoriPermissionError),
+        (404, SatoriNotFoundError),
+        (400, SatoriValidationError),
+        (405, SatoriValidationError),
+        (413, SatoriValidationError),
+        (422, SatoriValidationError),
+        (408, SatoriTransientError),
+        (425, SatoriTransientError),
+        (429, SatoriRateLimitError),
+        (500, SatoriTransientError),
+        (502, SatoriTransientError),
+        (599, SatoriTransientError),
+        (100, SatoriError),
+        (304, SatoriError),
     ],
 )
 def test_error_for_status(status: int, error_class: type[SatoriError]) -> None:
     error = error_for_status(status, "m", http_status=200, response={"x": 1}, retry_after=3.0)
     assert type(error) is error_class
     assert (error.status, error.http_status, error.response, error.message) == (
-        status, 200, {"x": 1}, "m")
+        status,
+        200,
+        {"x": 1},
+        "m",
+    )
     if isinstance(error, SatoriTransientError):
         assert error.retry_after == 3.0
     assert error_for_status(status, "m", field="customer_csv_file").field == "customer_csv_file"
@@ -159,21 +180,26 @@ def test_redirect_is_a_configuration_error() -> None:
 def test_non_json_mentions_code_and_type_only() -> None:
     page = b"<html><title>Maintenance</title>secret page text</html>"
     with pytest.raises(SatoriTransientError) as info:
-        parse(page, http_status=503, headers={"Content-Type": "text/html; charset=utf-8",
-                                              "Retry-After": "600"})
+        parse(
+            page,
+            http_status=503,
+            headers={"Content-Type": "text/html; charset=utf-8", "Retry-After": "600"},
+        )
     text = str(info.value)
     assert "503" in text and "text/html" in text
     assert "secret page text" not in text
     assert info.value.retry_after == 600.0
 
 
-@pytest.mark.parametrize(("body", "language", "expected"), [
-    (b"<", "en", "(HTTP 502, content type text/html, 1 byte); probably a proxy"),
-    (b"<html>", "en", "(HTTP 502, content type text/html, 6 bytes); probably a proxy"),
-    (b"<html>", "ja", "（HTTP 502、Content-Type text/html、6 バイト）。プロキシ"),
-])
-def test_non_json_counts_the_bytes_of_the_reply(body: bytes, language: str,
-                                                 expected: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "language", "expected"),
+    [
+        (b"<", "en", "(HTTP 502, content type text/html, 1 byte); probably a proxy"),
+        (b"<html>", "en", "(HTTP 502, content type text/html, 6 bytes); probably a proxy"),
+        (b"<html>", "ja", "（HTTP 502、Content-Type text/html、6 バイト）。プロキシ"),
+    ],
+)
+def test_non_json_counts_the_bytes_of_the_reply(body: bytes, language: str, expected: str) -> None:
     with translation.override(language), pytest.raises(SatoriTransientError) as info:
         parse(body, http_status=502, headers={"Content-Type": "text/html"})
     assert expected in str(info.value)
@@ -181,9 +207,18 @@ def test_non_json_counts_the_bytes_of_the_reply(body: bytes, language: str,
 
 @pytest.mark.parametrize(
     ("header", "expected"),
-    [("30", 30.0), ("0", 0.0), ("1.5", 1.5), ("-3", 0.0), ("nan", None), ("inf", None),
-     ("99999999", 86400.0), ("", None), ("tomorrow", None),
-     ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+    [
+        ("30", 30.0),
+        ("0", 0.0),
+        ("1.5", 1.5),
+        ("-3", 0.0),
+        ("nan", None),
+        ("inf", None),
+        ("99999999", 86400.0),
+        ("", None),
+        ("tomorrow", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),
+    ],
 )
 def test_retry_after_header(header: str, expected: float | None) -> None:
     with pytest.raises(SatoriRateLimitError) as info:
@@ -192,8 +227,7 @@ def test_retry_after_header(header: str, expected: float | None) -> None:
 
 
 def test_retry_after_future_http_date_and_json_hints() -> None:
-    when = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).strftime(
-        "%a, %d %b %Y %H:%M:%S GMT")
+    when = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     with pytest.raises(SatoriTransientError) as info:
         parse({"status": 503}, headers={"Retry-After": when})
     assert info.value.retry_after is not None and 290 <= info.value.retry_after <= 300
@@ -214,8 +248,7 @@ def test_keys_in_a_reply_are_scrubbed_everywhere() -> None:
     }
     with pytest.raises(SatoriAuthenticationError) as info:
         parse(data)
-    blob = str(info.value) + repr(info.value) + json.dumps(info.value.response,
-                                                           ensure_ascii=False)
+    blob = str(info.value) + repr(info.value) + json.dumps(info.value.response, ensure_ascii=False)
     for secret in (*SECRETS, encoded):
         assert secret not in blob
     assert MASK in str(info.value)
@@ -225,24 +258,43 @@ def test_keys_in_a_reply_are_scrubbed_everywhere() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-    | st.text(max_size=30) | st.sampled_from(SECRETS),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=12) | st.sampled_from(
-        ["status", "message", "body", "process_code", "retry_after", "customer[hashcode]"]),
-        children, max_size=5),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30)
+    | st.sampled_from(SECRETS),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.text(max_size=12)
+            | st.sampled_from(
+                ["status", "message", "body", "process_code", "retry_after", "customer[hashcode]"]
+            ),
+            children,
+            max_size=5,
+        )
+    ),
     max_leaves=25,
 )
-statuses = st.sampled_from([200, 202, 400, 401, 403, 404, 408, 422, 429, 500, 503]) | \
-    st.integers(-5, 1200) | st.text(max_size=5) | st.none() | st.booleans() | st.floats()
+statuses = (
+    st.sampled_from([200, 202, 400, 401, 403, 404, 408, 422, 429, 500, 503])
+    | st.integers(-5, 1200)
+    | st.text(max_size=5)
+    | st.none()
+    | st.booleans()
+    | st.floats()
+)
 envelopes = st.fixed_dictionaries(
     {"status": statuses},
     optional={"message": json_values, "body": json_values, "retry_after": json_values},
 )
 headers = st.dictionaries(
     st.sampled_from(["Content-Type", "Retry-After", "retry-after", "X-Other"]),
-    st.text(max_size=40) | st.sampled_from(["120", "Wed, 21 Oct 2015 07:28:00 GMT",
-                                             "Fri, 31 Dec 9999 23:59:59 GMT", "1e400"]),
+    st.text(max_size=40)
+    | st.sampled_from(
+        ["120", "Wed, 21 Oct 2015 07:28:00 GMT", "Fri, 31 Dec 9999 23:59:59 GMT", "1e400"]
+    ),
     max_size=3,
 )
 http_statuses = st.integers(0, 999)
@@ -277,8 +329,9 @@ def test_fuzz_arbitrary_json(value: Any, http_status: int, hdrs: dict[str, str])
 
 
 @settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(envelope=envelopes, http_status=http_statuses, hdrs=headers,
-       cut=st.none() | st.integers(0, 200))
+@given(
+    envelope=envelopes, http_status=http_statuses, hdrs=headers, cut=st.none() | st.integers(0, 200)
+)
 def test_fuzz_satori_like_envelopes(
     envelope: dict[str, Any], http_status: int, hdrs: dict[str, str], cut: int | None
 ) -> None:
@@ -288,8 +341,13 @@ def test_fuzz_satori_like_envelopes(
 
 @pytest.mark.parametrize(
     "body",
-    [b"[" * 100_000, b'{"a":' * 50_000, b"1" * 10_000, b'{"status": 1' + b"0" * 5000 + b"}",
-     b'{"status": 200, "message": ' + b"[" * 900 + b"]" * 900 + b"}"],
+    [
+        b"[" * 100_000,
+        b'{"a":' * 50_000,
+        b"1" * 10_000,
+        b'{"status": 1' + b"0" * 5000 + b"}",
+        b'{"status": 200, "message": ' + b"[" * 900 + b"]" * 900 + b"}",
+    ],
 )
 def test_pathological_bodies(body: bytes) -> None:
     _check(body, 200, {})
@@ -300,14 +358,24 @@ def test_pathological_bodies(body: bytes) -> None:
 
 def test_redact_form() -> None:
     pairs = [
-        ("user_key", "a"), ("user_secret", "b"), ("company_key", "c"), ("company_secret", "d"),
-        ("customer[identity_type]", "email"), ("customer[email]", "taro@example.com"),
-        ("customer[last_name]", "山田"), ("customer[custom:plan]", "gold"),
-        ("customer[collection_route]", "web"), ("customer[new_field]", "x"),
-        ("action[name]", "visit"), ("action[content]", "free text"),
+        ("user_key", "a"),
+        ("user_secret", "b"),
+        ("company_key", "c"),
+        ("company_secret", "d"),
+        ("customer[identity_type]", "email"),
+        ("customer[email]", "taro@example.com"),
+        ("customer[last_name]", "山田"),
+        ("customer[custom:plan]", "gold"),
+        ("customer[collection_route]", "web"),
+        ("customer[new_field]", "x"),
+        ("action[name]", "visit"),
+        ("action[content]", "free text"),
     ]
     assert redact_form(pairs, True, visible=("action[name]",)) == {
-        "user_key": MASK, "user_secret": MASK, "company_key": MASK, "company_secret": MASK,
+        "user_key": MASK,
+        "user_secret": MASK,
+        "company_key": MASK,
+        "company_secret": MASK,
         "customer[identity_type]": "email",
         "customer[email]": "<redacted 16 chars>",
         "customer[last_name]": "<redacted 2 chars>",
@@ -326,8 +394,9 @@ def test_redact_form() -> None:
 def test_scrub_raw_and_encoded_forms() -> None:
     import dataclasses
 
-    conf = dataclasses.replace(get_settings(), USER_KEY="a b/c", USER_SECRET="ü+1",
-                               COMPANY_KEY="", COMPANY_SECRET="plain")
+    conf = dataclasses.replace(
+        get_settings(), USER_KEY="a b/c", USER_SECRET="ü+1", COMPANY_KEY="", COMPANY_SECRET="plain"
+    )
     text = "raw a b/c, plus a+b%2Fc, quoted a%20b%2Fc, %C3%BC%2B1, ü+1 and plain"
     assert scrub(text, conf) == (
         f"raw {MASK}, plus {MASK}, quoted {MASK}, {MASK}, {MASK} and {MASK}"
@@ -338,8 +407,10 @@ def test_scrub_raw_and_encoded_forms() -> None:
 
 
 def test_scrub_query_masks_any_value() -> None:
-    url = ("/status.json?user_key=AAA&user_secret=B%2BB&company_key=&company_secret=x"
-           "&process_code=P&other_user_key=z")
+    url = (
+        "/status.json?user_key=AAA&user_secret=B%2BB&company_key=&company_secret=x"
+        "&process_code=P&other_user_key=z"
+    )
     assert scrub_query(url) == (
         f"/status.json?user_key={MASK}&user_secret={MASK}&company_key={MASK}"
         f"&company_secret={MASK}&process_code=P&other_user_key={MASK}"
@@ -349,18 +420,29 @@ def test_scrub_query_masks_any_value() -> None:
 def test_scrub_data_and_summaries() -> None:
     import dataclasses
 
-    data = {"status": 200, "message": {"customer[email]": "a@b.jp", "customer[hashcode]": "H"},
-            "body": {"failed_rows": [{"row_number": 2, "message": "x@y.jp is bad"}],
-                     "secret-key": ["secret-key"], "memo": {"nested": "private"}}}
+    data = {
+        "status": 200,
+        "message": {"customer[email]": "a@b.jp", "customer[hashcode]": "H"},
+        "body": {
+            "failed_rows": [{"row_number": 2, "message": "x@y.jp is bad"}],
+            "secret-key": ["secret-key"],
+            "memo": {"nested": "private"},
+        },
+    }
     needles = ("secret-key",)
     assert scrub_data(data, needles) == {
-        "status": 200, "message": {"customer[email]": "a@b.jp", "customer[hashcode]": "H"},
-        "body": {"failed_rows": [{"row_number": 2, "message": "x@y.jp is bad"}],
-                 MASK: [MASK], "memo": {"nested": "private"}},
+        "status": 200,
+        "message": {"customer[email]": "a@b.jp", "customer[hashcode]": "H"},
+        "body": {
+            "failed_rows": [{"row_number": 2, "message": "x@y.jp is bad"}],
+            MASK: [MASK],
+            "memo": {"nested": "private"},
+        },
     }
     assert scrub_data(data, needles, redact_personal=True)["body"] == {
         "failed_rows": [{"row_number": 2, "message": "<redacted 6 chars> is bad"}],
-        MASK: [MASK], "memo": {"nested": "<redacted 7 chars>"},
+        MASK: [MASK],
+        "memo": {"nested": "<redacted 7 chars>"},
     }
     conf = dataclasses.replace(get_settings(), REDACT_PERSONAL_DATA=False)
     assert summarize_response(data, conf)["message"]["customer[email]"] == "a@b.jp"
@@ -369,12 +451,15 @@ def test_scrub_data_and_summaries() -> None:
         deep = [deep]
     assert "<too deeply nested>" in json.dumps(scrub_data(deep, ()))
     assert scrub_data(("t", {1: dt.date(2025, 1, 1)}), ()) == [
-        "t", {"1": "datetime.date(2025, 1, 1)"}]
+        "t",
+        {"1": "datetime.date(2025, 1, 1)"},
+    ]
 
 
 def test_redact_text() -> None:
     assert redact_text("送信失敗: Taro.Y+tag@mail.example.co.jp, 再送") == (
-        "送信失敗: <redacted 29 chars>, 再送")
+        "送信失敗: <redacted 29 chars>, 再送"
+    )
     assert redact_text("no address here") == "no address here"
 
 
@@ -386,9 +471,18 @@ def test_query_string_scrubber_rewrites_third_party_records(
     log = logging.getLogger("urllib3.connectionpool")
     assert sum(isinstance(f, QueryStringScrubber) for f in log.filters) == 1
     caplog.set_level(logging.DEBUG)
-    log.debug('%s://%s:%s "%s %s %s" %s %s', "https", "api.satr.jp", 443, "GET",
-              "/api/v4/public/bulk_customers/status.json?user_key=K1&user_secret=S1"
-              "&company_key=K2&company_secret=S2&process_code=P", "HTTP/1.1", 200, 10)
+    log.debug(
+        '%s://%s:%s "%s %s %s" %s %s',
+        "https",
+        "api.satr.jp",
+        443,
+        "GET",
+        "/api/v4/public/bulk_customers/status.json?user_key=K1&user_secret=S1"
+        "&company_key=K2&company_secret=S2&process_code=P",
+        "HTTP/1.1",
+        200,
+        10,
+    )
     (record,) = [r for r in caplog.records if r.name == "urllib3.connectionpool"]
     message = record.getMessage()
     assert "K1" not in message and "S2" not in message

@@ -47,17 +47,28 @@ def failing(name: str, *args: str) -> tuple[int, str]:
 def customers(n: int, prefix: str = "user", **fields) -> list[Customer]:
     fields = {"collection_route": "web", **fields}
     return Customer.objects.bulk_create(
-        [Customer(email=f"{prefix}{i}@example.jp", **fields) for i in range(n)])
+        [Customer(email=f"{prefix}{i}@example.jp", **fields) for i in range(n)]
+    )
 
 
 def manage(*args: str, satori: dict | None = None) -> subprocess.CompletedProcess[str]:
     """The real command line, on this test's database (committed rows only)."""
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "DJANGO_SATORI_WORKER_DB_NAME": str(connection.settings_dict["NAME"]),
-           "DJANGO_SATORI_TEST_SATORI": json.dumps(satori or {}),
-           "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "django", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_SATORI_WORKER_DB_NAME": str(connection.settings_dict["NAME"]),
+        "DJANGO_SATORI_TEST_SATORI": json.dumps(satori or {}),
+        "PYTHONPATH": str(REPO),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 # --------------------------------------------------------------------------- bulk
@@ -75,8 +86,9 @@ def test_bulk_upsert_without_a_selection_is_a_usage_error_with_exit_code_2():
 def test_dry_run_writes_parts_and_lists_invalid_rows(satori_sandbox):
     customers(5)
     customers(1, prefix="noroute", collection_route="")
-    out, err = command("satori_bulk_upsert", "--all", "--dry-run", "--chunk-size", "2",
-                       "--progress-every", "3")
+    out, err = command(
+        "satori_bulk_upsert", "--all", "--dry-run", "--chunk-size", "2", "--progress-every", "3"
+    )
     job = BulkJob.objects.get()
     assert job.dry_run and job.state == BulkState.FINISHED
     assert "Rows: 5" in out and "left out as invalid: 1" in out and "parts: 3" in out
@@ -103,8 +115,9 @@ def test_filters_select_by_status_domain_and_creation_time(satori_sandbox):
     Customer.objects.filter(pk=old.pk).update(created_at=timezone.now() - dt.timedelta(days=30))
     Customer.objects.bulk_create([Customer(email="x@other.example", collection_route="web")])
     since = (timezone.now() - dt.timedelta(days=1)).date().isoformat()
-    command("satori_bulk_upsert", "--created-since", since, "--email-domain", "example.jp",
-            "--dry-run")
+    command(
+        "satori_bulk_upsert", "--created-since", since, "--email-domain", "example.jp", "--dry-run"
+    )
     job = BulkJob.objects.latest("pk")
     assert list(bulk.job_queryset(job).values_list("email", flat=True)) == [new.email]
     SyncState.objects.create(email=old.email, customer=old, status=SyncStatus.FAILED)
@@ -117,8 +130,9 @@ def test_filters_select_by_status_domain_and_creation_time(satori_sandbox):
 def test_a_refused_upload_exits_1_and_says_why(satori_sandbox):
     satori_sandbox.configure(deny_operations={"bulk_registration"})
     customers(2)
-    SyncState.objects.bulk_create([SyncState(email=c.email, customer=c)
-                                   for c in Customer.objects.all()])
+    SyncState.objects.bulk_create(
+        [SyncState(email=c.email, customer=c) for c in Customer.objects.all()]
+    )
     code, message = failing("satori_bulk_register", "--pending", "--wait")
     assert code == 1
     assert "permission denied for bulk_registration" in message
@@ -136,8 +150,9 @@ def test_row_failures_are_listed_on_stderr(satori_sandbox):
     assert "1 row error:" in err.splitlines()
 
 
-@pytest.mark.parametrize(("language", "expected"), [("en", "3 row errors:"),
-                                                    ("ja", "行エラー 3 件:")])
+@pytest.mark.parametrize(
+    ("language", "expected"), [("en", "3 row errors:"), ("ja", "行エラー 3 件:")]
+)
 def test_the_row_error_count_is_worded_for_several(satori_sandbox, language, expected):
     satori_sandbox.configure(own_only=True)
     for i in range(3):
@@ -171,30 +186,42 @@ def test_bulk_status_on_the_command_line_exits_0_and_lists_jobs():
     assert "from cron" in result.stdout
 
 
-@pytest.mark.parametrize(("count", "language", "read", "done", "part"), [
-    (1, "en", "… 1 row read", "of 1 row done in SATORI", "  part 1: Finished, 1 row, file "),
-    (2, "en", "… 2 rows read", "of 2 rows done in SATORI", "  part 1: Finished, 2 rows, file "),
-    (2, "ja", "… 2 行を読み込みました", "SATORIで 2 行中 2 行を処理済み",
-     "  パート 1: 完了、2 行、ファイル "),
-])
-def test_bulk_progress_and_parts_are_worded_for_their_row_count(satori_sandbox, count, language,
-                                                                read, done, part):
+@pytest.mark.parametrize(
+    ("count", "language", "read", "done", "part"),
+    [
+        (1, "en", "… 1 row read", "of 1 row done in SATORI", "  part 1: Finished, 1 row, file "),
+        (2, "en", "… 2 rows read", "of 2 rows done in SATORI", "  part 1: Finished, 2 rows, file "),
+        (
+            2,
+            "ja",
+            "… 2 行を読み込みました",
+            "SATORIで 2 行中 2 行を処理済み",
+            "  パート 1: 完了、2 行、ファイル ",
+        ),
+    ],
+)
+def test_bulk_progress_and_parts_are_worded_for_their_row_count(
+    satori_sandbox, count, language, read, done, part
+):
     customers(count)
     with translation.override(language):
-        out, err = command("satori_bulk_upsert", "--all", "--wait", "--progress-every",
-                           str(count))
+        out, err = command("satori_bulk_upsert", "--all", "--wait", "--progress-every", str(count))
     assert read in err.splitlines()
     assert any(line.endswith(done) for line in err.splitlines()), err
     assert any(line.startswith(part) for line in out.splitlines()), out
 
 
-@pytest.mark.parametrize(("count", "language", "expected"), [
-    (1, "en", "part 1: Finished, 1 row (1 ok, 0 failed), process code {code}, 1 check"),
-    (2, "en", "part 1: Finished, 2 rows (2 ok, 0 failed), process code {code}, 2 checks"),
-    (2, "ja", "パート 1: 完了、2 行（成功 2、失敗 0）、プロセスコード {code}、状況確認 2 回"),
-])
-def test_bulk_status_words_rows_and_checks_each_for_its_count(satori_sandbox, count, language,
-                                                              expected):
+@pytest.mark.parametrize(
+    ("count", "language", "expected"),
+    [
+        (1, "en", "part 1: Finished, 1 row (1 ok, 0 failed), process code {code}, 1 check"),
+        (2, "en", "part 1: Finished, 2 rows (2 ok, 0 failed), process code {code}, 2 checks"),
+        (2, "ja", "パート 1: 完了、2 行（成功 2、失敗 0）、プロセスコード {code}、状況確認 2 回"),
+    ],
+)
+def test_bulk_status_words_rows_and_checks_each_for_its_count(
+    satori_sandbox, count, language, expected
+):
     satori_sandbox.configure(bulk_processing_seconds=30)
     customers(count)
     job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
@@ -262,16 +289,22 @@ def test_satori_sync_now_exits_1_when_customers_fail(satori_sandbox):
     assert failing("satori_sync", "--timeout", "1")[0] == 2
 
 
-@pytest.mark.parametrize(("failed", "language", "retried", "marked"), [
-    (1, "en", "1 failed customer marked for sync.", "1 customer marked for sync."),
-    (3, "en", "3 failed customers marked for sync.", "3 customers marked for sync."),
-    (3, "ja", "失敗した 3 件のカスタマーを送信待ちにしました。",
-     "3 件のカスタマーを送信待ちにしました。"),
-])
+@pytest.mark.parametrize(
+    ("failed", "language", "retried", "marked"),
+    [
+        (1, "en", "1 failed customer marked for sync.", "1 customer marked for sync."),
+        (3, "en", "3 failed customers marked for sync.", "3 customers marked for sync."),
+        (
+            3,
+            "ja",
+            "失敗した 3 件のカスタマーを送信待ちにしました。",
+            "3 件のカスタマーを送信待ちにしました。",
+        ),
+    ],
+)
 def test_satori_sync_words_the_marked_count(satori_sandbox, failed, language, retried, marked):
     for customer in customers(failed):
-        SyncState.objects.create(email=customer.email, customer=customer,
-                                 status=SyncStatus.FAILED)
+        SyncState.objects.create(email=customer.email, customer=customer, status=SyncStatus.FAILED)
     with translation.override(language):
         retry_out, _err = command("satori_sync", "--retry-failed")
         all_out, _err = command("satori_sync", "--all")
@@ -279,14 +312,22 @@ def test_satori_sync_words_the_marked_count(satori_sandbox, failed, language, re
     assert all_out.splitlines()[0] == marked
 
 
-@pytest.mark.parametrize(("count", "language", "pending", "failed"), [
-    (1, "en", "1 customer pending.", "1 customer failed; see its last error in the admin."),
-    (2, "en", "2 customers pending.", "2 customers failed; see their last error in the admin."),
-    (2, "ja", "送信待ちのカスタマー: 2 件。",
-     "2 件のカスタマーが失敗しました。最終エラーを管理画面で確認してください。"),
-])
-def test_satori_sync_now_words_the_pending_and_failed_counts(satori_sandbox, count, language,
-                                                             pending, failed):
+@pytest.mark.parametrize(
+    ("count", "language", "pending", "failed"),
+    [
+        (1, "en", "1 customer pending.", "1 customer failed; see its last error in the admin."),
+        (2, "en", "2 customers pending.", "2 customers failed; see their last error in the admin."),
+        (
+            2,
+            "ja",
+            "送信待ちのカスタマー: 2 件。",
+            "2 件のカスタマーが失敗しました。最終エラーを管理画面で確認してください。",
+        ),
+    ],
+)
+def test_satori_sync_now_words_the_pending_and_failed_counts(
+    satori_sandbox, count, language, pending, failed
+):
     satori_sandbox.configure(deny_operations={"upsert"})
     for i in range(count):
         Customer.objects.create(email=f"denied{i}@example.jp", collection_route="web")
@@ -297,12 +338,14 @@ def test_satori_sync_now_words_the_pending_and_failed_counts(satori_sandbox, cou
     assert info.value.returncode == 1 and str(info.value) == failed
 
 
-@pytest.mark.parametrize(("language", "expected"), [
-    ("en", "Stopped after 0 seconds; the rest stays pending."),
-    ("ja", "0 秒で停止しました。残りは送信待ちのままです。"),
-])
-def test_satori_sync_now_words_the_seconds_it_stopped_after(satori_sandbox, language,
-                                                            expected):
+@pytest.mark.parametrize(
+    ("language", "expected"),
+    [
+        ("en", "Stopped after 0 seconds; the rest stays pending."),
+        ("ja", "0 秒で停止しました。残りは送信待ちのままです。"),
+    ],
+)
+def test_satori_sync_now_words_the_seconds_it_stopped_after(satori_sandbox, language, expected):
     # One second, the singular, is checked with the rate limit above (--timeout 1.5).
     for i in range(2):
         Customer.objects.create(email=f"late{i}@example.jp", collection_route="web")

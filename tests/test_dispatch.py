@@ -25,8 +25,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 def make_customer(email: str = "taro@example.jp", **fields) -> Customer:
-    return Customer.objects.create(email=email, last_name="山田", collection_route="web",
-                                   **fields)
+    return Customer.objects.create(email=email, last_name="山田", collection_route="web", **fields)
 
 
 def mark(email: str, customer_id: int | None, operation: str) -> tuple[int, bool]:
@@ -35,8 +34,11 @@ def mark(email: str, customer_id: int | None, operation: str) -> tuple[int, bool
 
 
 def row(email: str) -> dict:
-    return SyncState.objects.filter(email=email).values(
-        "version", "status", "operation", "customer_id", "attempts").get()
+    return (
+        SyncState.objects.filter(email=email)
+        .values("version", "status", "operation", "customer_id", "attempts")
+        .get()
+    )
 
 
 @pytest.mark.parametrize("one_statement", [True, False], ids=["update-returning", "orm"])
@@ -46,18 +48,20 @@ def test_both_ways_of_marking_pending_agree(satori_sandbox, monkeypatch, one_sta
     monkeypatch.setattr(sync, "_can_update_returning", lambda _connection: one_statement)
     customer = make_customer()
     state = SyncState.objects.get()
-    assert row(customer.email) == {"version": 1, "status": SyncStatus.PENDING,
-                                   "operation": Operation.UPSERT, "customer_id": customer.pk,
-                                   "attempts": 0}
+    assert row(customer.email) == {
+        "version": 1,
+        "status": SyncStatus.PENDING,
+        "operation": Operation.UPSERT,
+        "customer_id": customer.pk,
+        "attempts": 0,
+    }
     # Already pending: the version moves, the window and the dispatch stay.
-    assert mark(customer.email, customer.pk, Operation.UPSERT) == (
-        state.pk, False)
+    assert mark(customer.email, customer.pk, Operation.UPSERT) == (state.pk, False)
     assert row(customer.email)["version"] == 2
     drain()
     SyncState.objects.filter(pk=state.pk).update(attempts=3)
     # Synced: pending again, with a fresh window, attempts reset and a new dispatch.
-    assert mark(customer.email, customer.pk, Operation.UPSERT) == (
-        state.pk, True)
+    assert mark(customer.email, customer.pk, Operation.UPSERT) == (state.pk, True)
     marked = SyncState.objects.get()
     assert (marked.version, marked.status, marked.attempts) == (3, SyncStatus.PENDING, 0)
     assert marked.not_before is not None and marked.dispatched_at is not None
@@ -65,9 +69,13 @@ def test_both_ways_of_marking_pending_agree(satori_sandbox, monkeypatch, one_sta
     mark(customer.email, None, Operation.UPSERT)
     assert row(customer.email)["customer_id"] == customer.pk
     mark(customer.email, None, Operation.DELETE)
-    assert row(customer.email) == {"version": 5, "status": SyncStatus.PENDING,
-                                   "operation": Operation.DELETE, "customer_id": None,
-                                   "attempts": 0}
+    assert row(customer.email) == {
+        "version": 5,
+        "status": SyncStatus.PENDING,
+        "operation": Operation.DELETE,
+        "customer_id": None,
+        "attempts": 0,
+    }
 
 
 def test_saves_that_commit_meanwhile_share_one_message(satori_sandbox, monkeypatch):
@@ -93,13 +101,23 @@ def test_saves_that_commit_meanwhile_share_one_message(satori_sandbox, monkeypat
 
 def test_ids_still_queued_at_exit_reach_the_broker(redis_server, tmp_path: Path):
     # Without the exit hook the daemon thread dies in its 50 ms linger and the message is lost.
-    script = ("import django; django.setup()\n"
-              "from django_satori import sync\n"
-              "sync._publisher.put(4242, 0)\n")
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "CELERY_BROKER_URL": redis_server.url}
-    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60,
-                   cwd=Path(__file__).resolve().parent.parent)
+    script = (
+        "import django; django.setup()\n"
+        "from django_satori import sync\n"
+        "sync._publisher.put(4242, 0)\n"
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "CELERY_BROKER_URL": redis_server.url,
+    }
+    subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        check=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     import redis
 
     client = redis.Redis.from_url(redis_server.url)
@@ -132,8 +150,7 @@ def test_a_forked_child_starts_its_own_publisher(monkeypatch):
 
 def three_customers_the_second_failing(monkeypatch, error: Exception) -> list[int]:
     """Outbox ids of three pending customers; sending the second raises ``error``."""
-    ids = [SyncState.objects.get(customer=make_customer(f"m{i}@example.jp")).pk
-           for i in range(3)]
+    ids = [SyncState.objects.get(customer=make_customer(f"m{i}@example.jp")).pk for i in range(3)]
     real_send = sync._send_upsert
 
     def send(state, token, conf):
@@ -150,8 +167,11 @@ def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch, capl
     outcomes = tasks.push_many.apply(args=(ids,)).get()
     assert outcomes == {"synced": 2, "error": 1}
     states = {s.pk: s for s in SyncState.objects.all()}
-    assert [states[i].status for i in ids] == [SyncStatus.SYNCED, SyncStatus.PENDING,
-                                               SyncStatus.SYNCED]
+    assert [states[i].status for i in ids] == [
+        SyncStatus.SYNCED,
+        SyncStatus.PENDING,
+        SyncStatus.SYNCED,
+    ]
     assert states[ids[1]].lease_token == ""  # given back at once, not when the claim expires
     assert "a bug in a receiver" in caplog.text
 
@@ -174,8 +194,10 @@ def test_a_batch_claims_loads_writes_back_and_logs_its_rows_together(satori_sand
     assert kinds["INSERT"] == 0 and log_writes in ([], [25])
     assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
     states = SyncState.objects.filter(pk__in=ids)
-    assert {(s.status, s.lease_token, s.attempts, s.in_satori, s.synced_version == s.version)
-            for s in states} == {(SyncStatus.SYNCED, "", 1, True, True)}
+    assert {
+        (s.status, s.lease_token, s.attempts, s.in_satori, s.synced_version == s.version)
+        for s in states
+    } == {(SyncStatus.SYNCED, "", 1, True, True)}
     assert all(s.hashcode and s.fingerprint and s.last_synced_at for s in states)
     logs = list(SyncLog.objects.order_by("pk").values_list("email", "created_at"))
     assert [email for email, _created in logs] == [c.email for c in customers]
@@ -187,14 +209,16 @@ def test_a_database_error_gives_back_the_rows_not_yet_sent(satori_sandbox, monke
     from django.db import OperationalError
 
     ids = three_customers_the_second_failing(
-        monkeypatch, OperationalError("server closed the connection unexpectedly"))
+        monkeypatch, OperationalError("server closed the connection unexpectedly")
+    )
     with pytest.raises(OperationalError):
         sync.push_batch(ids)
     states = {s.pk: s for s in SyncState.objects.all()}
     # The first was sent, but its answer was still waiting to be written back: it
     # goes back to pending too, and is sent again (an upsert repeats harmlessly).
     assert [(states[i].status, states[i].lease_token) for i in ids] == [
-        (SyncStatus.PENDING, "")] * 3
+        (SyncStatus.PENDING, "")
+    ] * 3
     assert SyncLog.objects.filter(email="m0@example.jp").exists()  # its log was kept
     monkeypatch.undo()  # the database is back
     drain()
@@ -203,9 +227,9 @@ def test_a_database_error_gives_back_the_rows_not_yet_sent(satori_sandbox, monke
 
 @pytest.mark.postgres
 def test_answers_are_written_back_over_a_new_connection_when_the_old_one_drops(
-        satori_sandbox, monkeypatch):
-    ids = [SyncState.objects.get(customer=make_customer(f"d{i}@example.jp")).pk
-           for i in range(3)]
+    satori_sandbox, monkeypatch
+):
+    ids = [SyncState.objects.get(customer=make_customer(f"d{i}@example.jp")).pk for i in range(3)]
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
@@ -251,31 +275,33 @@ def test_only_the_row_changed_during_its_call_stays_pending(satori_sandbox):
         signals.before_push.disconnect(dispatch_uid="edit")
     assert [results[i][1] is not None for i in ids] == [False, True, False]
     states = {s.pk: s for s in SyncState.objects.all()}
-    assert [states[i].status for i in ids] == [SyncStatus.SYNCED, SyncStatus.PENDING,
-                                               SyncStatus.SYNCED]
+    assert [states[i].status for i in ids] == [
+        SyncStatus.SYNCED,
+        SyncStatus.PENDING,
+        SyncStatus.SYNCED,
+    ]
     # What was sent is recorded all the same: the next push sends only the change.
     assert states[ids[1]].in_satori and states[ids[1]].synced_version < states[ids[1]].version
 
 
 def answers_written_before_each_call(monkeypatch) -> tuple[list[int], list[bool]]:
     """Four pending rows; for each call, whether every earlier answer was written back."""
-    ids = [SyncState.objects.get(customer=make_customer(f"w{i}@example.jp")).pk
-           for i in range(4)]
+    ids = [SyncState.objects.get(customer=make_customer(f"w{i}@example.jp")).pk for i in range(4)]
     written: list[bool] = []
     real_send = sync._send_upsert
 
     def send(state, token, conf):
-        earlier = ids[:ids.index(state.pk)]
-        written.append(not SyncState.objects.filter(pk__in=earlier)
-                       .exclude(status=SyncStatus.SYNCED).exists())
+        earlier = ids[: ids.index(state.pk)]
+        written.append(
+            not SyncState.objects.filter(pk__in=earlier).exclude(status=SyncStatus.SYNCED).exists()
+        )
         return real_send(state, token, conf)
 
     monkeypatch.setattr(sync, "_send_upsert", send)
     return ids, written
 
 
-def test_answers_wait_for_the_write_back_at_most_write_back_seconds(satori_sandbox,
-                                                                     monkeypatch):
+def test_answers_wait_for_the_write_back_at_most_write_back_seconds(satori_sandbox, monkeypatch):
     ids, written = answers_written_before_each_call(monkeypatch)
     sync.push_batch(ids)
     assert written == [True, False, False, False]  # held: written together at the end
@@ -303,10 +329,17 @@ def test_a_failing_after_push_receiver_does_not_undo_a_push(satori_sandbox, capl
     assert "receiver bug" in caplog.text
 
 
-@pytest.mark.parametrize(("options", "threaded"), [
-    ({}, False), ({"enable-threads": True}, True), ({"enable-threads": b"true"}, True),
-    ({"enable-threads": b"false"}, False), ({"threads": b"4"}, True), ({"threads": b"1"}, False),
-])
+@pytest.mark.parametrize(
+    ("options", "threaded"),
+    [
+        ({}, False),
+        ({"enable-threads": True}, True),
+        ({"enable-threads": b"true"}, True),
+        ({"enable-threads": b"false"}, False),
+        ({"threads": b"4"}, True),
+        ({"threads": b"1"}, False),
+    ],
+)
 def test_under_uwsgi_without_threads_a_save_publishes_inline(monkeypatch, options, threaded):
     import types
 
@@ -330,8 +363,7 @@ def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox,
     from django.test import override_settings
     from django.utils import timezone
 
-    ids = [SyncState.objects.get(customer=make_customer(f"l{i}@example.jp")).pk
-           for i in range(4)]
+    ids = [SyncState.objects.get(customer=make_customer(f"l{i}@example.jp")).pk for i in range(4)]
     satori_sandbox.faults.delay = 0.4  # each call outlasts half of the 1 s claim
     claim_left: list[bool] = []
     real_send = sync._send_upsert
@@ -356,10 +388,17 @@ def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox,
 def test_log_entries_written_together_keep_every_column():
     # _write_logs names the columns it writes: a new SyncLog field must be added there.
     assert set(sync._LOG_FIELDS) == {f.name for f in SyncLog._meta.concrete_fields} - {"id"}
-    entry = SyncLog(email="k@example.jp", endpoint="customer/upsert.json", outcome="ok",
-                    satori_status=200, attempt=2, duration_ms=7,
-                    request_summary={"fields": {"customer[memo]": "<redacted 3 chars>"}},
-                    response_summary={"status": 200}, message="メッセージ")
+    entry = SyncLog(
+        email="k@example.jp",
+        endpoint="customer/upsert.json",
+        outcome="ok",
+        satori_status=200,
+        attempt=2,
+        duration_ms=7,
+        request_summary={"fields": {"customer[memo]": "<redacted 3 chars>"}},
+        response_summary={"status": 200},
+        message="メッセージ",
+    )
     sync._write_logs([entry])
     stored = SyncLog.objects.values(*sync._LOG_FIELDS).get()
     assert stored == {name: getattr(entry, name) for name in sync._LOG_FIELDS}

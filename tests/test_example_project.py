@@ -27,19 +27,33 @@ def free_port() -> int:
 
 def example_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A clean environment: nothing of the test suite's own settings leaks in."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("SATORI_", "CELERY_", "DJANGO_", "DEMO_", "SANDBOX_"))
-           and name not in ("DATABASE_URL", "CACHE_URL")}
-    env.update(EXAMPLE_VAR_DIR=str(tmp_path / "var"),
-               DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
-               PYTHONUNBUFFERED="1", LANGUAGE_CODE="en", LANG="C.UTF-8", **extra)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SATORI_", "CELERY_", "DJANGO_", "DEMO_", "SANDBOX_"))
+        and name not in ("DATABASE_URL", "CACHE_URL")
+    }
+    env.update(
+        EXAMPLE_VAR_DIR=str(tmp_path / "var"),
+        DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        PYTHONUNBUFFERED="1",
+        LANGUAGE_CODE="en",
+        LANG="C.UTF-8",
+        **extra,
+    )
     return env
 
 
 def manage(tmp_path: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, MANAGE, *args], cwd=REPO_ROOT,
-                            env=example_env(tmp_path), capture_output=True, text=True,
-                            timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, MANAGE, *args],
+        cwd=REPO_ROOT,
+        env=example_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -91,18 +105,31 @@ def test_seed_demo_is_idempotent_and_shows_failures(tmp_path: Path) -> None:
     assert result["gold"] == 3
     assert result["no_route"] == 2
     # One member and one lead gone: the summary counts each noun for its own number.
-    manage(tmp_path, "shell", "-c", "from example_project.members.models import Member\n"
-           "from django_satori.models import Customer\n"
-           "Member.objects.filter(email='taro.sato00@sample-shoji.example.jp').delete()\n"
-           "Customer.objects.filter(source_model='').order_by('email').first().delete()\n")
+    manage(
+        tmp_path,
+        "shell",
+        "-c",
+        "from example_project.members.models import Member\n"
+        "from django_satori.models import Customer\n"
+        "Member.objects.filter(email='taro.sato00@sample-shoji.example.jp').delete()\n"
+        "Customer.objects.filter(source_model='').order_by('email').first().delete()\n",
+    )
     assert manage(tmp_path, "seed_demo").strip() == (
-        "Demo data: 1 member and 1 lead created (45 members and 49 SATORI customers in all).")
-    japanese = manage(tmp_path, "shell", "-c", "from django.core.management import call_command\n"
-                      "from django.utils import translation\n"
-                      "with translation.override('ja'):\n"
-                      "    call_command('seed_demo')\n")
-    assert japanese.strip().splitlines()[-1] == ("デモデータ: 会員 0 件とリード 0 件を作成しました "
-                                                 "(合計: 会員 45 件、SATORI カスタマー 49 件)。")
+        "Demo data: 1 member and 1 lead created (45 members and 49 SATORI customers in all)."
+    )
+    japanese = manage(
+        tmp_path,
+        "shell",
+        "-c",
+        "from django.core.management import call_command\n"
+        "from django.utils import translation\n"
+        "with translation.override('ja'):\n"
+        "    call_command('seed_demo')\n",
+    )
+    assert japanese.strip().splitlines()[-1] == (
+        "デモデータ: 会員 0 件とリード 0 件を作成しました "
+        "(合計: 会員 45 件、SATORI カスタマー 49 件)。"
+    )
 
 
 #: The members admin's "Send the selected members to SATORI again" action, posted
@@ -137,8 +164,11 @@ def test_the_member_admin_action_counts_the_members_marked(tmp_path: Path) -> No
     manage(tmp_path, "migrate", "--verbosity", "0")
     manage(tmp_path, "seed_demo")
     said = json.loads(manage(tmp_path, "shell", "-c", MEMBER_ACTION).strip().splitlines()[-1])
-    assert said == ["1 member was marked for sync.", "3 members were marked for sync.",
-                    "3 件の会員を送信待ちにしました。"]
+    assert said == [
+        "1 member was marked for sync.",
+        "3 members were marked for sync.",
+        "3 件の会員を送信待ちにしました。",
+    ]
 
 
 #: ``run_check`` (what ``demo --check`` runs) in the example project's own process
@@ -190,23 +220,38 @@ server.shutdown()
 
 
 def test_demo_check_says_how_many_seconds_it_waited(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-c", DEMO_CHECK], cwd=REPO_ROOT,
-                            env=example_env(tmp_path,
-                                            DJANGO_SETTINGS_MODULE="example_project.settings"),
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", DEMO_CHECK],
+        cwd=REPO_ROOT,
+        env=example_env(tmp_path, DJANGO_SETTINGS_MODULE="example_project.settings"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    waited = [line for line in result.stdout.splitlines()
-              if "did not reach the sandbox" in line or "以内に" in line]
-    assert waited == ["The customer did not reach the sandbox within 1 second.",
-                      "The customer did not reach the sandbox within 0 seconds.",
-                      "0 秒以内にカスタマーがサンドボックスに届きませんでした。"]
+    waited = [
+        line
+        for line in result.stdout.splitlines()
+        if "did not reach the sandbox" in line or "以内に" in line
+    ]
+    assert waited == [
+        "The customer did not reach the sandbox within 1 second.",
+        "The customer did not reach the sandbox within 0 seconds.",
+        "0 秒以内にカスタマーがサンドボックスに届きませんでした。",
+    ]
 
 
 def test_demo_refuses_the_real_satori_with_sandbox_keys(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "example_project.demo"], cwd=REPO_ROOT, capture_output=True,
-        text=True, timeout=60, check=False,
-        env=example_env(tmp_path, SATORI_BASE_URL="https://api.satr.jp"))
+        [sys.executable, "-m", "example_project.demo"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=example_env(tmp_path, SATORI_BASE_URL="https://api.satr.jp"),
+    )
     assert result.returncode == 2
     assert "SATORI_" in result.stderr
     assert not (tmp_path / "db.sqlite3").exists(), "nothing may be prepared before the refusal"
@@ -216,13 +261,25 @@ def test_demo_refuses_the_real_satori_with_sandbox_keys(tmp_path: Path) -> None:
 def test_demo_check_signs_up_and_reaches_the_sandbox(tmp_path: Path) -> None:
     """``python -m example_project.demo --check``: everything starts, a sign-up over
     HTTP reaches the sandbox through the worker, and everything stops again."""
-    env = example_env(tmp_path, DEMO_PORT=str(free_port()), SANDBOX_PORT=str(free_port()),
-                      DEMO_ADMIN_PASSWORD="check-only-password")
+    env = example_env(
+        tmp_path,
+        DEMO_PORT=str(free_port()),
+        SANDBOX_PORT=str(free_port()),
+        DEMO_ADMIN_PASSWORD="check-only-password",
+    )
     result = subprocess.run(
         [sys.executable, "-m", "example_project.demo", "--check", "--timeout", "120"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    logs = "".join(f"\n--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
-                   for log in sorted((tmp_path / "var" / "log").glob("*.log")))
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    logs = "".join(
+        f"\n--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+        for log in sorted((tmp_path / "var" / "log").glob("*.log"))
+    )
     assert result.returncode == 0, result.stdout + result.stderr + logs
     assert "OK: the customer and its action reached the sandbox." in result.stdout
     # Ctrl-C / the end of --check leaves nothing running: no orphaned worker or server.

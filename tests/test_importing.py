@@ -63,15 +63,24 @@ def states() -> dict[str, SyncState]:
 # Reading the file
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("encoding", "labels", "expected"),
-    [("utf-8-sig", JAPANESE, "utf-8-sig"), ("utf-8", ENGLISH, "utf-8"),
-     ("cp932", JAPANESE, "cp932"), ("cp932", ENGLISH, "cp932")],
+    [
+        ("utf-8-sig", JAPANESE, "utf-8-sig"),
+        ("utf-8", ENGLISH, "utf-8"),
+        ("cp932", JAPANESE, "cp932"),
+        ("cp932", ENGLISH, "cp932"),
+    ],
 )
 def test_import_creates_customers_and_records_what_satori_holds(
-        tmp_path, sandbox, django_capture_on_commit_callbacks, encoding, labels, expected):
-    rows = [export_row(0, email="ＵＳＥＲ０@Ｅｘａｍｐｌｅ.jp"), export_row(1),
-            export_row(2, tags="", collection_date="", **{"custom:plan": ""})]
+    tmp_path, sandbox, django_capture_on_commit_callbacks, encoding, labels, expected
+):
+    rows = [
+        export_row(0, email="ＵＳＥＲ０@Ｅｘａｍｐｌｅ.jp"),
+        export_row(1),
+        export_row(2, tags="", collection_date="", **{"custom:plan": ""}),
+    ]
     path = write_export(tmp_path / "export.csv", rows, encoding=encoding, labels=labels)
     with django_capture_on_commit_callbacks() as callbacks:
         result = import_export(path)
@@ -80,7 +89,8 @@ def test_import_creates_customers_and_records_what_satori_holds(
     assert result.encoding == expected
     assert (result.rows, result.created, result.linked, result.skipped_count) == (3, 3, 0, 0)
     assert [(c.column, c.reason) for c in result.ignored_columns] == [
-        ("会員ランク", "unknown column")]
+        ("会員ランク", "unknown column")
+    ]
     taro = Customer.objects.get(email="user0@example.jp")  # full-width address normalised
     assert taro.last_name == "山田" and taro.first_name == "太郎0"
     assert taro.lead_company_name == "株式会社ＳＡＴＯＲＩ"  # only the e-mail is normalised
@@ -130,8 +140,9 @@ def test_existing_customers_are_linked_without_touching_their_data(tmp_path, san
     state = SyncState.objects.get(email=known.email)
     assert state.in_satori and state.hashcode == "h0000000001"
     assert state.remote_values["last_name"] == "山田"
-    assert SyncState.objects.values("status", "version", "not_before").get(
-        email=known.email) == before  # the outbox itself is left alone
+    assert (
+        SyncState.objects.values("status", "version", "not_before").get(email=known.email) == before
+    )  # the outbox itself is left alone
     new_state = SyncState.objects.get(email=stateless.email)
     assert new_state.customer_id == stateless.pk and new_state.status == SyncStatus.SYNCED
     assert new_state.in_satori and new_state.sent_tags == []  # never sent by us
@@ -145,26 +156,27 @@ def test_existing_customers_are_linked_without_touching_their_data(tmp_path, san
 @pytest.mark.parametrize("dry_run", [False, True])
 def test_bad_rows_are_skipped_with_their_line_and_reason(tmp_path, sandbox, dry_run):
     lines = [
-        ",".join(KEYS),                                                   # 1
-        _csv(export_row(0)),                                              # 2-3 (memo: 2 lines)
-        _csv(export_row(1, email="not-an-e-mail")),                       # 4
-        "user2@example.jp,h2,山田",                                        # 5
-        _csv(export_row(3)),                                              # 6
-        _csv(export_row(4, collection_date="2024/13/01")),                # 7
-        _csv(export_row(5, delivery_permission="不明")),                  # 8
-        _csv(export_row(6, last_name="BROKEN")),                          # 9
-        _csv(export_row(7, email="ＵＳＥＲ０@example.jp")),                 # 10
-        _csv(export_row(8)),                                              # 11
-        _csv(export_row(9, last_name="x" * 300)),                         # 12
-        '"user10@example.jp,"unterminated',                               # 13
+        ",".join(KEYS),  # 1
+        _csv(export_row(0)),  # 2-3 (memo: 2 lines)
+        _csv(export_row(1, email="not-an-e-mail")),  # 4
+        "user2@example.jp,h2,山田",  # 5
+        _csv(export_row(3)),  # 6
+        _csv(export_row(4, collection_date="2024/13/01")),  # 7
+        _csv(export_row(5, delivery_permission="不明")),  # 8
+        _csv(export_row(6, last_name="BROKEN")),  # 9
+        _csv(export_row(7, email="ＵＳＥＲ０@example.jp")),  # 10
+        _csv(export_row(8)),  # 11
+        _csv(export_row(9, last_name="x" * 300)),  # 12
+        '"user10@example.jp,"unterminated',  # 13
     ]
     data = "\r\n".join(lines).encode("cp932").replace(b"BROKEN", b"\x82\x20")
     path = tmp_path / "bad.csv"
     path.write_bytes(data)
     seen: list[tuple[int, str]] = []
 
-    result = import_export(path, batch_size=2, dry_run=dry_run,
-                           on_skip=lambda s: seen.append((s.line, s.reason)))
+    result = import_export(
+        path, batch_size=2, dry_run=dry_run, on_skip=lambda s: seen.append((s.line, s.reason))
+    )
 
     assert result.encoding == "cp932"
     reasons = dict(seen)
@@ -184,7 +196,10 @@ def test_bad_rows_are_skipped_with_their_line_and_reason(tmp_path, sandbox, dry_
         assert result.run is None and not ImportRun.objects.exists()
     else:
         assert set(Customer.objects.values_list("email", flat=True)) == {
-            "user0@example.jp", "user3@example.jp", "user8@example.jp"}
+            "user0@example.jp",
+            "user3@example.jp",
+            "user8@example.jp",
+        }
         assert set(states()) == {"user0@example.jp", "user3@example.jp", "user8@example.jp"}
         run = ImportRun.objects.get()
         assert [r["line"] for r in run.skipped_rows] == sorted(reasons)
@@ -238,8 +253,9 @@ def test_a_file_without_an_e_mail_column_is_refused(tmp_path, sandbox):
 
 
 def test_a_wrongly_chosen_encoding_is_refused_with_the_line(tmp_path, sandbox):
-    path = write_export(tmp_path / "e.csv", [export_row(i) for i in range(5)], encoding="cp932",
-                        keys=KEYS[:-1])
+    path = write_export(
+        tmp_path / "e.csv", [export_row(i) for i in range(5)], encoding="cp932", keys=KEYS[:-1]
+    )
     with pytest.raises(ImportFileError) as caught:
         import_export(path, encoding="utf-8")
     assert caught.value.line == 2  # the header is ASCII; the first customer is not
@@ -247,11 +263,14 @@ def test_a_wrongly_chosen_encoding_is_refused_with_the_line(tmp_path, sandbox):
     assert not ImportRun.objects.exists()
 
 
-@pytest.mark.parametrize(("lines", "language", "expected"), [
-    (1, "en", "(1 undecodable line in the first part of the file)"),
-    (3, "en", "(3 undecodable lines in the first part of the file)"),
-    (3, "ja", "（ファイル冒頭に読み取れない行が 3 行あります）"),
-])
+@pytest.mark.parametrize(
+    ("lines", "language", "expected"),
+    [
+        (1, "en", "(1 undecodable line in the first part of the file)"),
+        (3, "en", "(3 undecodable lines in the first part of the file)"),
+        (3, "ja", "（ファイル冒頭に読み取れない行が 3 行あります）"),
+    ],
+)
 def test_the_encoding_error_counts_the_undecodable_lines(lines, language, expected):
     data = (",".join(KEYS) + "\r\n").encode() + "山田\r\n".encode("cp932") * lines
     with translation.override(language), pytest.raises(ImportFileError) as caught:
@@ -282,7 +301,8 @@ def test_extra_column_names_map_to_custom_fields(tmp_path, sandbox):
     result = import_export(path, columns={"プラン": "custom:plan"})
     assert result.columns["プラン"] == "custom:plan"
     assert ("custom:undeclared", "custom field not declared in SATORI['CUSTOM_FIELDS']") in [
-        (c.column, c.reason) for c in result.ignored_columns]
+        (c.column, c.reason) for c in result.ignored_columns
+    ]
     assert Customer.objects.get().custom_fields == {"custom:plan": "gold"}
     with pytest.raises(ImportFileError):
         import_export(path, columns={"プラン": "custom:nope"})
@@ -307,7 +327,8 @@ def test_a_hashcode_held_by_another_local_customer_is_not_imported(tmp_path, san
 @pytest.mark.parametrize("dry_run", [False, True])
 @pytest.mark.parametrize("batch_size", [1000, 1])
 def test_a_row_repeating_a_skipped_address_is_a_duplicate_whatever_the_batches(
-        tmp_path, sandbox, batch_size, dry_run):
+    tmp_path, sandbox, batch_size, dry_run
+):
     Customer.objects.create(email="old@example.jp")
     SyncState.objects.filter(email="old@example.jp").update(hashcode="h0000000001")
     path = write_export(tmp_path / "e.csv", [export_row(1), export_row(1, hashcode="")])
@@ -323,12 +344,14 @@ def test_a_row_repeating_a_skipped_address_is_a_duplicate_whatever_the_batches(
 # The command
 # --------------------------------------------------------------------------
 
+
 def test_command_imports_prints_skips_and_the_report(tmp_path, sandbox):
     rows = [export_row(i) for i in range(5)] + [export_row(5, email="bad")]
     path = write_export(tmp_path / "e.csv", rows, encoding="cp932", labels=JAPANESE)
     out, err = io.StringIO(), io.StringIO()
-    call_command("satori_import", str(path), "--dry-run", "--progress-every", "2",
-                 stdout=out, stderr=err)
+    call_command(
+        "satori_import", str(path), "--dry-run", "--progress-every", "2", stdout=out, stderr=err
+    )
     assert "Dry run: nothing was written" in out.getvalue()
     assert "Customers created: 5" in out.getvalue()
     assert "Column ignored: 会員ランク (unknown column)" in out.getvalue()
@@ -337,8 +360,17 @@ def test_command_imports_prints_skips_and_the_report(tmp_path, sandbox):
     assert not Customer.objects.exists()
 
     out = io.StringIO()
-    call_command("satori_import", str(path), "--encoding", "cp932", "--report",
-                 "--progress-every", "0", stdout=out, stderr=io.StringIO())
+    call_command(
+        "satori_import",
+        str(path),
+        "--encoding",
+        "cp932",
+        "--report",
+        "--progress-every",
+        "0",
+        stdout=out,
+        stderr=io.StringIO(),
+    )
     text = out.getvalue()
     assert "Customers created: 5" in text and "Nothing was sent to SATORI" in text
     assert "Only in SATORI (created by an import, no project object): 5" in text
@@ -349,21 +381,39 @@ def test_command_imports_prints_skips_and_the_report(tmp_path, sandbox):
         call_command("satori_import", str(tmp_path / "missing.csv"))
 
 
-@pytest.mark.parametrize(("language", "expected"), [
-    ("en", ["1 row read, 1 applied, 0 skipped", "2 rows read, 2 applied, 0 skipped"]),
-    ("ja", ["1 行を読み込み、1 行を反映、0 行をスキップ",
-            "2 行を読み込み、2 行を反映、0 行をスキップ"]),
-])
+@pytest.mark.parametrize(
+    ("language", "expected"),
+    [
+        ("en", ["1 row read, 1 applied, 0 skipped", "2 rows read, 2 applied, 0 skipped"]),
+        (
+            "ja",
+            [
+                "1 行を読み込み、1 行を反映、0 行をスキップ",
+                "2 行を読み込み、2 行を反映、0 行をスキップ",
+            ],
+        ),
+    ],
+)
 def test_command_progress_is_worded_for_the_rows_read(tmp_path, sandbox, language, expected):
     path = write_export(tmp_path / "e.csv", [export_row(i) for i in range(2)])
     err = io.StringIO()
     with translation.override(language):
-        call_command("satori_import", str(path), "--progress-every", "1", "--batch-size", "1",
-                     stdout=io.StringIO(), stderr=err)
+        call_command(
+            "satori_import",
+            str(path),
+            "--progress-every",
+            "1",
+            "--batch-size",
+            "1",
+            stdout=io.StringIO(),
+            stderr=err,
+        )
     # Each line ends with the time taken so far, "(0.0s)" or "（0.0 秒）"; the last
     # line is the final count, printed once more when the import has finished.
-    lines = [re.sub(r"[(（][\d.]+ ?(s|秒)[)）]$", "", line).rstrip()
-             for line in err.getvalue().splitlines()]
+    lines = [
+        re.sub(r"[(（][\d.]+ ?(s|秒)[)）]$", "", line).rstrip()
+        for line in err.getvalue().splitlines()
+    ]
     assert lines == [*expected, expected[-1]]
 
 
@@ -375,41 +425,59 @@ def test_command_counts_the_linked_customers_once_refused_as_not_in_satori(tmp_p
     def run(name: str, numbers: list[int]) -> str:
         out = io.StringIO()
         path = write_export(tmp_path / name, [export_row(i) for i in numbers])
-        call_command("satori_import", str(path), "--progress-every", "0", stdout=out,
-                     stderr=io.StringIO())
+        call_command(
+            "satori_import", str(path), "--progress-every", "0", stdout=out, stderr=io.StringIO()
+        )
         return out.getvalue()
 
-    assert ("1 linked customer had been refused as 'not in SATORI': mark it for sync to send "
-            "its local data.") in run("one.csv", [0])
-    assert ("3 linked customers had been refused as 'not in SATORI': mark them for sync to "
-            "send their local data.") in run("three.csv", [1, 2, 3])
+    assert (
+        "1 linked customer had been refused as 'not in SATORI': mark it for sync to send "
+        "its local data."
+    ) in run("one.csv", [0])
+    assert (
+        "3 linked customers had been refused as 'not in SATORI': mark them for sync to "
+        "send their local data."
+    ) in run("three.csv", [1, 2, 3])
     with translation.override("ja"):
         japanese = run("ja.csv", [4, 5, 6])
-    assert ("紐付けたカスタマーのうち 3 件は「SATORIに未登録」として送信を見送られていました。"
-            in japanese)
+    assert (
+        "紐付けたカスタマーのうち 3 件は「SATORIに未登録」として送信を見送られていました。"
+        in japanese
+    )
 
 
 # --------------------------------------------------------------------------
 # Reconciliation
 # --------------------------------------------------------------------------
 
+
 def plant_differences(tmp_path: Path, count: int = 20, encoding: str = "utf-8") -> set[tuple]:
     """Import ``count`` customers, then change some locally; returns the expected report."""
     local_only = Customer.objects.create(email="local@example.jp", last_name="田中")
     Customer.objects.create(email="user1@example.jp", first_name="一郎")  # linked, differs
-    import_export(write_export(tmp_path / "plant.csv", (export_row(i) for i in range(count)),
-                               encoding=encoding))
+    import_export(
+        write_export(
+            tmp_path / "plant.csv", (export_row(i) for i in range(count)), encoding=encoding
+        )
+    )
     # Local edits with update(): they differ from SATORI without a push.
     Customer.objects.filter(email="user2@example.jp").update(last_name="佐藤")
     Customer.objects.filter(email="user3@example.jp").update(tags=["展示会"])
     Customer.objects.filter(email="user4@example.jp").update(
-        custom_fields={"custom:plan": "silver", "custom:birthday": "1990-02-03"})
+        custom_fields={"custom:plan": "silver", "custom:birthday": "1990-02-03"}
+    )
     Customer.objects.filter(email="user5@example.jp").update(collection_date=dt.date(2025, 5, 6))
     Customer.objects.filter(email="user10@example.jp").update(memo="一行目\n二行目")  # same
     Customer.objects.filter(email="user6@example.jp").update(delivery_permission="approval")
     # A project object connected to user7: it now exists in Django too.
-    Member.objects.create(email="user7@example.jp", family_name="山田", given_name="太郎7",
-                          company="別会社", plan="gold", tags="展示会 資料請求")
+    Member.objects.create(
+        email="user7@example.jp",
+        family_name="山田",
+        given_name="太郎7",
+        company="別会社",
+        plan="gold",
+        tags="展示会 資料請求",
+    )
     expected = {
         ("only_in_django", local_only.email, "", "", ""),
         ("different", "user1@example.jp", "first_name", "一郎", "太郎1"),
@@ -423,15 +491,33 @@ def plant_differences(tmp_path: Path, count: int = 20, encoding: str = "utf-8") 
         ("different", "user7@example.jp", "custom:birthday", "", "1990-02-03"),
     }
     # user1's other fields are empty locally and set in SATORI: each one is a difference.
-    for key in ("last_name_reading", "first_name_reading", "lead_company_name", "department",
-                "phone_number", "address", "collection_route", "collection_date",
-                "delivery_permission", "tags", "custom:plan", "custom:birthday"):
-        remote = {"collection_date": "2024-01-05", "delivery_permission": "approval",
-                  "tags": "展示会,資料請求", "custom:plan": "gold",
-                  "custom:birthday": "1990-02-03"}.get(key, export_row(1)[key])
+    for key in (
+        "last_name_reading",
+        "first_name_reading",
+        "lead_company_name",
+        "department",
+        "phone_number",
+        "address",
+        "collection_route",
+        "collection_date",
+        "delivery_permission",
+        "tags",
+        "custom:plan",
+        "custom:birthday",
+    ):
+        remote = {
+            "collection_date": "2024-01-05",
+            "delivery_permission": "approval",
+            "tags": "展示会,資料請求",
+            "custom:plan": "gold",
+            "custom:birthday": "1990-02-03",
+        }.get(key, export_row(1)[key])
         expected.add(("different", "user1@example.jp", key, "", remote))
-    expected |= {("only_in_satori", f"user{i}@example.jp", "", "", "")
-                 for i in range(count) if i not in (1, 7)}
+    expected |= {
+        ("only_in_satori", f"user{i}@example.jp", "", "", "")
+        for i in range(count)
+        if i not in (1, 7)
+    }
     return expected
 
 
@@ -460,23 +546,34 @@ def test_the_report_lists_exactly_the_planted_differences(tmp_path, sandbox):
     assert user1[1].push_fixes and differing["user2@example.jp"].differences[0].push_fixes
 
 
-@pytest.mark.parametrize(("rows", "language", "expected"), [
-    (1, "en", "Last import: #{id} {file}, {time} (1 row)"),
-    (3, "en", "Last import: #{id} {file}, {time} (3 rows)"),
-    (3, "ja", "最終インポート: #{id} {file}、{time}（3 行）"),
-])
-def test_the_text_report_counts_the_rows_of_the_last_import(tmp_path, sandbox, rows, language,
-                                                            expected):
+@pytest.mark.parametrize(
+    ("rows", "language", "expected"),
+    [
+        (1, "en", "Last import: #{id} {file}, {time} (1 row)"),
+        (3, "en", "Last import: #{id} {file}, {time} (3 rows)"),
+        (3, "ja", "最終インポート: #{id} {file}、{time}（3 行）"),
+    ],
+)
+def test_the_text_report_counts_the_rows_of_the_last_import(
+    tmp_path, sandbox, rows, language, expected
+):
     path = write_export(tmp_path / "e.csv", [export_row(i) for i in range(rows)])
-    call_command("satori_import", str(path), "--progress-every", "0", stdout=io.StringIO(),
-                 stderr=io.StringIO())
+    call_command(
+        "satori_import",
+        str(path),
+        "--progress-every",
+        "0",
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+    )
     run = ImportRun.objects.get()
     out = io.StringIO()
     with translation.override(language):
         call_command("satori_reconcile", stdout=out)
     time = localtime(run.started_at).strftime("%Y-%m-%d %H:%M")
-    assert out.getvalue().splitlines()[0] == expected.format(id=run.pk, file=run.filename,
-                                                             time=time)
+    assert out.getvalue().splitlines()[0] == expected.format(
+        id=run.pk, file=run.filename, time=time
+    )
 
 
 def test_mark_for_sync_from_the_report(tmp_path, sandbox):
@@ -485,27 +582,28 @@ def test_mark_for_sync_from_the_report(tmp_path, sandbox):
     out = io.StringIO()
     call_command("satori_reconcile", "--category", "different", "--mark-for-sync", stdout=out)
     assert "7 customers marked for sync." in out.getvalue()
-    pending = set(SyncState.objects.filter(status=SyncStatus.PENDING)
-                  .values_list("email", flat=True))
+    pending = set(
+        SyncState.objects.filter(status=SyncStatus.PENDING).values_list("email", flat=True)
+    )
     assert pending == {f"user{i}@example.jp" for i in (1, 2, 3, 4, 5, 6, 7)}
     out = io.StringIO()
-    call_command("satori_reconcile", "--category", "only_in_django", "--mark-for-sync",
-                 stdout=out)
+    call_command("satori_reconcile", "--category", "only_in_django", "--mark-for-sync", stdout=out)
     assert out.getvalue() == "1 customer marked for sync.\n"
     out = io.StringIO()
     with translation.override("ja"):
-        call_command("satori_reconcile", "--category", "different", "--mark-for-sync",
-                     stdout=out)
+        call_command("satori_reconcile", "--category", "different", "--mark-for-sync", stdout=out)
     assert out.getvalue() == "7 件のカスタマーを送信待ちにしました。\n"
     with pytest.raises(CommandError):
         call_command("satori_reconcile", "--mark-for-sync")
 
 
 def test_with_create_unknown_false_only_customers_known_in_satori_are_pushed(
-        tmp_path, satori_sandbox):
+    tmp_path, satori_sandbox
+):
     for i in (1, 2):
-        satori_sandbox.state.seed_customer(f"user{i}@example.jp", hashcode=f"h{i:010d}",
-                                           last_name="山田")
+        satori_sandbox.state.seed_customer(
+            f"user{i}@example.jp", hashcode=f"h{i:010d}", last_name="山田"
+        )
     Customer.objects.create(email="user1@example.jp", last_name="山田", first_name="一郎")
     Customer.objects.create(email="local@example.jp", last_name="田中")
     import_export(write_export(tmp_path / "e.csv", [export_row(1), export_row(2)]))
@@ -517,7 +615,9 @@ def test_with_create_unknown_false_only_customers_known_in_satori_are_pushed(
 
     upserts = satori_sandbox.state.requests_for("upsert")
     assert sorted(r.form_dict()["customer[email]"] for r in upserts) == [
-        "user1@example.jp", "user2@example.jp"]
+        "user1@example.jp",
+        "user2@example.jp",
+    ]
     assert len(satori_sandbox.state.requests) == 2  # nothing else at all
     assert satori_sandbox.state.customer("local@example.jp") is None
     by_email = states()
@@ -530,6 +630,7 @@ def test_with_create_unknown_false_only_customers_known_in_satori_are_pushed(
 # --------------------------------------------------------------------------
 # Admin pages
 # --------------------------------------------------------------------------
+
 
 class _ImportSite(admin.AdminSite):
     def get_urls(self) -> list[Any]:
@@ -551,19 +652,25 @@ def said(page: Any) -> list[str]:
 def test_admin_upload_dry_run_then_import(tmp_path, sandbox, admin_client):
     page = admin_client.get("/admin/import/")
     assert page.status_code == 200 and b"satori-import-form" in page.content
-    path = write_export(tmp_path / "e.csv", [export_row(1), export_row(2, email="x")],
-                        encoding="cp932", labels=JAPANESE)
+    path = write_export(
+        tmp_path / "e.csv",
+        [export_row(1), export_row(2, email="x")],
+        encoding="cp932",
+        labels=JAPANESE,
+    )
 
     with open(path, "rb") as upload:
-        page = admin_client.post("/admin/import/", {"file": upload, "encoding": "auto",
-                                                    "dry_run": "on", "columns": ""})
+        page = admin_client.post(
+            "/admin/import/", {"file": upload, "encoding": "auto", "dry_run": "on", "columns": ""}
+        )
     assert page.status_code == 200
     assert "Dry run: nothing was written" in page.content.decode()
     assert page.context["result"].created == 1 and not Customer.objects.exists()
 
     with open(path, "rb") as upload:
-        page = admin_client.post("/admin/import/", {"file": upload, "encoding": "auto",
-                                                    "columns": ""})
+        page = admin_client.post(
+            "/admin/import/", {"file": upload, "encoding": "auto", "columns": ""}
+        )
     run = ImportRun.objects.get()
     assert page.status_code == 302 and page.url == f"/admin/import/{run.pk}/"
     assert run.filename == "e.csv" and run.started_by.is_superuser
@@ -583,7 +690,8 @@ def test_admin_refuses_a_bad_file_with_the_reason(tmp_path, sandbox, admin_clien
 
 @admin_urls
 def test_admin_report_shows_differences_and_marks_the_chosen_for_sync(
-        tmp_path, sandbox, admin_client):
+    tmp_path, sandbox, admin_client
+):
     plant_differences(tmp_path)
     SyncState.objects.update(status=SyncStatus.SYNCED)
     page = admin_client.get("/admin/import/report/")
@@ -591,27 +699,36 @@ def test_admin_report_shows_differences_and_marks_the_chosen_for_sync(
     assert page.status_code == 200 and 'id="reconcile-different"' in html
     assert "佐藤" in html and "user2@example.jp" in html and "local@example.jp" not in html
     assert [item["email"] for item in page.context["items"]] == [
-        f"user{i}@example.jp" for i in (1, 2, 3, 4, 5, 6, 7)]
+        f"user{i}@example.jp" for i in (1, 2, 3, 4, 5, 6, 7)
+    ]
     only = admin_client.get("/admin/import/report/?category=only_in_django")
     assert [item["email"] for item in only.context["items"]] == ["local@example.jp"]
 
     user2 = Customer.objects.get(email="user2@example.jp")
-    page = admin_client.post("/admin/import/report/",
-                             {"category": "different", "ids": [str(user2.pk)],
-                              "mark_selected": "1"}, follow=True)
+    page = admin_client.post(
+        "/admin/import/report/",
+        {"category": "different", "ids": [str(user2.pk)], "mark_selected": "1"},
+        follow=True,
+    )
     assert page.redirect_chain == [("/admin/import/report/?category=different", 302)]
-    assert list(SyncState.objects.filter(status=SyncStatus.PENDING)
-                .values_list("email", flat=True)) == ["user2@example.jp"]
+    assert list(
+        SyncState.objects.filter(status=SyncStatus.PENDING).values_list("email", flat=True)
+    ) == ["user2@example.jp"]
     assert said(page) == ["1 customer marked for sync with SATORI."]
 
-    three = [str(c.pk) for c in Customer.objects.filter(
-        email__in=["user3@example.jp", "user4@example.jp", "user5@example.jp"])]
+    three = [
+        str(c.pk)
+        for c in Customer.objects.filter(
+            email__in=["user3@example.jp", "user4@example.jp", "user5@example.jp"]
+        )
+    ]
     mark_three = {"category": "different", "ids": three, "mark_selected": "1"}
     page = admin_client.post("/admin/import/report/", mark_three, follow=True)
     assert said(page) == ["3 customers marked for sync with SATORI."]
     with translation.override("ja"):
-        page = admin_client.post("/admin/import/report/", mark_three, follow=True,
-                                 HTTP_ACCEPT_LANGUAGE="ja")
+        page = admin_client.post(
+            "/admin/import/report/", mark_three, follow=True, HTTP_ACCEPT_LANGUAGE="ja"
+        )
     assert said(page) == ["3 件のカスタマーをSATORIへの送信待ちにしました。"]
 
 
@@ -627,21 +744,25 @@ def test_admin_pages_need_permissions(client, django_user_model, tmp_path, sandb
 # Volume
 # --------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_100000_row_shift_jis_export_imports_and_reconciles_exactly(tmp_path, satori_sandbox):
     # How long it takes is measured by `make bench` (bench/RESULTS.md), not here.
     count = 100_000
     expected = plant_differences(tmp_path, count=20)  # a first, small export
-    path = write_export(tmp_path / "big.csv", (export_row(i) for i in range(count)),
-                        encoding="cp932", labels=JAPANESE)
+    path = write_export(
+        tmp_path / "big.csv",
+        (export_row(i) for i in range(count)),
+        encoding="cp932",
+        labels=JAPANESE,
+    )
     result = import_export(path)
     assert (result.rows, result.skipped_count, result.encoding) == (count, 0, "cp932")
     assert (result.created, result.refreshed) == (count - 20, 20)
     assert Customer.objects.count() == count + 1
     assert satori_sandbox.state.requests == []
     # The 20 customers of the first export are unchanged; the rest match SATORI.
-    expected |= {("only_in_satori", f"user{i}@example.jp", "", "", "")
-                 for i in range(20, count)}
+    expected |= {("only_in_satori", f"user{i}@example.jp", "", "", "") for i in range(20, count)}
     assert set(reconcile.rows()) == expected
 
 
@@ -652,8 +773,11 @@ def test_memory_stays_flat_as_the_file_grows(tmp_path, satori_sandbox, monkeypat
     monkeypatch.setattr(importing, "SAMPLE_BYTES", 256 * 1024)
     peaks = []
     for offset, count in ((0, 5_000), (100_000, 20_000)):
-        path = write_export(tmp_path / f"e{count}.csv",
-                            (export_row(offset + i) for i in range(count)), encoding="cp932")
+        path = write_export(
+            tmp_path / f"e{count}.csv",
+            (export_row(offset + i) for i in range(count)),
+            encoding="cp932",
+        )
         tracemalloc.start()
         import_export(path)
         peaks.append(tracemalloc.get_traced_memory()[1])
@@ -669,13 +793,15 @@ def test_the_pages_are_reachable_from_the_customer_admin(tmp_path, sandbox, admi
     assert "/admin/django_satori/customer/import/report/" in changelist
     path = write_export(tmp_path / "e.csv", [export_row(1)])
     with open(path, "rb") as upload:
-        page = admin_client.post("/admin/django_satori/customer/import/",
-                                 {"file": upload, "encoding": "auto"})
+        page = admin_client.post(
+            "/admin/django_satori/customer/import/", {"file": upload, "encoding": "auto"}
+        )
     assert page.status_code == 302
     page = admin_client.get(page.url)
     assert page.status_code == 200
     report = admin_client.get(
-        "/admin/django_satori/customer/import/report/?category=only_in_satori")
+        "/admin/django_satori/customer/import/report/?category=only_in_satori"
+    )
     assert report.status_code == 200 and "user1@example.jp" in report.content.decode()
     # The customer's change page is linked from the report.
     customer = Customer.objects.get()

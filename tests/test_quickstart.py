@@ -57,8 +57,9 @@ def free_port() -> int:
 
 
 def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=600,
-                            check=False, **kwargs)  # type: ignore[call-overload]
+    result = subprocess.run(
+        argv, capture_output=True, text=True, timeout=600, check=False, **kwargs
+    )  # type: ignore[call-overload]
     assert result.returncode == 0, f"{argv} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -66,8 +67,13 @@ def run(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 def test_readme_blocks_are_there() -> None:
     """Cheap: the markers the slow test depends on are still in README.md."""
     env = readme_env()
-    assert set(env) >= {"SATORI_USER_KEY", "SATORI_USER_SECRET", "SATORI_COMPANY_KEY",
-                        "SATORI_COMPANY_SECRET", "SATORI_BASE_URL"}
+    assert set(env) >= {
+        "SATORI_USER_KEY",
+        "SATORI_USER_SECRET",
+        "SATORI_COMPANY_KEY",
+        "SATORI_COMPANY_SECRET",
+        "SATORI_BASE_URL",
+    }
     for marker in ("settings", "celery", "first-sync"):
         compile(readme_block(marker), f"README.md:{marker}", "exec")
     assert "python -m django_satori.sandbox --port 8765" in README.read_text(encoding="utf-8")
@@ -78,8 +84,10 @@ def venv(tmp_path: Path) -> Path:
     """A fresh virtualenv with this checkout installed as a user would install it."""
     path = tmp_path / "venv"
     run([sys.executable, "-m", "venv", str(path)])
-    run([str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{REPO_ROOT}[redis]"],
-        cwd=tmp_path)
+    run(
+        [str(path / "bin" / "python"), "-m", "pip", "install", "--quiet", f"{REPO_ROOT}[redis]"],
+        cwd=tmp_path,
+    )
     return path
 
 
@@ -90,7 +98,11 @@ def sandbox(venv: Path, tmp_path: Path) -> Iterator[str]:
     log = (tmp_path / "sandbox.log").open("w")
     process = subprocess.Popen(
         [str(venv / "bin" / "python"), "-m", "django_satori.sandbox", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True)
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -109,22 +121,23 @@ def sandbox(venv: Path, tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
-def test_readme_quick_start(venv: Path, sandbox: str, redis_server: Any,
-                            tmp_path: Path) -> None:
+def test_readme_quick_start(venv: Path, sandbox: str, redis_server: Any, tmp_path: Path) -> None:
     python = str(venv / "bin" / "python")
     run([str(venv / "bin" / "django-admin"), "startproject", "mysite"], cwd=tmp_path)
     project = tmp_path / "mysite"
     settings = project / "mysite" / "settings.py"
-    settings.write_text(
-        settings.read_text() + "\n" + readme_block("settings"), encoding="utf-8")
+    settings.write_text(settings.read_text() + "\n" + readme_block("settings"), encoding="utf-8")
     (project / "mysite" / "celery.py").write_text(readme_block("celery"), encoding="utf-8")
     init = project / "mysite" / "__init__.py"
     init.write_text(init.read_text() + "from .celery import app as celery_app\n")
 
     # A new user's shell: none of our settings, and no PYTHONSAFEPATH (tox sets it),
     # which would stop manage.py from finding the project next to it.
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("SATORI_", "CELERY_", "DJANGO_")) and name != "PYTHONSAFEPATH"}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SATORI_", "CELERY_", "DJANGO_")) and name != "PYTHONSAFEPATH"
+    }
     env.update(readme_env())
     env["SATORI_BASE_URL"] = sandbox  # the README's port 8765 may be taken here
     env["CELERY_BROKER_URL"] = redis_server.url
@@ -135,11 +148,16 @@ def test_readme_quick_start(venv: Path, sandbox: str, redis_server: Any,
     worker_log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
         [str(venv / "bin" / "celery"), "-A", "mysite", "worker", "-B", "-l", "info"],
-        cwd=project, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
-        start_new_session=True)
+        cwd=project,
+        env=env,
+        stdout=worker_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        shell = run([python, "manage.py", "shell", "-c", readme_block("first-sync")],
-                    cwd=project, env=env)
+        shell = run(
+            [python, "manage.py", "shell", "-c", readme_block("first-sync")], cwd=project, env=env
+        )
         received = wait_for_customer(sandbox, readme_block("first-sync"))
     finally:
         worker.terminate()
@@ -149,8 +167,7 @@ def test_readme_quick_start(venv: Path, sandbox: str, redis_server: Any,
             os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(5)
         worker_log.close()
-    assert received is not None, (shell.stdout + shell.stderr
-                                  + (tmp_path / "worker.log").read_text())
+    assert received is not None, shell.stdout + shell.stderr + (tmp_path / "worker.log").read_text()
     assert received["fields"]["last_name"] == "山田"
     assert received["fields"]["delivery_permission"] == "approval"
     assert received["tags"] == ["資料請求"]

@@ -55,8 +55,9 @@ def sandbox(module_server: SandboxServer) -> Iterator[SandboxServer]:
     module_server.reset()
 
 
-def call(server: SandboxServer, endpoint: str, auth: dict[str, str] | None = None,
-         **customer: str) -> requests.Response:
+def call(
+    server: SandboxServer, endpoint: str, auth: dict[str, str] | None = None, **customer: str
+) -> requests.Response:
     """POST one single-customer call; ``customer`` keys go inside ``customer[...]``."""
     data = {**(AUTH if auth is None else auth)}
     data.update({f"customer[{k}]": v for k, v in customer.items()})
@@ -73,9 +74,14 @@ def register(server: SandboxServer, **customer: str) -> requests.Response:
     return call(server, "registration", **customer)
 
 
-def upload(server: SandboxServer, csv: bytes | str, *, endpoint: str = "upsert",
-           identity_type: str = "email", auth: dict[str, str] | None = None
-           ) -> requests.Response:
+def upload(
+    server: SandboxServer,
+    csv: bytes | str,
+    *,
+    endpoint: str = "upsert",
+    identity_type: str = "email",
+    auth: dict[str, str] | None = None,
+) -> requests.Response:
     content = csv.encode("utf-8") if isinstance(csv, str) else csv
     return requests.post(
         f"{server.url}{BULK}{endpoint}.json",
@@ -86,8 +92,11 @@ def upload(server: SandboxServer, csv: bytes | str, *, endpoint: str = "upsert",
 
 
 def status(server: SandboxServer, code: str, **extra: str) -> requests.Response:
-    return requests.get(f"{server.url}{BULK}status.json",
-                        params={**AUTH, "process_code": code, **extra}, timeout=TIMEOUT)
+    return requests.get(
+        f"{server.url}{BULK}status.json",
+        params={**AUTH, "process_code": code, **extra},
+        timeout=TIMEOUT,
+    )
 
 
 def finished(server: SandboxServer, csv: str, **kwargs: Any) -> dict[str, Any]:
@@ -112,9 +121,16 @@ def assert_error(response: requests.Response, code: int, *fragments: str) -> Non
 
 
 def test_upsert_creates_a_customer_and_answers_its_hashcode(sandbox):
-    response = upsert(sandbox, email="taro@example.jp", last_name="山田", first_name="太郎",
-                      append_tags="資料請求,展示会", collection_date="2025-01-31",
-                      delivery_permission="approval", memo="一行目\n二行目")
+    response = upsert(
+        sandbox,
+        email="taro@example.jp",
+        last_name="山田",
+        first_name="太郎",
+        append_tags="資料請求,展示会",
+        collection_date="2025-01-31",
+        delivery_permission="approval",
+        memo="一行目\n二行目",
+    )
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith("application/json")
     hashcode = response.json()["message"]["customer[hashcode]"]
@@ -122,9 +138,13 @@ def test_upsert_creates_a_customer_and_answers_its_hashcode(sandbox):
     assert re.fullmatch(r"[0-9a-f]{32}", hashcode)
     customer = sandbox.state.customer("TARO@example.jp")
     assert customer.hashcode == hashcode
-    assert customer.fields == {"last_name": "山田", "first_name": "太郎",
-                               "collection_date": "2025-01-31",
-                               "delivery_permission": "approval", "memo": "一行目\n二行目"}
+    assert customer.fields == {
+        "last_name": "山田",
+        "first_name": "太郎",
+        "collection_date": "2025-01-31",
+        "delivery_permission": "approval",
+        "memo": "一行目\n二行目",
+    }
     assert customer.tags == {"資料請求", "展示会"}
     assert customer.created_by == AUTH["user_key"]
     (request,) = sandbox.state.requests_for("upsert")
@@ -137,9 +157,15 @@ def test_upsert_creates_a_customer_and_answers_its_hashcode(sandbox):
 def test_multipart_is_accepted_for_single_calls(sandbox):
     response = requests.post(
         f"{sandbox.url}{SINGLE}upsert.json",
-        files={k: (None, v) for k, v in {**AUTH, "customer[identity_type]": "email",
-                                         "customer[email]": "m@example.jp",
-                                         "customer[memo]": "マルチパート"}.items()},
+        files={
+            k: (None, v)
+            for k, v in {
+                **AUTH,
+                "customer[identity_type]": "email",
+                "customer[email]": "m@example.jp",
+                "customer[memo]": "マルチパート",
+            }.items()
+        },
         timeout=TIMEOUT,
     )
     assert response.status_code == 200, response.text
@@ -147,10 +173,18 @@ def test_multipart_is_accepted_for_single_calls(sandbox):
 
 
 def test_upsert_overwrites_non_empty_values_and_empty_values_clear_nothing(sandbox):
-    first = upsert(sandbox, email="taro@example.jp", last_name="山田", memo="old",
-                   append_tags="a,b").json()
-    second = upsert(sandbox, email="Taro@Example.jp", last_name="田中", memo="",
-                    first_name="", append_tags="c", delete_tags="a").json()
+    first = upsert(
+        sandbox, email="taro@example.jp", last_name="山田", memo="old", append_tags="a,b"
+    ).json()
+    second = upsert(
+        sandbox,
+        email="Taro@Example.jp",
+        last_name="田中",
+        memo="",
+        first_name="",
+        append_tags="c",
+        delete_tags="a",
+    ).json()
     assert first == second  # same customer, matched case-insensitively
     assert list(sandbox.state.customers) == ["taro@example.jp"]
     customer = sandbox.state.customer("taro@example.jp")
@@ -160,14 +194,29 @@ def test_upsert_overwrites_non_empty_values_and_empty_values_clear_nothing(sandb
 
 
 def test_registration_creates_then_only_fills_blanks_and_adds_tags(sandbox):
-    created = register(sandbox, email="hanako@example.jp", last_name="佐藤",
-                       delivery_permission="approval", append_tags="x").json()
-    again = register(sandbox, email="hanako@example.jp", last_name="鈴木", first_name="花子",
-                     delivery_permission="reject", append_tags="y", delete_tags="x").json()
+    created = register(
+        sandbox,
+        email="hanako@example.jp",
+        last_name="佐藤",
+        delivery_permission="approval",
+        append_tags="x",
+    ).json()
+    again = register(
+        sandbox,
+        email="hanako@example.jp",
+        last_name="鈴木",
+        first_name="花子",
+        delivery_permission="reject",
+        append_tags="y",
+        delete_tags="x",
+    ).json()
     assert created == again
     customer = sandbox.state.customer("hanako@example.jp")
-    assert customer.fields == {"last_name": "佐藤", "first_name": "花子",
-                               "delivery_permission": "reject"}
+    assert customer.fields == {
+        "last_name": "佐藤",
+        "first_name": "花子",
+        "delivery_permission": "reject",
+    }
     assert customer.tags == {"x", "y"}
 
 
@@ -180,14 +229,21 @@ def test_registration_fills_blank_custom_values_only(sandbox):
 def test_hashcode_identity_finds_the_customer_and_can_change_the_email(sandbox):
     hashcode = upsert(sandbox, email="old@example.jp").json()["message"]["customer[hashcode]"]
     upsert(sandbox, email="other@example.jp")
-    response = call(sandbox, "upsert", identity_type="hashcode", hashcode=hashcode,
-                    email="new@example.jp", memo="moved")
+    response = call(
+        sandbox,
+        "upsert",
+        identity_type="hashcode",
+        hashcode=hashcode,
+        email="new@example.jp",
+        memo="moved",
+    )
     assert response.json()["message"]["customer[hashcode]"] == hashcode
     assert sandbox.state.customer("old@example.jp") is None
     assert sandbox.state.customer("new@example.jp").fields["memo"] == "moved"
 
-    taken = call(sandbox, "upsert", identity_type="hashcode", hashcode=hashcode,
-                 email="other@example.jp")
+    taken = call(
+        sandbox, "upsert", identity_type="hashcode", hashcode=hashcode, email="other@example.jp"
+    )
     assert_error(taken, 400, "customer[email]")
     assert sandbox.state.customer("new@example.jp").hashcode == hashcode
 
@@ -200,15 +256,22 @@ def test_hashcode_identity_finds_the_customer_and_can_change_the_email(sandbox):
 def test_delete_removes_and_unknown_customers_are_404(sandbox):
     upsert(sandbox, email="taro@example.jp")
     hashcode = upsert(sandbox, email="jiro@example.jp").json()["message"]["customer[hashcode]"]
-    assert call(sandbox, "delete", identity_type="email", email="TARO@example.jp"
-                ).status_code == 200
+    assert (
+        call(sandbox, "delete", identity_type="email", email="TARO@example.jp").status_code == 200
+    )
     assert sandbox.state.customer("taro@example.jp") is None
-    assert_error(call(sandbox, "delete", identity_type="email", email="taro@example.jp"),
-                 404, "customer[email]", "not found")
-    assert_error(call(sandbox, "delete", identity_type="email", email="jiro@example.jp",
-                      memo="x"), 400, "customer[memo]")
-    assert call(sandbox, "delete", identity_type="hashcode", hashcode=hashcode
-                ).status_code == 200
+    assert_error(
+        call(sandbox, "delete", identity_type="email", email="taro@example.jp"),
+        404,
+        "customer[email]",
+        "not found",
+    )
+    assert_error(
+        call(sandbox, "delete", identity_type="email", email="jiro@example.jp", memo="x"),
+        400,
+        "customer[memo]",
+    )
+    assert call(sandbox, "delete", identity_type="hashcode", hashcode=hashcode).status_code == 200
     assert sandbox.state.customers == {}
 
 
@@ -222,8 +285,9 @@ def test_bad_or_missing_keys_are_401_without_echoing_any_key(sandbox, field):
     response = call(sandbox, "upsert", auth=wrong, identity_type="email", email="a@example.jp")
     assert_error(response, 401)
     missing = {k: v for k, v in AUTH.items() if k != field}
-    assert_error(call(sandbox, "upsert", auth=missing, identity_type="email",
-                      email="a@example.jp"), 401)
+    assert_error(
+        call(sandbox, "upsert", auth=missing, identity_type="email", email="a@example.jp"), 401
+    )
     for value in [*AUTH.values(), LEAKY]:
         assert value not in response.text
     assert sandbox.state.customers == {}
@@ -239,79 +303,131 @@ def test_bad_or_missing_keys_are_401_without_echoing_any_key(sandbox, field):
     assert LEAKY not in repr(sandbox.state.requests)
 
 
-@pytest.mark.parametrize("data, name", [
-    ({"customer[nickname]": "x"}, "customer[nickname]"),
-    ({"nickname": "x"}, "nickname"),
-    ({"customer[customer][email]": "x"}, "customer[customer][email]"),
-    ({"customer[star]": "1"}, "customer[star]"),
-])
+@pytest.mark.parametrize(
+    "data, name",
+    [
+        ({"customer[nickname]": "x"}, "customer[nickname]"),
+        ({"nickname": "x"}, "nickname"),
+        ({"customer[customer][email]": "x"}, "customer[customer][email]"),
+        ({"customer[star]": "1"}, "customer[star]"),
+    ],
+)
 def test_unknown_parameters_are_refused_by_name(sandbox, data, name):
-    response = requests.post(f"{sandbox.url}{SINGLE}upsert.json", timeout=TIMEOUT, data={
-        **AUTH, "customer[identity_type]": "email", "customer[email]": "a@example.jp", **data})
+    response = requests.post(
+        f"{sandbox.url}{SINGLE}upsert.json",
+        timeout=TIMEOUT,
+        data={
+            **AUTH,
+            "customer[identity_type]": "email",
+            "customer[email]": "a@example.jp",
+            **data,
+        },
+    )
     assert_error(response, 400, name)
     assert sandbox.state.customers == {}
 
 
 def test_duplicate_parameters_and_missing_identity_are_refused(sandbox):
-    response = requests.post(f"{sandbox.url}{SINGLE}upsert.json", timeout=TIMEOUT, data=[
-        *AUTH.items(), ("customer[identity_type]", "email"),
-        ("customer[email]", "a@example.jp"), ("customer[email]", "b@example.jp")])
+    response = requests.post(
+        f"{sandbox.url}{SINGLE}upsert.json",
+        timeout=TIMEOUT,
+        data=[
+            *AUTH.items(),
+            ("customer[identity_type]", "email"),
+            ("customer[email]", "a@example.jp"),
+            ("customer[email]", "b@example.jp"),
+        ],
+    )
     assert_error(response, 400, "customer[email]", "duplicate")
     assert_error(call(sandbox, "upsert", email="a@example.jp"), 400, "customer[identity_type]")
     assert_error(call(sandbox, "upsert", identity_type="email"), 400, "customer[email]")
-    assert_error(call(sandbox, "upsert", identity_type="phone", email="a@example.jp"), 400,
-                 "customer[identity_type]")
+    assert_error(
+        call(sandbox, "upsert", identity_type="phone", email="a@example.jp"),
+        400,
+        "customer[identity_type]",
+    )
 
 
-@pytest.mark.parametrize("email", [
-    "ｔａｒｏ@example.jp",  # full-width: the sandbox does not normalise
-    "taro@例え.jp",
-    "taro.example.jp",
-    " taro@example.jp",
-    "taro..yamada@example.jp",
-    "taro@example",
-    "a" * 250 + "@example.jp",
-])
+@pytest.mark.parametrize(
+    "email",
+    [
+        "ｔａｒｏ@example.jp",  # full-width: the sandbox does not normalise
+        "taro@例え.jp",
+        "taro.example.jp",
+        " taro@example.jp",
+        "taro..yamada@example.jp",
+        "taro@example",
+        "a" * 250 + "@example.jp",
+    ],
+)
 def test_bad_emails_are_refused(sandbox, email):
     assert_error(upsert(sandbox, email=email), 400, "customer[email]")
     assert sandbox.state.customers == {}
 
 
-@pytest.mark.parametrize("field, value", [
-    ("collection_date", "2025/01/31"),
-    ("collection_date", "2025-02-30"),
-    ("collection_date", "2025-1-3"),
-    ("delivery_permission", "allow"),
-    ("memo", "nul\x00byte"),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("collection_date", "2025/01/31"),
+        ("collection_date", "2025-02-30"),
+        ("collection_date", "2025-1-3"),
+        ("delivery_permission", "allow"),
+        ("memo", "nul\x00byte"),
+    ],
+)
 def test_bad_formats_are_refused_by_name(sandbox, field, value):
-    assert_error(upsert(sandbox, email="a@example.jp", **{field: value}), 400,
-                 f"customer[{field}]")
+    assert_error(upsert(sandbox, email="a@example.jp", **{field: value}), 400, f"customer[{field}]")
 
 
 def test_declared_custom_fields_are_type_checked(sandbox):
-    sandbox.configure(custom_fields={
-        "plan": "text", "age": "integer", "birthday": "date",
-        "status": {"type": "select", "choices": ["対応中", "完了"]},
-    })
-    ok = upsert(sandbox, email="a@example.jp", **{"custom:plan": "pro", "custom:age": "-3",
-                                                  "custom:birthday": "1990-04-01",
-                                                  "custom:status": "対応中"})
+    sandbox.configure(
+        custom_fields={
+            "plan": "text",
+            "age": "integer",
+            "birthday": "date",
+            "status": {"type": "select", "choices": ["対応中", "完了"]},
+        }
+    )
+    ok = upsert(
+        sandbox,
+        email="a@example.jp",
+        **{
+            "custom:plan": "pro",
+            "custom:age": "-3",
+            "custom:birthday": "1990-04-01",
+            "custom:status": "対応中",
+        },
+    )
     assert ok.status_code == 200, ok.text
     assert sandbox.state.customer("a@example.jp").custom == {
-        "plan": "pro", "age": "-3", "birthday": "1990-04-01", "status": "対応中"}
-    for key, value in [("age", "3.5"), ("age", "三"), ("birthday", "1990/04/01"),
-                       ("status", "未決"), ("undeclared", "x")]:
-        assert_error(upsert(sandbox, email="a@example.jp", **{f"custom:{key}": value}), 400,
-                     f"customer[custom:{key}]")
+        "plan": "pro",
+        "age": "-3",
+        "birthday": "1990-04-01",
+        "status": "対応中",
+    }
+    for key, value in [
+        ("age", "3.5"),
+        ("age", "三"),
+        ("birthday", "1990/04/01"),
+        ("status", "未決"),
+        ("undeclared", "x"),
+    ]:
+        assert_error(
+            upsert(sandbox, email="a@example.jp", **{f"custom:{key}": value}),
+            400,
+            f"customer[custom:{key}]",
+        )
     assert sandbox.state.customer("a@example.jp").custom["age"] == "-3"
 
 
 def test_undeclared_custom_fields_accept_any_valid_identifier(sandbox):
     assert sandbox.config.custom_fields is None
     assert upsert(sandbox, email="a@example.jp", **{"custom:Any_thing9": "x"}).status_code == 200
-    assert_error(upsert(sandbox, email="a@example.jp", **{"custom:bad-id": "x"}), 400,
-                 "customer[custom:bad-id]")
+    assert_error(
+        upsert(sandbox, email="a@example.jp", **{"custom:bad-id": "x"}),
+        400,
+        "customer[custom:bad-id]",
+    )
 
 
 def test_tag_separator_is_configurable(sandbox):
@@ -326,14 +442,23 @@ def test_tag_separator_is_configurable(sandbox):
 def test_own_only_refuses_changes_to_customers_created_by_another_key(sandbox):
     sandbox.configure(own_only=True)
     theirs = sandbox.seed_customer("theirs@example.jp", last_name="他人", created_by="someone")
-    assert_error(upsert(sandbox, email="THEIRS@example.jp", last_name="私"), 403,
-                 "customer[email]")
+    assert_error(upsert(sandbox, email="THEIRS@example.jp", last_name="私"), 403, "customer[email]")
     assert_error(register(sandbox, email="theirs@example.jp", first_name="x"), 403)
-    assert_error(call(sandbox, "delete", identity_type="hashcode", hashcode=theirs.hashcode),
-                 403, "customer[hashcode]")
-    action = requests.post(f"{sandbox.url}/api/v4/public/customer/add_action.json", data={
-        **AUTH, "customer[identity_type]": "email", "customer[email]": "theirs@example.jp",
-        "action[name]": "x"}, timeout=TIMEOUT)
+    assert_error(
+        call(sandbox, "delete", identity_type="hashcode", hashcode=theirs.hashcode),
+        403,
+        "customer[hashcode]",
+    )
+    action = requests.post(
+        f"{sandbox.url}/api/v4/public/customer/add_action.json",
+        data={
+            **AUTH,
+            "customer[identity_type]": "email",
+            "customer[email]": "theirs@example.jp",
+            "action[name]": "x",
+        },
+        timeout=TIMEOUT,
+    )
     assert_error(action, 403)
     assert theirs.fields == {"last_name": "他人"} and theirs.actions == []
     # Customers this key created stay editable.
@@ -346,8 +471,9 @@ def test_own_only_refuses_changes_to_customers_created_by_another_key(sandbox):
 def test_denied_operations_are_403_and_change_nothing(sandbox):
     upsert(sandbox, email="a@example.jp")
     sandbox.configure(deny_operations={"delete"})
-    assert_error(call(sandbox, "delete", identity_type="email", email="a@example.jp"), 403,
-                 "delete")
+    assert_error(
+        call(sandbox, "delete", identity_type="email", email="a@example.jp"), 403, "delete"
+    )
     assert sandbox.state.customer("a@example.jp") is not None
     sandbox.configure(deny_operations={"create"})
     assert_error(upsert(sandbox, email="new@example.jp"), 403, "create")
@@ -362,24 +488,41 @@ def test_denied_operations_are_403_and_change_nothing(sandbox):
 # -- add_action ---------------------------------------------------------------
 
 
-def action(server: SandboxServer, path: str = "/api/v4/public/customer/add_action.json",
-           **params: str) -> requests.Response:
+def action(
+    server: SandboxServer, path: str = "/api/v4/public/customer/add_action.json", **params: str
+) -> requests.Response:
     return requests.post(f"{server.url}{path}", data={**AUTH, **params}, timeout=TIMEOUT)
 
 
 def test_add_action_is_stored_on_the_customer(sandbox):
     hashcode = upsert(sandbox, email="a@example.jp").json()["message"]["customer[hashcode]"]
-    response = action(sandbox, **{"customer[identity_type]": "email",
-                                  "customer[email]": "A@example.jp",
-                                  "action[name]": "資料請求", "action[content]": "PDF",
-                                  "action[url]": "https://example.jp/doc",
-                                  "action[date]": "2025-01-31 09:30:00"})
+    response = action(
+        sandbox,
+        **{
+            "customer[identity_type]": "email",
+            "customer[email]": "A@example.jp",
+            "action[name]": "資料請求",
+            "action[content]": "PDF",
+            "action[url]": "https://example.jp/doc",
+            "action[date]": "2025-01-31 09:30:00",
+        },
+    )
     assert response.json() == {"status": 200, "message": {"customer[hashcode]": hashcode}}
     (stored,) = sandbox.state.customer("a@example.jp").actions
     assert (stored.name, stored.content, stored.url, stored.date) == (
-        "資料請求", "PDF", "https://example.jp/doc", "2025-01-31 09:30:00")
-    by_hashcode = action(sandbox, **{"customer[identity_type]": "hashcode",
-                                     "customer[hashcode]": hashcode, "action[name]": "来場"})
+        "資料請求",
+        "PDF",
+        "https://example.jp/doc",
+        "2025-01-31 09:30:00",
+    )
+    by_hashcode = action(
+        sandbox,
+        **{
+            "customer[identity_type]": "hashcode",
+            "customer[hashcode]": hashcode,
+            "action[name]": "来場",
+        },
+    )
     assert by_hashcode.status_code == 200
     assert len(sandbox.state.customer("a@example.jp").actions) == 2
 
@@ -388,24 +531,44 @@ def test_add_action_rules(sandbox):
     upsert(sandbox, email="a@example.jp")
     who = {"customer[identity_type]": "email", "customer[email]": "a@example.jp"}
     assert_error(action(sandbox, **who), 400, "action[name]")
-    assert_error(action(sandbox, **who, **{"action[name]": "x",
-                                           "action[date]": "2025-01-31T09:30:00"}),
-                 400, "action[date]")
-    assert_error(action(sandbox, **who, **{"action[name]": "x", "action[url]": "/relative"}),
-                 400, "action[url]")
-    assert_error(action(sandbox, **who, **{"action[name]": "x", "action[kind]": "y"}),
-                 400, "action[kind]")
-    assert_error(action(sandbox, **who, **{"action[name]": "x", "customer[memo]": "y"}),
-                 400, "customer[memo]")
-    assert_error(action(sandbox, **{"customer[identity_type]": "email",
-                                    "customer[email]": "nobody@example.jp",
-                                    "action[name]": "x"}), 404, "not found")
+    assert_error(
+        action(sandbox, **who, **{"action[name]": "x", "action[date]": "2025-01-31T09:30:00"}),
+        400,
+        "action[date]",
+    )
+    assert_error(
+        action(sandbox, **who, **{"action[name]": "x", "action[url]": "/relative"}),
+        400,
+        "action[url]",
+    )
+    assert_error(
+        action(sandbox, **who, **{"action[name]": "x", "action[kind]": "y"}), 400, "action[kind]"
+    )
+    assert_error(
+        action(sandbox, **who, **{"action[name]": "x", "customer[memo]": "y"}),
+        400,
+        "customer[memo]",
+    )
+    assert_error(
+        action(
+            sandbox,
+            **{
+                "customer[identity_type]": "email",
+                "customer[email]": "nobody@example.jp",
+                "action[name]": "x",
+            },
+        ),
+        404,
+        "not found",
+    )
     assert sandbox.state.customer("a@example.jp").actions == []
 
 
 def test_add_action_path_and_parameter_names_are_configurable(sandbox):
-    sandbox.configure(action_path="/api/v4/public/action/add.json",
-                      action_params={"name": "action_name", "date": "action_date"})
+    sandbox.configure(
+        action_path="/api/v4/public/action/add.json",
+        action_params={"name": "action_name", "date": "action_date"},
+    )
     upsert(sandbox, email="a@example.jp")
     who = {"customer[identity_type]": "email", "customer[email]": "a@example.jp"}
     assert action(sandbox, **who, action_name="x").status_code == 404  # old path is gone
@@ -437,8 +600,7 @@ def test_bulk_upsert_applies_rows_and_numbers_records_not_lines(sandbox):
     code = payload["body"]["process_code"]
     body = status(sandbox, code).json()["body"]
     assert body["process_code"] == code and body["process_status"] == "finished"
-    assert body["succeeded_rows"] == [{"row_number": 2}, {"row_number": 3},
-                                      {"row_number": 8}]
+    assert body["succeeded_rows"] == [{"row_number": 2}, {"row_number": 3}, {"row_number": 8}]
     failed = {row["row_number"]: row["message"] for row in body["failed_rows"]}
     assert sorted(failed) == [4, 5, 6, 7]
     assert "collection_route" in failed[4]
@@ -461,22 +623,36 @@ def test_bulk_blank_cells_keep_values_and_registration_only_fills_blanks(sandbox
     upsert(sandbox, email="a@example.jp", last_name="山田", memo="keep")
     finished(sandbox, "email,last_name,memo,collection_route\na@example.jp,田中,,web\n")
     assert sandbox.state.customer("a@example.jp").fields == {
-        "last_name": "田中", "memo": "keep", "collection_route": "web"}
-    finished(sandbox, "email,last_name,first_name,collection_route,append_tags\n"
-                      "a@example.jp,佐藤,一郎,form,t1\nnew@example.jp,新,,form,\n",
-             endpoint="registration")
+        "last_name": "田中",
+        "memo": "keep",
+        "collection_route": "web",
+    }
+    finished(
+        sandbox,
+        "email,last_name,first_name,collection_route,append_tags\n"
+        "a@example.jp,佐藤,一郎,form,t1\nnew@example.jp,新,,form,\n",
+        endpoint="registration",
+    )
     customer = sandbox.state.customer("a@example.jp")
-    assert customer.fields == {"last_name": "田中", "memo": "keep", "first_name": "一郎",
-                               "collection_route": "web"}
+    assert customer.fields == {
+        "last_name": "田中",
+        "memo": "keep",
+        "first_name": "一郎",
+        "collection_route": "web",
+    }
     assert customer.tags == {"t1"}
     assert sandbox.state.customer("new@example.jp").fields["last_name"] == "新"
 
 
 def test_bulk_accepts_a_bom_and_hashcode_identity(sandbox):
     hashcode = upsert(sandbox, email="a@example.jp").json()["message"]["customer[hashcode]"]
-    body = finished(sandbox, ("\ufeffhashcode,memo,collection_route\n"
-                              f"{hashcode},bom ok,web\n{'f' * 32},x,web\n").encode(),
-                    identity_type="hashcode")
+    body = finished(
+        sandbox,
+        (
+            f"\ufeffhashcode,memo,collection_route\n{hashcode},bom ok,web\n{'f' * 32},x,web\n"
+        ).encode(),
+        identity_type="hashcode",
+    )
     assert body["succeeded_rows"] == [{"row_number": 2}]
     assert [r["row_number"] for r in body["failed_rows"]] == [3]
     assert "not found" in body["failed_rows"][0]["message"]
@@ -494,16 +670,19 @@ def test_bulk_rows_respect_permissions(sandbox):
     assert_error(upload(sandbox, "email,collection_route\nx@example.jp,web\n"), 403)
 
 
-@pytest.mark.parametrize("csv, fragment", [
-    ("email,nickname,collection_route\na@example.jp,x,web\n", "nickname"),
-    ("email,custom:bad-id,collection_route\na@example.jp,x,web\n", "custom:bad-id"),
-    ("last_name,collection_route\n山田,web\n", "email"),
-    ("email,email,collection_route\na@example.jp,a@example.jp,web\n", "email"),
-    ("email,collection_route\n", "no data rows"),
-    ("", "header"),
-    ('email,collection_route\na@example.jp,"unterminated\n', "malformed CSV"),
-    (b"email,last_name,collection_route\na@example.jp,\x8eR\x93c,web\n", "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "csv, fragment",
+    [
+        ("email,nickname,collection_route\na@example.jp,x,web\n", "nickname"),
+        ("email,custom:bad-id,collection_route\na@example.jp,x,web\n", "custom:bad-id"),
+        ("last_name,collection_route\n山田,web\n", "email"),
+        ("email,email,collection_route\na@example.jp,a@example.jp,web\n", "email"),
+        ("email,collection_route\n", "no data rows"),
+        ("", "header"),
+        ('email,collection_route\na@example.jp,"unterminated\n', "malformed CSV"),
+        (b"email,last_name,collection_route\na@example.jp,\x8eR\x93c,web\n", "UTF-8"),
+    ],
+)
 def test_bulk_files_refused_as_a_whole(sandbox, csv, fragment):
     response = upload(sandbox, csv)
     assert_error(response, 400, fragment)
@@ -512,14 +691,18 @@ def test_bulk_files_refused_as_a_whole(sandbox, csv, fragment):
 
 def test_bulk_undeclared_custom_column_is_refused(sandbox):
     sandbox.configure(custom_fields={"plan": "text"})
-    assert_error(upload(sandbox, "email,custom:rank,collection_route\na@example.jp,A,web\n"),
-                 400, "custom:rank")
+    assert_error(
+        upload(sandbox, "email,custom:rank,collection_route\na@example.jp,A,web\n"),
+        400,
+        "custom:rank",
+    )
 
 
 def test_bulk_row_limit_is_10000(sandbox):
     rows = "".join(f"u{i}@example.jp,web\n" for i in range(10_000))
-    assert_error(upload(sandbox, "email,collection_route\n" + rows + "last@example.jp,web\n"),
-                 400, "10000")
+    assert_error(
+        upload(sandbox, "email,collection_route\n" + rows + "last@example.jp,web\n"), 400, "10000"
+    )
     body = finished(sandbox, "email,collection_route\n" + rows)
     assert len(body["succeeded_rows"]) == 10_000 and body["failed_rows"] == []
     assert body["succeeded_rows"][-1] == {"row_number": 10_001}
@@ -527,27 +710,46 @@ def test_bulk_row_limit_is_10000(sandbox):
 
 def test_bulk_request_shape_is_checked(sandbox):
     url = f"{sandbox.url}{BULK}upsert.json"
-    urlencoded = requests.post(url, data={**AUTH, "identity_type": "email",
-                                          "customer_csv_file": "email\n"}, timeout=TIMEOUT)
+    urlencoded = requests.post(
+        url,
+        data={**AUTH, "identity_type": "email", "customer_csv_file": "email\n"},
+        timeout=TIMEOUT,
+    )
     assert_error(urlencoded, 400, "multipart/form-data")
-    no_file = requests.post(url, files={k: (None, v) for k, v in
-                                        {**AUTH, "identity_type": "email"}.items()},
-                            timeout=TIMEOUT)
+    no_file = requests.post(
+        url,
+        files={k: (None, v) for k, v in {**AUTH, "identity_type": "email"}.items()},
+        timeout=TIMEOUT,
+    )
     assert_error(no_file, 400, "customer_csv_file")
-    assert_error(upload(sandbox, "email,collection_route\na@example.jp,web\n",
-                        identity_type=""), 400, "identity_type")
-    assert_error(upload(sandbox, "email,collection_route\na@example.jp,web\n",
-                        auth={**AUTH, "company_secret": "nope"}), 401)
+    assert_error(
+        upload(sandbox, "email,collection_route\na@example.jp,web\n", identity_type=""),
+        400,
+        "identity_type",
+    )
+    assert_error(
+        upload(
+            sandbox,
+            "email,collection_route\na@example.jp,web\n",
+            auth={**AUTH, "company_secret": "nope"},
+        ),
+        401,
+    )
     assert sandbox.state.jobs == {}
 
 
 def test_bulk_job_is_processing_until_its_time_is_over(sandbox):
     sandbox.configure(bulk_processing_seconds=0.4)
     code = upload(sandbox, "email,collection_route\na@example.jp,web\n").json()["body"][
-        "process_code"]
+        "process_code"
+    ]
     body = status(sandbox, code).json()["body"]
-    assert body == {"process_code": code, "process_status": "processing",
-                    "succeeded_rows": [], "failed_rows": []}
+    assert body == {
+        "process_code": code,
+        "process_status": "processing",
+        "succeeded_rows": [],
+        "failed_rows": [],
+    }
     assert sandbox.state.customer("a@example.jp") is None
     time.sleep(0.5)
     assert sandbox.state.customer("a@example.jp") is not None  # applied without polling
@@ -559,7 +761,8 @@ def test_bulk_job_is_processing_until_its_time_is_over(sandbox):
 def test_process_codes_expire_and_can_be_forgotten(sandbox):
     sandbox.configure(process_code_ttl=0.3)
     code = upload(sandbox, "email,collection_route\na@example.jp,web\n").json()["body"][
-        "process_code"]
+        "process_code"
+    ]
     assert status(sandbox, code).status_code == 200
     time.sleep(0.4)
     assert_error(status(sandbox, code), 404, "process_code")
@@ -567,7 +770,8 @@ def test_process_codes_expire_and_can_be_forgotten(sandbox):
 
     sandbox.configure(process_code_ttl=3600, bulk_processing_seconds=30)
     code = upload(sandbox, "email,collection_route\nb@example.jp,web\n").json()["body"][
-        "process_code"]
+        "process_code"
+    ]
     forgotten = requests.post(f"{sandbox.url}/_sandbox/forget-process-codes", timeout=TIMEOUT)
     assert forgotten.json() == {"forgotten": 1}
     assert_error(status(sandbox, code), 404)
@@ -576,12 +780,14 @@ def test_process_codes_expire_and_can_be_forgotten(sandbox):
 
 def test_status_checks_keys_and_parameters(sandbox):
     code = upload(sandbox, "email,collection_route\na@example.jp,web\n").json()["body"][
-        "process_code"]
+        "process_code"
+    ]
     assert_error(status(sandbox, code, user_secret="wrong"), 401)
     assert_error(status(sandbox, code, verbose="1"), 400, "verbose")
     assert_error(status(sandbox, ""), 400, "process_code")
-    post = requests.post(f"{sandbox.url}{BULK}status.json", data={**AUTH, "process_code": code},
-                         timeout=TIMEOUT)
+    post = requests.post(
+        f"{sandbox.url}{BULK}status.json", data={**AUTH, "process_code": code}, timeout=TIMEOUT
+    )
     assert_error(post, 405)
     assert post.headers["Allow"] == "GET"
 
@@ -652,8 +858,11 @@ def test_timeout_fault_outlasts_the_client_then_answers_504(sandbox):
     sandbox.faults.timeout_seconds = 0.6
     sandbox.faults.fail_first(2, kind="timeout")
     with pytest.raises(requests.Timeout):
-        requests.post(f"{sandbox.url}{SINGLE}upsert.json", timeout=0.2, data={
-            **AUTH, "customer[identity_type]": "email", "customer[email]": "a@example.jp"})
+        requests.post(
+            f"{sandbox.url}{SINGLE}upsert.json",
+            timeout=0.2,
+            data={**AUTH, "customer[identity_type]": "email", "customer[email]": "a@example.jp"},
+        )
     started = time.monotonic()
     late = upsert(sandbox, email="a@example.jp")
     assert time.monotonic() - started >= 0.55
@@ -678,7 +887,8 @@ def test_faults_can_target_operations_and_spare_control_endpoints(sandbox):
     sandbox.faults.fail_first(1, kind="503", operations=["bulk_status"])
     assert upsert(sandbox, email="a@example.jp").status_code == 200
     code = upload(sandbox, "email,collection_route\nb@example.jp,web\n").json()["body"][
-        "process_code"]
+        "process_code"
+    ]
     assert status(sandbox, code).status_code == 503
     assert status(sandbox, code).status_code == 200
     sandbox.faults.set_random(rate=1.0, kinds=["drop"])
@@ -695,13 +905,16 @@ def test_delay_holds_every_satori_request(sandbox):
 
 def test_faults_are_set_through_the_control_endpoint(sandbox):
     url = f"{sandbox.url}/_sandbox/faults"
-    shown = requests.post(url, json={"fail_first": 1, "kind": "429", "retry_after": 3},
-                          timeout=TIMEOUT).json()
+    shown = requests.post(
+        url, json={"fail_first": 1, "kind": "429", "retry_after": 3}, timeout=TIMEOUT
+    ).json()
     assert shown["queued"] == [{"kind": "429", "remaining": 1, "operations": None}]
     response = upsert(sandbox, email="a@example.jp")
     assert response.status_code == 429 and response.headers["Retry-After"] == "3"
-    assert requests.post(url, json={"kind": "explode", "fail_first": 1},
-                         timeout=TIMEOUT).status_code == 400
+    assert (
+        requests.post(url, json={"kind": "explode", "fail_first": 1}, timeout=TIMEOUT).status_code
+        == 400
+    )
     assert requests.post(url, data="not json", timeout=TIMEOUT).status_code == 400
     assert requests.post(url, json={"bogus": 1}, timeout=TIMEOUT).status_code == 400
     requests.post(url, json={"rate": 1.0, "kinds": "500"}, timeout=TIMEOUT)
@@ -750,19 +963,34 @@ def test_stop_releases_a_request_held_by_a_timeout_fault():
 def test_http_level_strictness(sandbox):
     url = f"{sandbox.url}{SINGLE}upsert.json"
     assert_error(requests.get(url, timeout=TIMEOUT), 405)
-    assert_error(requests.post(f"{sandbox.url}/api/v4/public/customer/update.json",
-                               data=AUTH, timeout=TIMEOUT), 404)
-    in_query = requests.post(url, params=AUTH, data={"customer[identity_type]": "email",
-                                                     "customer[email]": "a@example.jp"},
-                             timeout=TIMEOUT)
+    assert_error(
+        requests.post(
+            f"{sandbox.url}/api/v4/public/customer/update.json", data=AUTH, timeout=TIMEOUT
+        ),
+        404,
+    )
+    in_query = requests.post(
+        url,
+        params=AUTH,
+        data={"customer[identity_type]": "email", "customer[email]": "a@example.jp"},
+        timeout=TIMEOUT,
+    )
     assert_error(in_query, 400, "query")
     as_json = requests.post(url, json={**AUTH}, timeout=TIMEOUT)
     assert_error(as_json, 400, "Content-Type")
-    latin1 = requests.post(url, data=b"user_key=%E9&x=1", timeout=TIMEOUT, headers={
-        "Content-Type": "application/x-www-form-urlencoded"})
+    latin1 = requests.post(
+        url,
+        data=b"user_key=%E9&x=1",
+        timeout=TIMEOUT,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert_error(latin1, 400, "UTF-8")
-    sjis = requests.post(url, data=b"a=b", timeout=TIMEOUT, headers={
-        "Content-Type": "application/x-www-form-urlencoded; charset=Shift_JIS"})
+    sjis = requests.post(
+        url,
+        data=b"a=b",
+        timeout=TIMEOUT,
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=Shift_JIS"},
+    )
     assert_error(sjis, 400, "UTF-8")
     assert sandbox.state.customers == {}
 
@@ -770,9 +998,15 @@ def test_http_level_strictness(sandbox):
 def test_keep_alive_connections_are_reused(sandbox):
     with requests.Session() as session:
         responses = [
-            session.post(f"{sandbox.url}{SINGLE}upsert.json", timeout=TIMEOUT, data={
-                **AUTH, "customer[identity_type]": "email",
-                "customer[email]": f"k{i}@example.jp"})
+            session.post(
+                f"{sandbox.url}{SINGLE}upsert.json",
+                timeout=TIMEOUT,
+                data={
+                    **AUTH,
+                    "customer[identity_type]": "email",
+                    "customer[email]": f"k{i}@example.jp",
+                },
+            )
             for i in range(3)
         ]
     assert [r.status_code for r in responses] == [200, 200, 200]
@@ -795,7 +1029,8 @@ def test_concurrent_requests_are_safe(sandbox):
     assert results == [200] * 20
     assert len(sandbox.state.customers) == 5
     assert set().union(*(c.tags for c in sandbox.state.customers.values())) == {
-        f"t{i}" for i in range(20)}
+        f"t{i}" for i in range(20)
+    }
 
 
 def test_control_endpoints_show_state_and_reset(sandbox):
@@ -844,9 +1079,18 @@ def test_loopback_hosts_and_the_server_object():
         _ = server.url
     with server:
         assert re.fullmatch(r"http://\[::1\]:\d+", server.url)
-        response = requests.post(f"{server.url}{SINGLE}upsert.json", timeout=TIMEOUT, data={
-            "user_key": "uk", "user_secret": "us", "company_key": "ck", "company_secret": "cs",
-            "customer[identity_type]": "email", "customer[email]": "a@example.jp"})
+        response = requests.post(
+            f"{server.url}{SINGLE}upsert.json",
+            timeout=TIMEOUT,
+            data={
+                "user_key": "uk",
+                "user_secret": "us",
+                "company_key": "ck",
+                "company_secret": "cs",
+                "customer[identity_type]": "email",
+                "customer[email]": "a@example.jp",
+            },
+        )
         assert response.status_code == 200
         assert server.url in repr(server)
     assert "not started" in repr(server)
@@ -861,10 +1105,13 @@ def test_loopback_hosts_and_the_server_object():
 # -- command line, manage.py, pytest fixture ---------------------------------
 
 
-def _start(args: list[str], env: dict[str, str] | None = None
-           ) -> tuple[subprocess.Popen[str], str]:
+def _start(args: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
         env={**os.environ, **(env or {})},
     )
     assert process.stdout is not None
@@ -884,22 +1131,55 @@ def _stop(process: subprocess.Popen[str]) -> str:
 
 
 def test_cli_runs_as_a_process_with_options_and_stops_on_sigterm():
-    process, url = _start([
-        sys.executable, "-m", "django_satori.sandbox", "--port", "0", "--quiet",
-        "--user-key", "cli-uk", "--user-secret", "cli-us", "--company-key", "cli-ck",
-        "--company-secret", "cli-cs", "--custom-field", "age:integer",
-        "--fail-first", "1", "--fail-kind", "503", "--processing-seconds", "0",
-    ])
+    process, url = _start(
+        [
+            sys.executable,
+            "-m",
+            "django_satori.sandbox",
+            "--port",
+            "0",
+            "--quiet",
+            "--user-key",
+            "cli-uk",
+            "--user-secret",
+            "cli-us",
+            "--company-key",
+            "cli-ck",
+            "--company-secret",
+            "cli-cs",
+            "--custom-field",
+            "age:integer",
+            "--fail-first",
+            "1",
+            "--fail-kind",
+            "503",
+            "--processing-seconds",
+            "0",
+        ]
+    )
     try:
-        data = {"user_key": "cli-uk", "user_secret": "cli-us", "company_key": "cli-ck",
-                "company_secret": "cli-cs", "customer[identity_type]": "email",
-                "customer[email]": "a@example.jp", "customer[custom:age]": "30"}
-        assert requests.post(f"{url}{SINGLE}upsert.json", data=data,
-                             timeout=TIMEOUT).status_code == 503
-        assert requests.post(f"{url}{SINGLE}upsert.json", data=data,
-                             timeout=TIMEOUT).status_code == 200
-        bad = requests.post(f"{url}{SINGLE}upsert.json", timeout=TIMEOUT,
-                            data={**data, "customer[custom:age]": "thirty"})
+        data = {
+            "user_key": "cli-uk",
+            "user_secret": "cli-us",
+            "company_key": "cli-ck",
+            "company_secret": "cli-cs",
+            "customer[identity_type]": "email",
+            "customer[email]": "a@example.jp",
+            "customer[custom:age]": "30",
+        }
+        assert (
+            requests.post(f"{url}{SINGLE}upsert.json", data=data, timeout=TIMEOUT).status_code
+            == 503
+        )
+        assert (
+            requests.post(f"{url}{SINGLE}upsert.json", data=data, timeout=TIMEOUT).status_code
+            == 200
+        )
+        bad = requests.post(
+            f"{url}{SINGLE}upsert.json",
+            timeout=TIMEOUT,
+            data={**data, "customer[custom:age]": "thirty"},
+        )
         assert bad.status_code == 400
         state = requests.get(f"{url}/_sandbox/state", timeout=TIMEOUT).json()
         assert state["faults_injected"] == 1
@@ -912,7 +1192,11 @@ def test_cli_runs_as_a_process_with_options_and_stops_on_sigterm():
 def test_cli_refuses_a_remote_host_without_the_flag():
     result = subprocess.run(
         [sys.executable, "-m", "django_satori.sandbox", "--host", "0.0.0.0", "--port", "0"],
-        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
+        check=False,
     )
     assert result.returncode == 2
     assert "allow_remote" in result.stderr
@@ -924,17 +1208,32 @@ def test_manage_py_command_accepts_the_projects_keys_and_custom_fields():
         env={"DJANGO_SETTINGS_MODULE": "tests.settings"},
     )
     try:
-        keys = {name.lower(): settings.SATORI[name] for name in
-                ("USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET")}
-        data = {**keys, "customer[identity_type]": "email", "customer[email]": "a@example.jp",
-                "customer[custom:age]": "41"}
-        assert requests.post(f"{url}{SINGLE}upsert.json", data=data,
-                             timeout=TIMEOUT).status_code == 200
-        undeclared = requests.post(f"{url}{SINGLE}upsert.json", timeout=TIMEOUT,
-                                   data={**data, "customer[custom:rank]": "A"})
+        keys = {
+            name.lower(): settings.SATORI[name]
+            for name in ("USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET")
+        }
+        data = {
+            **keys,
+            "customer[identity_type]": "email",
+            "customer[email]": "a@example.jp",
+            "customer[custom:age]": "41",
+        }
+        assert (
+            requests.post(f"{url}{SINGLE}upsert.json", data=data, timeout=TIMEOUT).status_code
+            == 200
+        )
+        undeclared = requests.post(
+            f"{url}{SINGLE}upsert.json",
+            timeout=TIMEOUT,
+            data={**data, "customer[custom:rank]": "A"},
+        )
         assert undeclared.status_code == 400
-        assert requests.post(f"{url}{SINGLE}upsert.json", data={**data, **AUTH},
-                             timeout=TIMEOUT).status_code == 401
+        assert (
+            requests.post(
+                f"{url}{SINGLE}upsert.json", data={**data, **AUTH}, timeout=TIMEOUT
+            ).status_code
+            == 401
+        )
     finally:
         _stop(process)
 
@@ -944,15 +1243,28 @@ def test_fixture_points_settings_at_the_sandbox(satori_sandbox, satori_sandbox_s
     assert settings.SATORI["BASE_URL"] == satori_sandbox.url
     assert satori_sandbox.url == get_settings().BASE_URL
     assert satori_sandbox.config.bulk_processing_seconds == 0
-    keys = {name.lower(): settings.SATORI[name] for name in
-            ("USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET")}
-    data = {**keys, "customer[identity_type]": "email", "customer[email]": "a@example.jp",
-            "customer[custom:age]": "x"}
-    assert_error(requests.post(f"{satori_sandbox.url}{SINGLE}upsert.json", data=data,
-                               timeout=TIMEOUT), 400, "customer[custom:age]")
+    keys = {
+        name.lower(): settings.SATORI[name]
+        for name in ("USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET")
+    }
+    data = {
+        **keys,
+        "customer[identity_type]": "email",
+        "customer[email]": "a@example.jp",
+        "customer[custom:age]": "x",
+    }
+    assert_error(
+        requests.post(f"{satori_sandbox.url}{SINGLE}upsert.json", data=data, timeout=TIMEOUT),
+        400,
+        "customer[custom:age]",
+    )
     data["customer[custom:age]"] = "7"
-    assert requests.post(f"{satori_sandbox.url}{SINGLE}upsert.json", data=data,
-                         timeout=TIMEOUT).status_code == 200
+    assert (
+        requests.post(
+            f"{satori_sandbox.url}{SINGLE}upsert.json", data=data, timeout=TIMEOUT
+        ).status_code
+        == 200
+    )
     assert satori_sandbox.state.customer("a@example.jp").custom == {"age": "7"}
 
 
@@ -995,8 +1307,15 @@ def test_the_pytest_plugin_imports_without_django():
         "assert 'django' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=30, cwd=REPO_ROOT, env=env, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -1008,7 +1327,8 @@ def test_jobs_can_be_waited_for_or_finished_from_python(sandbox):
     assert sandbox.state.customer("a@example.jp") is not None
     sandbox.configure(bulk_processing_seconds=60)
     code = upload(sandbox, "email,collection_route\nb@example.jp,web\n").json()["body"][
-        "process_code"]
+        "process_code"
+    ]
     with pytest.raises(TimeoutError):
         sandbox.wait_for_jobs(timeout=0.1)
     assert sandbox.finish_bulk_jobs() == 1

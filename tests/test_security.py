@@ -59,16 +59,29 @@ KEYS = {
     "COMPANY_KEY": "ck@company;key#1",
     "COMPANY_SECRET": "cs-\"quoted\"'secret'\\x",
 }
-FAST = {"RETRY_BACKOFF_SECONDS": 0.01, "RETRY_BACKOFF_MAX_SECONDS": 0.02, "MAX_ATTEMPTS": 5,
-        "BULK_POLL_INTERVAL_SECONDS": 0.05, "BULK_POLL_MAX_INTERVAL_SECONDS": 0.1,
-        "TIMEOUT": 0.5, **KEYS}
+FAST = {
+    "RETRY_BACKOFF_SECONDS": 0.01,
+    "RETRY_BACKOFF_MAX_SECONDS": 0.02,
+    "MAX_ATTEMPTS": 5,
+    "BULK_POLL_INTERVAL_SECONDS": 0.05,
+    "BULK_POLL_MAX_INTERVAL_SECONDS": 0.1,
+    "TIMEOUT": 0.5,
+    **KEYS,
+}
 
 
 def spellings(value: str) -> set[str]:
     """Every way a value could be written into text we produce."""
-    forms = {value, quote(value, safe=""), quote_plus(value, safe=""), html.escape(value),
-             html.escape(value, quote=False), json.dumps(value)[1:-1],
-             json.dumps(value, ensure_ascii=False)[1:-1], repr(value)[1:-1]}
+    forms = {
+        value,
+        quote(value, safe=""),
+        quote_plus(value, safe=""),
+        html.escape(value),
+        html.escape(value, quote=False),
+        json.dumps(value)[1:-1],
+        json.dumps(value, ensure_ascii=False)[1:-1],
+        repr(value)[1:-1],
+    }
     return {form for form in forms if len(form) >= 6}
 
 
@@ -88,15 +101,17 @@ def leaks(texts: Iterable[str]) -> list[str]:
 def keyed_sandbox(satori_sandbox: SandboxServer) -> Iterator[SandboxServer]:
     """The sandbox and the project both using KEYS."""
     with satori_settings(**FAST):
-        satori_sandbox.configure(keys=SandboxKeys(*(KEYS[k] for k in (
-            "USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET"))))
+        satori_sandbox.configure(
+            keys=SandboxKeys(
+                *(KEYS[k] for k in ("USER_KEY", "USER_SECRET", "COMPANY_KEY", "COMPANY_SECRET"))
+            )
+        )
         yield satori_sandbox
 
 
 def rendered_traceback(error: BaseException) -> str:
     """The traceback as an error tracker records it: with every frame's locals."""
-    return "".join(traceback.TracebackException.from_exception(
-        error, capture_locals=True).format())
+    return "".join(traceback.TracebackException.from_exception(error, capture_locals=True).format())
 
 
 def full_sync(sandbox: SandboxServer) -> list[BaseException]:
@@ -115,18 +130,22 @@ def full_sync(sandbox: SandboxServer) -> list[BaseException]:
     Customer.objects.get(email=emails[1]).delete()
     drain()
     # Bulk: one bad row, a transient status error, then a forgotten process code.
-    Customer.objects.bulk_create([Customer(**customer_values(i)) for i in range(100, 120)] + [
-        Customer(**{**customer_values(130), "custom_fields": {"custom:age": "x"}})])
+    Customer.objects.bulk_create(
+        [Customer(**customer_values(i)) for i in range(100, 120)]
+        + [Customer(**{**customer_values(130), "custom_fields": {"custom:age": "x"}})]
+    )
     sandbox.faults.fail_first(1, "503", operations=["bulk_status"])
     with transaction.atomic():
-        job = bulk.start_bulk_job(Customer.objects.filter(email__startswith="rel001"),
-                                  mode="upsert")
+        job = bulk.start_bulk_job(
+            Customer.objects.filter(email__startswith="rel001"), mode="upsert"
+        )
     bulk.drive_job(job.pk, timeout=30)
     sandbox.configure(bulk_processing_seconds=30)
     Customer.objects.bulk_create([Customer(**customer_values(i)) for i in range(200, 205)])
     with transaction.atomic():
-        job = bulk.start_bulk_job(Customer.objects.filter(email__startswith="rel002"),
-                                  mode="upsert")
+        job = bulk.start_bulk_job(
+            Customer.objects.filter(email__startswith="rel002"), mode="upsert"
+        )
     bulk.run_job(job.pk, on_part_ready=lambda part_id: bulk.upload_part(part_id))
     sandbox.state.forget_process_codes()
     for part in BulkPart.objects.filter(job=job):
@@ -161,9 +180,13 @@ def full_sync(sandbox: SandboxServer) -> list[BaseException]:
 def stored_texts() -> list[str]:
     texts: list[str] = []
     for entry in SyncLog.objects.all():
-        texts += [json.dumps(entry.request_summary, ensure_ascii=False),
-                  json.dumps(entry.response_summary, ensure_ascii=False), entry.message,
-                  repr(entry), str(entry)]
+        texts += [
+            json.dumps(entry.request_summary, ensure_ascii=False),
+            json.dumps(entry.response_summary, ensure_ascii=False),
+            entry.message,
+            repr(entry),
+            str(entry),
+        ]
     for state in SyncState.objects.all():
         texts += [state.last_error, repr(state), json.dumps(state.remote_values)]
     texts += [e.message for e in BulkRowError.objects.all()]
@@ -192,25 +215,37 @@ def test_no_key_anywhere_after_a_full_sync_with_failures(keyed_sandbox, caplog):
     formatter = logging.Formatter()
     texts += [formatter.formatException(r.exc_info) for r in caplog.records if r.exc_info]
     for error in errors:
-        texts += [str(error), repr(error), rendered_traceback(error),
-                  json.dumps(getattr(error, "request_summary", None), ensure_ascii=False),
-                  json.dumps(getattr(error, "response_summary", None), ensure_ascii=False,
-                             default=repr)]
+        texts += [
+            str(error),
+            repr(error),
+            rendered_traceback(error),
+            json.dumps(getattr(error, "request_summary", None), ensure_ascii=False),
+            json.dumps(getattr(error, "response_summary", None), ensure_ascii=False, default=repr),
+        ]
     texts += stored_texts() + csv_files()
     # (Not the sandbox's own state page: it masks only the keys configured now, and
     # full_sync() changed them at the end.)
-    texts += [repr(get_settings()), repr(get_client()), repr(keyed_sandbox.keys),
-              repr(keyed_sandbox)]
-    assert any(r.name.startswith("django_satori") and r.levelno == logging.DEBUG
-               for r in caplog.records)
-    assert any("status.json" in r.getMessage() for r in caplog.records
-               if r.name.startswith("urllib3")), "the request line with the keys was not logged"
+    texts += [
+        repr(get_settings()),
+        repr(get_client()),
+        repr(keyed_sandbox.keys),
+        repr(keyed_sandbox),
+    ]
+    assert any(
+        r.name.startswith("django_satori") and r.levelno == logging.DEBUG for r in caplog.records
+    )
+    assert any(
+        "status.json" in r.getMessage() for r in caplog.records if r.name.startswith("urllib3")
+    ), "the request line with the keys was not logged"
     assert leaks(texts) == []
 
     # Personal data is redacted by default in our own log lines.
     ours = [r.getMessage() for r in caplog.records if r.name.startswith("django_satori")]
-    ours += [formatter.formatException(r.exc_info) for r in caplog.records
-             if r.exc_info and r.name.startswith("django_satori")]
+    ours += [
+        formatter.formatException(r.exc_info)
+        for r in caplog.records
+        if r.exc_info and r.name.startswith("django_satori")
+    ]
     personal = set()
     for customer in Customer.objects.all():
         personal |= {customer.email, customer.last_name, customer.memo, customer.phone_number}
@@ -221,9 +256,12 @@ def test_no_key_anywhere_after_a_full_sync_with_failures(keyed_sandbox, caplog):
 def test_every_admin_page_is_free_of_keys(keyed_sandbox):
     full_sync(keyed_sandbox)
     # A summary stored by an older version (or by hand) with a key in it is still masked.
-    SyncLog.objects.create(endpoint="customer/upsert.json", outcome="failed",
-                           request_summary={"user_key": KEYS["USER_KEY"]},
-                           response_summary={"echo": f"user_secret={KEYS['USER_SECRET']}"})
+    SyncLog.objects.create(
+        endpoint="customer/upsert.json",
+        outcome="failed",
+        request_summary={"user_key": KEYS["USER_KEY"]},
+        response_summary={"echo": f"user_secret={KEYS['USER_SECRET']}"},
+    )
     User.objects.create_superuser("root", password="pw")
     browser = Client()
     browser.login(username="root", password="pw")
@@ -235,8 +273,10 @@ def test_every_admin_page_is_free_of_keys(keyed_sandbox):
         opts = model._meta
         changelist = reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist")
         urls = [changelist, changelist + "?q=rel", changelist + "?all=1"]
-        urls += [reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[pk])
-                 for pk in model._default_manager.values_list("pk", flat=True)[:25]]
+        urls += [
+            reverse(f"admin:{opts.app_label}_{opts.model_name}_change", args=[pk])
+            for pk in model._default_manager.values_list("pk", flat=True)[:25]
+        ]
         for url in urls:
             response = browser.get(url)
             assert response.status_code == 200, (url, response.status_code)
@@ -257,10 +297,13 @@ def test_admin_state_changes_need_permission_and_csrf(keyed_sandbox):
     bulk.run_job(job.pk, on_part_ready=lambda part_id: bulk.upload_part(part_id))
     part = BulkPart.objects.get()
     viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
-    viewer.user_permissions.set(Permission.objects.filter(
-        codename__in=["view_customer", "change_customer", "view_bulkjob"]))
-    posts = [reverse("admin:django_satori_bulkjob_cancel", args=[job.pk]),
-             reverse("admin:django_satori_bulkjob_refresh", args=[job.pk])]
+    viewer.user_permissions.set(
+        Permission.objects.filter(codename__in=["view_customer", "change_customer", "view_bulkjob"])
+    )
+    posts = [
+        reverse("admin:django_satori_bulkjob_cancel", args=[job.pk]),
+        reverse("admin:django_satori_bulkjob_refresh", args=[job.pk]),
+    ]
     browser = Client(enforce_csrf_checks=True)
     browser.login(username="viewer", password="pw")
     browser.get(reverse("admin:django_satori_customer_changelist"))
@@ -272,9 +315,14 @@ def test_admin_state_changes_need_permission_and_csrf(keyed_sandbox):
     csv_url = reverse("admin:django_satori_bulkpart_csv", args=[part.pk])
     assert browser.get(csv_url).status_code == 403  # the CSV holds personal data
     for name in ("sync_now", "mark_for_sync", "retry_failed", "bulk_upsert", "bulk_register"):
-        response = browser.post(reverse("admin:django_satori_customer_changelist"), {
-            "action": name, "_selected_action": [str(Customer.objects.get().pk)],
-            "csrfmiddlewaretoken": token})
+        response = browser.post(
+            reverse("admin:django_satori_customer_changelist"),
+            {
+                "action": name,
+                "_selected_action": [str(Customer.objects.get().pk)],
+                "csrfmiddlewaretoken": token,
+            },
+        )
         assert response.status_code == 200  # the changelist again, nothing done
     job.refresh_from_db()
     assert job.state == BulkState.PROCESSING and BulkJob.objects.count() == 1
@@ -333,8 +381,11 @@ def test_tasks_carry_ids_only_and_the_broker_never_sees_keys_or_personal_data(
     assert sync.wait_for_dispatch()  # saves hand their ids to a publisher thread
     messages = queued_messages(redis_server.url)
     tasks = {m["headers"]["task"] for m in messages}
-    assert tasks == {"django_satori.tasks.push_many", "django_satori.tasks.send_action",
-                     "django_satori.tasks.run_bulk_job"}
+    assert tasks == {
+        "django_satori.tasks.push_many",
+        "django_satori.tasks.send_action",
+        "django_satori.tasks.run_bulk_job",
+    }
     personal = {c.email for c in Customer.objects.all()} | {"山田", "資料請求", "カタログ"}
     for message in messages:
         args, kwargs, _embed = json.loads(base64.b64decode(message["body"]))
@@ -342,16 +393,21 @@ def test_tasks_carry_ids_only_and_the_broker_never_sees_keys_or_personal_data(
         ids = args[0] if isinstance(args[0], list) else [args[0]]
         assert ids and all(type(i) is int for i in ids), message["headers"]
         assert message["headers"]["argsrepr"] == repr(tuple(args))
-        raw = json.dumps(message, ensure_ascii=False) + base64.b64decode(
-            message["body"]).decode()
+        raw = json.dumps(message, ensure_ascii=False) + base64.b64decode(message["body"]).decode()
         assert leaks([raw]) == []
         assert not [value for value in personal if value in raw]
 
     # Then a worker runs everything; nothing it leaves in Redis holds a key or an e-mail.
     worker = celery_worker({"RETRY_BACKOFF_SECONDS": 0.05, "BULK_POLL_INTERVAL_SECONDS": 0.1})
-    worker.wait_until(lambda: not SyncState.objects.filter(
-        status__in=[SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK]).exists()
-        and CustomerAction.objects.filter(status="sent").exists(), timeout=60)
+    worker.wait_until(
+        lambda: (
+            not SyncState.objects.filter(
+                status__in=[SyncStatus.PENDING, SyncStatus.SENDING, SyncStatus.IN_BULK]
+            ).exists()
+            and CustomerAction.objects.filter(status="sent").exists()
+        ),
+        timeout=60,
+    )
     stored = b"\n".join(all_redis_values(redis_server.url)).decode(errors="replace")
     assert leaks([stored]) == []
     assert not [value for value in personal if value in stored]
@@ -369,13 +425,15 @@ def test_a_crafted_memo_cannot_inject_a_row_into_a_bulk_upload(satori_sandbox):
     injected = "\r" + ",".join([victim.email, "HACKED"] + ["web"] * (columns - 2))
     Customer.objects.bulk_create([Customer(**{**customer_values(2), "memo": "hi" + injected})])
     with transaction.atomic():
-        job = bulk.start_bulk_job(Customer.objects.filter(email=customer_values(2)["email"]),
-                                  mode="upsert")
+        job = bulk.start_bulk_job(
+            Customer.objects.filter(email=customer_values(2)["email"]), mode="upsert"
+        )
     job = bulk.drive_job(job.pk, timeout=30)
     assert job.state == BulkState.FINISHED and (job.row_count, job.failed_count) == (1, 0)
     assert satori_sandbox.state.customer(victim.email).fields == before
-    assert satori_sandbox.state.customer(customer_values(2)["email"]).fields["memo"] \
-        == "hi" + injected
+    assert (
+        satori_sandbox.state.customer(customer_values(2)["email"]).fields["memo"] == "hi" + injected
+    )
 
 
 # --------------------------------------------------------------------------- configuration
@@ -417,8 +475,7 @@ def test_the_sandbox_listens_on_loopback_only_unless_told(satori_sandbox):
 
 
 def test_a_client_built_from_settings_never_shows_keys_in_its_repr():
-    conf = dataclasses.replace(get_settings(), BASE_URL="https://user:pw@api.satr.jp/?k=1",
-                               **KEYS)
+    conf = dataclasses.replace(get_settings(), BASE_URL="https://user:pw@api.satr.jp/?k=1", **KEYS)
     texts = [repr(SatoriClient(conf)), repr(conf), str(conf)]
     assert leaks(texts) == [] and "pw" not in texts[0]
 

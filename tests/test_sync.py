@@ -41,15 +41,23 @@ def customer_requests(sandbox, operation="upsert"):
 
 
 def make_customer(**fields) -> Customer:
-    defaults = {"email": "taro@example.jp", "last_name": "山田", "first_name": "太郎",
-                "collection_route": "自社フォーム"}
+    defaults = {
+        "email": "taro@example.jp",
+        "last_name": "山田",
+        "first_name": "太郎",
+        "collection_route": "自社フォーム",
+    }
     return Customer.objects.create(**{**defaults, **fields})
 
 
 def test_a_save_sends_exactly_one_upsert_with_the_right_fields(satori_sandbox):
-    make_customer(lead_company_name="Example株式会社", collection_date=dt.date(2026, 1, 31),
-                  delivery_permission="approval", tags=["資料請求", "セミナー"],
-                  custom_fields={"custom:plan": "gold"})
+    make_customer(
+        lead_company_name="Example株式会社",
+        collection_date=dt.date(2026, 1, 31),
+        delivery_permission="approval",
+        tags=["資料請求", "セミナー"],
+        custom_fields={"custom:plan": "gold"},
+    )
     assert drain() == 1
     (request,) = customer_requests(satori_sandbox)
     form = request.form_dict()
@@ -83,8 +91,7 @@ def test_hundred_saves_in_one_transaction_give_one_dispatch_and_one_call(
 ):
     dispatched = []
     real_dispatch = sync.dispatch_many
-    monkeypatch.setattr(sync, "dispatch_many",
-                        lambda *a: dispatched.append(a) or real_dispatch(*a))
+    monkeypatch.setattr(sync, "dispatch_many", lambda *a: dispatched.append(a) or real_dispatch(*a))
     with transaction.atomic():
         customer = make_customer()
         for i in range(100):
@@ -264,11 +271,13 @@ def test_a_claimed_row_is_not_sent_twice(satori_sandbox):
     make_customer()
     state = SyncState.objects.get()
     SyncState.objects.filter(pk=state.pk).update(
-        status=SyncStatus.SENDING, lease_until=timezone.now() + dt.timedelta(minutes=1))
+        status=SyncStatus.SENDING, lease_until=timezone.now() + dt.timedelta(minutes=1)
+    )
     assert sync.push(state.pk)[0] is sync.PushOutcome.BUSY
     # The claim of a killed worker expires and the sweep hands the row back.
     SyncState.objects.filter(pk=state.pk).update(
-        lease_until=timezone.now() - dt.timedelta(seconds=1))
+        lease_until=timezone.now() - dt.timedelta(seconds=1)
+    )
     assert sync.sweep()["reclaimed"] == 1
     drain()
     assert len(customer_requests(satori_sandbox)) == 1
@@ -321,7 +330,8 @@ def test_create_unknown_false_only_updates_known_customers(satori_sandbox):
     assert SyncState.objects.get(email="taro@example.jp").status == SyncStatus.NOT_IN_SATORI
     assert SyncState.objects.get(email="known@example.jp").status == SyncStatus.SYNCED
     assert [r.form_dict()["customer[email]"] for r in customer_requests(satori_sandbox)] == [
-        "known@example.jp"]
+        "known@example.jp"
+    ]
 
 
 def test_dry_run_records_what_would_be_sent_and_sends_nothing(satori_sandbox):
@@ -352,8 +362,9 @@ def test_before_push_may_change_or_veto_the_payload(satori_sandbox):
     failures = []
     signals.before_push.connect(add_route)
     signals.before_push.connect(veto)
-    signals.push_failed.connect(lambda sender, **kw: failures.append(kw["final"]), weak=False,
-                                dispatch_uid="t")
+    signals.push_failed.connect(
+        lambda sender, **kw: failures.append(kw["final"]), weak=False, dispatch_uid="t"
+    )
     try:
         make_customer()
         make_customer(email="no@example.jp")
@@ -370,10 +381,12 @@ def test_before_push_may_change_or_veto_the_payload(satori_sandbox):
 
 def test_push_failed_and_after_push_signals(satori_sandbox):
     seen = []
-    signals.after_push.connect(lambda sender, **kw: seen.append(("ok", kw["endpoint"])),
-                               weak=False, dispatch_uid="a")
-    signals.push_failed.connect(lambda sender, **kw: seen.append(("failed", kw["final"])),
-                                weak=False, dispatch_uid="f")
+    signals.after_push.connect(
+        lambda sender, **kw: seen.append(("ok", kw["endpoint"])), weak=False, dispatch_uid="a"
+    )
+    signals.push_failed.connect(
+        lambda sender, **kw: seen.append(("failed", kw["final"])), weak=False, dispatch_uid="f"
+    )
     satori_sandbox.faults.fail_first(1, kind="500")
     try:
         with satori(RETRY_BACKOFF_SECONDS=0.01, RETRY_BACKOFF_MAX_SECONDS=0.02):
@@ -393,8 +406,11 @@ def test_rate_limit_defers_without_counting_an_attempt(satori_sandbox):
         for i in range(3):
             make_customer(email=f"user{i}@example.jp")
         results = [sync.push(s.pk) for s in SyncState.objects.order_by("id")]
-    assert [r[0] for r in results] == [sync.PushOutcome.SYNCED, sync.PushOutcome.SYNCED,
-                                       sync.PushOutcome.RETRY]
+    assert [r[0] for r in results] == [
+        sync.PushOutcome.SYNCED,
+        sync.PushOutcome.SYNCED,
+        sync.PushOutcome.RETRY,
+    ]
     assert results[2][1] > 0
     deferred = SyncState.objects.get(email="user2@example.jp")
     assert deferred.status == SyncStatus.PENDING and deferred.attempts == 0
@@ -405,8 +421,9 @@ def test_action_is_recorded_in_the_transaction_and_sent(satori_sandbox):
     customer = make_customer()
     drain()
     with transaction.atomic():
-        action = add_action(customer.email, "資料請求", content="製品カタログ",
-                            url="https://example.jp/catalog")
+        action = add_action(
+            customer.email, "資料請求", content="製品カタログ", url="https://example.jp/catalog"
+        )
     assert action.customer == customer
     outcome, _delay = sync.send_action(action.pk)
     assert outcome == "sent"
@@ -441,9 +458,14 @@ def test_an_action_with_a_bad_email_names_the_field():
 
 def test_a_connected_model_save_updates_its_customer_in_the_same_transaction(satori_sandbox):
     with transaction.atomic():
-        member = Member.objects.create(email="Hanako@Example.jp", family_name="佐藤",
-                                       given_name="花子", company="佐藤商事", plan="gold",
-                                       tags="vip newsletter")
+        member = Member.objects.create(
+            email="Hanako@Example.jp",
+            family_name="佐藤",
+            given_name="花子",
+            company="佐藤商事",
+            plan="gold",
+            tags="vip newsletter",
+        )
     customer = Customer.objects.get()
     assert customer.email == "hanako@example.jp"
     assert (customer.source_model, customer.source_pk) == ("testapp.member", str(member.pk))
@@ -490,13 +512,18 @@ def test_mark_for_sync_catches_up_after_queryset_update(satori_sandbox):
 def test_mark_for_sync_marks_customers_with_and_without_an_outbox_row(satori_sandbox):
     synced = [make_customer(email=f"s{i}@example.jp") for i in range(2)]
     drain()
-    Customer.objects.bulk_create([Customer(email=f"b{i}@example.jp", last_name="一括",
-                                           collection_route="web") for i in range(3)])
+    Customer.objects.bulk_create(
+        [
+            Customer(email=f"b{i}@example.jp", last_name="一括", collection_route="web")
+            for i in range(3)
+        ]
+    )
     before = dict(SyncState.objects.values_list("email", "version"))
     assert mark_for_sync(Customer.objects.all()) == 5
     rows = {s.email: s for s in SyncState.objects.all()}
     assert {(s.status, s.operation, s.attempts) for s in rows.values()} == {
-        (SyncStatus.PENDING, Operation.UPSERT, 0)}
+        (SyncStatus.PENDING, Operation.UPSERT, 0)
+    }
     assert [rows[c.email].version for c in synced] == [before[c.email] + 1 for c in synced]
     assert [rows[f"b{i}@example.jp"].version for i in range(3)] == [1, 1, 1]
     assert all(s.customer_id is not None and s.not_before is not None for s in rows.values())
@@ -511,19 +538,24 @@ def test_mark_for_sync_takes_over_the_outbox_row_of_a_deleted_customer(satori_sa
     old.delete()
     drain()
     assert SyncState.objects.get().customer_id is None  # kept: the address's history
-    (new,) = Customer.objects.bulk_create([Customer(email="again@example.jp",
-                                                    last_name="再登録", collection_route="web")])
+    (new,) = Customer.objects.bulk_create(
+        [Customer(email="again@example.jp", last_name="再登録", collection_route="web")]
+    )
     assert mark_for_sync(Customer.objects.all()) == 1
     state = SyncState.objects.get()
     assert (state.customer_id, state.status, state.operation) == (
-        new.pk, SyncStatus.PENDING, Operation.UPSERT)
+        new.pk,
+        SyncStatus.PENDING,
+        Operation.UPSERT,
+    )
     drain()
     assert satori_sandbox.state.customer("again@example.jp").fields["last_name"] == "再登録"
 
 
 def test_mark_for_sync_on_a_connected_model_after_bulk_create(satori_sandbox):
-    Member.objects.bulk_create([Member(email=f"m{i}@example.jp", family_name="一括")
-                                for i in range(4)])
+    Member.objects.bulk_create(
+        [Member(email=f"m{i}@example.jp", family_name="一括") for i in range(4)]
+    )
     assert not Customer.objects.exists()
     assert mark_for_sync(Member.objects.all()) == 4
     drain()
@@ -544,8 +576,9 @@ def test_sweep_redispatches_pending_rows_whose_task_was_lost(satori_sandbox):
 def test_model_validation_names_the_field():
     from django.core.exceptions import ValidationError
 
-    customer = Customer(email="ｈａｎａｋｏ@example.jp", custom_fields={"custom:age": "x"},
-                        tags="not a list")
+    customer = Customer(
+        email="ｈａｎａｋｏ@example.jp", custom_fields={"custom:age": "x"}, tags="not a list"
+    )
     with pytest.raises(ValidationError) as info:
         customer.full_clean()
     assert set(info.value.message_dict) == {"custom_fields", "tags"}
@@ -576,8 +609,13 @@ def test_beat_schedule_is_importable_without_django():
     import sys
 
     code = "from django_satori.beat import BEAT_SCHEDULE; print(sorted(BEAT_SCHEDULE))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin"}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert "django-satori-sweep" in out.stdout
 
 
@@ -605,8 +643,9 @@ def test_a_large_mark_for_sync_goes_to_one_bulk_job_at_the_next_sweep(satori_san
     from django_satori.models import BulkJob
 
     with satori(BULK_THRESHOLD=2):
-        Customer.objects.bulk_create([Customer(email=f"b{i}@example.jp", collection_route="web")
-                                      for i in range(3)])
+        Customer.objects.bulk_create(
+            [Customer(email=f"b{i}@example.jp", collection_route="web") for i in range(3)]
+        )
         assert mark_for_sync(Customer.objects.all()) == 3
         counts = sync.sweep()  # what the sweep queued by mark_for_sync does, at once
     assert counts["bulk"] and counts["dispatched"] == 0
@@ -628,8 +667,13 @@ def test_the_mirror_of_a_connected_object_is_found_through_the_index():
 
 
 def test_a_connected_save_that_changes_nothing_mapped_writes_nothing(satori_sandbox):
-    member = Member.objects.create(email="taro@example.jp", family_name="山田",
-                                   given_name="太郎", plan="gold", tags="vip newsletter")
+    member = Member.objects.create(
+        email="taro@example.jp",
+        family_name="山田",
+        given_name="太郎",
+        plan="gold",
+        tags="vip newsletter",
+    )
     drain()
     state = SyncState.objects.get()
     assert state.status == SyncStatus.SYNCED
@@ -650,11 +694,14 @@ def test_a_connected_save_that_changes_nothing_mapped_writes_nothing(satori_sand
     assert SyncState.objects.get().status == SyncStatus.PENDING
 
 
-@pytest.mark.parametrize(("fields", "named"), [
-    ({"memo": "a\x00b"}, "memo"),
-    ({"tags": ["ok", "b\x00d"]}, "append_tags"),
-    ({"custom_fields": {"custom:plan": "x\x00"}}, "custom:plan"),
-])
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"memo": "a\x00b"}, "memo"),
+        ({"tags": ["ok", "b\x00d"]}, "append_tags"),
+        ({"custom_fields": {"custom:plan": "x\x00"}}, "custom:plan"),
+    ],
+)
 def test_save_refuses_a_nul_character_and_names_the_field(fields, named):
     from django_satori.exceptions import SatoriValidationError
 

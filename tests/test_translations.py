@@ -31,11 +31,22 @@ CATALOGS = {
     "django_satori": APP / "locale" / "ja" / "LC_MESSAGES" / "django.po",
     "example_project": ROOT / "example_project" / "locale" / "ja" / "LC_MESSAGES" / "django.po",
 }
-GETTEXT_FUNCTIONS = {"_", "gettext", "gettext_lazy", "ngettext", "ngettext_lazy", "pgettext",
-                     "pgettext_lazy", "npgettext", "npgettext_lazy", "gettext_noop"}
+GETTEXT_FUNCTIONS = {
+    "_",
+    "gettext",
+    "gettext_lazy",
+    "ngettext",
+    "ngettext_lazy",
+    "pgettext",
+    "pgettext_lazy",
+    "npgettext",
+    "npgettext_lazy",
+    "gettext_noop",
+}
 
 
 # --------------------------------------------------------------------------- parsing
+
 
 @dataclass
 class Entry:
@@ -47,8 +58,17 @@ class Entry:
     line: int = 0
 
 
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "a": "\a", "b": "\b",
-            "f": "\f", "v": "\v"}
+_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    '"': '"',
+    "\\": "\\",
+    "a": "\a",
+    "b": "\b",
+    "f": "\f",
+    "v": "\v",
+}
 _KEYWORD = re.compile(r'^(msgctxt|msgid_plural|msgid|msgstr(?:\[(\d+)\])?)\s+(".*")\s*$')
 
 
@@ -142,9 +162,12 @@ def catalog(data: bytes) -> dict[object, str]:
 
 def placeholders(text: str) -> list[str]:
     """%(name)s, %s/%d, {name}: what formatting needs; %% is a literal percent sign."""
-    found = re.findall(r"%\([^)]+\)[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]"
-                       r"|%[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]"
-                       r"|\{\w*\}", text.replace("%%", ""))
+    found = re.findall(
+        r"%\([^)]+\)[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]"
+        r"|%[-#0 +]*\d*(?:\.\d+)?[diouxXeEfFgGcrsa]"
+        r"|\{\w*\}",
+        text.replace("%%", ""),
+    )
     return sorted(found)
 
 
@@ -155,6 +178,7 @@ def po(request: pytest.FixtureRequest) -> tuple[Path, list[Entry]]:
 
 
 # --------------------------------------------------------------------------- the parser
+
 
 def test_the_parser_reads_continuations_plurals_context_and_flags():
     text = (
@@ -178,11 +202,17 @@ def test_the_parser_reads_continuations_plurals_context_and_flags():
 
 def test_placeholders_are_found_in_every_form():
     assert placeholders("%(n)d of %(total)s, %s and %.1f%% {name}") == [
-        "%(n)d", "%(total)s", "%.1f", "%s", "{name}"]
+        "%(n)d",
+        "%(total)s",
+        "%.1f",
+        "%s",
+        "{name}",
+    ]
     assert placeholders('{"custom:plan": "gold"} 100%%') == []
 
 
 # --------------------------------------------------------------------------- the catalogs
+
 
 def test_every_entry_is_translated_and_none_is_fuzzy(po):
     path, entries = po
@@ -224,8 +254,11 @@ def test_translations_really_are_japanese(po):
     kana_or_kanji = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
     # Names and codes that stay as they are in Japanese.
     same = {"SATORI", "URL", "Django"}
-    left_english = [e.msgid for e in entries[1:]
-                    if not kana_or_kanji.search(e.msgstr[0]) and e.msgstr[0] not in same]
+    left_english = [
+        e.msgid
+        for e in entries[1:]
+        if not kana_or_kanji.search(e.msgstr[0]) and e.msgstr[0] not in same
+    ]
     assert not left_english, f"{path}: not translated into Japanese: {left_english}"
 
 
@@ -234,15 +267,20 @@ def test_the_committed_mo_matches_the_po(po):
     committed = path.with_suffix(".mo")
     assert committed.exists(), f"{committed} is missing: run compilemessages"
     assert catalog(committed.read_bytes()) == catalog(compile_mo(entries)), (
-        f"{committed} is stale: run `python -m django compilemessages` next to the locale dir")
+        f"{committed} is stale: run `python -m django compilemessages` next to the locale dir"
+    )
 
 
 @pytest.mark.skipif(shutil.which("msgfmt") is None, reason="gettext's msgfmt is not installed")
 def test_msgfmt_accepts_the_po_and_compiles_what_is_committed(po, tmp_path):
     path, _entries = po
     out = tmp_path / "django.mo"
-    result = subprocess.run(["msgfmt", "--check", "-o", str(out), str(path)],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ["msgfmt", "--check", "-o", str(out), str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert catalog(out.read_bytes()) == catalog(path.with_suffix(".mo").read_bytes())
 
@@ -252,8 +290,14 @@ def test_msgfmt_accepts_the_po_and_compiles_what_is_committed(po, tmp_path):
 #: gettext wrappers: they pass their caller's message on.
 WRAPPERS = {"django_satori/sandbox/i18n.py"}
 #: Which positional arguments of each gettext function are message strings.
-_MESSAGE_ARGS = {"ngettext": (0, 1), "ngettext_lazy": (0, 1), "pgettext": (1,),
-                 "pgettext_lazy": (1,), "npgettext": (1, 2), "npgettext_lazy": (1, 2)}
+_MESSAGE_ARGS = {
+    "ngettext": (0, 1),
+    "ngettext_lazy": (0, 1),
+    "pgettext": (1,),
+    "pgettext_lazy": (1,),
+    "npgettext": (1, 2),
+    "npgettext_lazy": (1, 2),
+}
 
 
 def _call_name(node: ast.Call) -> str | None:
@@ -267,8 +311,12 @@ def _call_name(node: ast.Call) -> str | None:
 def _gettext_problems(code: str, where: str, known: set[tuple[str | None, str]]) -> list[str]:
     """Calls whose message is built at run time, hidden in an f-string, or not in the .po."""
     tree = ast.parse(code)
-    inside_fstring = {id(inner) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr)
-                      for inner in ast.walk(node)}
+    inside_fstring = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.JoinedStr)
+        for inner in ast.walk(node)
+    }
     problems = []
     for node in ast.walk(tree):
         name = _call_name(node) if isinstance(node, ast.Call) else None
@@ -301,8 +349,9 @@ def _app_sources() -> list[Path]:
 def _known_msgids() -> set[tuple[str | None, str]]:
     """(context, message) of every entry, plural forms included."""
     entries = parse_po(CATALOGS["django_satori"].read_text(encoding="utf-8"))
-    return ({(e.msgctxt, e.msgid) for e in entries}
-            | {(e.msgctxt, e.msgid_plural) for e in entries if e.msgid_plural})
+    return {(e.msgctxt, e.msgid) for e in entries} | {
+        (e.msgctxt, e.msgid_plural) for e in entries if e.msgid_plural
+    }
 
 
 def test_every_python_string_is_marked_extractably_and_translated():
@@ -318,11 +367,13 @@ def test_every_python_string_is_marked_extractably_and_translated():
 
 
 def test_the_checker_finds_hidden_and_built_strings():
-    code = ('from django.utils.translation import gettext as _, ngettext\n'
-            'a = _(f"Hi {1}")\nb = _("Hi " + "there")\nc = f"{_(\'Sync now\')}"\n'
-            'd = ngettext("%(n)d x", "%(n)d xs", 2)\ne = _("Sync now")\n'
-            'f = pgettext_lazy("x", "name")\ng = pgettext_lazy(X, "name")\n'
-            'h = pgettext_lazy("y", "name")\n')
+    code = (
+        "from django.utils.translation import gettext as _, ngettext\n"
+        'a = _(f"Hi {1}")\nb = _("Hi " + "there")\nc = f"{_(\'Sync now\')}"\n'
+        'd = ngettext("%(n)d x", "%(n)d xs", 2)\ne = _("Sync now")\n'
+        'f = pgettext_lazy("x", "name")\ng = pgettext_lazy(X, "name")\n'
+        'h = pgettext_lazy("y", "name")\n'
+    )
     problems = sorted(_gettext_problems(code, "probe.py", {(None, "Sync now"), ("x", "name")}))
     assert problems == [
         "probe.py:2: built at run time: f'Hi {1}'",
@@ -349,6 +400,7 @@ def test_every_template_string_is_in_the_catalog():
 
 # --------------------------------------------------------------------------- in use
 
+
 def test_model_names_and_labels_switch_to_japanese():
     with translation.override("ja"):
         assert str(Customer._meta.verbose_name) == "SATORIカスタマー"
@@ -368,10 +420,13 @@ def test_model_names_and_labels_switch_to_japanese():
         assert str(SyncStatus.FAILED.label) == "Failed"
 
 
-@pytest.mark.parametrize("language, expected", [
-    ("ja", "有効なメールアドレスではありません。"),
-    ("en", "This is not a valid e-mail address."),
-])
+@pytest.mark.parametrize(
+    "language, expected",
+    [
+        ("ja", "有効なメールアドレスではありません。"),
+        ("en", "This is not a valid e-mail address."),
+    ],
+)
 def test_validation_messages_follow_the_active_language(language, expected):
     with translation.override(language), pytest.raises(SatoriValidationError) as caught:
         normalize_email("not an address")
@@ -394,8 +449,15 @@ def test_an_error_as_stored_for_the_admin_is_worded_in_the_active_language():
         assert str(error) == f"SATORI status 400, field 'email': {said}"
 
 
-COMMANDS = ["satori_bulk_register", "satori_bulk_status", "satori_bulk_upsert", "satori_import",
-            "satori_reconcile", "satori_sandbox", "satori_sync"]
+COMMANDS = [
+    "satori_bulk_register",
+    "satori_bulk_status",
+    "satori_bulk_upsert",
+    "satori_import",
+    "satori_reconcile",
+    "satori_sandbox",
+    "satori_sync",
+]
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -408,7 +470,7 @@ def test_every_command_prints_its_help_in_japanese_and_english(name):
     with translation.override("en"):
         english = command.create_parser("manage.py", name).format_help()
     kana_or_kanji = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
-    ja_options = japanese[japanese.index("options:"):]
-    en_options = english[english.index("options:"):]
+    ja_options = japanese[japanese.index("options:") :]
+    en_options = english[english.index("options:") :]
     assert kana_or_kanji.search(ja_options), japanese
     assert not kana_or_kanji.search(en_options.replace("プラン", "")), english

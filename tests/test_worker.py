@@ -19,13 +19,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
 
 def make_customer(email: str = "taro@example.jp", **fields) -> Customer:
-    return Customer.objects.create(email=email, last_name="山田", collection_route="自社フォーム",
-                                   **fields)
+    return Customer.objects.create(
+        email=email, last_name="山田", collection_route="自社フォーム", **fields
+    )
 
 
 def synced(*emails: str) -> bool:
     return SyncState.objects.filter(email__in=emails, status=SyncStatus.SYNCED).count() == len(
-        emails)
+        emails
+    )
 
 
 def test_a_save_reaches_the_sandbox_through_a_real_worker(satori_sandbox, celery_worker):
@@ -71,12 +73,21 @@ def test_three_500s_then_success_and_a_400_fails_at_once(satori_sandbox, celery_
     assert SyncState.objects.get().attempts == 4
     satori_sandbox.configure(custom_fields={"plan": "integer"})
     make_customer("bad@example.jp", custom_fields={"custom:plan": "gold"})
-    worker.wait_until(lambda: SyncState.objects.get(email="bad@example.jp").status
-                      == SyncStatus.FAILED)
+    worker.wait_until(
+        lambda: SyncState.objects.get(email="bad@example.jp").status == SyncStatus.FAILED
+    )
     state = SyncState.objects.get(email="bad@example.jp")
     assert state.attempts == 1 and "custom:plan" in state.last_error
-    assert len([r for r in satori_sandbox.state.requests_for("upsert")
-                if r.form_dict()["customer[email]"] == "bad@example.jp"]) == 1
+    assert (
+        len(
+            [
+                r
+                for r in satori_sandbox.state.requests_for("upsert")
+                if r.form_dict()["customer[email]"] == "bad@example.jp"
+            ]
+        )
+        == 1
+    )
 
 
 def test_broker_down_while_saving_loses_nothing(satori_sandbox, celery_worker, redis_server):
@@ -115,15 +126,22 @@ def test_a_worker_killed_mid_task_loses_no_change(satori_sandbox, celery_worker)
 
 
 @pytest.mark.postgres
-def test_concurrent_writers_end_with_the_latest_state_in_satori(satori_sandbox, celery_worker,
-                                                                postgres_only):
+def test_concurrent_writers_end_with_the_latest_state_in_satori(
+    satori_sandbox, celery_worker, postgres_only
+):
     worker = celery_worker(concurrency=2)
     emails = [f"c{i}@example.jp" for i in range(3)]
     for email in emails:
         make_customer(email)
     env = dict(worker.env)
-    writers = [subprocess.Popen([sys.executable, "-m", "tests.concurrent_writer", str(n), "40",
-                                 *emails], env=env, cwd=os.getcwd()) for n in range(2)]
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.concurrent_writer", str(n), "40", *emails],
+            env=env,
+            cwd=os.getcwd(),
+        )
+        for n in range(2)
+    ]
     assert [w.wait(timeout=120) for w in writers] == [0, 0]
     worker.wait_until(lambda: synced(*emails), timeout=60)
     for customer in Customer.objects.all():

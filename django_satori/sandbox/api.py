@@ -51,8 +51,11 @@ def route(method: str, path: str, config: SandboxConfig) -> str:
     if expected is None:
         raise SandboxError(404, f"{path}: 存在しないURLです (no such endpoint)")
     if method != expected[0]:
-        raise SandboxError(405, f"{path}: {expected[0]} で送信してください "
-                                f"(method {method} not allowed)", headers={"Allow": expected[0]})
+        raise SandboxError(
+            405,
+            f"{path}: {expected[0]} で送信してください (method {method} not allowed)",
+            headers={"Allow": expected[0]},
+        )
     return expected[1]
 
 
@@ -80,8 +83,11 @@ def _unique(pairs: list[tuple[str, str]]) -> dict[str, str]:
 
 def _authenticate(params: Mapping[str, str], config: SandboxConfig) -> str:
     if not config.keys.matches(params):
-        raise SandboxError(401, "認証に失敗しました。user_key, user_secret, company_key, "
-                                "company_secret を確認してください (authentication failed)")
+        raise SandboxError(
+            401,
+            "認証に失敗しました。user_key, user_secret, company_key, "
+            "company_secret を確認してください (authentication failed)",
+        )
     return params["user_key"]
 
 
@@ -100,8 +106,9 @@ def handle(request: ApiRequest, config: SandboxConfig, state: SandboxState) -> d
     return _bulk(request, rest, user_key, config, state)
 
 
-def _customer_items(rest: Mapping[str, str], allowed: Mapping[str, str] | None = None
-                    ) -> tuple[str, dict[str, str], dict[str, str]]:
+def _customer_items(
+    rest: Mapping[str, str], allowed: Mapping[str, str] | None = None
+) -> tuple[str, dict[str, str], dict[str, str]]:
     """Split parameters into identity_type, ``customer[...]`` items and ``allowed`` extras."""
     identity_type = ""
     items: dict[str, str] = {}
@@ -122,11 +129,17 @@ def _customer_items(rest: Mapping[str, str], allowed: Mapping[str, str] | None =
     return identity_type, items, extras
 
 
-def _single(operation: str, rest: Mapping[str, str], user_key: str, config: SandboxConfig,
-            state: SandboxState) -> dict[str, Any]:
+def _single(
+    operation: str,
+    rest: Mapping[str, str],
+    user_key: str,
+    config: SandboxConfig,
+    state: SandboxState,
+) -> dict[str, Any]:
     identity_type, items, _ = _customer_items(rest)
-    data = parse_customer(items, identity_type, config, label=_wrap,
-                          identity_only=operation == "delete")
+    data = parse_customer(
+        items, identity_type, config, label=_wrap, identity_only=operation == "delete"
+    )
     if operation == "delete":
         customer = state.delete_customer(data, user_key, config, label=_wrap)
     else:
@@ -134,8 +147,9 @@ def _single(operation: str, rest: Mapping[str, str], user_key: str, config: Sand
     return {"status": 200, "message": {"customer[hashcode]": customer.hashcode}}
 
 
-def _action(rest: Mapping[str, str], user_key: str, config: SandboxConfig,
-            state: SandboxState) -> dict[str, Any]:
+def _action(
+    rest: Mapping[str, str], user_key: str, config: SandboxConfig, state: SandboxState
+) -> dict[str, Any]:
     wires = dict(config.action_params)
     identity_type, items, values = _customer_items(rest, {w: n for n, w in wires.items()})
     data = parse_customer(items, identity_type, config, label=_wrap, identity_only=True)
@@ -152,11 +166,17 @@ def _action(rest: Mapping[str, str], user_key: str, config: SandboxConfig,
     return {"status": 200, "message": {"customer[hashcode]": customer.hashcode}}
 
 
-def _bulk(request: ApiRequest, rest: Mapping[str, str], user_key: str, config: SandboxConfig,
-          state: SandboxState) -> dict[str, Any]:
+def _bulk(
+    request: ApiRequest,
+    rest: Mapping[str, str],
+    user_key: str,
+    config: SandboxConfig,
+    state: SandboxState,
+) -> dict[str, Any]:
     if request.media_type != MULTIPART:
-        raise SandboxError(400, f"{MULTIPART} で送信してください (the bulk API needs a "
-                                f"{MULTIPART} upload)")
+        raise SandboxError(
+            400, f"{MULTIPART} で送信してください (the bulk API needs a {MULTIPART} upload)"
+        )
     for name in rest:
         if name == FILE_FIELD:
             raise bad(name, "ファイルとして送信してください (must be a file part with a filename)")
@@ -164,8 +184,10 @@ def _bulk(request: ApiRequest, rest: Mapping[str, str], user_key: str, config: S
             raise bad(name, "不明なパラメータです (unknown parameter)")
     identity_type = rest.get("identity_type", "")
     if identity_type not in IDENTITY_TYPES:
-        raise bad("identity_type", "email または hashcode を指定してください "
-                                   "(required: email or hashcode)")
+        raise bad(
+            "identity_type",
+            "email または hashcode を指定してください (required: email or hashcode)",
+        )
     uploads = [f for f in request.files if f.name == FILE_FIELD]
     for upload in request.files:
         if upload.name != FILE_FIELD:
@@ -174,16 +196,16 @@ def _bulk(request: ApiRequest, rest: Mapping[str, str], user_key: str, config: S
         raise bad(FILE_FIELD, "ファイルを1つ指定してください (exactly one file is required)")
     header, rows = parse_csv(uploads[0].content, identity_type, config)
     operation = request.operation.removeprefix("bulk_")
-    job = new_job(operation, identity_type, header, rows, user_key, config,
-                  process_code=secrets.token_hex(12))
+    job = new_job(
+        operation, identity_type, header, rows, user_key, config, process_code=secrets.token_hex(12)
+    )
     state.add_job(job)
     if config.bulk_processing_seconds == 0:
         state.finish_due_jobs()
     return envelope(config.envelope, 202, "Accepted", {"process_code": job.process_code})
 
 
-def _status(rest: Mapping[str, str], config: SandboxConfig,
-            state: SandboxState) -> dict[str, Any]:
+def _status(rest: Mapping[str, str], config: SandboxConfig, state: SandboxState) -> dict[str, Any]:
     for name in rest:
         if name != "process_code":
             raise bad(name, "不明なパラメータです (unknown parameter)")
@@ -192,6 +214,7 @@ def _status(rest: Mapping[str, str], config: SandboxConfig,
         raise bad("process_code", "必須項目です (required)")
     job = state.get_job(code, config.process_code_ttl)
     if job is None:
-        raise SandboxError(404, "process_code: 処理が見つかりません (unknown or expired "
-                                "process code)")
+        raise SandboxError(
+            404, "process_code: 処理が見つかりません (unknown or expired process code)"
+        )
     return envelope(config.envelope, 200, "OK", job.result())

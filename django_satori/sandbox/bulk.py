@@ -27,12 +27,15 @@ def parse_csv(
 ) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Return ``(header, [(row_number, cells), ...])`` or raise a 400 SandboxError."""
     if data.startswith(_BOM):
-        data = data[len(_BOM):]
+        data = data[len(_BOM) :]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise bad(FILE_FIELD, f"CSVファイルの文字コードはUTF-8にしてください (the file is not "
-                              f"valid UTF-8: bad byte at offset {exc.start})") from None
+        raise bad(
+            FILE_FIELD,
+            f"CSVファイルの文字コードはUTF-8にしてください (the file is not "
+            f"valid UTF-8: bad byte at offset {exc.start})",
+        ) from None
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     records: list[tuple[int, list[str]]] = []
     try:
@@ -45,11 +48,16 @@ def parse_csv(
                 continue
             records.append((row_number, cells))
             if len(records) > MAX_DATA_ROWS:
-                raise bad(FILE_FIELD, f"1リクエストあたり{MAX_DATA_ROWS}件までです "
-                                      f"(more than {MAX_DATA_ROWS} data rows)")
+                raise bad(
+                    FILE_FIELD,
+                    f"1リクエストあたり{MAX_DATA_ROWS}件までです "
+                    f"(more than {MAX_DATA_ROWS} data rows)",
+                )
     except csv.Error as exc:
-        raise bad(FILE_FIELD, f"CSVの形式が正しくありません (malformed CSV near line "
-                              f"{reader.line_num}: {exc})") from None
+        raise bad(
+            FILE_FIELD,
+            f"CSVの形式が正しくありません (malformed CSV near line {reader.line_num}: {exc})",
+        ) from None
     if not records:
         raise bad(FILE_FIELD, "データ行がありません (the file has no data rows)")
     return header, records
@@ -65,13 +73,21 @@ def _check_header(header: list[str], identity_type: str, config: SandboxConfig) 
             raise bad(FILE_FIELD, "空のヘッダーがあります (empty column name)")
         check_header_item(name, name, config)
     if identity_type in ("email", "hashcode") and identity_type not in seen:
-        raise bad(identity_type, f"identity_type が {identity_type} の場合は必須の列です "
-                                 f"(column required when identity_type is {identity_type})")
+        raise bad(
+            identity_type,
+            f"identity_type が {identity_type} の場合は必須の列です "
+            f"(column required when identity_type is {identity_type})",
+        )
 
 
 def new_job(
-    operation: str, identity_type: str, header: list[str],
-    rows: list[tuple[int, list[str]]], user_key: str, config: SandboxConfig, process_code: str,
+    operation: str,
+    identity_type: str,
+    header: list[str],
+    rows: list[tuple[int, list[str]]],
+    user_key: str,
+    config: SandboxConfig,
+    process_code: str,
 ) -> BulkJob:
     now = time.time()
     return BulkJob(
@@ -97,18 +113,26 @@ def apply_job(state: SandboxState, job: BulkJob) -> None:
     for row_number, cells in job.rows:
         try:
             if len(cells) != len(job.header):
-                raise bad(FILE_FIELD, f"列数がヘッダーと一致しません (expected {len(job.header)} "
-                                      f"columns, got {len(cells)})")
+                raise bad(
+                    FILE_FIELD,
+                    f"列数がヘッダーと一致しません (expected {len(job.header)} "
+                    f"columns, got {len(cells)})",
+                )
             values = dict(zip(job.header, cells, strict=True))
             identity = values.get(job.identity_type, "")
             key = identity.lower() if job.identity_type == "email" else identity
             if key and key in seen:
-                raise bad(job.identity_type, "同じファイル内で重複しています "
-                                             "(already in an earlier row of this file)")
+                raise bad(
+                    job.identity_type,
+                    "同じファイル内で重複しています (already in an earlier row of this file)",
+                )
             if key:
                 seen.add(key)
             data: CustomerInput = parse_customer(
-                values, job.identity_type, job.config, label=_label,
+                values,
+                job.identity_type,
+                job.config,
+                label=_label,
                 require_collection_route=True,
             )
             state.write_customer(job.operation, data, job.created_by, job.config, label=_label)

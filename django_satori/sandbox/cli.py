@@ -36,8 +36,9 @@ def _custom_field(text: str) -> tuple[str, Any]:
 def _action_param(text: str) -> tuple[str, str]:
     name, sep, wire = text.partition("=")
     if not sep or not name or not wire:
-        raise argparse.ArgumentTypeError(_("expected NAME=PARAMETER, got %(value)r")
-                                         % {"value": text})
+        raise argparse.ArgumentTypeError(
+            _("expected NAME=PARAMETER, got %(value)r") % {"value": text}
+        )
     return name, wire
 
 
@@ -47,62 +48,142 @@ def _comma_list(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options; those left unset are None so each caller can supply its own defaults."""
-    parser.add_argument("--host", default=None,
-                        help=_("Address to listen on (default 127.0.0.1)."))
-    parser.add_argument("--port", type=int, default=None,
-                        help=_("Port to listen on (default 8765; 0 picks a free port)."))
+    parser.add_argument("--host", default=None, help=_("Address to listen on (default 127.0.0.1)."))
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=_("Port to listen on (default 8765; 0 picks a free port)."),
+    )
     for name in KEY_OPTIONS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                            metavar="VALUE", help=_("Accepted %(name)s.") % {"name": name})
-    parser.add_argument("--custom-field", dest="custom_fields", action="append",
-                        type=_custom_field, metavar="ID:TYPE",
-                        help=_("Declare a custom field (text, integer, date, "
-                               "select:CHOICE,CHOICE). Repeat for more. Without any, every "
-                               "custom:<identifier> is accepted as text."))
-    parser.add_argument("--processing-seconds", type=float, default=None,
-                        help=_("Seconds a bulk job stays 'processing' (default 1.0)."))
-    parser.add_argument("--process-code-ttl", type=float, default=None,
-                        help=_("Seconds a finished bulk job can still be queried "
-                               "(default 3600)."))
-    parser.add_argument("--tag-separator", default=None,
-                        help=_("Separator between tags in append_tags/delete_tags "
-                               "(default ',')."))
-    parser.add_argument("--action-path", default=None,
-                        help=_("Path of the add_action endpoint."))
-    parser.add_argument("--action-param", dest="action_params", action="append",
-                        type=_action_param, metavar="NAME=PARAMETER",
-                        help=_("Wire name of an action parameter (name, content, url, date)."))
-    parser.add_argument("--envelope", choices=ENVELOPES, default=None,
-                        help=_("Where bulk answers put their payload (default body)."))
-    parser.add_argument("--own-only", action="store_true", default=False,
-                        help=_("Permission rule 'own records only': refuse changes to "
-                               "customers created by other keys."))
-    parser.add_argument("--deny", type=_comma_list, default=None, metavar="OPS",
-                        help=_("Comma-separated operations to refuse with 403 (%(ops)s).")
-                        % {"ops": ", ".join(OPERATIONS)})
-    parser.add_argument("--fail-first", type=int, default=0, metavar="N",
-                        help=_("Fail the first N SATORI requests."))
-    parser.add_argument("--fail-kind", choices=FAULT_KINDS, default="500",
-                        help=_("Fault used by --fail-first (default 500)."))
-    parser.add_argument("--fail-rate", type=float, default=0.0,
-                        help=_("Fail this fraction of SATORI requests at random."))
-    parser.add_argument("--fail-kinds", type=_comma_list, default=None, metavar="KINDS",
-                        help=_("Comma-separated faults drawn by --fail-rate (%(kinds)s).")
-                        % {"kinds": ", ".join(FAULT_KINDS)})
-    parser.add_argument("--fail-seed", type=int, default=None,
-                        help=_("Random seed for --fail-rate."))
-    parser.add_argument("--fail-operations", type=_comma_list, default=None, metavar="OPS",
-                        help=_("Only inject faults into these operations."))
-    parser.add_argument("--delay", type=float, default=0.0,
-                        help=_("Seconds to wait before answering each SATORI request."))
-    parser.add_argument("--retry-after", type=int, default=1,
-                        help=_("Retry-After value sent with 429 (default 1)."))
-    parser.add_argument("--timeout-seconds", type=float, default=15.0,
-                        help=_("How long a 'timeout' fault holds the request (default 15)."))
-    parser.add_argument("--allow-remote", action="store_true", default=False,
-                        help=_("Allow listening on a non-loopback address."))
-    parser.add_argument("--quiet", action="store_true", default=False,
-                        help=_("Do not log each request."))
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar="VALUE",
+            help=_("Accepted %(name)s.") % {"name": name},
+        )
+    parser.add_argument(
+        "--custom-field",
+        dest="custom_fields",
+        action="append",
+        type=_custom_field,
+        metavar="ID:TYPE",
+        help=_(
+            "Declare a custom field (text, integer, date, "
+            "select:CHOICE,CHOICE). Repeat for more. Without any, every "
+            "custom:<identifier> is accepted as text."
+        ),
+    )
+    parser.add_argument(
+        "--processing-seconds",
+        type=float,
+        default=None,
+        help=_("Seconds a bulk job stays 'processing' (default 1.0)."),
+    )
+    parser.add_argument(
+        "--process-code-ttl",
+        type=float,
+        default=None,
+        help=_("Seconds a finished bulk job can still be queried (default 3600)."),
+    )
+    parser.add_argument(
+        "--tag-separator",
+        default=None,
+        help=_("Separator between tags in append_tags/delete_tags (default ',')."),
+    )
+    parser.add_argument("--action-path", default=None, help=_("Path of the add_action endpoint."))
+    parser.add_argument(
+        "--action-param",
+        dest="action_params",
+        action="append",
+        type=_action_param,
+        metavar="NAME=PARAMETER",
+        help=_("Wire name of an action parameter (name, content, url, date)."),
+    )
+    parser.add_argument(
+        "--envelope",
+        choices=ENVELOPES,
+        default=None,
+        help=_("Where bulk answers put their payload (default body)."),
+    )
+    parser.add_argument(
+        "--own-only",
+        action="store_true",
+        default=False,
+        help=_(
+            "Permission rule 'own records only': refuse changes to customers created by other keys."
+        ),
+    )
+    parser.add_argument(
+        "--deny",
+        type=_comma_list,
+        default=None,
+        metavar="OPS",
+        help=_("Comma-separated operations to refuse with 403 (%(ops)s).")
+        % {"ops": ", ".join(OPERATIONS)},
+    )
+    parser.add_argument(
+        "--fail-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help=_("Fail the first N SATORI requests."),
+    )
+    parser.add_argument(
+        "--fail-kind",
+        choices=FAULT_KINDS,
+        default="500",
+        help=_("Fault used by --fail-first (default 500)."),
+    )
+    parser.add_argument(
+        "--fail-rate",
+        type=float,
+        default=0.0,
+        help=_("Fail this fraction of SATORI requests at random."),
+    )
+    parser.add_argument(
+        "--fail-kinds",
+        type=_comma_list,
+        default=None,
+        metavar="KINDS",
+        help=_("Comma-separated faults drawn by --fail-rate (%(kinds)s).")
+        % {"kinds": ", ".join(FAULT_KINDS)},
+    )
+    parser.add_argument(
+        "--fail-seed", type=int, default=None, help=_("Random seed for --fail-rate.")
+    )
+    parser.add_argument(
+        "--fail-operations",
+        type=_comma_list,
+        default=None,
+        metavar="OPS",
+        help=_("Only inject faults into these operations."),
+    )
+    parser.add_argument(
+        "--delay",
+        type=float,
+        default=0.0,
+        help=_("Seconds to wait before answering each SATORI request."),
+    )
+    parser.add_argument(
+        "--retry-after", type=int, default=1, help=_("Retry-After value sent with 429 (default 1).")
+    )
+    parser.add_argument(
+        "--timeout-seconds",
+        type=float,
+        default=15.0,
+        help=_("How long a 'timeout' fault holds the request (default 15)."),
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        default=False,
+        help=_("Allow listening on a non-loopback address."),
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", default=False, help=_("Do not log each request.")
+    )
 
 
 def build_server(options: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Any:
@@ -142,11 +223,16 @@ def build_server(options: Mapping[str, Any], defaults: Mapping[str, Any] | None 
     faults.timeout_seconds = float(options.get("timeout_seconds") or 15.0)
     operations = options.get("fail_operations")
     if options.get("fail_first"):
-        faults.fail_first(int(options["fail_first"]), options.get("fail_kind") or "500",
-                          operations=operations)
+        faults.fail_first(
+            int(options["fail_first"]), options.get("fail_kind") or "500", operations=operations
+        )
     if options.get("fail_rate"):
-        faults.set_random(float(options["fail_rate"]), options.get("fail_kinds") or ["500"],
-                          options.get("fail_seed"), operations=operations)
+        faults.set_random(
+            float(options["fail_rate"]),
+            options.get("fail_kinds") or ["500"],
+            options.get("fail_seed"),
+            operations=operations,
+        )
     return server
 
 
@@ -163,8 +249,11 @@ def serve(server: Any, write: Callable[[str], Any], *, quiet: bool = False) -> i
     server.start()
     try:
         write(_("SATORI sandbox running at %(url)s") % {"url": server.url} + "\n")
-        write(_("Press Ctrl-C to stop. Inspect it at %(url)s/ and %(url)s/_sandbox/state")
-              % {"url": server.url} + "\n")
+        write(
+            _("Press Ctrl-C to stop. Inspect it at %(url)s/ and %(url)s/_sandbox/state")
+            % {"url": server.url}
+            + "\n"
+        )
         while not stop.wait(0.2):
             pass
     finally:

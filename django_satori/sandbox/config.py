@@ -56,8 +56,9 @@ class SandboxKeys:
         for name in AUTH_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise ValueError(_("Sandbox key %(name)s must be a non-empty string.")
-                                 % {"name": name})
+                raise ValueError(
+                    _("Sandbox key %(name)s must be a non-empty string.") % {"name": name}
+                )
 
     def __repr__(self) -> str:
         return f"SandboxKeys({REDACTED})"
@@ -92,9 +93,7 @@ class SandboxConfig:
     process_code_ttl: float = 3600.0
     tag_separator: str = ","
     action_path: str = DEFAULT_ACTION_PATH
-    action_params: Mapping[str, str] = field(
-        default_factory=lambda: dict(DEFAULT_ACTION_PARAMS)
-    )
+    action_params: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTION_PARAMS))
     envelope: str = "body"
     own_only: bool = False
     deny_operations: frozenset[str] = frozenset()
@@ -134,14 +133,19 @@ def _action_params(value: Mapping[str, str] | None) -> dict[str, str]:
         if name not in DEFAULT_ACTION_PARAMS:
             raise ValueError(_("Unknown action parameter %(name)r.") % {"name": name})
         if not wire or not isinstance(wire, str):
-            raise ValueError(_("Action parameter %(name)r needs a non-empty wire name.")
-                             % {"name": name})
+            raise ValueError(
+                _("Action parameter %(name)r needs a non-empty wire name.") % {"name": name}
+            )
         params[name] = wire
     reserved = {*AUTH_FIELDS, "customer[identity_type]", "customer[email]", "customer[hashcode]"}
     wires = list(params.values())
     if len(set(wires)) != len(wires) or reserved & set(wires):
-        raise ValueError(_("Action parameter names must be distinct and must not reuse "
-                           "the key or customer identity parameter names."))
+        raise ValueError(
+            _(
+                "Action parameter names must be distinct and must not reuse "
+                "the key or customer identity parameter names."
+            )
+        )
     return params
 
 
@@ -149,8 +153,10 @@ def _operations(value: Iterable[str]) -> frozenset[str]:
     ops = frozenset(value)
     unknown = ops - set(OPERATIONS)
     if unknown:
-        raise ValueError(_("Unknown operation(s) %(ops)s; known: %(known)s.")
-                         % {"ops": ", ".join(sorted(unknown)), "known": ", ".join(OPERATIONS)})
+        raise ValueError(
+            _("Unknown operation(s) %(ops)s; known: %(known)s.")
+            % {"ops": ", ".join(sorted(unknown)), "known": ", ".join(OPERATIONS)}
+        )
     return ops
 
 
@@ -160,8 +166,11 @@ def build_config(base: SandboxConfig | None = None, **changes: Any) -> SandboxCo
     unknown = set(changes) - names
     if unknown:
         raise TypeError(f"unknown sandbox option(s): {', '.join(sorted(unknown))}")
-    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(SandboxConfig)} \
-        if base is not None else {}
+    values = (
+        {f.name: getattr(base, f.name) for f in dataclasses.fields(SandboxConfig)}
+        if base is not None
+        else {}
+    )
     values.update(changes)
     keys = values.get("keys") or SandboxKeys()
     if isinstance(keys, Mapping):
@@ -170,16 +179,22 @@ def build_config(base: SandboxConfig | None = None, **changes: Any) -> SandboxCo
         raise ValueError(_("keys must be a SandboxKeys instance."))
     envelope = values.get("envelope", "body")
     if envelope not in ENVELOPES:
-        raise ValueError(_("envelope must be one of %(choices)s.")
-                         % {"choices": ", ".join(ENVELOPES)})
+        raise ValueError(
+            _("envelope must be one of %(choices)s.") % {"choices": ", ".join(ENVELOPES)}
+        )
     separator = values.get("tag_separator", ",")
     if not isinstance(separator, str) or not separator:
         raise ValueError(_("tag_separator must be a non-empty string."))
     action_path = values.get("action_path", DEFAULT_ACTION_PATH)
-    if not isinstance(action_path, str) or not action_path.startswith("/") \
-            or action_path.startswith("/_sandbox"):
-        raise ValueError(_("action_path must be an absolute path such as %(path)s.")
-                         % {"path": DEFAULT_ACTION_PATH})
+    if (
+        not isinstance(action_path, str)
+        or not action_path.startswith("/")
+        or action_path.startswith("/_sandbox")
+    ):
+        raise ValueError(
+            _("action_path must be an absolute path such as %(path)s.")
+            % {"path": DEFAULT_ACTION_PATH}
+        )
     processing = float(values.get("bulk_processing_seconds", 1.0))
     ttl = float(values.get("process_code_ttl", 3600.0))
     if processing < 0 or ttl < 0:

@@ -24,8 +24,10 @@ FAULT_KINDS: tuple[str, ...] = ("500", "503", "429", "timeout", "drop", "html")
 def _kind(kind: Any) -> str:
     kind = str(kind)
     if kind not in FAULT_KINDS:
-        raise ValueError(_("Unknown fault kind %(kind)r; known: %(kinds)s.")
-                         % {"kind": kind, "kinds": ", ".join(FAULT_KINDS)})
+        raise ValueError(
+            _("Unknown fault kind %(kind)r; known: %(kinds)s.")
+            % {"kind": kind, "kinds": ", ".join(FAULT_KINDS)}
+        )
     return kind
 
 
@@ -105,8 +107,11 @@ class Faults:
                     if entry[1] <= 0:
                         self._queue.remove(entry)
                     return str(entry[0])
-            if self._rate and (self._random_ops is None or operation in self._random_ops) \
-                    and self._rng.random() < self._rate:
+            if (
+                self._rate
+                and (self._random_ops is None or operation in self._random_ops)
+                and self._rng.random() < self._rate
+            ):
                 return self._rng.choice(self._kinds)
         return None
 
@@ -117,26 +122,42 @@ class Faults:
         ``rate`` + ``kinds`` + ``seed``, ``operations``, ``delay``,
         ``retry_after``, ``timeout_seconds``.
         """
-        known = {"clear", "fail_first", "kind", "rate", "kinds", "seed", "operations",
-                 "delay", "retry_after", "timeout_seconds"}
+        known = {
+            "clear",
+            "fail_first",
+            "kind",
+            "rate",
+            "kinds",
+            "seed",
+            "operations",
+            "delay",
+            "retry_after",
+            "timeout_seconds",
+        }
         unknown = set(data) - known
         if unknown:
-            raise ValueError(_("Unknown fault option(s): %(names)s.")
-                             % {"names": ", ".join(sorted(unknown))})
+            raise ValueError(
+                _("Unknown fault option(s): %(names)s.") % {"names": ", ".join(sorted(unknown))}
+            )
         try:
             if data.get("clear"):
                 self.clear()
             operations = data.get("operations")
             if "fail_first" in data:
-                self.fail_first(int(data["fail_first"]), data.get("kind", "500"),
-                                operations=operations)
+                self.fail_first(
+                    int(data["fail_first"]), data.get("kind", "500"), operations=operations
+                )
             if "rate" in data:
                 kinds = data.get("kinds", ["500"])
                 if isinstance(kinds, str):
                     kinds = kinds.split(",")
                 seed = data.get("seed")
-                self.set_random(float(data["rate"]), kinds,
-                                None if seed is None else int(seed), operations=operations)
+                self.set_random(
+                    float(data["rate"]),
+                    kinds,
+                    None if seed is None else int(seed),
+                    operations=operations,
+                )
             for name in ("delay", "timeout_seconds"):
                 if name in data:
                     value = float(data[name])
@@ -152,14 +173,18 @@ class Faults:
         with self._lock:
             return {
                 "queued": [
-                    {"kind": kind, "remaining": remaining,
-                     "operations": sorted(ops) if ops is not None else None}
+                    {
+                        "kind": kind,
+                        "remaining": remaining,
+                        "operations": sorted(ops) if ops is not None else None,
+                    }
                     for kind, remaining, ops in self._queue
                 ],
                 "rate": self._rate,
                 "kinds": list(self._kinds),
                 "random_operations": sorted(self._random_ops)
-                if self._random_ops is not None else None,
+                if self._random_ops is not None
+                else None,
                 "delay": self.delay,
                 "retry_after": self.retry_after,
                 "timeout_seconds": self.timeout_seconds,

@@ -31,14 +31,22 @@ def content_type(header: str | None) -> tuple[str, str | None]:
 
 def parse_query(query: str) -> list[tuple[str, str]]:
     try:
-        return parse_qsl(query, keep_blank_values=True, strict_parsing=True,
-                         encoding="utf-8", errors="strict", max_num_fields=MAX_FIELDS)
+        return parse_qsl(
+            query,
+            keep_blank_values=True,
+            strict_parsing=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=MAX_FIELDS,
+        )
     except UnicodeDecodeError:
-        raise SandboxError(400, "パラメータの文字コードはUTF-8にしてください "
-                                "(parameters must be UTF-8)") from None
+        raise SandboxError(
+            400, "パラメータの文字コードはUTF-8にしてください (parameters must be UTF-8)"
+        ) from None
     except ValueError as exc:
-        raise SandboxError(400, f"パラメータの形式が正しくありません (malformed parameters: "
-                                f"{str(exc)[:80]})") from None
+        raise SandboxError(
+            400, f"パラメータの形式が正しくありません (malformed parameters: {str(exc)[:80]})"
+        ) from None
 
 
 def parse_body(
@@ -47,20 +55,26 @@ def parse_body(
     """Return ``(media type, form pairs, files)``; raise a 400 SandboxError if unreadable."""
     media, charset = content_type(header)
     if charset not in (None, "utf-8", "utf8"):
-        raise SandboxError(400, f"Content-Type: 文字コードはUTF-8にしてください "
-                                f"(charset must be UTF-8, got {charset})")
+        raise SandboxError(
+            400,
+            f"Content-Type: 文字コードはUTF-8にしてください (charset must be UTF-8, got {charset})",
+        )
     if media == URLENCODED:
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError:
-            raise SandboxError(400, "パラメータの文字コードはUTF-8にしてください "
-                                    "(parameters must be UTF-8)") from None
+            raise SandboxError(
+                400, "パラメータの文字コードはUTF-8にしてください (parameters must be UTF-8)"
+            ) from None
         return media, parse_query(text), []
     if media == MULTIPART:
         pairs, files = _parse_multipart(header or "", body)
         return media, pairs, files
-    raise SandboxError(400, f"Content-Type: {URLENCODED} または {MULTIPART} で送信してください "
-                            f"(unsupported Content-Type {media or '(none)'!r})")
+    raise SandboxError(
+        400,
+        f"Content-Type: {URLENCODED} または {MULTIPART} で送信してください "
+        f"(unsupported Content-Type {media or '(none)'!r})",
+    )
 
 
 def _parse_multipart(header: str, body: bytes) -> tuple[list[tuple[str, str]], list[RecordedFile]]:
@@ -68,15 +82,19 @@ def _parse_multipart(header: str, body: bytes) -> tuple[list[tuple[str, str]], l
         b"Content-Type: " + header.encode("latin-1") + b"\r\n\r\n" + body
     )
     if not message.is_multipart() or message.defects:
-        raise SandboxError(400, "multipart/form-data の形式が正しくありません "
-                                "(malformed multipart body)")
+        raise SandboxError(
+            400, "multipart/form-data の形式が正しくありません (malformed multipart body)"
+        )
     pairs: list[tuple[str, str]] = []
     files: list[RecordedFile] = []
     for part in message.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if part.get_content_disposition() != "form-data" or not isinstance(name, str):
-            raise SandboxError(400, "multipart/form-data の各パートには name が必要です "
-                                    "(every part needs Content-Disposition: form-data; name=...)")
+            raise SandboxError(
+                400,
+                "multipart/form-data の各パートには name が必要です "
+                "(every part needs Content-Disposition: form-data; name=...)",
+            )
         payload = part.get_payload(decode=True)
         data = payload if isinstance(payload, bytes) else b""
         filename = part.get_filename()
@@ -86,8 +104,9 @@ def _parse_multipart(header: str, body: bytes) -> tuple[list[tuple[str, str]], l
         try:
             pairs.append((name, data.decode("utf-8")))
         except UnicodeDecodeError:
-            raise SandboxError(400, f"{name}: 文字コードはUTF-8にしてください "
-                                    "(value must be UTF-8)") from None
+            raise SandboxError(
+                400, f"{name}: 文字コードはUTF-8にしてください (value must be UTF-8)"
+            ) from None
         if len(pairs) > MAX_FIELDS:
             raise SandboxError(400, "パラメータが多すぎます (too many fields)")
     return pairs, files

@@ -22,26 +22,42 @@ def _table(headers: list[str], rows: list[list[str]], empty: str) -> str:
 
 def render(snapshot: dict[str, Any], settings: dict[str, Any]) -> str:
     customers = [
-        [c["email"], c["hashcode"],
-         " ".join(v for v in (c["fields"].get("last_name"), c["fields"].get("first_name")) if v),
-         ", ".join(f"{k}={v}" for k, v in c["fields"].items()
-                   if k not in ("last_name", "first_name")),
-         ", ".join(c["tags"]),
-         ", ".join(f"{k}={v}" for k, v in c["custom"].items()),
-         str(len(c["actions"])), c["created_by"], c["updated_at"] or ""]
+        [
+            c["email"],
+            c["hashcode"],
+            " ".join(v for v in (c["fields"].get("last_name"), c["fields"].get("first_name")) if v),
+            ", ".join(
+                f"{k}={v}" for k, v in c["fields"].items() if k not in ("last_name", "first_name")
+            ),
+            ", ".join(c["tags"]),
+            ", ".join(f"{k}={v}" for k, v in c["custom"].items()),
+            str(len(c["actions"])),
+            c["created_by"],
+            c["updated_at"] or "",
+        ]
         for c in snapshot["customers"]
     ]
     jobs = [
-        [j["process_code"], j["operation"], j["process_status"], str(j["rows"]),
-         str(len(j["succeeded_rows"])),
-         "; ".join(f'{r["row_number"]}: {r["message"]}' for r in j["failed_rows"]),
-         j["submitted_at"] or ""]
+        [
+            j["process_code"],
+            j["operation"],
+            j["process_status"],
+            str(j["rows"]),
+            str(len(j["succeeded_rows"])),
+            "; ".join(f"{r['row_number']}: {r['message']}" for r in j["failed_rows"]),
+            j["submitted_at"] or "",
+        ]
         for j in snapshot["jobs"]
     ]
     requests = [
-        [r["received_at"] or "", r["method"], r["path"],
-         "" if r["status"] is None else str(r["status"]), r["fault"] or "",
-         " ".join(f"{k}={v}" for k, v in r["form"] or r["query"])[:400]]
+        [
+            r["received_at"] or "",
+            r["method"],
+            r["path"],
+            "" if r["status"] is None else str(r["status"]),
+            r["fault"] or "",
+            " ".join(f"{k}={v}" for k, v in r["form"] or r["query"])[:400],
+        ]
         for r in reversed(snapshot["requests"][-RECENT_REQUESTS:])
     ]
     options = ", ".join(f"{k}={v}" for k, v in settings.items())
@@ -54,14 +70,38 @@ def render(snapshot: dict[str, Any], settings: dict[str, Any]) -> str:
     jobs_label = escape(_("Bulk jobs"))
     requests_label = escape(_("Recent requests"))
     customer_table = _table(
-        [_("E-mail"), _("Hashcode"), _("Name"), _("Fields"), _("Tags"), _("Custom fields"),
-         _("Actions"), _("Created by"), _("Updated")], customers, _("No customers yet."))
+        [
+            _("E-mail"),
+            _("Hashcode"),
+            _("Name"),
+            _("Fields"),
+            _("Tags"),
+            _("Custom fields"),
+            _("Actions"),
+            _("Created by"),
+            _("Updated"),
+        ],
+        customers,
+        _("No customers yet."),
+    )
     job_table = _table(
-        [_("Process code"), _("Operation"), _("Status"), _("Rows"), _("Succeeded"),
-         _("Failed rows"), _("Submitted")], jobs, _("No bulk jobs."))
+        [
+            _("Process code"),
+            _("Operation"),
+            _("Status"),
+            _("Rows"),
+            _("Succeeded"),
+            _("Failed rows"),
+            _("Submitted"),
+        ],
+        jobs,
+        _("No bulk jobs."),
+    )
     request_table = _table(
         [_("Received"), _("Method"), _("Path"), _("Status"), _("Fault"), _("Parameters")],
-        requests, _("No requests yet."))
+        requests,
+        _("No requests yet."),
+    )
     return f"""<!doctype html>
 <html><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="5">

@@ -25,7 +25,8 @@ from .config import SandboxConfig
 
 #: Items kept in ``Customer.fields`` (identity and tag operations are handled apart).
 PLAIN_FIELDS: tuple[str, ...] = tuple(
-    name for name in STANDARD_FIELDS
+    name
+    for name in STANDARD_FIELDS
     if name not in ("email", "hashcode", "append_tags", "delete_tags")
 )
 #: Items ``registration`` may change even when they already have a value.
@@ -34,9 +35,7 @@ REGISTRATION_OVERWRITES: frozenset[str] = frozenset({"delivery_permission"})
 # No normalisation on purpose: a client that sends " A@x.jp" or full-width
 # characters has a bug the sandbox should show.
 _LOCAL_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*$")
-_DOMAIN_RE = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
-)
+_DOMAIN_RE = re.compile(r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$")
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _DATETIME_RE = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}$")
 _INTEGER_RE = re.compile(r"^-?\d+$")
@@ -78,8 +77,11 @@ def check_email(name: str, value: str) -> str:
     if not value.isascii():
         raise bad(name, "メールアドレスは半角文字で入力してください (e-mail must be ASCII)")
     if len(value) > EMAIL_MAX_LENGTH:
-        raise bad(name, f"メールアドレスは{EMAIL_MAX_LENGTH}文字以内で入力してください "
-                        f"(e-mail longer than {EMAIL_MAX_LENGTH} characters)")
+        raise bad(
+            name,
+            f"メールアドレスは{EMAIL_MAX_LENGTH}文字以内で入力してください "
+            f"(e-mail longer than {EMAIL_MAX_LENGTH} characters)",
+        )
     local, at, domain = value.rpartition("@")
     if not at or len(local) > 64 or not _LOCAL_RE.match(local) or not _DOMAIN_RE.match(domain):
         raise bad(name, "メールアドレスの形式が正しくありません (invalid e-mail address)")
@@ -105,8 +107,10 @@ def check_datetime(name: str, value: str) -> str:
             pass
         else:
             return value
-    raise bad(name, "日時は YYYY-MM-DD HH:MM:SS 形式で入力してください "
-                    "(date-time must be YYYY-MM-DD HH:MM:SS)")
+    raise bad(
+        name,
+        "日時は YYYY-MM-DD HH:MM:SS 形式で入力してください (date-time must be YYYY-MM-DD HH:MM:SS)",
+    )
 
 
 def check_url(name: str, value: str) -> str:
@@ -146,8 +150,7 @@ def check_custom(name: str, identifier: str, value: str, config: SandboxConfig) 
     if definition.kind == "date":
         check_date(name, value)
     if definition.kind == "select" and definition.choices and value not in definition.choices:
-        raise bad(name, "選択肢にない値です (not one of: "
-                        + ", ".join(definition.choices) + ")")
+        raise bad(name, "選択肢にない値です (not one of: " + ", ".join(definition.choices) + ")")
     return value
 
 
@@ -160,7 +163,7 @@ def is_known_item(key: str) -> bool:
 def check_header_item(name: str, key: str, config: SandboxConfig) -> None:
     """Refuse an unknown item name (used for bulk CSV headers)."""
     if key.startswith(CUSTOM_PREFIX):
-        identifier = key[len(CUSTOM_PREFIX):]
+        identifier = key[len(CUSTOM_PREFIX) :]
         if not _CUSTOM_ID_RE.match(identifier) or (
             config.custom_fields is not None and identifier not in config.custom_fields
         ):
@@ -183,8 +186,10 @@ def parse_customer(
     Empty values mean "not given": SATORI never clears a value for them.
     """
     if identity_type not in IDENTITY_TYPES:
-        raise bad(label("identity_type"),
-                  "email または hashcode を指定してください (must be email or hashcode)")
+        raise bad(
+            label("identity_type"),
+            "email または hashcode を指定してください (must be email or hashcode)",
+        )
     data = CustomerInput(identity_type=identity_type)
     for key, value in items.items():
         name = label(key)
@@ -203,15 +208,16 @@ def parse_customer(
         elif key == "delete_tags":
             data.delete_tags = split_tags(name, value, config.tag_separator)
         elif key.startswith(CUSTOM_PREFIX):
-            data.custom[key[len(CUSTOM_PREFIX):]] = check_custom(
-                name, key[len(CUSTOM_PREFIX):], value, config
+            data.custom[key[len(CUSTOM_PREFIX) :]] = check_custom(
+                name, key[len(CUSTOM_PREFIX) :], value, config
             )
         elif key == "collection_date":
             data.fields[key] = check_date(name, value)
         elif key == "delivery_permission":
             if value not in DELIVERY_PERMISSIONS:
-                raise bad(name, "approval または reject を指定してください "
-                                "(must be approval or reject)")
+                raise bad(
+                    name, "approval または reject を指定してください (must be approval or reject)"
+                )
             data.fields[key] = value
         else:
             data.fields[key] = check_text(name, value)
@@ -219,15 +225,20 @@ def parse_customer(
         if not data.email:
             raise bad(label("email"), "必須項目です (required when identity_type is email)")
         if data.hashcode:
-            raise bad(label("hashcode"), "identity_type が email の場合は指定できません "
-                                         "(not accepted when identity_type is email)")
+            raise bad(
+                label("hashcode"),
+                "identity_type が email の場合は指定できません "
+                "(not accepted when identity_type is email)",
+            )
     elif not data.hashcode:
         raise bad(label("hashcode"), "必須項目です (required when identity_type is hashcode)")
     overlap = set(data.append_tags) & set(data.delete_tags)
     if overlap:
-        raise bad(label("delete_tags"), "append_tags と同じタグが指定されています "
-                                        "(same tag in append_tags: " + ", ".join(sorted(overlap))
-                  + ")")
+        raise bad(
+            label("delete_tags"),
+            "append_tags と同じタグが指定されています "
+            "(same tag in append_tags: " + ", ".join(sorted(overlap)) + ")",
+        )
     if require_collection_route and not data.fields.get("collection_route"):
         raise bad(label("collection_route"), "必須項目です (collection_route is required)")
     return data

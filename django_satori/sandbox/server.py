@@ -63,9 +63,12 @@ def check_host(host: str, allow_remote: bool) -> None:
         loopback = False
     if not loopback:
         raise ValueError(
-            _("Refusing to listen on %(host)s: the SATORI sandbox records everything sent to "
-              "it and its control endpoints have no authentication. Use 127.0.0.1, or pass "
-              "allow_remote=True (--allow-remote) on a network you trust.") % {"host": host}
+            _(
+                "Refusing to listen on %(host)s: the SATORI sandbox records everything sent to "
+                "it and its control endpoints have no authentication. Use 127.0.0.1, or pass "
+                "allow_remote=True (--allow-remote) on a network you trust."
+            )
+            % {"host": host}
         )
 
 
@@ -125,8 +128,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_POST
 
-    def _send(self, status: int, body: bytes, content_type: str,
-              headers: Mapping[str, str] | None = None) -> None:
+    def _send(
+        self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -138,8 +142,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def _send_json(self, status: int, payload: Any,
-                   headers: Mapping[str, str] | None = None) -> None:
+    def _send_json(
+        self, status: int, payload: Any, headers: Mapping[str, str] | None = None
+    ) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8", headers)
 
@@ -156,8 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise SandboxError(400, "Content-Length is not a number") from None
         if length < 0 or length > MAX_BODY_BYTES:
-            raise SandboxError(413, f"リクエストが大きすぎます (body larger than "
-                                    f"{MAX_BODY_BYTES} bytes)")
+            raise SandboxError(
+                413, f"リクエストが大きすぎます (body larger than {MAX_BODY_BYTES} bytes)"
+            )
         return self.rfile.read(length)
 
     # -- routing ---------------------------------------------------------------
@@ -203,8 +209,11 @@ class _Handler(BaseHTTPRequestHandler):
                 request = ApiRequest(operation, parse_query(query))
             else:
                 if query:
-                    raise SandboxError(400, "URLにパラメータを付けないでください (parameters "
-                                            "belong in the body, not the query string)")
+                    raise SandboxError(
+                        400,
+                        "URLにパラメータを付けないでください (parameters "
+                        "belong in the body, not the query string)",
+                    )
                 media, pairs, files = parse_body(self.headers.get("Content-Type"), body)
                 record.form, record.files = pairs, files
                 request = ApiRequest(operation, pairs, media, files)
@@ -261,8 +270,14 @@ class _Handler(BaseHTTPRequestHandler):
             page = render(sandbox.snapshot(), sandbox.describe())
             self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
         elif path == "/_sandbox/state" and method == "GET":
-            self._send_json(200, {**sandbox.snapshot(), "config": sandbox.describe(),
-                                  "faults": sandbox.faults.as_dict()})
+            self._send_json(
+                200,
+                {
+                    **sandbox.snapshot(),
+                    "config": sandbox.describe(),
+                    "faults": sandbox.faults.as_dict(),
+                },
+            )
         elif path == "/_sandbox/requests" and method == "GET":
             self._send_json(200, sandbox.snapshot()["requests"])
         elif path == "/_sandbox/reset" and method == "POST":
@@ -281,8 +296,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(200, sandbox.faults.as_dict())
         elif path == "/_sandbox/forget-process-codes" and method == "POST":
             self._send_json(200, {"forgotten": sandbox.state.forget_process_codes()})
-        elif path in ("/", "/_sandbox/state", "/_sandbox/requests", "/_sandbox/reset",
-                      "/_sandbox/faults", "/_sandbox/forget-process-codes"):
+        elif path in (
+            "/",
+            "/_sandbox/state",
+            "/_sandbox/requests",
+            "/_sandbox/reset",
+            "/_sandbox/faults",
+            "/_sandbox/forget-process-codes",
+        ):
             self._send_json(405, {"ok": False, "error": f"method {method} not allowed"})
         else:
             self._send_json(404, {"ok": False, "error": f"no such sandbox endpoint {path}"})
@@ -362,7 +383,9 @@ class SandboxServer:
         config = self._config
         return {
             "keys": REDACTED,
-            "custom_fields": None if config.custom_fields is None else {
+            "custom_fields": None
+            if config.custom_fields is None
+            else {
                 k: {"type": v.kind, "choices": list(v.choices)}
                 for k, v in config.custom_fields.items()
             },
@@ -395,10 +418,15 @@ class SandboxServer:
         self._httpd = httpd
         self.port = httpd.server_address[1]
         self._threads = [
-            threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1},
-                             name=f"satori-sandbox-{self.port}", daemon=True),
-            threading.Thread(target=self._tick, name=f"satori-sandbox-jobs-{self.port}",
-                             daemon=True),
+            threading.Thread(
+                target=httpd.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                name=f"satori-sandbox-{self.port}",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._tick, name=f"satori-sandbox-jobs-{self.port}", daemon=True
+            ),
         ]
         for thread in self._threads:
             thread.start()

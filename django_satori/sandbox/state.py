@@ -66,8 +66,14 @@ class Customer:
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "actions": [
-                {"name": a.name, "content": a.content, "url": a.url, "date": a.date,
-                 "created_by": redact_owner(a.created_by), "received_at": _iso(a.received_at)}
+                {
+                    "name": a.name,
+                    "content": a.content,
+                    "url": a.url,
+                    "date": a.date,
+                    "created_by": redact_owner(a.created_by),
+                    "received_at": _iso(a.received_at),
+                }
                 for a in self.actions
             ],
         }
@@ -162,8 +168,13 @@ def redact_request(request: RecordedRequest, configured: Iterable[str]) -> dict[
         "body": scrub(request.body.decode("utf-8", "replace")),
         "form": pairs(request.form),
         "files": [
-            {"name": f.name, "filename": f.filename, "content_type": f.content_type,
-             "size": len(f.content), "content": scrub(f.content.decode("utf-8", "replace"))}
+            {
+                "name": f.name,
+                "filename": f.filename,
+                "content_type": f.content_type,
+                "size": len(f.content),
+                "content": scrub(f.content.decode("utf-8", "replace")),
+            }
             for f in request.files
         ],
         "received_at": _iso(request.received_at),
@@ -298,8 +309,11 @@ class SandboxState:
             if overwrite and data.email and data.email.lower() != existing.email.lower():
                 other = self.customers.get(data.email.lower())
                 if other is not None and other is not existing:
-                    raise bad(label("email"), "このメールアドレスは既に登録されています "
-                                              "(e-mail already used by another customer)")
+                    raise bad(
+                        label("email"),
+                        "このメールアドレスは既に登録されています "
+                        "(e-mail already used by another customer)",
+                    )
                 new_email = data.email
             # Checks are done: from here on the customer changes.
             for key, value in data.fields.items():
@@ -320,8 +334,12 @@ class SandboxState:
             return existing
 
     def delete_customer(
-        self, data: CustomerInput, user_key: str, config: SandboxConfig,
-        *, label: Callable[[str], str],
+        self,
+        data: CustomerInput,
+        user_key: str,
+        config: SandboxConfig,
+        *,
+        label: Callable[[str], str],
     ) -> Customer:
         with self.lock:
             existing = self._find(data, label)
@@ -332,8 +350,12 @@ class SandboxState:
             return existing
 
     def add_action(
-        self, data: CustomerInput, action: Action, config: SandboxConfig,
-        *, label: Callable[[str], str],
+        self,
+        data: CustomerInput,
+        action: Action,
+        config: SandboxConfig,
+        *,
+        label: Callable[[str], str],
     ) -> Customer:
         with self.lock:
             existing = self._find(data, label)
@@ -395,11 +417,15 @@ class SandboxState:
             return {
                 "customers": [c.as_dict(owner) for c in self.customers.values()],
                 "jobs": [
-                    {**job.result(), "operation": job.operation,
-                     "identity_type": job.identity_type, "rows": len(job.rows),
-                     "created_by": owner(job.created_by),
-                     "submitted_at": _iso(job.submitted_at),
-                     "finished_at": _iso(job.finished_at)}
+                    {
+                        **job.result(),
+                        "operation": job.operation,
+                        "identity_type": job.identity_type,
+                        "rows": len(job.rows),
+                        "created_by": owner(job.created_by),
+                        "submitted_at": _iso(job.submitted_at),
+                        "finished_at": _iso(job.finished_at),
+                    }
                     for job in self.jobs.values()
                 ],
                 "requests": [redact_request(r, secrets_) for r in recorded],
@@ -418,8 +444,9 @@ def _not_found(name: str) -> SandboxError:
 
 def check_allowed(config: SandboxConfig, operation: str) -> None:
     if operation in config.deny_operations:
-        raise SandboxError(403, f"{operation}: この操作を行う権限がありません "
-                                f"(permission denied for {operation})")
+        raise SandboxError(
+            403, f"{operation}: この操作を行う権限がありません (permission denied for {operation})"
+        )
 
 
 def _check_owner(config: SandboxConfig, customer: Customer, user_key: str, name: str) -> None:
@@ -427,5 +454,5 @@ def _check_owner(config: SandboxConfig, customer: Customer, user_key: str, name:
         raise SandboxError(
             403,
             f"{name}: 他のユーザーが登録したカスタマーは操作できません "
-            "(permission rule \"own records only\": created by another user or API key)",
+            '(permission rule "own records only": created by another user or API key)',
         )

@@ -18,17 +18,37 @@ class CompanyAdmin(admin.ModelAdmin):
 
 @admin.register(Member)
 class MemberAdmin(admin.ModelAdmin):
-    list_display = ["email", "family_name", "given_name", "company", "plan", "newsletter",
-                    "is_active", "joined_on"]
+    list_display = [
+        "email",
+        "family_name",
+        "given_name",
+        "company",
+        "plan",
+        "newsletter",
+        "is_active",
+        "joined_on",
+    ]
     list_filter = ["plan", "newsletter", "is_active"]
-    search_fields = ["email", "family_name", "given_name", "family_name_kana",
-                     "given_name_kana", "company__name"]
+    search_fields = [
+        "email",
+        "family_name",
+        "given_name",
+        "family_name_kana",
+        "given_name_kana",
+        "company__name",
+    ]
     autocomplete_fields = ["company"]
     actions = ["mark_for_sync"]
 
     @admin.action(description=_("Send the selected members to SATORI again"))
     def mark_for_sync(self, request: HttpRequest, queryset: QuerySet[Member]) -> None:
         count = django_satori.mark_for_sync(queryset)
-        self.message_user(request, ngettext("%(count)d member was marked for sync.",
-                                            "%(count)d members were marked for sync.", count)
-                          % {"count": count})
+        self.message_user(
+            request,
+            ngettext(
+                "%(count)d member was marked for sync.",
+                "%(count)d members were marked for sync.",
+                count,
+            )
+            % {"count": count},
+        )

@@ -26,24 +26,29 @@ INTERESTS = [
 class SignupForm(forms.Form):
     """The document request form (資料請求) of the example site."""
 
-    document = forms.ChoiceField(label=_("Document"), choices=DOCUMENTS,
-                                 widget=forms.RadioSelect, initial="overview")
+    document = forms.ChoiceField(
+        label=_("Document"), choices=DOCUMENTS, widget=forms.RadioSelect, initial="overview"
+    )
     family_name = forms.CharField(label=_("Family name"), max_length=100)
     given_name = forms.CharField(label=_("Given name"), max_length=100)
-    family_name_kana = forms.CharField(label=_("Family name (kana)"), max_length=100,
-                                       required=False)
-    given_name_kana = forms.CharField(label=_("Given name (kana)"), max_length=100,
-                                      required=False)
+    family_name_kana = forms.CharField(
+        label=_("Family name (kana)"), max_length=100, required=False
+    )
+    given_name_kana = forms.CharField(label=_("Given name (kana)"), max_length=100, required=False)
     email = forms.EmailField(label=_("E-mail address"))
     company = forms.CharField(label=_("Company"), max_length=200, required=False)
     department = forms.CharField(label=_("Department"), max_length=100, required=False)
     phone = forms.CharField(label=_("Phone number"), max_length=30, required=False)
-    plan = forms.ChoiceField(label=_("Plan you are interested in"), choices=Plan.choices,
-                             initial=Plan.FREE)
-    interests = forms.MultipleChoiceField(label=_("Interested in"), choices=INTERESTS,
-                                          required=False, widget=forms.CheckboxSelectMultiple)
-    newsletter = forms.BooleanField(label=_("Send me the newsletter"), required=False,
-                                    initial=True)
+    plan = forms.ChoiceField(
+        label=_("Plan you are interested in"), choices=Plan.choices, initial=Plan.FREE
+    )
+    interests = forms.MultipleChoiceField(
+        label=_("Interested in"),
+        choices=INTERESTS,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+    )
+    newsletter = forms.BooleanField(label=_("Send me the newsletter"), required=False, initial=True)
 
     def clean_email(self) -> str:
         # SATORI's own rules (half-width only, at most 255 characters), checked

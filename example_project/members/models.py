@@ -34,8 +34,14 @@ class Member(models.Model):
     given_name = models.CharField(_("given name"), max_length=100)
     family_name_kana = models.CharField(_("family name (kana)"), max_length=100, blank=True)
     given_name_kana = models.CharField(_("given name (kana)"), max_length=100, blank=True)
-    company = models.ForeignKey(Company, verbose_name=_("company"), null=True, blank=True,
-                                on_delete=models.SET_NULL, related_name="members")
+    company = models.ForeignKey(
+        Company,
+        verbose_name=_("company"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="members",
+    )
     department = models.CharField(_("department"), max_length=100, blank=True)
     phone = models.CharField(_("phone number"), max_length=30, blank=True)
     # No choices on purpose: old data holds retired plans, which SATORI's
@@ -43,14 +49,17 @@ class Member(models.Model):
     plan = models.CharField(_("plan"), max_length=20, default=Plan.FREE)
     newsletter = models.BooleanField(_("receives the newsletter"), default=False)
     #: Space-separated tag names, sent to SATORI as tags.
-    tags = models.CharField(_("tags"), max_length=300, blank=True,
-                            help_text=_("Separate tags with spaces."))
+    tags = models.CharField(
+        _("tags"), max_length=300, blank=True, help_text=_("Separate tags with spaces.")
+    )
     #: Where the member came from: SATORI's collection route (情報獲得経路).
     source = models.CharField(_("source"), max_length=200, blank=True)
     joined_on = models.DateField(_("joined on"), default=timezone.localdate)
     is_active = models.BooleanField(
-        _("active"), default=True,
-        help_text=_("Withdrawn members are no longer synced, but stay in SATORI."))
+        _("active"),
+        default=True,
+        help_text=_("Withdrawn members are no longer synced, but stay in SATORI."),
+    )
 
     class Meta:
         verbose_name = _("member")

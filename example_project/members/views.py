@@ -28,7 +28,8 @@ def signup(request: HttpRequest) -> HttpResponse:
         if data["company"].strip():
             company, _created = Company.objects.get_or_create(name=data["company"].strip())
         member = Member.objects.filter(email=data["email"]).first() or Member(
-            email=data["email"], source=COLLECTION_ROUTE)
+            email=data["email"], source=COLLECTION_ROUTE
+        )
         for name, value in form.member_values().items():
             setattr(member, name, value)
         member.company = company
@@ -36,7 +37,9 @@ def signup(request: HttpRequest) -> HttpResponse:
         member.is_active = True
         member.save()
         django_satori.add_action(
-            member.email, ACTION_NAME, content=form.document_label(),
+            member.email,
+            ACTION_NAME,
+            content=form.document_label(),
             url=request.build_absolute_uri(reverse("members:signup")),
         )
         return redirect("members:thanks")

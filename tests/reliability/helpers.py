@@ -66,13 +66,16 @@ def customer_values(i: int, revision: int = 0) -> dict[str, Any]:
         "lead_company_name": f"株式会社テスト{i % 37}",
         "department": f"営業{revision}部",
         "phone_number": f"03-{i % 10000:04d}-{revision:04d}",
-        "memo": f"revision {revision}, \"quoted\", comma, 改行\nline two",
+        "memo": f'revision {revision}, "quoted", comma, 改行\nline two',
         "collection_route": "自社フォーム",
         "collection_date": dt.date(2025, 1 + i % 12, 1 + i % 28),
         "delivery_permission": "approval" if i % 3 else "reject",
         "tags": [f"tag{i % 5}", f"rev{revision}"] if revision else [f"tag{i % 5}"],
-        "custom_fields": {"custom:plan": f"plan-{revision}", "custom:age": str(20 + i % 50),
-                          "custom:birthday": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 10}"},
+        "custom_fields": {
+            "custom:plan": f"plan-{revision}",
+            "custom:age": str(20 + i % 50),
+            "custom:birthday": f"19{50 + i % 50}-0{1 + i % 9}-1{i % 10}",
+        },
     }
 
 
@@ -121,14 +124,20 @@ def expected_remote(customer: Customer) -> dict[str, Any]:
         if value in (None, ""):
             continue
         fields[name] = value.isoformat() if isinstance(value, dt.date) else str(value)
-    custom = {key.removeprefix(CUSTOM_PREFIX): str(value)
-              for key, value in (customer.custom_fields or {}).items() if value not in (None, "")}
+    custom = {
+        key.removeprefix(CUSTOM_PREFIX): str(value)
+        for key, value in (customer.custom_fields or {}).items()
+        if value not in (None, "")
+    }
     return {"fields": fields, "custom": custom, "tags": sorted(set(customer.tags or []))}
 
 
 def remote_view(remote: sandbox_state.Customer) -> dict[str, Any]:
-    return {"fields": dict(remote.fields), "custom": dict(remote.custom),
-            "tags": sorted(remote.tags)}
+    return {
+        "fields": dict(remote.fields),
+        "custom": dict(remote.custom),
+        "tags": sorted(remote.tags),
+    }
 
 
 def compare_with_sandbox(sandbox: SandboxServer, emails: Iterable[str]) -> dict[str, list[str]]:
@@ -138,8 +147,14 @@ def compare_with_sandbox(sandbox: SandboxServer, emails: Iterable[str]) -> dict[
     different; ``unsettled``: still pending/sending; ``failed``: failed with its
     reason; ``failed_without_reason``: failed and nobody could tell why.
     """
-    result: dict[str, list[str]] = {"missing": [], "stale": [], "unsettled": [], "failed": [],
-                                    "failed_without_reason": [], "synced": []}
+    result: dict[str, list[str]] = {
+        "missing": [],
+        "stale": [],
+        "unsettled": [],
+        "failed": [],
+        "failed_without_reason": [],
+        "synced": [],
+    }
     states = {s.email: s for s in SyncState.objects.filter(email__in=list(emails))}
     for customer in Customer.objects.filter(email__in=list(states)).iterator(chunk_size=1000):
         state = states[customer.email]
@@ -168,12 +183,17 @@ def describe_differences(sandbox: SandboxServer, emails: Iterable[str], limit: i
     lines = []
     for email in list(emails)[:limit]:
         customer = Customer.objects.filter(email=email).first()
-        state = SyncState.objects.filter(email=email).values(
-            "status", "version", "synced_version", "attempts", "last_error").first()
+        state = (
+            SyncState.objects.filter(email=email)
+            .values("status", "version", "synced_version", "attempts", "last_error")
+            .first()
+        )
         remote = sandbox.state.customer(email)
         local = expected_remote(customer) if customer else None
-        lines.append(f"{email}: state={state}\n  db={local}"
-                     f"\n  satori={remote_view(remote) if remote else None}")
+        lines.append(
+            f"{email}: state={state}\n  db={local}"
+            f"\n  satori={remote_view(remote) if remote else None}"
+        )
     return "\n".join(lines)
 
 
@@ -187,8 +207,9 @@ def status_counts(emails: Iterable[str] | None = None) -> dict[str, int]:
 
 def log_calls_by_email() -> dict[str, int]:
     """Calls to SATORI per e-mail as the SyncLog records them."""
-    rows = (SyncLog.objects.filter(outcome__in=CALL_OUTCOMES, endpoint__startswith="customer/")
-            .values_list("email", flat=True))
+    rows = SyncLog.objects.filter(
+        outcome__in=CALL_OUTCOMES, endpoint__startswith="customer/"
+    ).values_list("email", flat=True)
     return dict(collections.Counter(rows))
 
 
@@ -255,8 +276,9 @@ def wait_settled(
             return time.monotonic() - started
         now = time.monotonic()
         if now - started > timeout:
-            raise AssertionError(f"{left} customers still unsettled after {timeout}s: "
-                                 f"{status_counts(emails)}")
+            raise AssertionError(
+                f"{left} customers still unsettled after {timeout}s: {status_counts(emails)}"
+            )
         if not alive():
             raise AssertionError("the worker died")
         if sweep_every is not None and now - last_sweep >= sweep_every:
@@ -278,8 +300,12 @@ def record_figures(scenario: str, figures: dict[str, Any]) -> Path:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (FileNotFoundError, ValueError):
         data = {}
-    data[scenario] = {**figures, "database": database_vendor(),
-                      "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n",
-                    encoding="utf-8")
+    data[scenario] = {
+        **figures,
+        "database": database_vendor(),
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+    path.write_text(
+        json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
+    )
     return path

@@ -34,7 +34,7 @@ from tests.test_client import CaptureServer, Reply, capture  # noqa: F401 - fixt
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-MEMO_10K = "長い,メモ \"引用\"\r\n" + "x" * 10_000
+MEMO_10K = '長い,メモ "引用"\r\n' + "x" * 10_000
 
 
 # --------------------------------------------------------------------------- e-mails
@@ -68,8 +68,9 @@ def test_bad_emails_are_refused_at_save_naming_the_field(satori_sandbox, email, 
     assert compare_with_sandbox(satori_sandbox, ["rel00001@example.jp"])["synced"]
 
 
-@pytest.mark.parametrize("email", ["ＴＡＲＯ＠ＥＸＡＭＰＬＥ．ＪＰ", " Taro@Example.JP\t",
-                                   "ｔａｒｏ@example.jp"])
+@pytest.mark.parametrize(
+    "email", ["ＴＡＲＯ＠ＥＸＡＭＰＬＥ．ＪＰ", " Taro@Example.JP\t", "ｔａｒｏ@example.jp"]
+)
 def test_full_width_and_padded_emails_are_normalised_not_refused(satori_sandbox, email):
     customer = Customer.objects.create(**{**customer_values(1), "email": email})
     assert customer.email == "taro@example.jp"
@@ -87,11 +88,12 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "integer field given text": ({"custom_fields": {"custom:age": "forty"}}, "custom:age"),
     "integer field given a float": ({"custom_fields": {"custom:age": "4.5"}}, "custom:age"),
     "integer field given a bool": ({"custom_fields": {"custom:age": True}}, "custom:age"),
-    "date as DD/MM/YYYY": ({"custom_fields": {"custom:birthday": "31/01/1990"}},
-                           "custom:birthday"),
+    "date as DD/MM/YYYY": ({"custom_fields": {"custom:birthday": "31/01/1990"}}, "custom:birthday"),
     "impossible date": ({"custom_fields": {"custom:birthday": "1990-02-30"}}, "custom:birthday"),
-    "date with a time": ({"custom_fields": {"custom:birthday": "1990-01-31T10:00"}},
-                         "custom:birthday"),
+    "date with a time": (
+        {"custom_fields": {"custom:birthday": "1990-01-31T10:00"}},
+        "custom:birthday",
+    ),
     "unknown delivery permission": ({"delivery_permission": "maybe"}, "delivery_permission"),
     "tag with the separator": ({"tags": ["a,b"]}, "append_tags"),
 }
@@ -100,9 +102,15 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
 def test_each_bad_value_fails_its_customer_naming_the_field_and_the_rest_sync(satori_sandbox):
     good = [Customer.objects.create(**customer_values(i)).email for i in range(20)]
     # CSV-hostile but valid: must arrive byte for byte.
-    hostile = Customer.objects.create(**{
-        **customer_values(99), "memo": MEMO_10K, "last_name": "山田, \"太郎\"",
-        "first_name": "emoji 🎉👨‍👩‍👧", "address": "東京都\r\n千代田区\n1-1\r2"}).email
+    hostile = Customer.objects.create(
+        **{
+            **customer_values(99),
+            "memo": MEMO_10K,
+            "last_name": '山田, "太郎"',
+            "first_name": "emoji 🎉👨‍👩‍👧",
+            "address": "東京都\r\n千代田区\n1-1\r2",
+        }
+    ).email
     bad = {}
     for n, (label, (changes, field)) in enumerate(BAD_VALUES.items()):
         email = Customer.objects.create(**{**customer_values(100 + n), **changes}).email
@@ -119,21 +127,31 @@ def test_each_bad_value_fails_its_customer_naming_the_field_and_the_rest_sync(sa
     assert sent == {*good, hostile}  # no call was spent on a bad value
     result = compare_with_sandbox(satori_sandbox, [*good, hostile])
     assert sorted(result["synced"]) == sorted([*good, hostile]), describe_differences(
-        satori_sandbox, result["stale"] + result["missing"])
+        satori_sandbox, result["stale"] + result["missing"]
+    )
     logged = SyncLog.objects.filter(outcome=SyncLog.Outcome.FAILED)
     assert {entry.email for entry in logged} == set(bad)
-    record_figures("bad_input_single_pushes", {
-        "good": len(good) + 1, "bad": len(bad), "sent": len(result["synced"]),
-        "failed_with_field_named": len(bad), "calls_spent_on_bad_values": 0,
-        "lost": len(result["missing"]),
-    })
+    record_figures(
+        "bad_input_single_pushes",
+        {
+            "good": len(good) + 1,
+            "bad": len(bad),
+            "sent": len(result["synced"]),
+            "failed_with_field_named": len(bad),
+            "calls_spent_on_bad_values": 0,
+            "lost": len(result["missing"]),
+        },
+    )
 
 
 @pytest.mark.parametrize(
     ("changes", "field"),
-    [({"memo": "a\x00b"}, "memo"), ({"last_name": "山\x00田"}, "last_name"),
-     ({"custom_fields": {"custom:plan": "a\x00"}}, "custom:plan"),
-     ({"tags": ["ok", "b\x00d"]}, "append_tags")],
+    [
+        ({"memo": "a\x00b"}, "memo"),
+        ({"last_name": "山\x00田"}, "last_name"),
+        ({"custom_fields": {"custom:plan": "a\x00"}}, "custom:plan"),
+        ({"tags": ["ok", "b\x00d"]}, "append_tags"),
+    ],
 )
 def test_a_nul_character_is_refused_at_save_naming_the_field(satori_sandbox, changes, field):
     """Alike on every database: PostgreSQL cannot even store it (text and jsonb)."""
@@ -148,12 +166,19 @@ def test_a_nul_character_is_refused_at_save_naming_the_field(satori_sandbox, cha
 
 def test_satori_refusing_a_value_fails_only_that_customer_naming_the_field(satori_sandbox):
     # SATORI's custom field is a select the project declared as text: SATORI refuses.
-    satori_sandbox.configure(custom_fields={"plan": {"type": "select", "choices": ["gold"]},
-                                            "age": "integer", "birthday": "date"})
-    fine = Customer.objects.create(**{**customer_values(1),
-                                      "custom_fields": {"custom:plan": "gold"}}).email
-    refused = Customer.objects.create(**{**customer_values(2),
-                                         "custom_fields": {"custom:plan": "silver"}}).email
+    satori_sandbox.configure(
+        custom_fields={
+            "plan": {"type": "select", "choices": ["gold"]},
+            "age": "integer",
+            "birthday": "date",
+        }
+    )
+    fine = Customer.objects.create(
+        **{**customer_values(1), "custom_fields": {"custom:plan": "gold"}}
+    ).email
+    refused = Customer.objects.create(
+        **{**customer_values(2), "custom_fields": {"custom:plan": "silver"}}
+    ).email
     drain()
     state = SyncState.objects.get(email=refused)
     assert state.status == SyncStatus.FAILED and state.attempts == 1
@@ -168,8 +193,9 @@ def test_an_unknown_hashcode_is_a_readable_not_found_error(satori_sandbox):
     assert info.value.field is None or info.value.field == "hashcode"
     assert "hashcode" in str(info.value)
     with pytest.raises(SatoriNotFoundError):
-        client.upsert_customer({"hashcode": "no-such-hashcode", "last_name": "x"},
-                               identity_type="hashcode")
+        client.upsert_customer(
+            {"hashcode": "no-such-hashcode", "last_name": "x"}, identity_type="hashcode"
+        )
 
 
 def test_an_email_change_for_a_customer_satori_lost_ends_failed_with_the_reason(satori_sandbox):
@@ -189,19 +215,31 @@ def test_an_email_change_for_a_customer_satori_lost_ends_failed_with_the_reason(
 
 def test_bulk_job_with_bad_rows_reports_each_by_field_and_sends_the_rest(satori_sandbox):
     good = [Customer(**customer_values(i)) for i in range(50)]
-    good.append(Customer(**{**customer_values(98), "memo": MEMO_10K,
-                            "first_name": "emoji 🎉, \"quoted\"", "address": "a\r\nb\rc\nd"}))
+    good.append(
+        Customer(
+            **{
+                **customer_values(98),
+                "memo": MEMO_10K,
+                "first_name": 'emoji 🎉, "quoted"',
+                "address": "a\r\nb\rc\nd",
+            }
+        )
+    )
     bad_rows = {
         "permission@example.jp": ({"delivery_permission": "maybe"}, "delivery_permission"),
         "colour@example.jp": ({"custom_fields": {"custom:colour": "red"}}, "custom:colour"),
         "age@example.jp": ({"custom_fields": {"custom:age": "forty"}}, "custom:age"),
-        "birthday@example.jp": ({"custom_fields": {"custom:birthday": "1990/13/01"}},
-                                "custom:birthday"),
+        "birthday@example.jp": (
+            {"custom_fields": {"custom:birthday": "1990/13/01"}},
+            "custom:birthday",
+        ),
         # bulk_create skips save(): the same address twice, once not normalised.
         "Rel00003@Example.JP": ({}, "email"),
     }
-    bad = [Customer(**{**customer_values(200 + n), "email": email, **changes})
-           for n, (email, (changes, _field)) in enumerate(bad_rows.items())]
+    bad = [
+        Customer(**{**customer_values(200 + n), "email": email, **changes})
+        for n, (email, (changes, _field)) in enumerate(bad_rows.items())
+    ]
     Customer.objects.bulk_create(good + bad)
     with transaction.atomic():
         job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
@@ -216,20 +254,28 @@ def test_bulk_job_with_bad_rows_reports_each_by_field_and_sends_the_rest(satori_
     emails = [c.email for c in good]
     result = compare_with_sandbox(satori_sandbox, emails)
     assert sorted(result["synced"]) == sorted(emails), describe_differences(
-        satori_sandbox, result["stale"] + result["missing"])
-    record_figures("bad_input_bulk", {
-        "rows": len(good) + len(bad), "uploaded": job.row_count,
-        "left_out_with_field_named": len(errors), "sent": len(result["synced"]),
-        "lost": len(result["missing"]),
-    })
+        satori_sandbox, result["stale"] + result["missing"]
+    )
+    record_figures(
+        "bad_input_bulk",
+        {
+            "rows": len(good) + len(bad),
+            "uploaded": job.row_count,
+            "left_out_with_field_named": len(errors),
+            "sent": len(result["synced"]),
+            "lost": len(result["missing"]),
+        },
+    )
 
 
 def test_the_same_email_twice_in_one_upload_fails_the_second_row_naming_email(satori_sandbox):
     client = SatoriClient(get_settings())
-    csv = (b"email,last_name,collection_route\n"
-           b"dup@example.jp,first,web\n"
-           b"other@example.jp,other,web\n"
-           b"DUP@example.jp,second,web\n")
+    csv = (
+        b"email,last_name,collection_route\n"
+        b"dup@example.jp,first,web\n"
+        b"other@example.jp,other,web\n"
+        b"DUP@example.jp,second,web\n"
+    )
     upload = client.bulk_upsert(csv)
     status = client.bulk_status(upload.process_code)
     assert status.finished
@@ -255,8 +301,9 @@ def test_an_empty_selection_is_a_clear_no_op(satori_sandbox):
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner,
-                                                                max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 #: Replies shaped like SATORI's with anything in the places the client reads after parsing.
@@ -264,23 +311,42 @@ satori_like = st.fixed_dictionaries(
     {"status": st.sampled_from([200, 202, "200", 200.0])},
     optional={
         "message": json_values | st.fixed_dictionaries({"customer[hashcode]": json_values}),
-        "body": json_values | st.fixed_dictionaries(
-            {}, optional={"process_code": json_values, "process_status": json_values,
-                          "failed_rows": json_values | st.lists(st.fixed_dictionaries(
-                              {}, optional={"row_number": json_values,
-                                            "message": json_values}), max_size=3),
-                          "succeeded_rows": json_values}),
+        "body": json_values
+        | st.fixed_dictionaries(
+            {},
+            optional={
+                "process_code": json_values,
+                "process_status": json_values,
+                "failed_rows": json_values
+                | st.lists(
+                    st.fixed_dictionaries(
+                        {}, optional={"row_number": json_values, "message": json_values}
+                    ),
+                    max_size=3,
+                ),
+                "succeeded_rows": json_values,
+            },
+        ),
         "process_code": json_values,
     },
 )
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(data=satori_like, cut=st.none() | st.integers(0, 120),
-       call=st.sampled_from(["upsert", "delete", "bulk", "status", "action"]))
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    data=satori_like,
+    cut=st.none() | st.integers(0, 120),
+    call=st.sampled_from(["upsert", "delete", "bulk", "status", "action"]),
+)
 def test_fuzz_every_client_call_against_odd_replies_raises_only_typed_errors(
-    capture: CaptureServer, data: dict[str, Any], cut: int | None, call: str  # noqa: F811
+    capture: CaptureServer,  # noqa: F811
+    data: dict[str, Any],
+    cut: int | None,
+    call: str,
 ) -> None:
     """After parsing, the client digs hashcodes, process codes and failed rows out of
     the reply; whatever sits there, only a SatoriError or a result comes back."""
@@ -311,18 +377,23 @@ def test_fuzz_every_client_call_against_odd_replies_raises_only_typed_errors(
 
 
 def test_odd_replies_through_the_sync_engine_end_retrying_or_failed_never_crashing(
-    satori_sandbox, capture: CaptureServer  # noqa: F811
+    satori_sandbox,
+    capture: CaptureServer,  # noqa: F811
 ) -> None:
     replies = [
         Reply(200, b"<html>maintenance</html>", {"Content-Type": "text/html"}),
         Reply(200, b'{"status": 200, "message": {"customer[hash'),  # truncated
-        Reply(200, b'[1, 2, 3]'),  # unexpected shape
+        Reply(200, b"[1, 2, 3]"),  # unexpected shape
         Reply(502, b""),
         Reply(200, b'{"status": "OK"}'),
     ]
     capture.reply(*replies)
-    with satori_settings(BASE_URL=capture.url, MAX_ATTEMPTS=10, RETRY_BACKOFF_SECONDS=0.01,
-                         RETRY_BACKOFF_MAX_SECONDS=0.02):
+    with satori_settings(
+        BASE_URL=capture.url,
+        MAX_ATTEMPTS=10,
+        RETRY_BACKOFF_SECONDS=0.01,
+        RETRY_BACKOFF_MAX_SECONDS=0.02,
+    ):
         Customer.objects.create(**customer_values(1))
         outcomes = []
         for _ in range(len(replies)):

@@ -50,14 +50,20 @@ _TASK_DONE = re.compile(r"Task django_satori\.tasks\.(\w+)\[[^\]]+\] succeeded i
 
 def task_outcomes(log_text: str) -> dict[str, int]:
     """What the worker's tasks returned, counted from its log ("synced", "busy", ...)."""
-    return dict(collections.Counter(f"{task}:{outcome}"
-                                    for task, outcome in _TASK_DONE.findall(log_text)))
+    return dict(
+        collections.Counter(f"{task}:{outcome}" for task, outcome in _TASK_DONE.findall(log_text))
+    )
 
 
 def assert_all_synced(sandbox, emails) -> dict[str, list[str]]:
     result = compare_with_sandbox(sandbox, emails)
-    problems = result["missing"] + result["stale"] + result["unsettled"] + result["failed"] \
+    problems = (
+        result["missing"]
+        + result["stale"]
+        + result["unsettled"]
+        + result["failed"]
         + result["failed_without_reason"]
+    )
     assert not problems, describe_differences(sandbox, problems)
     assert len(result["synced"]) == len(emails)
     return result
@@ -67,8 +73,7 @@ def assert_all_synced(sandbox, emails) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_broker_stopped_while_500_customers_are_saved(satori_sandbox, celery_worker,
-                                                      redis_server):
+def test_broker_stopped_while_500_customers_are_saved(satori_sandbox, celery_worker, redis_server):
     count = 500
     with satori_settings(**FAST):
         redis_server.stop()
@@ -87,18 +92,21 @@ def test_broker_stopped_while_500_customers_are_saved(satori_sandbox, celery_wor
         assert counts["dispatched"] == count
         waited = wait_settled(emails, timeout=120, alive=worker.is_running)
     result = assert_all_synced(satori_sandbox, emails)
-    record_figures("broker_down_while_saving", {
-        "customers": count,
-        "seconds_saving_with_broker_down": round(saving, 1),
-        "pending_while_down": pending_while_down,
-        "dispatched_by_sweep": counts["dispatched"],
-        "sent": len(result["synced"]),
-        "calls": len(satori_sandbox.state.requests_for("upsert")),
-        "retried": log_outcomes().get("retry", 0),
-        "failed": 0,
-        "lost": len(result["missing"]),
-        "seconds_to_settle": round(waited, 1),
-    })
+    record_figures(
+        "broker_down_while_saving",
+        {
+            "customers": count,
+            "seconds_saving_with_broker_down": round(saving, 1),
+            "pending_while_down": pending_while_down,
+            "dispatched_by_sweep": counts["dispatched"],
+            "sent": len(result["synced"]),
+            "calls": len(satori_sandbox.state.requests_for("upsert")),
+            "retried": log_outcomes().get("retry", 0),
+            "failed": 0,
+            "lost": len(result["missing"]),
+            "seconds_to_settle": round(waited, 1),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- worker
@@ -110,8 +118,9 @@ KILL_CUSTOMERS = 5000
 
 
 @pytest.mark.slow
-def test_worker_killed_twice_during_a_5000_customer_sync(satori_sandbox, celery_worker,
-                                                         monkeypatch):
+def test_worker_killed_twice_during_a_5000_customer_sync(
+    satori_sandbox, celery_worker, monkeypatch
+):
     monkeypatch.setattr("django_satori.sandbox.state.MAX_RECORDED_REQUESTS", 10**6)
     counter = RequestCounter(satori_sandbox).install()
     kills: list[dict[str, int]] = []
@@ -123,16 +132,24 @@ def test_worker_killed_twice_during_a_5000_customer_sync(satori_sandbox, celery_
             created_in = time.monotonic() - started
             for fraction in (1 / 3, 2 / 3):
                 worker.wait_until(
-                    lambda f=fraction: SyncState.objects.filter(
-                        status=SyncStatus.SYNCED).count() >= KILL_CUSTOMERS * f,
-                    timeout=300, interval=0.2)
+                    lambda f=fraction: (
+                        SyncState.objects.filter(status=SyncStatus.SYNCED).count()
+                        >= KILL_CUSTOMERS * f
+                    ),
+                    timeout=300,
+                    interval=0.2,
+                )
                 worker.kill()  # SIGKILL: claims held, messages unacknowledged
-                kills.append({
-                    "synced_when_killed": SyncState.objects.filter(
-                        status=SyncStatus.SYNCED).count(),
-                    "claims_left_behind": SyncState.objects.filter(
-                        status=SyncStatus.SENDING).count(),
-                })
+                kills.append(
+                    {
+                        "synced_when_killed": SyncState.objects.filter(
+                            status=SyncStatus.SYNCED
+                        ).count(),
+                        "claims_left_behind": SyncState.objects.filter(
+                            status=SyncStatus.SENDING
+                        ).count(),
+                    }
+                )
                 worker.start()  # as a process supervisor would
             # Beat runs the sweep every minute in production; here every 3 s.
             waited = wait_settled(emails, timeout=300, alive=worker.is_running, sweep_every=3)
@@ -142,22 +159,25 @@ def test_worker_killed_twice_during_a_5000_customer_sync(satori_sandbox, celery_
     result = assert_all_synced(satori_sandbox, emails)
     outcomes = task_outcomes(worker.log_text())
     calls = counter.by_operation["upsert"]
-    record_figures("worker_killed_twice", {
-        "customers": KILL_CUSTOMERS,
-        "kills": kills,
-        "calls": calls,
-        "sent": len(result["synced"]),
-        "sent_twice": calls - KILL_CUSTOMERS,
-        "retried": log_outcomes().get("retry", 0),
-        "failed": 0,
-        "lost": len(result["missing"]),
-        "stuck": len(result["unsettled"]),
-        "task_outcomes": outcomes,
-        "seconds_creating": round(created_in, 1),
-        "seconds_after_second_kill": round(waited, 1),
-        "seconds_total": round(duration, 1),
-        "pushes_per_second": round(KILL_CUSTOMERS / duration, 1),
-    })
+    record_figures(
+        "worker_killed_twice",
+        {
+            "customers": KILL_CUSTOMERS,
+            "kills": kills,
+            "calls": calls,
+            "sent": len(result["synced"]),
+            "sent_twice": calls - KILL_CUSTOMERS,
+            "retried": log_outcomes().get("retry", 0),
+            "failed": 0,
+            "lost": len(result["missing"]),
+            "stuck": len(result["unsettled"]),
+            "task_outcomes": outcomes,
+            "seconds_creating": round(created_in, 1),
+            "seconds_after_second_kill": round(waited, 1),
+            "seconds_total": round(duration, 1),
+            "pushes_per_second": round(KILL_CUSTOMERS / duration, 1),
+        },
+    )
     # Made twice: at most what each of the 4 threads had sent but not yet written
     # back at a kill (answers are written back sync.WRITE_BACK_BATCH at a time).
     assert calls - KILL_CUSTOMERS <= 4 * sync.WRITE_BACK_BATCH * len(kills)
@@ -168,8 +188,7 @@ def test_worker_killed_twice_during_a_5000_customer_sync(satori_sandbox, celery_
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker,
-                                                   postgres_only):
+def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker, postgres_only):
     count = 300
     terminated = 0
 
@@ -179,7 +198,8 @@ def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker
             cursor.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend'")
+                "AND backend_type = 'client backend'"
+            )
             terminated += cursor.fetchone()[0]
 
     with satori_settings(**FAST):
@@ -189,8 +209,10 @@ def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker
         drops = 0
         deadline = time.monotonic() + 60
         # Cut the worker's connections again and again while it works.
-        while SyncState.objects.filter(status=SyncStatus.SYNCED).count() < count * 0.8 \
-                and time.monotonic() < deadline:
+        while (
+            SyncState.objects.filter(status=SyncStatus.SYNCED).count() < count * 0.8
+            and time.monotonic() < deadline
+        ):
             drop_worker_connections()
             drops += 1
             time.sleep(0.3)
@@ -200,20 +222,28 @@ def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker
     log = worker.log_text()
     # The worker saw it: as the server's message, or as psycopg's for a connection it
     # finds already closed when it next uses it.
-    assert any(text in log for text in ("terminating connection",
-                                        "server closed the connection",
-                                        "the connection is lost")), "no cut was noticed"
-    record_figures("database_connection_dropped", {
-        "customers": count,
-        "rounds_of_termination": drops,
-        "connections_terminated": terminated,
-        "calls": len(satori_sandbox.state.requests_for("upsert")),
-        "sent": len(result["synced"]),
-        "failed": 0,
-        "lost": len(result["missing"]),
-        "task_outcomes": task_outcomes(log),
-        "seconds_to_settle_after_drops": round(waited, 1),
-    })
+    assert any(
+        text in log
+        for text in (
+            "terminating connection",
+            "server closed the connection",
+            "the connection is lost",
+        )
+    ), "no cut was noticed"
+    record_figures(
+        "database_connection_dropped",
+        {
+            "customers": count,
+            "rounds_of_termination": drops,
+            "connections_terminated": terminated,
+            "calls": len(satori_sandbox.state.requests_for("upsert")),
+            "sent": len(result["synced"]),
+            "failed": 0,
+            "lost": len(result["missing"]),
+            "task_outcomes": task_outcomes(log),
+            "seconds_to_settle_after_drops": round(waited, 1),
+        },
+    )
 
 
 # --------------------------------------------------------------------------- SATORI
@@ -222,26 +252,42 @@ def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker
 @pytest.mark.slow
 def test_sandbox_forgets_process_codes_while_parts_are_polled(satori_sandbox, celery_worker):
     count, chunk = 300, 100
-    settings_ = {**FAST, "BULK_THRESHOLD": 200, "BULK_POLL_INTERVAL_SECONDS": 0.5,
-                 "BULK_POLL_MAX_INTERVAL_SECONDS": 1.0, "RETRY_BACKOFF_MAX_SECONDS": 1.0,
-                 "SWEEP_AFTER_SECONDS": 0}
+    settings_ = {
+        **FAST,
+        "BULK_THRESHOLD": 200,
+        "BULK_POLL_INTERVAL_SECONDS": 0.5,
+        "BULK_POLL_MAX_INTERVAL_SECONDS": 1.0,
+        "RETRY_BACKOFF_MAX_SECONDS": 1.0,
+        "SWEEP_AFTER_SECONDS": 0,
+    }
     satori_sandbox.configure(bulk_processing_seconds=60)  # still "processing" when polled
     with satori_settings(**settings_):
         worker = celery_worker(concurrency=4)
         Customer.objects.bulk_create([Customer(**customer_values(i)) for i in range(count)])
         emails = list(Customer.objects.values_list("email", flat=True))
         with transaction.atomic():
-            job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert", chunk_size=chunk,
-                                      description="reliability: forgotten process codes")
-        worker.wait_until(lambda: BulkPart.objects.filter(
-            job=job, state=BulkState.PROCESSING, poll_count__gte=1).count() == count // chunk,
-            timeout=60)
+            job = bulk.start_bulk_job(
+                Customer.objects.all(),
+                mode="upsert",
+                chunk_size=chunk,
+                description="reliability: forgotten process codes",
+            )
+        worker.wait_until(
+            lambda: (
+                BulkPart.objects.filter(
+                    job=job, state=BulkState.PROCESSING, poll_count__gte=1
+                ).count()
+                == count // chunk
+            ),
+            timeout=60,
+        )
         # SATORI restarts: its running work ends and every process code is forgotten.
         reply = requests.post(satori_sandbox.url + "/_sandbox/forget-process-codes", timeout=5)
         assert reply.json()["forgotten"] == count // chunk
         # The job settles after its last part (the same task, a moment later).
-        worker.wait_until(lambda: BulkJob.objects.get(pk=job.pk).state
-                          not in bulk.ACTIVE_STATES, timeout=60)
+        worker.wait_until(
+            lambda: BulkJob.objects.get(pk=job.pk).state not in bulk.ACTIVE_STATES, timeout=60
+        )
 
         parts = list(BulkPart.objects.filter(job=job))
         assert {p.state for p in parts} == {BulkState.FAILED}
@@ -261,14 +307,17 @@ def test_sandbox_forgets_process_codes_while_parts_are_polled(satori_sandbox, ce
     result = assert_all_synced(satori_sandbox, emails)
     retry_job = BulkJob.objects.exclude(pk=job.pk).get()
     assert retry_job.automatic and retry_job.state == BulkState.FINISHED
-    record_figures("sandbox_forgot_process_codes", {
-        "customers": count,
-        "parts": count // chunk,
-        "parts_failed_with_reason": len(parts),
-        "customers_back_to_pending": released.get(SyncStatus.PENDING, 0),
-        "sent": len(result["synced"]),
-        "failed": 0,
-        "lost": len(result["missing"]),
-        "resent_by": f"automatic bulk job #{retry_job.pk} started by the sweep",
-        "seconds_to_resend": round(waited, 1),
-    })
+    record_figures(
+        "sandbox_forgot_process_codes",
+        {
+            "customers": count,
+            "parts": count // chunk,
+            "parts_failed_with_reason": len(parts),
+            "customers_back_to_pending": released.get(SyncStatus.PENDING, 0),
+            "sent": len(result["synced"]),
+            "failed": 0,
+            "lost": len(result["missing"]),
+            "resent_by": f"automatic bulk job #{retry_job.pk} started by the sweep",
+            "seconds_to_resend": round(waited, 1),
+        },
+    )

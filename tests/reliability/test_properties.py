@@ -29,17 +29,58 @@ from django_satori.schema import clean_customer, customer_form_fields
 from django_satori.sync import DATA_FIELDS
 
 #: Every code point but NUL (refused by our validators) and surrogates (not UTF-8).
-any_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
-                   min_size=1, max_size=60)
+any_text = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+    min_size=1,
+    max_size=60,
+)
 #: Characters that break naive encoders, mixed in so every example meets some.
-hostile = st.sampled_from(["&", "=", "+", "%", "%20", "[", "]", ";", ",", '"', "'", "\r", "\n",
-                           "\r\n", "\t", " ", "\ufeff", "\u2028", "🎉", "👨‍👩‍👧", "ｱ", "\x7f",
-                           "\x1b", "%00", "\\", "ñ", "\u0301"])
+hostile = st.sampled_from(
+    [
+        "&",
+        "=",
+        "+",
+        "%",
+        "%20",
+        "[",
+        "]",
+        ";",
+        ",",
+        '"',
+        "'",
+        "\r",
+        "\n",
+        "\r\n",
+        "\t",
+        " ",
+        "\ufeff",
+        "\u2028",
+        "🎉",
+        "👨‍👩‍👧",
+        "ｱ",
+        "\x7f",
+        "\x1b",
+        "%00",
+        "\\",
+        "ñ",
+        "\u0301",
+    ]
+)
 texts = st.lists(any_text | hostile, min_size=1, max_size=4).map("".join)
 
-TEXT_FIELDS = ("last_name", "first_name", "last_name_reading", "first_name_reading",
-               "lead_company_name", "department", "phone_number", "mobile_phone_number",
-               "address", "memo", "collection_route")
+TEXT_FIELDS = (
+    "last_name",
+    "first_name",
+    "last_name_reading",
+    "first_name_reading",
+    "lead_company_name",
+    "department",
+    "phone_number",
+    "mobile_phone_number",
+    "address",
+    "memo",
+    "collection_route",
+)
 CUSTOM = {"plan": "text", "age": "integer", "birthday": "date"}
 
 
@@ -51,33 +92,41 @@ def _label(key: str) -> str:
 
 
 @settings(max_examples=300, deadline=None)
-@given(values=st.fixed_dictionaries({name: texts for name in TEXT_FIELDS}),
-       plan=texts)
+@given(values=st.fixed_dictionaries({name: texts for name in TEXT_FIELDS}), plan=texts)
 @example(values={name: "a&b=c+d%20e" for name in TEXT_FIELDS}, plan="100%")
 def test_form_body_round_trips_through_the_sandbox_parser(values, plan):
     conf = dataclasses.replace(get_settings(), CUSTOM_FIELDS=CUSTOM)
-    cleaned = clean_customer({"email": "taro@example.jp", **values, "custom:plan": plan},
-                             custom_fields=CUSTOM)
+    cleaned = clean_customer(
+        {"email": "taro@example.jp", **values, "custom:plan": plan}, custom_fields=CUSTOM
+    )
     pairs = customer_form_fields("email", cleaned)
     client = SatoriClient(conf)
     method, path = ENDPOINTS["customer/upsert"]
     wire = client._form_wire("customer/upsert", method, path, pairs)
     media, parsed, files = parse_body(FORM_CONTENT_TYPE, wire.body)
     assert (media, files) == ("application/x-www-form-urlencoded", [])
-    auth = [(name, getattr(conf, name.upper())) for name in
-            ("user_key", "user_secret", "company_key", "company_secret")]
+    auth = [
+        (name, getattr(conf, name.upper()))
+        for name in ("user_key", "user_secret", "company_key", "company_secret")
+    ]
     assert parsed == auth + pairs
     # ...and the sandbox's rules keep every value as it was sent.
-    items = {k[len("customer["):-1]: v for k, v in parsed if k.startswith("customer[")
-             and k != "customer[identity_type]"}
+    items = {
+        k[len("customer[") : -1]: v
+        for k, v in parsed
+        if k.startswith("customer[") and k != "customer[identity_type]"
+    }
     data = parse_customer(items, "email", build_config(custom_fields=CUSTOM), label=_label)
     assert data.fields == {k: v for k, v in values.items()}
     assert data.custom == {"plan": plan}
 
 
 @pytest.mark.django_db
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(memo=texts, last_name=texts)
 def test_any_text_reaches_the_sandbox_unchanged_over_http(satori_sandbox, memo, last_name):
     client = SatoriClient(get_settings())
@@ -90,18 +139,26 @@ def test_any_text_reaches_the_sandbox_unchanged_over_http(satori_sandbox, memo, 
 
 
 rows = st.lists(
-    st.fixed_dictionaries({name: texts for name in TEXT_FIELDS}
-                          | {"plan": texts, "tags": st.lists(texts.filter(
-                              lambda t: "," not in t and t.strip() == t and t), max_size=3)}),
-    min_size=1, max_size=5,
+    st.fixed_dictionaries(
+        {name: texts for name in TEXT_FIELDS}
+        | {
+            "plan": texts,
+            "tags": st.lists(
+                texts.filter(lambda t: "," not in t and t.strip() == t and t), max_size=3
+            ),
+        }
+    ),
+    min_size=1,
+    max_size=5,
 )
 
 
 @settings(max_examples=200, deadline=None)
 @given(rows=rows)
 @example(rows=[{**{name: "\r" for name in TEXT_FIELDS}, "plan": '"', "tags": []}])
-@example(rows=[{**{name: "a\r\nb\n\"c\",d" for name in TEXT_FIELDS}, "plan": "\ufeffx",
-                "tags": ["🎉"]}])
+@example(
+    rows=[{**{name: 'a\r\nb\n"c",d' for name in TEXT_FIELDS}, "plan": "\ufeffx", "tags": ["🎉"]}]
+)
 def test_csv_part_round_trips_through_the_sandbox_csv_parser(rows):
     conf = dataclasses.replace(get_settings(), CUSTOM_FIELDS=CUSTOM)
     encoder = bulk_csv.RowEncoder(conf)
@@ -111,8 +168,13 @@ def test_csv_part_round_trips_through_the_sandbox_csv_parser(rows):
         email = f"row{i}@example.jp"
         fields = {name: row[name] if name in TEXT_FIELDS else "" for name in DATA_FIELDS}
         fields["collection_date"] = None
-        values = (i + 1, email, *(fields[name] for name in DATA_FIELDS), row["tags"],
-                  {"custom:plan": row["plan"]})
+        values = (
+            i + 1,
+            email,
+            *(fields[name] for name in DATA_FIELDS),
+            row["tags"],
+            {"custom:plan": row["plan"]},
+        )
         writer.add(i + 1, encoder.encode(values))
         expected.append((email, row))
     data = writer.finish().read()
@@ -122,8 +184,13 @@ def test_csv_part_round_trips_through_the_sandbox_csv_parser(rows):
     assert header == encoder.header
     assert [number for number, _cells in records] == list(range(2, len(rows) + 2))
     for (_number, cells), (email, row) in zip(records, expected, strict=True):
-        data_in = parse_customer(dict(zip(header, cells, strict=True)), "email", config,
-                                 label=_label, require_collection_route=True)
+        data_in = parse_customer(
+            dict(zip(header, cells, strict=True)),
+            "email",
+            config,
+            label=_label,
+            require_collection_route=True,
+        )
         assert data_in.email == email
         assert data_in.fields == {name: row[name] for name in TEXT_FIELDS}
         assert data_in.custom == {"plan": row["plan"]}
@@ -134,11 +201,22 @@ def test_csv_writer_writes_dates_and_permissions_the_sandbox_accepts():
     conf = dataclasses.replace(get_settings(), CUSTOM_FIELDS=CUSTOM)
     encoder = bulk_csv.RowEncoder(conf)
     values = {name: "" for name in DATA_FIELDS}
-    values.update(collection_route="web", collection_date=dt.date(2026, 2, 28),
-                  delivery_permission="reject")
+    values.update(
+        collection_route="web", collection_date=dt.date(2026, 2, 28), delivery_permission="reject"
+    )
     writer = bulk_csv.PartWriter(encoder.header)
-    writer.add(1, encoder.encode((1, "a@example.jp", *(values[n] for n in DATA_FIELDS), [],
-                                  {"custom:age": 7, "custom:birthday": "2000/01/02"})))
+    writer.add(
+        1,
+        encoder.encode(
+            (
+                1,
+                "a@example.jp",
+                *(values[n] for n in DATA_FIELDS),
+                [],
+                {"custom:age": 7, "custom:birthday": "2000/01/02"},
+            )
+        ),
+    )
     config = build_config(custom_fields=CUSTOM)
     header, [(_n, cells)] = sandbox_bulk.parse_csv(writer.finish().read(), "email", config)
     writer.close()

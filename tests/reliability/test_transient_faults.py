@@ -53,8 +53,7 @@ SETTINGS = {
 def test_thousand_customers_survive_twenty_percent_random_faults(satori_sandbox, celery_worker):
     counter = RequestCounter(satori_sandbox).install()
     faults = satori_sandbox.faults
-    faults.set_random(FAULT_RATE, kinds=FAULT_KINDS, seed=20260701,
-                      operations=["upsert"])
+    faults.set_random(FAULT_RATE, kinds=FAULT_KINDS, seed=20260701, operations=["upsert"])
     faults.timeout_seconds = HELD_FOR
     faults.retry_after = 1
     try:
@@ -65,10 +64,15 @@ def test_thousand_customers_survive_twenty_percent_random_faults(satori_sandbox,
             created_in = time.monotonic() - started
             # Change some customers once a good part has been sent: some of them
             # are synced already, some in flight, some waiting for a retry.
-            worker.wait_until(lambda: SyncState.objects.filter(
-                email__in=emails, status=SyncStatus.SYNCED).count() >= CUSTOMERS * 0.4,
-                timeout=300, interval=0.2)
-            changed = update_customers(emails[::CUSTOMERS // CHANGED_DURING_SYNC], revision=1)
+            worker.wait_until(
+                lambda: (
+                    SyncState.objects.filter(email__in=emails, status=SyncStatus.SYNCED).count()
+                    >= CUSTOMERS * 0.4
+                ),
+                timeout=300,
+                interval=0.2,
+            )
+            changed = update_customers(emails[:: CUSTOMERS // CHANGED_DURING_SYNC], revision=1)
             waited = wait_settled(emails, timeout=400, alive=worker.is_running)
             duration = time.monotonic() - started
     finally:
@@ -84,14 +88,14 @@ def test_thousand_customers_survive_twenty_percent_random_faults(satori_sandbox,
     # Every call that reached SATORI is in the SyncLog, and only those.
     logged = log_calls_by_email()
     received = {email: counter.calls("upsert", email) for email in emails}
-    mismatched = {e: (logged.get(e, 0), received[e]) for e in emails
-                  if logged.get(e, 0) != received[e]}
+    mismatched = {
+        e: (logged.get(e, 0), received[e]) for e in emails if logged.get(e, 0) != received[e]
+    }
     assert not mismatched, f"SyncLog calls != calls received (log, sandbox): {mismatched}"
     # attempts counts calls since the last change; customers never changed again
     # must show exactly the calls made for them.
-    unchanged = set(emails) - set(emails[::CUSTOMERS // CHANGED_DURING_SYNC])
-    attempts = dict(SyncState.objects.filter(email__in=unchanged)
-                    .values_list("email", "attempts"))
+    unchanged = set(emails) - set(emails[:: CUSTOMERS // CHANGED_DURING_SYNC])
+    attempts = dict(SyncState.objects.filter(email__in=unchanged).values_list("email", "attempts"))
     wrong = {e: (attempts[e], received[e]) for e in unchanged if attempts[e] != received[e]}
     assert not wrong, f"SyncState.attempts != calls made: {wrong}"
     # The fault mix really happened, every kind of it.
@@ -101,24 +105,27 @@ def test_thousand_customers_survive_twenty_percent_random_faults(satori_sandbox,
     # Each injected fault cost one retry (a slow reply may add a genuine timeout).
     assert outcomes.get(SyncLog.Outcome.RETRY, 0) >= sum(injected.values())
 
-    record_figures("transient_faults", {
-        "customers": CUSTOMERS,
-        "changed_during_sync": changed,
-        "fault_rate": FAULT_RATE,
-        "faults_injected": dict(sorted(injected.items())),
-        "calls": counter.by_operation["upsert"],
-        "sent": len(result["synced"]),
-        "retried": outcomes.get(SyncLog.Outcome.RETRY, 0),
-        "customers_retried": sum(1 for e in emails if received[e] > 1),
-        "max_calls_for_one_customer": max(received.values()),
-        "failed": len(result["failed"]),
-        "lost": len(result["missing"]),
-        "stale": len(result["stale"]),
-        "stuck": len(result["unsettled"]),
-        "final_statuses": status_counts(emails),
-        "worker": "1 worker, threads pool, concurrency 4",
-        "client_timeout_s": CLIENT_TIMEOUT,
-        "seconds_creating": round(created_in, 1),
-        "seconds_to_settle_after_changes": round(waited, 1),
-        "seconds_total": round(duration, 1),
-    })
+    record_figures(
+        "transient_faults",
+        {
+            "customers": CUSTOMERS,
+            "changed_during_sync": changed,
+            "fault_rate": FAULT_RATE,
+            "faults_injected": dict(sorted(injected.items())),
+            "calls": counter.by_operation["upsert"],
+            "sent": len(result["synced"]),
+            "retried": outcomes.get(SyncLog.Outcome.RETRY, 0),
+            "customers_retried": sum(1 for e in emails if received[e] > 1),
+            "max_calls_for_one_customer": max(received.values()),
+            "failed": len(result["failed"]),
+            "lost": len(result["missing"]),
+            "stale": len(result["stale"]),
+            "stuck": len(result["unsettled"]),
+            "final_statuses": status_counts(emails),
+            "worker": "1 worker, threads pool, concurrency 4",
+            "client_timeout_s": CLIENT_TIMEOUT,
+            "seconds_creating": round(created_in, 1),
+            "seconds_to_settle_after_changes": round(waited, 1),
+            "seconds_total": round(duration, 1),
+        },
+    )

@@ -37,8 +37,12 @@ class Command(BaseCommand):
         if current.has_credentials:
             defaults["keys"] = SandboxKeys(*(getattr(current, name) for name in AUTH_KEYS))
         else:
-            self.stderr.write(_("settings.SATORI has no complete set of keys: the sandbox "
-                                "accepts its default keys (sandbox-user-key, ...)."))
+            self.stderr.write(
+                _(
+                    "settings.SATORI has no complete set of keys: the sandbox "
+                    "accepts its default keys (sandbox-user-key, ...)."
+                )
+            )
         try:
             server = build_server(options, defaults)
         except (TypeError, ValueError) as exc:

@@ -34,31 +34,51 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--retry-failed", action="store_true",
-                            help=_("Mark failed customers for sync first."))
-        parser.add_argument("--all", action="store_true",
-                            help=_("Mark every customer for sync first."))
-        parser.add_argument("--now", action="store_true",
-                            help=_("Send pending customers in this process (no Celery)."))
-        parser.add_argument("--timeout", type=float, metavar="SECONDS",
-                            help=_("With --now: stop after this long."))
-        parser.add_argument("--progress-every", type=int, default=50, metavar="N",
-                            help=_("With --now: print progress every N customers."))
+        parser.add_argument(
+            "--retry-failed", action="store_true", help=_("Mark failed customers for sync first.")
+        )
+        parser.add_argument(
+            "--all", action="store_true", help=_("Mark every customer for sync first.")
+        )
+        parser.add_argument(
+            "--now",
+            action="store_true",
+            help=_("Send pending customers in this process (no Celery)."),
+        )
+        parser.add_argument(
+            "--timeout", type=float, metavar="SECONDS", help=_("With --now: stop after this long.")
+        )
+        parser.add_argument(
+            "--progress-every",
+            type=int,
+            default=50,
+            metavar="N",
+            help=_("With --now: print progress every N customers."),
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["timeout"] is not None and not options["now"]:
             raise usage_error(_("--timeout only makes sense with --now."))
         if options["all"]:
             count = sync.mark_for_sync(Customer.objects.all())
-            self.stdout.write(ngettext("%(n)d customer marked for sync.",
-                                       "%(n)d customers marked for sync.", count)
-                              % {"n": count})
+            self.stdout.write(
+                ngettext(
+                    "%(n)d customer marked for sync.", "%(n)d customers marked for sync.", count
+                )
+                % {"n": count}
+            )
         elif options["retry_failed"]:
             count = sync.mark_for_sync(
-                Customer.objects.filter(sync_state__status=SyncStatus.FAILED))
-            self.stdout.write(ngettext("%(n)d failed customer marked for sync.",
-                                       "%(n)d failed customers marked for sync.", count)
-                              % {"n": count})
+                Customer.objects.filter(sync_state__status=SyncStatus.FAILED)
+            )
+            self.stdout.write(
+                ngettext(
+                    "%(n)d failed customer marked for sync.",
+                    "%(n)d failed customers marked for sync.",
+                    count,
+                )
+                % {"n": count}
+            )
         if options["now"]:
             self._send_now(options["timeout"], max(1, options["progress_every"]))
             return
@@ -68,20 +88,24 @@ class Command(BaseCommand):
 
     def _status_line(self) -> None:
         counts = sync.pending_counts()
-        self.stdout.write(_("Sync states: %(counts)s") % {
-            "counts": ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "—"})
+        self.stdout.write(
+            _("Sync states: %(counts)s")
+            % {"counts": ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "—"}
+        )
 
     def _send_now(self, timeout: float | None, every: int) -> None:
         if not get_settings().SYNC_ENABLED:
-            raise CommandError(_("SATORI['SYNC_ENABLED'] is False: nothing is sent."),
-                               returncode=FAILURE)
+            raise CommandError(
+                _("SATORI['SYNC_ENABLED'] is False: nothing is sent."), returncode=FAILURE
+            )
         started = time.monotonic()
         outcomes: dict[str, int] = {}
         failed_ids: set[int] = set()
         pending = SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
         total = pending.count()
-        self.stderr.write(ngettext("%(n)d customer pending.", "%(n)d customers pending.", total)
-                          % {"n": total})
+        self.stderr.write(
+            ngettext("%(n)d customer pending.", "%(n)d customers pending.", total) % {"n": total}
+        )
         done = 0
         while True:
             now = timezone.now()
@@ -101,10 +125,15 @@ class Command(BaseCommand):
             if timeout is not None and time.monotonic() - started > timeout:
                 self._summary(outcomes)
                 seconds = int(timeout)  # as %d shows it, so the noun agrees with the number
-                raise CommandError(ngettext("Stopped after %(s)d second; the rest stays pending.",
-                                            "Stopped after %(s)d seconds; the rest stays "
-                                            "pending.", seconds) % {"s": seconds},
-                                   returncode=FAILURE)
+                raise CommandError(
+                    ngettext(
+                        "Stopped after %(s)d second; the rest stays pending.",
+                        "Stopped after %(s)d seconds; the rest stays pending.",
+                        seconds,
+                    )
+                    % {"s": seconds},
+                    returncode=FAILURE,
+                )
             if due and moved:
                 continue
             if due:  # only rows another process holds: give it a moment
@@ -121,11 +150,19 @@ class Command(BaseCommand):
         self._summary(outcomes)
         if failed_ids:
             failed = len(failed_ids)
-            raise CommandError(ngettext("%(n)d customer failed; see its last error in the admin.",
-                                        "%(n)d customers failed; see their last error in the "
-                                        "admin.", failed) % {"n": failed}, returncode=FAILURE)
+            raise CommandError(
+                ngettext(
+                    "%(n)d customer failed; see its last error in the admin.",
+                    "%(n)d customers failed; see their last error in the admin.",
+                    failed,
+                )
+                % {"n": failed},
+                returncode=FAILURE,
+            )
 
     def _summary(self, outcomes: dict[str, int]) -> None:
-        self.stdout.write(_("Done: %(counts)s") % {
-            "counts": ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())) or "—"})
+        self.stdout.write(
+            _("Done: %(counts)s")
+            % {"counts": ", ".join(f"{k}={v}" for k, v in sorted(outcomes.items())) or "—"}
+        )
         self._status_line()

@@ -22,17 +22,32 @@ from django_satori.models import Customer
 from ...models import Company, Member
 
 FAMILY_NAMES = [
-    ("佐藤", "サトウ", "sato"), ("鈴木", "スズキ", "suzuki"), ("高橋", "タカハシ", "takahashi"),
-    ("田中", "タナカ", "tanaka"), ("伊藤", "イトウ", "ito"), ("渡辺", "ワタナベ", "watanabe"),
-    ("山本", "ヤマモト", "yamamoto"), ("中村", "ナカムラ", "nakamura"),
-    ("小林", "コバヤシ", "kobayashi"), ("加藤", "カトウ", "kato"), ("吉田", "ヨシダ", "yoshida"),
-    ("山田", "ヤマダ", "yamada"), ("佐々木", "ササキ", "sasaki"), ("山口", "ヤマグチ", "yamaguchi"),
+    ("佐藤", "サトウ", "sato"),
+    ("鈴木", "スズキ", "suzuki"),
+    ("高橋", "タカハシ", "takahashi"),
+    ("田中", "タナカ", "tanaka"),
+    ("伊藤", "イトウ", "ito"),
+    ("渡辺", "ワタナベ", "watanabe"),
+    ("山本", "ヤマモト", "yamamoto"),
+    ("中村", "ナカムラ", "nakamura"),
+    ("小林", "コバヤシ", "kobayashi"),
+    ("加藤", "カトウ", "kato"),
+    ("吉田", "ヨシダ", "yoshida"),
+    ("山田", "ヤマダ", "yamada"),
+    ("佐々木", "ササキ", "sasaki"),
+    ("山口", "ヤマグチ", "yamaguchi"),
     ("松本", "マツモト", "matsumoto"),
 ]
 GIVEN_NAMES = [
-    ("太郎", "タロウ", "taro"), ("花子", "ハナコ", "hanako"), ("翔太", "ショウタ", "shota"),
-    ("美咲", "ミサキ", "misaki"), ("大輔", "ダイスケ", "daisuke"), ("陽子", "ヨウコ", "yoko"),
-    ("健一", "ケンイチ", "kenichi"), ("由美", "ユミ", "yumi"), ("直樹", "ナオキ", "naoki"),
+    ("太郎", "タロウ", "taro"),
+    ("花子", "ハナコ", "hanako"),
+    ("翔太", "ショウタ", "shota"),
+    ("美咲", "ミサキ", "misaki"),
+    ("大輔", "ダイスケ", "daisuke"),
+    ("陽子", "ヨウコ", "yoko"),
+    ("健一", "ケンイチ", "kenichi"),
+    ("由美", "ユミ", "yumi"),
+    ("直樹", "ナオキ", "naoki"),
     ("恵", "メグミ", "megumi"),
 ]
 COMPANIES = [
@@ -59,8 +74,10 @@ def member_rows() -> list[dict[str, Any]]:
         company, domain = COMPANIES[i % len(COMPANIES)]
         row: dict[str, Any] = {
             "email": f"{given[2]}.{family[2]}{i:02d}@{domain}",
-            "family_name": family[0], "family_name_kana": family[1],
-            "given_name": given[0], "given_name_kana": given[1],
+            "family_name": family[0],
+            "family_name_kana": family[1],
+            "given_name": given[0],
+            "given_name_kana": given[1],
             "company": company,
             "department": rnd.choice(DEPARTMENTS),
             "phone": f"03-{rnd.randint(1000, 9999)}-{rnd.randint(1000, 9999)}",
@@ -84,21 +101,48 @@ def member_rows() -> list[dict[str, Any]]:
 
 #: Leads typed in from an exhibition's business cards, straight into Customer.
 LEADS: list[dict[str, Any]] = [
-    {"email": "kimura.ken@expo-lead.example.jp", "last_name": "木村", "first_name": "健",
-     "lead_company_name": "木村精機株式会社", "collection_route": "[展示会] 2025 春 東京",
-     "delivery_permission": "approval", "tags": ["展示会"]},
-    {"email": "hayashi.ai@expo-lead.example.jp", "last_name": "林", "first_name": "愛",
-     "lead_company_name": "林デザイン事務所", "collection_route": "[展示会] 2025 春 東京",
-     "delivery_permission": "reject", "tags": ["展示会"]},
+    {
+        "email": "kimura.ken@expo-lead.example.jp",
+        "last_name": "木村",
+        "first_name": "健",
+        "lead_company_name": "木村精機株式会社",
+        "collection_route": "[展示会] 2025 春 東京",
+        "delivery_permission": "approval",
+        "tags": ["展示会"],
+    },
+    {
+        "email": "hayashi.ai@expo-lead.example.jp",
+        "last_name": "林",
+        "first_name": "愛",
+        "lead_company_name": "林デザイン事務所",
+        "collection_route": "[展示会] 2025 春 東京",
+        "delivery_permission": "reject",
+        "tags": ["展示会"],
+    },
     # The admin export's display value instead of the API value: refused locally.
-    {"email": "shimizu.jun@expo-lead.example.jp", "last_name": "清水", "first_name": "純",
-     "collection_route": "[展示会] 2025 春 東京", "delivery_permission": "許可"},
+    {
+        "email": "shimizu.jun@expo-lead.example.jp",
+        "last_name": "清水",
+        "first_name": "純",
+        "collection_route": "[展示会] 2025 春 東京",
+        "delivery_permission": "許可",
+    },
     # Two tags typed into one cell: the tag separator inside a tag is refused.
-    {"email": "mori.rina@expo-lead.example.jp", "last_name": "森", "first_name": "里奈",
-     "collection_route": "[展示会] 2025 春 東京", "tags": ["東京,大阪"]},
+    {
+        "email": "mori.rina@expo-lead.example.jp",
+        "last_name": "森",
+        "first_name": "里奈",
+        "collection_route": "[展示会] 2025 春 東京",
+        "tags": ["東京,大阪"],
+    },
     # A plan SATORI does not offer as a choice of the custom field.
-    {"email": "ikeda.sho@expo-lead.example.jp", "last_name": "池田", "first_name": "翔",
-     "collection_route": "[展示会] 2025 春 東京", "custom_fields": {"custom:plan": "トライアル"}},
+    {
+        "email": "ikeda.sho@expo-lead.example.jp",
+        "last_name": "池田",
+        "first_name": "翔",
+        "collection_route": "[展示会] 2025 春 東京",
+        "custom_fields": {"custom:plan": "トライアル"},
+    },
 ]
 
 
@@ -112,7 +156,8 @@ class Command(BaseCommand):
             for row in member_rows():
                 company, _created = Company.objects.get_or_create(name=row.pop("company"))
                 _member, created = Member.objects.get_or_create(
-                    email=row.pop("email"), defaults={**row, "company": company})
+                    email=row.pop("email"), defaults={**row, "company": company}
+                )
                 created_members += created
             for lead in LEADS:
                 values = dict(lead)
@@ -123,14 +168,20 @@ class Command(BaseCommand):
         total_members, total_customers = Member.objects.count(), Customer.objects.count()
         # Four counted nouns in one sentence: each is worded for its own number first.
         self.stdout.write(
-            _("Demo data: %(members)s and %(leads)s created (%(total_members)s and "
-              "%(total_customers)s in all).")
-            % {"members": ngettext("%(n)d member", "%(n)d members", created_members)
-               % {"n": created_members},
-               "leads": ngettext("%(n)d lead", "%(n)d leads", created_leads)
-               % {"n": created_leads},
-               "total_members": ngettext("%(n)d member", "%(n)d members", total_members)
-               % {"n": total_members},
-               "total_customers": ngettext("%(n)d SATORI customer", "%(n)d SATORI customers",
-                                           total_customers) % {"n": total_customers}}
+            _(
+                "Demo data: %(members)s and %(leads)s created (%(total_members)s and "
+                "%(total_customers)s in all)."
+            )
+            % {
+                "members": ngettext("%(n)d member", "%(n)d members", created_members)
+                % {"n": created_members},
+                "leads": ngettext("%(n)d lead", "%(n)d leads", created_leads)
+                % {"n": created_leads},
+                "total_members": ngettext("%(n)d member", "%(n)d members", total_members)
+                % {"n": total_members},
+                "total_customers": ngettext(
+                    "%(n)d SATORI customer", "%(n)d SATORI customers", total_customers
+                )
+                % {"n": total_customers},
+            }
         )
