@@ -1,5 +1,6 @@
 # django-satori developer tasks. A fresh clone needs only Python >= 3.11 and git:
-#   make test   - virtualenv, whole suite on SQLite, then on PostgreSQL if one can start, ruff
+#   make test   - virtualenv, whole suite on SQLite, then on PostgreSQL if one can start,
+#                 ruff (lint and format) and mypy
 # Redis and PostgreSQL are throwaway servers started by tests/services.py when
 # their binaries are installed (Debian: apt-get install redis-server postgresql).
 
@@ -19,7 +20,7 @@ PYENV_BINS  := $(subst $(space),:,$(wildcard $(HOME)/.pyenv/versions/3.1[1-9]*/b
 
 help:
 	@echo "make venv       create $(VENV) (Python >= 3.11) with the test and dev extras"
-	@echo "make test       whole suite on SQLite, then PostgreSQL; ruff"
+	@echo "make test       whole suite on SQLite, then PostgreSQL; ruff and mypy"
 	@echo "make lint       ruff and mypy"
 	@echo "make demo       run the example project's demo"
 	@echo "make bench      run the benchmarks (ARGS=--full adds 1,000,000-row exports and the import; --proposals the breakdowns)"
@@ -48,9 +49,12 @@ test: venv
 	 else echo "notice: gettext (msgfmt) not installed; using the committed .mo files"; fi
 	$(PY) -m tests.services run --junit-dir test-artifacts -- $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 lint: venv
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 demo: venv

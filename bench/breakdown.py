@@ -19,6 +19,7 @@ from django.utils import timezone
 from django_satori import sync
 from django_satori.conf import get_settings
 from django_satori.models import Customer, SyncState
+from django_satori.sync import dispatch, history, outbox
 from django_satori.tasks import push_many
 
 from . import data
@@ -55,24 +56,24 @@ def run(count: int = 1000) -> dict[str, Any]:
 
     def mark(i: int) -> None:
         with transaction.atomic():
-            sync._mark_pending(customers[i].email, customers[i].pk, "upsert", conf)
+            outbox.mark_pending(customers[i].email, customers[i].pk, "upsert", conf)
 
     data.mark_all_synced()
-    steps["sync._mark_pending (one UPDATE ... RETURNING)"] = _measure(mark, count)
-    can_return = sync._can_update_returning
-    sync._can_update_returning = lambda _connection: False  # type: ignore[assignment]
+    steps["outbox.mark_pending (one UPDATE ... RETURNING)"] = _measure(mark, count)
+    can_return = outbox.can_update_returning
+    outbox.can_update_returning = lambda _connection: False  # type: ignore[assignment]
     try:
         data.mark_all_synced()
-        steps["sync._mark_pending, ORM path (two statements; MySQL, SQLite < 3.35)"] = _measure(
+        steps["outbox.mark_pending, ORM path (two statements; MySQL, SQLite < 3.35)"] = _measure(
             mark, count
         )
     finally:
-        sync._can_update_returning = can_return  # type: ignore[assignment]
+        outbox.can_update_returning = can_return  # type: ignore[assignment]
 
     broker.flushdb()
     steps["push_many.apply_async() (one message; the publisher thread's work)"] = _measure(
         lambda i: push_many.apply_async(
-            ([i],), countdown=conf.COALESCE_SECONDS, retry_policy=sync.PUBLISH_RETRY
+            ([i],), countdown=conf.COALESCE_SECONDS, retry_policy=dispatch.PUBLISH_RETRY
         ),
         count,
     )
@@ -129,12 +130,12 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
     wrap(sync, "_write_logs", "SyncLog INSERT (one per batch)")
     wrap(sync, "push_batch", "push_batch, total")
     # One log INSERT per batch, at its end: outside the rows it would be counted in twice.
-    sync.LOG_BATCH = sync.DISPATCH_BATCH
+    history.LOG_BATCH = dispatch.DISPATCH_BATCH
     sync.push_batch(ids[:1])  # the client's first connection is not what is measured
     totals.clear()
     rest = ids[1:]
-    for start in range(0, len(rest), sync.DISPATCH_BATCH):  # as push_many messages carry them
-        sync.push_batch(rest[start : start + sync.DISPATCH_BATCH])
+    for start in range(0, len(rest), dispatch.DISPATCH_BATCH):  # as push_many messages carry them
+        sync.push_batch(rest[start : start + dispatch.DISPATCH_BATCH])
     if SyncState.objects.filter(status=SyncStatus.SYNCED).count() != len(ids):
         raise RuntimeError("not every push succeeded")
     n = len(rest)

@@ -28,7 +28,7 @@ from django.db import transaction
 from django_satori import bulk, bulk_csv
 from django_satori.conf import get_settings
 from django_satori.models import BulkJob, BulkPart, BulkRowError, BulkState, Customer, SyncState
-from django_satori.sync import DATA_FIELDS
+from django_satori.schema import DATA_FIELDS
 
 from . import data
 from .measure import peak_rss_kib, profiled, timed

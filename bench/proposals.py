@@ -16,11 +16,12 @@ from django.db.models import F
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from django_satori import sync
+from django_satori.models import SyncState, SyncStatus
+from django_satori.sync import outbox
 
 
 def debounce() -> None:
-    """Stands in for ``sync._mark_pending``: every save while pending moves ``not_before``.
+    """Stands in for ``outbox.mark_pending``: every save while pending moves ``not_before``.
 
     Today the window is fixed: it opens at the first save and a save that
     comes after it closes starts another call. Real patch (sync.py,
@@ -31,7 +32,7 @@ def debounce() -> None:
     prototype leaves the cap out. ``push`` already handles the moved window:
     a task that finds the row not yet due re-queues itself for the rest.
     """
-    original = sync._mark_pending
+    original = outbox.mark_pending
 
     def mark_pending(
         email: str, customer_id: int | None, operation: str, conf: Any
@@ -39,12 +40,12 @@ def debounce() -> None:
         state_id, became_pending = original(email, customer_id, operation, conf)
         if not became_pending:
             later = timezone.now() + dt.timedelta(seconds=conf.COALESCE_SECONDS)
-            sync.SyncState.objects.filter(pk=state_id, status=sync.SyncStatus.PENDING).update(
+            SyncState.objects.filter(pk=state_id, status=SyncStatus.PENDING).update(
                 not_before=Greatest(F("not_before"), later)
             )
         return state_id, became_pending
 
-    sync._mark_pending = mark_pending
+    outbox.mark_pending = mark_pending
 
 
 PROPOSALS: dict[str, Callable[[], None]] = {

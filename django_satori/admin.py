@@ -25,6 +25,7 @@ from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext, pgettext_lazy
 
 from . import bulk, sync
+from .admin_import import IMPORT_PERMS, import_urls
 from .conf import get_settings
 from .models import (
     BulkJob,
@@ -196,15 +197,11 @@ class CustomerAdmin(admin.ModelAdmin):
     # -- importing SATORI's admin export (django_satori.admin_import) ---------------
 
     def get_urls(self) -> list[Any]:
-        from .admin_import import import_urls
-
         return import_urls(self.admin_site) + super().get_urls()
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        from .admin_import import IMPORT_PERMS
-
         extra = {"satori_can_import": request.user.has_perms(IMPORT_PERMS), **(extra_context or {})}
         return super().changelist_view(request, extra)
 

@@ -11,6 +11,9 @@ class DjangoSatoriConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from . import checks, conf, sync  # noqa: F401  (registers checks and signal receivers)
+        # Imported once the models are loaded: they register the system checks and
+        # connect the receivers that record changes.
+        from . import checks  # noqa: F401
+        from .sync import connect_signals
 
-        sync.connect_signals()
+        connect_signals()

@@ -27,8 +27,6 @@ the data SATORI has is already their current version. Nothing is lost.
 from __future__ import annotations
 
 import datetime as dt
-import functools
-import json
 import logging
 import pickle
 import re
@@ -38,14 +36,14 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, cast
 
 from django.core.files.storage import Storage, storages
-from django.db import connections, models, router, transaction
-from django.db.models import Case, F, Q, Sum, Value, When
-from django.db.models.expressions import RawSQL
+from django.db import connections, models, transaction
+from django.db.models import F, Q, Sum
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from . import bulk_csv
+from .client import get_client
 from .conf import SatoriSettings, get_settings
 from .exceptions import SatoriError, SatoriNotFoundError, SatoriValidationError
 from .models import (
@@ -55,13 +53,12 @@ from .models import (
     BulkRowError,
     BulkState,
     Customer,
-    Operation,
     SyncLog,
     SyncState,
-    SyncStatus,
 )
-from .rawsql import analyze_if_stale, update_rows
+from .rawsql import analyze_if_stale
 from .redaction import for_log
+from .sync import dispatch, history, outbox
 
 log = logging.getLogger("django_satori.bulk")
 
@@ -69,8 +66,6 @@ ACTIVE_STATES = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING, Bu
 TERMINAL_STATES = (BulkState.FINISHED, BulkState.FAILED, BulkState.CANCELLED)
 #: SATORI takes at most this many data rows per upload.
 MAX_CHUNK_SIZE = 10_000
-#: E-mails or primary keys per ``IN (...)``: below SQLite's old 999-variable limit.
-BATCH = 500
 #: Upload attempts for network errors, timeouts and 5xx before the part fails.
 UPLOAD_MAX_ATTEMPTS = 4
 #: An upload claimed this long ago without a process code was interrupted.
@@ -81,13 +76,6 @@ POLL_CLAIM_SECONDS = 120.0
 PROGRESS_EVERY = 10_000
 
 T = TypeVar("T")
-#: (outbox row id, customer id, tags sent) of a part's customer, by e-mail.
-StateRow = tuple[int, Any, Any]
-
-
-def chunked(items: Sequence[T], size: int = BATCH) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def bulk_storage(conf: SatoriSettings | None = None) -> Storage:
@@ -199,7 +187,7 @@ def cancel_job(job: BulkJob | int) -> CancelResult:
         # Only the parts cancelled here: an upload may have claimed one since the list
         # was read (the job's lock does not stop it), and that part keeps its customers.
         released = sum(
-            _release_part(pk)
+            outbox.release_part(pk)
             for pk in BulkPart.objects.filter(
                 pk__in=part_ids, state=BulkState.CANCELLED
             ).values_list("pk", flat=True)
@@ -236,32 +224,16 @@ def refresh_job(job: BulkJob | int) -> int:
 # --------------------------------------------------------------------------
 
 
-def _enqueue(task_name: str, object_id: int, countdown: float = 0) -> bool:
-    from . import tasks
-
-    try:
-        getattr(tasks, task_name).apply_async((object_id,), countdown=max(0.0, countdown))
-    except Exception:
-        log.warning(
-            "Could not queue %s(%s); the sweep will pick it up.",
-            task_name,
-            object_id,
-            exc_info=True,
-        )
-        return False
-    return True
-
-
 def enqueue_run(job_id: int) -> bool:
-    return _enqueue("run_bulk_job", job_id)
+    return dispatch.dispatch_bulk_run(job_id)
 
 
 def enqueue_upload(part_id: int, countdown: float = 0) -> bool:
-    return _enqueue("upload_bulk_part", part_id, countdown)
+    return dispatch.dispatch_bulk_upload(part_id, countdown)
 
 
 def enqueue_poll(part_id: int, countdown: float = 0) -> bool:
-    return _enqueue("poll_bulk_part", part_id, countdown)
+    return dispatch.dispatch_bulk_poll(part_id, countdown)
 
 
 # --------------------------------------------------------------------------
@@ -330,7 +302,7 @@ def _release_unfinished_parts(job: BulkJob) -> list[int]:
     """Give back the customers of the parts an export was still writing; returns their ids."""
     part_ids = list(job.parts.filter(state=BulkState.EXPORTING).values_list("pk", flat=True))
     for part_id in part_ids:
-        _release_part(part_id)
+        outbox.release_part(part_id)
     return part_ids
 
 
@@ -363,12 +335,7 @@ class _Export:
             # The claims join the selection to the outbox: plans from stale statistics
             # (a large mark_for_sync a moment ago) made this take minutes instead of seconds.
             analyze_if_stale(SyncState, Customer)
-        rows = (
-            job_queryset(self.job)
-            .order_by("pk")
-            .values_list(*bulk_csv.VALUE_FIELDS)
-            .iterator(chunk_size=self.conf.BULK_EXPORT_ITERATOR_CHUNK)
-        )
+        rows = _selection_rows(job_queryset(self.job), self.conf.BULK_EXPORT_ITERATOR_CHUNK)
         encoder = self.encoder
         encode = encoder._encode
         progress, every, size = self.progress, self.every, self.size
@@ -423,17 +390,17 @@ class _Export:
                 before_upload=True,
             )
         )
-        if len(self.errors) >= BATCH:
+        if len(self.errors) >= outbox.BATCH:
             self._flush_errors()
 
     def _flush_errors(self) -> None:
         if not self.errors:
             return
         errors, self.errors = self.errors, []
-        BulkRowError.objects.bulk_create(errors, batch_size=BATCH)
+        BulkRowError.objects.bulk_create(errors, batch_size=outbox.BATCH)
         BulkJob.objects.filter(pk=self.job.pk).update(invalid_count=self.invalid)
         if self.claims:
-            _mark_invalid(errors)
+            outbox.mark_invalid({e.email: e.message for e in errors})
 
     # -- parts ----------------------------------------------------------------------
 
@@ -453,7 +420,7 @@ class _Export:
                     row_count=len(writer),
                 )
                 if self.claims:
-                    claimed = _claim(part, writer.members, self.conf)
+                    claimed = outbox.claim_for_part(part, writer.members, self.conf)
             if self.claims:
                 self.skipped += len(writer) - len(claimed)
                 # claimed holds only members' e-mails: as many as rows means no duplicates.
@@ -463,7 +430,7 @@ class _Export:
                 if writer.duplicates():
                     writer.keep_only({email for _pk, email in writer.members})
                 if self.settle_dry_run:
-                    _settle_dry_run([email for _pk, email in writer.members])
+                    outbox.settle_dry_run([email for _pk, email in writer.members])
             if not len(writer):
                 part.delete()
                 self.number -= 1
@@ -476,7 +443,7 @@ class _Export:
                 state=ready, csv_file=name, row_count=len(writer)
             )
             if not moved:  # cancelled while we wrote it
-                _release_part(part.pk)
+                outbox.release_part(part.pk)
                 return False
             self._count()
             if not self.job.dry_run:
@@ -515,6 +482,28 @@ class _Export:
         _refresh_job(self.job.pk)
 
 
+def _selection_rows(customers: models.QuerySet[Customer], page: int) -> Iterator[tuple[Any, ...]]:
+    """The selection's ``VALUE_FIELDS`` in primary-key order, ``page`` rows per query.
+
+    On SQLite each page is read whole and its cursor closed before the export writes
+    (claims, parts): an open cursor holds a read transaction, which in rollback-journal
+    mode keeps every other process from committing (the sweep, the web server) and in
+    WAL mode makes this connection's next write fail at once once another process has
+    written. Other databases stream through one server-side cursor.
+    """
+    rows = customers.order_by("pk").values_list(*bulk_csv.VALUE_FIELDS)
+    if connections[rows.db].vendor != "sqlite":
+        yield from rows.iterator(chunk_size=page)
+        return
+    last = None
+    while True:
+        chunk = list((rows if last is None else rows.filter(pk__gt=last))[:page])
+        yield from chunk
+        if len(chunk) < page:
+            return
+        last = chunk[-1][0]
+
+
 def _counted(
     rows: Iterable[T], every: int, progress: Callable[[BulkJob, int], Any], job: BulkJob
 ) -> Iterator[T]:
@@ -523,172 +512,6 @@ def _counted(
         if seen % every == 0:
             progress(job, seen)
         yield values
-
-
-def _busy(now: dt.datetime) -> Q:
-    """Rows a worker is sending right now (their claim has not expired)."""
-    return Q(status=SyncStatus.SENDING, lease_until__gt=now)
-
-
-def _claim(part: BulkPart, members: list[tuple[int, str]], conf: SatoriSettings) -> set[str]:
-    """Claim the outbox rows of ``members`` for ``part``; returns the e-mails claimed.
-
-    Left out: rows being sent singly or already in another part (counted as
-    skipped; an expired send is given back by the sweep first), rows whose
-    e-mail changed locally (SATORI must be told by hashcode, which only a
-    single push does: they are dispatched), and, with ``CREATE_UNKNOWN``
-    False, customers SATORI does not know.
-    """
-    now = timezone.now()
-    emails = list(dict.fromkeys(email for _pk, email in members))  # each once, in order
-    identity_change = Q(previous_email__gt="", hashcode__gt="")
-    unknown = Q(in_satori=False, hashcode="")
-    # Rows being sent are left alone even when their claim has expired: the sweep gives
-    # those back first, and a slow worker's late answer must not land on a bulk row.
-    free = (
-        SyncState.objects.filter(bulk_part__isnull=True)
-        .exclude(status=SyncStatus.SENDING)
-        .exclude(identity_change)
-    )
-    if not conf.CREATE_UNKNOWN:
-        free = free.exclude(unknown)
-    vendor = connections[router.db_for_write(SyncState)].vendor
-    updated = 0
-    for members_of in _by_email(emails, vendor):
-        # As few columns as possible: this UPDATE is most of an export's cost.
-        updated += free.filter(members_of).update(
-            bulk_part=part, status=SyncStatus.IN_BULK, bulk_version=F("version")
-        )
-    if updated == len(emails) and vendor in ("postgresql", "sqlite"):
-        # The part is new and e-mails are unique (compared exactly, as these databases do):
-        # every member's row is now the part's, so there is nothing to read back.
-        return set(emails)
-    claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
-    rest = [(pk, email) for pk, email in members if email not in claimed]
-    existing: set[str] = set()
-    handover: list[int] = []
-    for pairs in chunked(rest):
-        rows = SyncState.objects.filter(email__in=[e for _pk, e in pairs]).values_list(
-            "pk", "email", "bulk_part_id", "status", "previous_email", "hashcode", "in_satori"
-        )
-        for pk, email, bulk_part, status, previous, hashcode, in_satori in rows:
-            existing.add(email)
-            if bulk_part is not None or status == SyncStatus.SENDING:
-                continue
-            if previous and hashcode:
-                handover.append(pk)
-            elif not conf.CREATE_UNKNOWN and not in_satori and not hashcode:
-                SyncState.objects.filter(pk=pk, bulk_part__isnull=True).update(
-                    status=SyncStatus.NOT_IN_SATORI,
-                    updated_at=now,
-                    last_error=_(
-                        "Not in SATORI, and SATORI['CREATE_UNKNOWN'] is False: not created."
-                    ),
-                )
-    missing = [(pk, email) for pk, email in rest if email not in existing]
-    if missing:
-        # Customers written with update()/bulk_create() have no outbox row yet.
-        creatable = conf.CREATE_UNKNOWN
-        SyncState.objects.bulk_create(
-            [
-                SyncState(
-                    email=email,
-                    customer_id=pk,
-                    operation=Operation.UPSERT,
-                    status=SyncStatus.IN_BULK if creatable else SyncStatus.NOT_IN_SATORI,
-                    bulk_part=part if creatable else None,
-                    bulk_version=1,
-                )
-                for pk, email in missing
-            ],
-            batch_size=BATCH,
-            ignore_conflicts=True,
-        )
-        claimed = set(SyncState.objects.filter(bulk_part=part).values_list("email", flat=True))
-    if handover:
-        _hand_over(handover, now)
-    return claimed
-
-
-def _by_email(emails: list[str], vendor: str) -> Iterator[Q]:
-    """Conditions that select the outbox rows of ``emails``: one for the whole list where
-    the database takes it as a single parameter (one statement per part), else batches.
-
-    SQLite is steered to the rows by primary key, found through the e-mail index: given
-    ``bulk_part IS NULL`` beside ``email IN (...)`` and no planner statistics, it walks
-    the index on ``bulk_part_id``, i.e. every unclaimed row, for each statement.
-    """
-    if not emails:
-        return
-    if vendor == "postgresql":
-        yield Q(email__in=RawSQL("SELECT unnest(%s::text[])", (emails,)))
-        return
-    if vendor == "sqlite":  # JSON1 is built in (and needed by the JSONFields anyway)
-        batches: Iterable[Any] = [RawSQL("SELECT value FROM json_each(%s)", (json.dumps(emails),))]
-    else:
-        batches = chunked(emails)
-    for batch in batches:
-        yield Q(pk__in=SyncState.objects.filter(email__in=batch).values("pk"))
-
-
-def _hand_over(state_ids: list[int], now: dt.datetime) -> None:
-    """Leave these to single pushes (which identify a changed e-mail by hashcode)."""
-    from .sync import dispatch_many
-
-    for batch in chunked(state_ids):
-        SyncState.objects.filter(pk__in=batch, bulk_part__isnull=True).update(
-            status=SyncStatus.PENDING, not_before=now, dispatched_at=now, updated_at=now
-        )
-    transaction.on_commit(functools.partial(dispatch_many, list(state_ids)))
-
-
-def _mark_invalid(errors: list[BulkRowError]) -> None:
-    """Show a row's local error on its outbox row (failed), unless it changed since.
-
-    Without this the sweep would put the same invalid rows into every
-    automatic job. The version is compared in the UPDATE itself, so a save
-    that lands meanwhile keeps its row pending.
-    """
-    now = timezone.now()
-    by_email = {e.email: e.message for e in errors}
-    snapshot = list(
-        SyncState.objects.filter(email__in=list(by_email), bulk_part__isnull=True)
-        .exclude(_busy(now))
-        .values_list("pk", "email", "version")
-    )
-    for pk, email, version in snapshot:
-        SyncState.objects.filter(pk=pk, version=version, bulk_part__isnull=True).update(
-            status=SyncStatus.FAILED, last_error=by_email[email], last_error_at=now, updated_at=now
-        )
-
-
-def _settle_dry_run(emails: list[str]) -> None:
-    # An automatic job under SATORI['DRY_RUN']: like a single push, the row ends as dry_run,
-    # so the sweep does not start the same job again every minute.
-    now = timezone.now()
-    for batch in chunked(emails):
-        SyncState.objects.filter(
-            email__in=batch, status=SyncStatus.PENDING, bulk_part__isnull=True
-        ).update(status=SyncStatus.DRY_RUN, updated_at=now)
-
-
-def _release_part(part_id: int, *, error: str = "", hold_seconds: float = 0) -> int:
-    """Give a part's customers back: synced if SATORI already has their current version,
-    else pending. ``hold_seconds`` keeps the sweep from retrying at once after a failure."""
-    now = timezone.now()
-    changes: dict[str, Any] = {
-        "bulk_part": None,
-        "status": Case(
-            When(version=F("synced_version"), then=Value(SyncStatus.SYNCED)),
-            default=Value(SyncStatus.PENDING),
-        ),
-        "dispatched_at": None,
-        "not_before": now + dt.timedelta(seconds=hold_seconds) if hold_seconds else None,
-        "updated_at": now,
-    }
-    if error:
-        changes.update(last_error=error, last_error_at=now)
-    return SyncState.objects.filter(bulk_part_id=part_id).update(**changes)
 
 
 # --------------------------------------------------------------------------
@@ -718,8 +541,6 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
     )
     started = time.monotonic()
     try:
-        from .client import get_client
-
         client = get_client()
         send = client.bulk_register if job.mode == BulkMode.REGISTRATION else client.bulk_upsert
         with bulk_storage(conf).open(str(part.csv_file.name), "rb") as fileobj:
@@ -744,7 +565,7 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
         uploaded_at=now,
         next_poll_at=now + dt.timedelta(seconds=delay),
     )
-    _log(
+    history.log(
         endpoint,
         SyncLog.Outcome.OK,
         status=result.status,
@@ -767,7 +588,7 @@ def _upload_failed(
 ) -> tuple[str, float | None]:
     attempt = part.upload_attempts
     retry = exc.retryable and attempt < UPLOAD_MAX_ATTEMPTS
-    _log(
+    history.log(
         endpoint,
         SyncLog.Outcome.RETRY if retry else SyncLog.Outcome.FAILED,
         status=exc.status,
@@ -778,9 +599,7 @@ def _upload_failed(
         message=str(exc),
     )
     if retry:
-        from .sync import backoff
-
-        delay = backoff(attempt, conf, getattr(exc, "retry_after", None))
+        delay = outbox.backoff(attempt, conf, getattr(exc, "retry_after", None))
         # SATORI has no idempotency key: after a timeout the file may have been
         # received, so this retry can start a second SATORI job for the same rows.
         note = _(
@@ -813,7 +632,7 @@ def _fail_part(part_id: int, message: str) -> None:
         .update(state=BulkState.FAILED, error=message, finished_at=now, next_poll_at=None)
     )
     if moved:
-        _release_part(part_id, error=message, hold_seconds=conf.RETRY_BACKOFF_MAX_SECONDS)
+        outbox.release_part(part_id, error=message, hold_seconds=conf.RETRY_BACKOFF_MAX_SECONDS)
         part = BulkPart.objects.get(pk=part_id)
         # The message may quote SATORI, whose errors can name a customer's address.
         log.warning(
@@ -868,13 +687,11 @@ def poll_part(part_id: int, *, force: bool = False) -> tuple[str, float | None]:
             % {"hours": conf.BULK_DEADLINE_SECONDS / 3600},
         )
         return "failed", None
-    from .client import get_client
-
     started = time.monotonic()
     try:
         status = get_client().bulk_status(part.process_code)
     except SatoriNotFoundError as exc:
-        _log(
+        history.log(
             "bulk_customers/status.json",
             SyncLog.Outcome.FAILED,
             status=exc.status,
@@ -891,7 +708,7 @@ def poll_part(part_id: int, *, force: bool = False) -> tuple[str, float | None]:
         )
         return "failed", None
     except SatoriError as exc:
-        _log(
+        history.log(
             "bulk_customers/status.json",
             SyncLog.Outcome.RETRY if exc.retryable else SyncLog.Outcome.FAILED,
             status=exc.status,
@@ -916,7 +733,7 @@ def poll_part(part_id: int, *, force: bool = False) -> tuple[str, float | None]:
         )
         return "processing", delay
     apply_results(part, [(row.row_number, row.message) for row in status.failed_rows])
-    _log(
+    history.log(
         "bulk_customers/status.json",
         SyncLog.Outcome.OK,
         status=status.status,
@@ -973,15 +790,15 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
                 tags = cells[columns.index("append_tags")] if "append_tags" in columns else ""
                 if tags:
                     tags_by_email[email] = tags.split(conf.TAG_SEPARATOR)
-        states = {
-            email: (pk, customer_id, sent_tags)
-            for pk, email, customer_id, sent_tags in SyncState.objects.filter(
-                bulk_part=part
-            ).values_list("pk", "email", "customer_id", "sent_tags")
-        }
-        _write_failures(part, failed_by_email, states, columns, now)
-        succeeded = [email for email in states if email not in failed_by_email]
-        _write_successes(part, succeeded, states, tags_by_email, now)
+        members = outbox.part_members(part)
+        _record_row_errors(part, failed_by_email, members, columns)
+        pending = outbox.write_part_results(
+            part,
+            members,
+            {email: message for email, (_row, message) in failed_by_email.items()},
+            tags_by_email,
+        )
+        succeeded = len([email for email in members if email not in failed_by_email])
         note = ""
         if failed:
             note = ngettext(
@@ -990,27 +807,19 @@ def apply_results(part: BulkPart, failed_rows: Iterable[tuple[int, str]]) -> boo
                 len(failed),
             ) % {"n": len(failed), "rows": ", ".join(map(str, sorted(failed)[:20]))}
         BulkPart.objects.filter(pk=part.pk).update(
-            succeeded_count=len(succeeded), failed_count=len(failed_by_email), error=note
-        )
-        pending = list(
-            SyncState.objects.filter(
-                pk__in=[v[0] for v in states.values()], status=SyncStatus.PENDING
-            ).values_list("pk", flat=True)
+            succeeded_count=succeeded, failed_count=len(failed_by_email), error=note
         )
     if pending and len(pending) <= conf.BULK_THRESHOLD:
-        from .sync import dispatch_many
-
-        dispatch_many(pending)  # saved during the job: send the newer version
+        dispatch.dispatch_many(pending)  # saved during the job: send the newer version
     _refresh_job(part.job_id)
     return True
 
 
-def _write_failures(
+def _record_row_errors(
     part: BulkPart,
     failed_by_email: dict[str, tuple[int, str]],
-    states: dict[str, StateRow],
+    members: dict[str, outbox.PartMember],
     columns: list[str],
-    now: dt.datetime,
 ) -> None:
     errors = [
         BulkRowError(
@@ -1018,70 +827,13 @@ def _write_failures(
             part=part,
             row_number=row_number,
             email=email[:255],
-            customer_id=states[email][1] if email in states else None,
+            customer_id=members[email][1] if email in members else None,
             field=_field_in(message, columns)[:100],
             message=message,
         )
         for email, (row_number, message) in failed_by_email.items()
     ]
-    BulkRowError.objects.bulk_create(errors, batch_size=BATCH)
-    rows = [
-        SyncState(pk=states[email][0], last_error=message, last_error_at=now)
-        for email, (_n, message) in failed_by_email.items()
-        if email in states
-    ]
-    for batch in chunked(rows):
-        SyncState.objects.bulk_update(batch, ["last_error", "last_error_at"])
-        SyncState.objects.filter(pk__in=[r.pk for r in batch], bulk_part=part).update(
-            status=Case(
-                When(version=F("bulk_version"), then=Value(SyncStatus.FAILED)),
-                default=Value(SyncStatus.PENDING),
-            ),
-            bulk_part=None,
-            attempts=F("attempts") + 1,
-            not_before=None,
-            dispatched_at=None,
-            updated_at=now,
-        )
-
-
-def _write_successes(
-    part: BulkPart,
-    emails: list[str],
-    states: dict[str, StateRow],
-    tags_by_email: dict[str, list[str]],
-    now: dt.datetime,
-) -> None:
-    # SATORI now has these tags too; a later single push removes any dropped locally.
-    grown = []
-    for email in emails:
-        sent = list(states[email][2] or [])
-        added = [t for t in tags_by_email.get(email, ()) if t and t not in sent]
-        if added:
-            grown.append({"pk": states[email][0], "sent_tags": sent + added})
-    # One UPDATE per row, pipelined: bulk_update() built a CASE over each batch in
-    # Python, 1.6 of the 2.1 s a 10,000-row part took to apply.
-    update_rows(SyncState, ["sent_tags"], grown)
-    ids = [states[email][0] for email in emails]
-    for batch in chunked(ids):
-        SyncState.objects.filter(pk__in=batch, bulk_part=part).update(
-            status=Case(
-                When(version=F("bulk_version"), then=Value(SyncStatus.SYNCED)),
-                default=Value(SyncStatus.PENDING),
-            ),
-            synced_version=F("bulk_version"),
-            in_satori=True,
-            last_synced_at=now,
-            attempts=0,
-            last_error="",
-            last_error_at=None,
-            bulk_part=None,
-            # Unknown to us what exactly SATORI stored: the next single push sends in full.
-            fingerprint="",
-            not_before=None,
-            dispatched_at=None,
-            updated_at=now,
-        )
+    BulkRowError.objects.bulk_create(errors, batch_size=outbox.BATCH)
 
 
 def _refresh_job(job_id: int) -> None:
@@ -1217,30 +969,3 @@ def drive_job(
         if timeout is not None and time.monotonic() - started > timeout:
             return job
         sleep(max(0.05, min(when for when, _step in due.values()) - time.monotonic()))
-
-
-# --------------------------------------------------------------------------
-
-
-def _log(
-    endpoint: str,
-    outcome: str,
-    *,
-    status: int | None = None,
-    started: float | None = None,
-    attempt: int = 0,
-    request: Any = None,
-    response: Any = None,
-    message: str = "",
-) -> None:
-    duration = int((time.monotonic() - started) * 1000) if started else 0
-    SyncLog.objects.create(
-        endpoint=endpoint,
-        outcome=outcome,
-        satori_status=status,
-        attempt=attempt,
-        duration_ms=duration,
-        request_summary=request if isinstance(request, dict) else {},
-        response_summary=response if isinstance(response, dict) else {},
-        message=message,
-    )

@@ -29,6 +29,7 @@ from .schema import (
     _CUSTOM_ID_RE,
     _EMAIL_RE,
     CUSTOM_PREFIX,
+    DATA_FIELDS,
     DELIVERY_PERMISSIONS,
     EMAIL_MAX_LENGTH,
     clean_customer,
@@ -36,7 +37,6 @@ from .schema import (
     join_tags,
     normalize_email,
 )
-from .sync import DATA_FIELDS
 
 #: ``values_list`` fields of Customer read for each row, in this order.
 VALUE_FIELDS: tuple[str, ...] = ("pk", "email", *DATA_FIELDS, "tags", "custom_fields")

@@ -12,6 +12,7 @@ from django.conf import settings as django_settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from .conf import AUTH_KEYS, SETTING_NAMES, SatoriSettings, raw_settings
+from .mapping import mapping_errors
 from .schema import CUSTOM_FIELD_TYPES, custom_field_type
 
 # Expected types for each setting; checked so a typo like "30" fails at start-up.
@@ -129,7 +130,8 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
 
     messages.extend(_check_values(conf))
     messages.extend(_check_custom_fields(conf))
-    messages.extend(_check_mappings(conf))
+    # migrate (and the test runner) name the databases they run the checks for.
+    messages.extend(_check_mappings(conf, migrating=kwargs.get("databases") is not None))
     return messages
 
 
@@ -232,11 +234,17 @@ def _check_custom_fields(conf: SatoriSettings) -> list[CheckMessage]:
     return messages
 
 
-def _check_mappings(conf: SatoriSettings) -> list[CheckMessage]:
-    from .mapping import MappingError, load_mappings
-
-    try:
-        load_mappings(conf)
-    except MappingError as exc:
-        return [Error(str(exc), id="django_satori.E005", obj="SATORI['MAPPINGS']")]
-    return []
+def _check_mappings(conf: SatoriSettings, *, migrating: bool) -> list[CheckMessage]:
+    # Each mistake is its own message. They do not stop ``migrate`` (which runs the checks
+    # for its database): the tables do not depend on MAPPINGS, and a deployment must be
+    # able to migrate before it fixes them. Everywhere else they are errors.
+    level = Warning if migrating else Error
+    return [
+        level(
+            message,
+            hint=None if not migrating else "Reported as error E005 by `manage.py check`.",
+            id="django_satori.E005",
+            obj="SATORI['MAPPINGS']",
+        )
+        for message in mapping_errors(conf)
+    ]

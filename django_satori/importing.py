@@ -50,8 +50,9 @@ from .models import (
     SyncState,
     SyncStatus,
 )
-from .rawsql import analyze, insert_rows, pairs_in, update_rows
+from .rawsql import analyze, insert_rows, pairs_in
 from .schema import CUSTOM_PREFIX, STANDARD_FIELDS, custom_field_type, normalize_email
+from .sync import outbox
 
 #: ``--encoding`` choices. ``cp932`` is Windows-31J, the Shift_JIS that Japanese Windows writes.
 ENCODINGS: tuple[str, ...] = ("auto", "utf-8", "utf-8-sig", "cp932")
@@ -550,7 +551,6 @@ _CUSTOMER_COLUMNS: tuple[str, ...] = (
     "custom_fields",
     *(k for k in IMPORT_KEYS if k not in ("email", "hashcode")),
 )
-_STATE_COLUMNS: tuple[str, ...] = ("email", "customer_id", "hashcode", "remote_values", "sent_tags")
 
 
 def customer_fields(row: ExportRow) -> dict[str, Any]:
@@ -830,26 +830,8 @@ class _Importer:
             new_states.extend(
                 self._state(row, pks[row.email], tags=row.values.get("tags")) for row in new_rows
             )
-        # Status "synced" with version 0: nothing is pending, so nothing goes out;
-        # the reconciliation report shows whether the values agree.
-        insert_rows(
-            SyncState,
-            _STATE_COLUMNS,
-            new_states,
-            constants={
-                "operation": Operation.UPSERT,
-                "status": SyncStatus.SYNCED,
-                "version": 0,
-                "synced_version": 0,
-                "in_satori": True,
-                "remote_seen_at": self.stamp,
-            },
-        )
-        update_rows(
-            SyncState,
-            ("in_satori", "hashcode", "remote_values", "remote_seen_at", "customer_id"),
-            changed,
-        )
+        outbox.link_imported(new_states, self.stamp)
+        outbox.record_seen(changed)
         return counts, skips
 
     def _conflict(

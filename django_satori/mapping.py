@@ -95,58 +95,102 @@ class ModelMapping:
         return values
 
 
-def load_mappings(conf: SatoriSettings | None = None) -> dict[type[models.Model], ModelMapping]:
+def load_mappings(
+    conf: SatoriSettings | None = None, errors: list[str] | None = None
+) -> dict[type[models.Model], ModelMapping]:
+    """The valid entries of ``SATORI['MAPPINGS']``, by model.
+
+    Every mistake is found, not only the first: with ``errors`` given, each one is
+    appended there and its entry left out; without, they are raised together as
+    one :class:`MappingError`.
+    """
     conf = conf or get_settings()
+    found: list[str] = []
     result: dict[type[models.Model], ModelMapping] = {}
     for label, entry in conf.MAPPINGS.items():
-        where = f"SATORI['MAPPINGS'][{label!r}]"
         try:
-            model = apps.get_model(label)
-        except (LookupError, ValueError):
-            raise MappingError(f"{where}: no installed model {label!r}.") from None
-        if not isinstance(entry, Mapping):
-            raise MappingError(f"{where} must be a dict.")
-        unknown = set(entry) - _ALLOWED_KEYS
-        if unknown:
-            raise MappingError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}.")
-        if "email" not in entry:
-            raise MappingError(f"{where}: 'email' is required.")
-        fields: dict[str, Getter] = {}
-        for key, spec in (entry.get("fields") or {}).items():
-            if key in _NOT_MAPPABLE or not (
-                key in STANDARD_FIELDS or key.startswith(CUSTOM_PREFIX)
-            ):
-                raise MappingError(f"{where}['fields']: {key!r} is not a SATORI customer item.")
-            if (
-                key.startswith(CUSTOM_PREFIX)
-                and key[len(CUSTOM_PREFIX) :] not in conf.CUSTOM_FIELDS
-            ):
-                raise MappingError(
-                    f"{where}['fields']: {key!r} is not declared in SATORI['CUSTOM_FIELDS']."
-                )
-            fields[key] = _getter(spec, f"{where}['fields'][{key!r}]")
-        on_delete = entry.get("on_delete", "delete")
-        if on_delete not in ON_DELETE_CHOICES:
-            raise MappingError(f"{where}['on_delete'] must be 'delete' or 'stop'.")
-        result[model] = ModelMapping(
-            model=model,
-            label=model._meta.label_lower,
-            email=_getter(entry["email"], f"{where}['email']"),
-            fields=fields,
-            tags=_getter(entry["tags"], f"{where}['tags']") if entry.get("tags") else None,
-            condition=(
-                _getter(entry["condition"], f"{where}['condition']")
-                if entry.get("condition")
-                else None
-            ),
-            on_delete=on_delete,
-        )
+            mapping = _load_entry(label, entry, conf, found)
+        except MappingError as exc:
+            found.append(str(exc))
+            continue
+        if mapping is not None:
+            result[mapping.model] = mapping
+    if errors is not None:
+        errors.extend(found)
+    elif found:
+        raise MappingError("\n".join(found))
     return result
+
+
+def _load_entry(
+    label: str, entry: Any, conf: SatoriSettings, found: list[str]
+) -> ModelMapping | None:
+    """One entry; problems with its keys go to ``found`` (None then), a wrong model or
+    shape is raised."""
+    where = f"SATORI['MAPPINGS'][{label!r}]"
+    try:
+        model = apps.get_model(label)
+    except (LookupError, ValueError):
+        raise MappingError(f"{where}: no installed model {label!r}.") from None
+    if not isinstance(entry, Mapping):
+        raise MappingError(f"{where} must be a dict.")
+    before = len(found)
+    unknown = set(entry) - _ALLOWED_KEYS
+    if unknown:
+        found.append(f"{where}: unknown key(s) {', '.join(sorted(unknown))}.")
+    if "email" not in entry:
+        found.append(f"{where}: 'email' is required.")
+
+    def getter(spec: Any, at: str) -> Getter | None:
+        try:
+            return _getter(spec, at)
+        except MappingError as exc:
+            found.append(str(exc))
+            return None
+
+    fields: dict[str, Getter] = {}
+    for key, spec in (entry.get("fields") or {}).items():
+        if key in _NOT_MAPPABLE or not (key in STANDARD_FIELDS or key.startswith(CUSTOM_PREFIX)):
+            found.append(f"{where}['fields']: {key!r} is not a SATORI customer item.")
+            continue
+        if key.startswith(CUSTOM_PREFIX) and key[len(CUSTOM_PREFIX) :] not in conf.CUSTOM_FIELDS:
+            found.append(f"{where}['fields']: {key!r} is not declared in SATORI['CUSTOM_FIELDS'].")
+            continue
+        get = getter(spec, f"{where}['fields'][{key!r}]")
+        if get is not None:
+            fields[key] = get
+    on_delete = entry.get("on_delete", "delete")
+    if on_delete not in ON_DELETE_CHOICES:
+        found.append(f"{where}['on_delete'] must be 'delete' or 'stop'.")
+    email = getter(entry["email"], f"{where}['email']") if "email" in entry else None
+    tags = getter(entry["tags"], f"{where}['tags']") if entry.get("tags") else None
+    condition = (
+        getter(entry["condition"], f"{where}['condition']") if entry.get("condition") else None
+    )
+    if len(found) > before or email is None:
+        return None
+    return ModelMapping(
+        model=model,
+        label=model._meta.label_lower,
+        email=email,
+        fields=fields,
+        tags=tags,
+        condition=condition,
+        on_delete=on_delete,
+    )
+
+
+def mapping_errors(conf: SatoriSettings | None = None) -> list[str]:
+    """Every mistake in ``SATORI['MAPPINGS']`` (system check E005)."""
+    errors: list[str] = []
+    load_mappings(conf, errors)
+    return errors
 
 
 @lru_cache(maxsize=1)
 def get_mappings() -> dict[type[models.Model], ModelMapping]:
-    return load_mappings()
+    """The valid connected models (a mistaken entry is left out: check E005 names it)."""
+    return load_mappings(errors=[])
 
 
 @receiver(setting_changed)

@@ -17,8 +17,9 @@ from django.utils import timezone
 from django.utils.translation import gettext, pgettext_lazy
 from django.utils.translation import gettext_lazy as _
 
+from .conf import get_settings
 from .exceptions import SatoriValidationError
-from .schema import EMAIL_MAX_LENGTH, normalize_email
+from .schema import EMAIL_MAX_LENGTH, clean_customer, normalize_email
 
 
 class SyncStatus(models.TextChoices):
@@ -112,21 +113,17 @@ class Customer(models.Model):
         return self.email
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        from .sync import record_change
-
         self.email = normalize_email(self.email)
         self._refuse_nul()
-        # One transaction for the row and its outbox entry: the intent to sync
-        # is committed exactly when the change is, or not at all.
+        # One transaction for the row and its outbox entry (written by the post_save
+        # receiver, sync.sources): the intent to sync is committed exactly when the
+        # change is, or not at all.
         with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
             super().save(*args, **kwargs)
-            record_change(self)
 
     def _refuse_nul(self) -> None:
         # PostgreSQL refuses NUL in text and JSON with a DataError that names no
         # field, SQLite stores it and the push fails later: refuse it here, alike.
-        from django.utils.translation import gettext
-
         def refuse(field: str) -> SatoriValidationError:
             return SatoriValidationError(
                 gettext("The value contains a NUL character."), field=field
@@ -146,9 +143,6 @@ class Customer(models.Model):
 
     def clean(self) -> None:
         """Form validation (admin, ModelForms): SATORI's rules, reported on the field."""
-        from .conf import get_settings
-        from .schema import clean_customer
-
         errors: dict[str, list[str]] = {}
         try:
             self.email = normalize_email(self.email)
@@ -175,7 +169,7 @@ class Customer(models.Model):
     @classmethod
     def from_db(cls, *args: Any, **kwargs: Any) -> Customer:  # type: ignore[override]
         instance = super().from_db(*args, **kwargs)
-        # Remembered so a changed e-mail can be followed in SATORI (see sync.record_change).
+        # Remembered so a changed e-mail can be followed in SATORI (see sync.outbox.record_change).
         instance._loaded_email = instance.__dict__.get("email")
         return instance
 

@@ -31,9 +31,10 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from .conf import get_settings
+from .importing import RowError, parse_export_date
 from .models import Customer, ImportRun, ImportRunStatus
-from .schema import CUSTOM_PREFIX, custom_field_type
-from .sync import DATA_FIELDS
+from .schema import CUSTOM_PREFIX, DATA_FIELDS, custom_field_type
+from .sync import mark_for_sync
 
 CATEGORIES: tuple[str, ...] = ("only_in_django", "only_in_satori", "different")
 CSV_HEADER: tuple[str, ...] = ("category", "email", "field", "django", "satori")
@@ -83,7 +84,6 @@ def _text(value: Any) -> str:
 
 
 def _date_text(value: Any) -> str:
-    from .importing import RowError, parse_export_date
 
     text = _text(value)
     try:
@@ -348,8 +348,6 @@ def write_text(
 def mark_ids_for_sync(ids: list[int], chunk: int = 500) -> int:
     """:func:`~django_satori.sync.mark_for_sync` for many customer ids, in chunks
     that every database accepts in one ``IN (...)``."""
-    from .sync import mark_for_sync
-
     marked = 0
     for start in range(0, len(ids), chunk):
         marked += mark_for_sync(Customer.objects.filter(pk__in=ids[start : start + chunk]))

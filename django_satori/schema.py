@@ -39,6 +39,10 @@ STANDARD_FIELDS: tuple[str, ...] = (
     "append_tags",
     "delete_tags",
 )
+#: Customer model fields sent as SATORI items of the same name (identity and tags aside).
+DATA_FIELDS: tuple[str, ...] = tuple(
+    f for f in STANDARD_FIELDS if f not in ("email", "hashcode", "append_tags", "delete_tags")
+)
 IDENTITY_TYPES: tuple[str, ...] = ("email", "hashcode")
 DELIVERY_PERMISSIONS: tuple[str, ...] = ("approval", "reject")
 CUSTOM_PREFIX = "custom:"

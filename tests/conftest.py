@@ -30,6 +30,7 @@ from celery import Celery
 from django.conf import settings
 from django.db import connection
 
+from django_satori.sync import dispatch
 from tests import services
 from tests import settings as test_settings
 from tests.celery_app import app as celery_app
@@ -383,12 +384,12 @@ def celery_worker(
 @pytest.fixture(autouse=True)
 def _broker_not_paused() -> Iterator[None]:
     """Each test starts with publishing on: a broker outage in one test pauses
-    publishing for a few seconds (sync.BROKER_PAUSE_SECONDS) in this process."""
+    publishing for a few seconds (dispatch.BROKER_PAUSE_SECONDS) in this process."""
     from django_satori import sync
 
-    sync._broker_paused_until = 0.0
+    dispatch.resume()
     yield
     # Saves hand their dispatches to a publisher thread: let it finish this
     # test's messages so they do not land in the next test.
     sync.wait_for_dispatch()
-    sync._broker_paused_until = 0.0
+    dispatch.resume()

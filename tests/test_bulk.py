@@ -10,14 +10,18 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import sqlite3
+import threading
+import time
 
 import pytest
 from django.conf import settings
+from django.core.management import call_command
 from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone, translation
 
-from django_satori import bulk, sync
+from django_satori import bulk, sweep, sync
 from django_satori.models import (
     BulkJob,
     BulkPart,
@@ -533,7 +537,7 @@ def test_the_sweep_sends_a_large_backlog_through_a_bulk_job(satori_sandbox):
     customers(12)
     with satori(BULK_THRESHOLD=5, SWEEP_AFTER_SECONDS=0):
         sync.mark_for_sync(Customer.objects.all())
-        counts = sync.sweep()
+        counts = sweep.sweep()
         job = BulkJob.objects.get()
         assert counts["bulk"] == job.pk and job.automatic
         job = run(job)
@@ -620,3 +624,96 @@ def test_eager_mode_exports_and_uploads_without_recursing(satori_sandbox):
     assert bulk.refresh_job(job) == 1
     job.refresh_from_db()
     assert job.state == BulkState.FINISHED and job.succeeded_count == 3
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+@pytest.mark.parametrize("journal_mode", ["delete", "wal"])
+def test_an_export_on_sqlite_lets_other_processes_write_between_parts(satori_sandbox, journal_mode):
+    """The export used to hold its read cursor open while it claimed each part. In
+    rollback-journal mode that kept every other process (the sweep, the web server)
+    from committing until its busy timeout, and the export then met "database is
+    locked"; in WAL mode the export's own next claim failed at once. The example
+    project on SQLite locked a 25,000-row job out for 13 minutes."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's locking")
+    with connection.cursor() as cursor:
+        cursor.execute(f"PRAGMA journal_mode={journal_mode}")
+    try:
+        people = customers(120)
+        job = start(chunk_size=50)
+        # Fewer rows a fetch than a part, as with any selection above 2,000 rows.
+        path = connection.settings_dict["NAME"]
+        other_writes: list[str] = []
+
+        def another_process_writes(part_id: int) -> None:
+            # What the sweep or a save does meanwhile, from its own connection.
+            other = sqlite3.connect(path, timeout=2)
+            try:
+                with other:
+                    other.execute(
+                        "UPDATE django_satori_customer SET memo = ? WHERE id = ?",
+                        (f"edited during part {part_id}", people[-1].pk),
+                    )
+                other_writes.append("ok")
+            except sqlite3.OperationalError as exc:
+                other_writes.append(str(exc))
+            finally:
+                other.close()
+
+        with satori(BULK_EXPORT_ITERATOR_CHUNK=20):
+            finished = bulk.run_job(job.pk, on_part_ready=another_process_writes)
+        assert other_writes == ["ok", "ok", "ok"]
+        assert finished.part_count == 3 and finished.row_count == 120
+        assert finished.state == BulkState.UPLOADING and not finished.error
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("PRAGMA journal_mode=delete")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sqlite_a_bulk_job_finishes_with_a_worker_and_a_poller_beside_it(
+    satori_sandbox, celery_worker
+):
+    """The example project's situation on SQLite: a prefork worker with two processes
+    runs the job while something else (beat's sweep, ``satori_bulk_status``) reads and
+    writes the same file every fraction of a second."""
+    if connection.vendor != "sqlite":
+        pytest.skip("SQLite's locking")
+    satori_sandbox.configure(bulk_processing_seconds=0.3)
+    customers(3000)
+    worker = celery_worker(
+        {**FAST, "BULK_EXPORT_ITERATOR_CHUNK": 200}, pool="prefork", concurrency=2
+    )
+    job = start(chunk_size=1000)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def poll() -> None:
+        try:
+            while not stop.is_set():
+                sweep.sweep()
+                call_command("satori_bulk_status", "--job", str(job.pk), stdout=io.StringIO())
+                time.sleep(0.2)
+        except Exception as exc:
+            errors.append(repr(exc))
+        finally:
+            connection.close()
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+
+        def done() -> bool:
+            job.refresh_from_db()
+            return job.state in bulk.TERMINAL_STATES
+
+        worker.wait_until(done, timeout=120)
+    finally:
+        stop.set()
+        poller.join(30)
+    assert job.state == BulkState.FINISHED, job.error
+    assert job.succeeded_count == 3000 and not errors
+    assert "database is locked" not in worker.log_text()

@@ -16,7 +16,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from django_satori import bulk, bulk_csv, sync
+from django_satori import bulk, bulk_csv
 from django_satori.conf import get_settings
 from django_satori.exceptions import SatoriValidationError
 from django_satori.models import (
@@ -30,6 +30,8 @@ from django_satori.models import (
     SyncState,
     SyncStatus,
 )
+from django_satori.sync import dispatch
+from django_satori.sync.outbox import claim_for_part
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -64,7 +66,7 @@ def members(people: list[Customer]) -> list[tuple[int, str]]:
 @pytest.fixture
 def dispatched(monkeypatch):
     calls: list[int] = []
-    monkeypatch.setattr(sync, "dispatch_many", lambda ids, countdown=0: calls.extend(ids))
+    monkeypatch.setattr(dispatch, "dispatch_many", lambda ids, countdown=0: calls.extend(ids))
     return calls
 
 
@@ -94,7 +96,7 @@ def test_the_claim_takes_and_leaves_each_kind_of_row_as_documented(dispatched):
 
     part = new_part()
     with CaptureQueriesContext(connection) as queries:
-        claimed = bulk._claim(part, members(people) + members(pending[:1]), get_settings())
+        claimed = claim_for_part(part, members(people) + members(pending[:1]), get_settings())
 
     expected = {c.email for c in synced + pending + no_row}
     assert claimed == expected
@@ -127,7 +129,7 @@ def test_a_part_whose_rows_are_all_free_is_claimed_without_reading_them_back():
     outbox(people)
     part = new_part()
     with CaptureQueriesContext(connection) as queries:
-        claimed = bulk._claim(part, members(people), get_settings())
+        claimed = claim_for_part(part, members(people), get_settings())
     assert claimed == {c.email for c in people}
     assert SyncState.objects.filter(bulk_part=part, status=SyncStatus.IN_BULK).count() == 600
     if connection.vendor in ("sqlite", "postgresql"):
@@ -138,8 +140,8 @@ def test_rows_are_never_claimed_twice():
     people = customers(50, "twice")
     outbox(people[:40])
     first, second = new_part(1), new_part(2)
-    assert len(bulk._claim(first, members(people), get_settings())) == 50
-    assert bulk._claim(second, members(people), get_settings()) == set()
+    assert len(claim_for_part(first, members(people), get_settings())) == 50
+    assert claim_for_part(second, members(people), get_settings()) == set()
     assert SyncState.objects.filter(bulk_part=first).count() == 50
     assert not SyncState.objects.filter(bulk_part=second).exists()
     assert SyncState.objects.count() == 50
@@ -154,7 +156,7 @@ def test_without_create_unknown_customers_satori_does_not_know_are_not_claimed(d
     no_row = customers(2, "norow")
     part = new_part()
     with override_settings(SATORI={**settings.SATORI, "CREATE_UNKNOWN": False}):
-        claimed = bulk._claim(part, members(known + unknown + no_row), get_settings())
+        claimed = claim_for_part(part, members(known + unknown + no_row), get_settings())
     assert claimed == {c.email for c in known}
     rows = {s.email: s for s in SyncState.objects.all()}
     for c in unknown + no_row:
@@ -338,7 +340,7 @@ def test_an_interrupted_export_starts_again_without_the_part_it_was_writing():
     # A worker died writing part 1: the job is still exporting, the part holds its claim.
     BulkJob.objects.filter(pk=job.pk).update(state=BulkState.EXPORTING)
     stale = BulkPart.objects.create(job=job, number=1, state=BulkState.EXPORTING)
-    bulk._claim(stale, members(people), get_settings())
+    claim_for_part(stale, members(people), get_settings())
     BulkRowError.objects.create(job=job, email="bad@example.jp", message="x", before_upload=True)
 
     done = bulk.run_job(job.pk, on_part_ready=lambda part_id: None)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from django.conf import settings
 from django.test import override_settings
@@ -139,3 +143,50 @@ def test_accessor_follows_override_settings_and_hides_secrets():
 
 def test_the_test_settings_pass_the_checks():
     assert [m.id for m in check_settings()] == []
+
+
+def test_every_mapping_mistake_is_its_own_e005():
+    found = messages(
+        **VALID,
+        MAPPINGS={
+            "testapp.Member": {
+                "email": "email",
+                "fields": {"colour": "x", "custom:nope": "plan"},
+                "on_delete": "sometimes",
+            },
+            "nope.Model": {"email": "email"},
+        },
+    )
+    assert [m.id for m in found] == ["django_satori.E005"] * 4
+    text = "\n".join(m.msg for m in found)
+    for mistake in ("'colour'", "'custom:nope'", "on_delete", "'nope.Model'"):
+        assert mistake in text
+
+
+def _manage(*args: str, tmp_path) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings_bad_mappings",
+        "DJANGO_SATORI_TEST_SQLITE": str(tmp_path / "db.sqlite3"),
+    }
+    env.pop("DJANGO_SATORI_TEST_DATABASE_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "django", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_a_mapping_typo_does_not_stop_migrate_and_check_lists_every_mistake(tmp_path):
+    """It used to raise at start-up: every command stopped, migrate included, at the
+    first mistake."""
+    migrated = _manage("migrate", "--noinput", tmp_path=tmp_path)
+    assert migrated.returncode == 0, migrated.stderr
+    assert "django_satori.E005" in migrated.stderr  # shown, as warnings
+    checked = _manage("check", tmp_path=tmp_path)
+    assert checked.returncode != 0
+    assert checked.stderr.count("django_satori.E005") == 4, checked.stderr
+    assert "Traceback" not in checked.stderr

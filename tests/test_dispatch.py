@@ -18,7 +18,9 @@ from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
 from django_satori import sync, tasks
+from django_satori.conf import get_settings
 from django_satori.models import Customer, Operation, SyncLog, SyncState, SyncStatus
+from django_satori.sync import dispatch, history, outbox, pushing
 from tests.syncing import drain
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -30,7 +32,7 @@ def make_customer(email: str = "taro@example.jp", **fields) -> Customer:
 
 def mark(email: str, customer_id: int | None, operation: str) -> tuple[int, bool]:
     with transaction.atomic():  # as in Customer.save(): the row stays locked until commit
-        return sync._mark_pending(email, customer_id, operation, sync.get_settings())
+        return outbox.mark_pending(email, customer_id, operation, get_settings())
 
 
 def row(email: str) -> dict:
@@ -43,9 +45,9 @@ def row(email: str) -> dict:
 
 @pytest.mark.parametrize("one_statement", [True, False], ids=["update-returning", "orm"])
 def test_both_ways_of_marking_pending_agree(satori_sandbox, monkeypatch, one_statement):
-    if one_statement and not sync._can_update_returning(connection):
+    if one_statement and not outbox.can_update_returning(connection):
         pytest.skip("this database cannot return rows from an UPDATE")
-    monkeypatch.setattr(sync, "_can_update_returning", lambda _connection: one_statement)
+    monkeypatch.setattr(outbox, "can_update_returning", lambda _connection: one_statement)
     customer = make_customer()
     state = SyncState.objects.get()
     assert row(customer.email) == {
@@ -88,7 +90,7 @@ def test_saves_that_commit_meanwhile_share_one_message(satori_sandbox, monkeypat
         release.wait(10)  # the broker is slow: ids of later saves gather meanwhile
         return len(state_ids)
 
-    monkeypatch.setattr(sync, "dispatch_many", slow_dispatch_many)
+    monkeypatch.setattr(dispatch, "dispatch_many", slow_dispatch_many)
     make_customer("first@example.jp")
     assert first_sent.wait(10)
     for i in range(20):
@@ -103,8 +105,8 @@ def test_ids_still_queued_at_exit_reach_the_broker(redis_server, tmp_path: Path)
     # Without the exit hook the daemon thread dies in its 50 ms linger and the message is lost.
     script = (
         "import django; django.setup()\n"
-        "from django_satori import sync\n"
-        "sync._publisher.put(4242, 0)\n"
+        "from django_satori.sync import dispatch\n"
+        "dispatch._publisher.put(4242, 0)\n"
     )
     env = {
         **os.environ,
@@ -131,13 +133,13 @@ def test_ids_still_queued_at_exit_reach_the_broker(redis_server, tmp_path: Path)
 
 def test_a_forked_child_starts_its_own_publisher(monkeypatch):
     held = threading.Event()
-    monkeypatch.setattr(sync, "dispatch_many", lambda ids, countdown=0: held.wait(10))
-    sync._publisher.put(1, 0)  # the parent's thread is busy and owes one id
+    monkeypatch.setattr(dispatch, "dispatch_many", lambda ids, countdown=0: held.wait(10))
+    dispatch._publisher.put(1, 0)  # the parent's thread is busy and owes one id
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a fresh queue, no thread, nothing owed
         os.close(reader)
-        fresh = sync._publisher._thread is None and sync._publisher.wait(0)
+        fresh = dispatch._publisher._thread is None and dispatch._publisher.wait(0)
         os.write(writer, b"1" if fresh else b"0")
         os._exit(0)
     os.close(writer)
@@ -151,14 +153,14 @@ def test_a_forked_child_starts_its_own_publisher(monkeypatch):
 def three_customers_the_second_failing(monkeypatch, error: Exception) -> list[int]:
     """Outbox ids of three pending customers; sending the second raises ``error``."""
     ids = [SyncState.objects.get(customer=make_customer(f"m{i}@example.jp")).pk for i in range(3)]
-    real_send = sync._send_upsert
+    real_send = pushing._send_upsert
 
     def send(state, token, conf):
         if state.pk == ids[1]:
             raise error
         return real_send(state, token, conf)
 
-    monkeypatch.setattr(sync, "_send_upsert", send)
+    monkeypatch.setattr(pushing, "_send_upsert", send)
     return ids
 
 
@@ -177,7 +179,7 @@ def test_push_many_goes_on_after_one_row_fails(satori_sandbox, monkeypatch, capl
 
 
 def test_a_batch_claims_loads_writes_back_and_logs_its_rows_together(satori_sandbox):
-    customers = [make_customer(f"q{i}@example.jp") for i in range(sync.WRITE_BACK_BATCH + 5)]
+    customers = [make_customer(f"q{i}@example.jp") for i in range(pushing.WRITE_BACK_BATCH + 5)]
     ids = [SyncState.objects.get(customer=c).pk for c in customers]
     with CaptureQueriesContext(connection) as queries:
         results = sync.push_batch(ids)
@@ -189,7 +191,7 @@ def test_a_batch_claims_loads_writes_back_and_logs_its_rows_together(satori_sand
     kinds = Counter(sql.split(None, 1)[0] for sql in statements if " times: " not in sql)
     # The claim (UPDATE), the load (SELECT), per WRITE_BACK_BATCH answers one executemany
     # and one SELECT for rows left pending, and the 25 log entries in one go.
-    assert write_backs == [sync.WRITE_BACK_BATCH, 5]
+    assert write_backs == [pushing.WRITE_BACK_BATCH, 5]
     assert (kinds["UPDATE"], kinds["SELECT"]) == (1, 1 + 2)
     assert kinds["INSERT"] == 0 and log_writes in ([], [25])
     assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
@@ -233,7 +235,7 @@ def test_answers_are_written_back_over_a_new_connection_when_the_old_one_drops(
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
-    real_send = sync._send_upsert
+    real_send = pushing._send_upsert
 
     def send(state, token, conf):
         answered = real_send(state, token, conf)
@@ -245,7 +247,7 @@ def test_answers_are_written_back_over_a_new_connection_when_the_old_one_drops(
                 other.close()
         return answered
 
-    monkeypatch.setattr(sync, "_send_upsert", send)
+    monkeypatch.setattr(pushing, "_send_upsert", send)
     results = sync.push_batch(ids)
     assert {outcome for outcome, _again in results.values()} == {sync.PushOutcome.SYNCED}
     with connection.cursor() as cursor:
@@ -288,7 +290,7 @@ def answers_written_before_each_call(monkeypatch) -> tuple[list[int], list[bool]
     """Four pending rows; for each call, whether every earlier answer was written back."""
     ids = [SyncState.objects.get(customer=make_customer(f"w{i}@example.jp")).pk for i in range(4)]
     written: list[bool] = []
-    real_send = sync._send_upsert
+    real_send = pushing._send_upsert
 
     def send(state, token, conf):
         earlier = ids[: ids.index(state.pk)]
@@ -297,7 +299,7 @@ def answers_written_before_each_call(monkeypatch) -> tuple[list[int], list[bool]
         )
         return real_send(state, token, conf)
 
-    monkeypatch.setattr(sync, "_send_upsert", send)
+    monkeypatch.setattr(pushing, "_send_upsert", send)
     return ids, written
 
 
@@ -307,7 +309,7 @@ def test_answers_wait_for_the_write_back_at_most_write_back_seconds(satori_sandb
     assert written == [True, False, False, False]  # held: written together at the end
     SyncState.objects.update(status=SyncStatus.PENDING, version=F("version") + 1)
     written.clear()
-    monkeypatch.setattr(sync, "WRITE_BACK_SECONDS", 0.0)  # as if every call were slow
+    monkeypatch.setattr(pushing, "WRITE_BACK_SECONDS", 0.0)  # as if every call were slow
     sync.push_batch(ids)
     assert written == [True] * 4
 
@@ -344,18 +346,18 @@ def test_under_uwsgi_without_threads_a_save_publishes_inline(monkeypatch, option
     import types
 
     monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(opt=options))
-    sync._threads_run.cache_clear()
+    dispatch.threads_run.cache_clear()
     published: list[list[int]] = []
-    monkeypatch.setattr(sync, "dispatch_many", lambda ids, countdown=0: published.append(ids))
+    monkeypatch.setattr(dispatch, "dispatch_many", lambda ids, countdown=0: published.append(ids))
     try:
-        assert sync._threads_run() is threaded
-        sync._publisher.put(7, 0)
+        assert dispatch.threads_run() is threaded
+        dispatch._publisher.put(7, 0)
         if not threaded:
             assert published == [[7]]  # already sent when put() returns
         assert sync.wait_for_dispatch()
         assert published == [[7]]
     finally:
-        sync._threads_run.cache_clear()
+        dispatch.threads_run.cache_clear()
 
 
 def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox, monkeypatch):
@@ -366,14 +368,14 @@ def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox,
     ids = [SyncState.objects.get(customer=make_customer(f"l{i}@example.jp")).pk for i in range(4)]
     satori_sandbox.faults.delay = 0.4  # each call outlasts half of the 1 s claim
     claim_left: list[bool] = []
-    real_send = sync._send_upsert
+    real_send = pushing._send_upsert
 
     def send(state, token, conf):
         lease_until = SyncState.objects.values_list("lease_until", flat=True).get(pk=state.pk)
         claim_left.append(lease_until > timezone.now())
         return real_send(state, token, conf)
 
-    monkeypatch.setattr(sync, "_send_upsert", send)
+    monkeypatch.setattr(pushing, "_send_upsert", send)
     try:
         with override_settings(SATORI={**settings.SATORI, "LEASE_SECONDS": 1.0}):
             results = sync.push_batch(ids)
@@ -387,7 +389,7 @@ def test_a_long_batch_renews_its_claim_on_the_rows_still_to_come(satori_sandbox,
 
 def test_log_entries_written_together_keep_every_column():
     # _write_logs names the columns it writes: a new SyncLog field must be added there.
-    assert set(sync._LOG_FIELDS) == {f.name for f in SyncLog._meta.concrete_fields} - {"id"}
+    assert set(history.LOG_FIELDS) == {f.name for f in SyncLog._meta.concrete_fields} - {"id"}
     entry = SyncLog(
         email="k@example.jp",
         endpoint="customer/upsert.json",
@@ -399,6 +401,6 @@ def test_log_entries_written_together_keep_every_column():
         response_summary={"status": 200},
         message="メッセージ",
     )
-    sync._write_logs([entry])
-    stored = SyncLog.objects.values(*sync._LOG_FIELDS).get()
-    assert stored == {name: getattr(entry, name) for name in sync._LOG_FIELDS}
+    history.write([entry])
+    stored = SyncLog.objects.values(*history.LOG_FIELDS).get()
+    assert stored == {name: getattr(entry, name) for name in history.LOG_FIELDS}

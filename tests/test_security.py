@@ -498,7 +498,7 @@ def test_a_failed_bulk_part_is_logged_without_the_address_satori_quoted(monkeypa
         def bulk_upsert(self, *args, **kwargs):
             raise SatoriValidationError("row 2: taro@example.jp is refused", status=400)
 
-    monkeypatch.setattr("django_satori.client.get_client", RefusingClient)
+    monkeypatch.setattr("django_satori.bulk.get_client", RefusingClient)
     with caplog.at_level(logging.DEBUG, logger="django_satori"):
         assert bulk.upload_part(part.pk) == ("failed", None)
     # Kept as SATORI worded it where a person looks (like a customer's last error)...
@@ -514,7 +514,7 @@ def test_a_failed_push_is_logged_without_the_address_satori_quoted(monkeypatch, 
         def upsert_customer(self, *args, **kwargs):
             raise SatoriValidationError("hanako@example.jp is refused", status=400)
 
-    monkeypatch.setattr("django_satori.client.get_client", RefusingClient)
+    monkeypatch.setattr("django_satori.sync.pushing.get_client", RefusingClient)
     with caplog.at_level(logging.DEBUG, logger="django_satori"):
         assert sync.push(state.pk, ignore_window=True)[0] is sync.PushOutcome.FAILED
     # Kept as SATORI worded it where a person looks...

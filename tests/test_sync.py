@@ -14,7 +14,7 @@ from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from django_satori import add_action, mark_for_sync, signals, sync
+from django_satori import add_action, mark_for_sync, signals, sweep, sync
 from django_satori.models import (
     ActionStatus,
     Customer,
@@ -24,6 +24,7 @@ from django_satori.models import (
     SyncState,
     SyncStatus,
 )
+from django_satori.sync import dispatch, sources
 from tests.syncing import drain
 from tests.testapp.models import Member
 
@@ -91,7 +92,9 @@ def test_hundred_saves_in_one_transaction_give_one_dispatch_and_one_call(
 ):
     dispatched = []
     real_dispatch = sync.dispatch_many
-    monkeypatch.setattr(sync, "dispatch_many", lambda *a: dispatched.append(a) or real_dispatch(*a))
+    monkeypatch.setattr(
+        dispatch, "dispatch_many", lambda *a: dispatched.append(a) or real_dispatch(*a)
+    )
     with transaction.atomic():
         customer = make_customer()
         for i in range(100):
@@ -278,7 +281,7 @@ def test_a_claimed_row_is_not_sent_twice(satori_sandbox):
     SyncState.objects.filter(pk=state.pk).update(
         lease_until=timezone.now() - dt.timedelta(seconds=1)
     )
-    assert sync.sweep()["reclaimed"] == 1
+    assert sweep.sweep()["reclaimed"] == 1
     drain()
     assert len(customer_requests(satori_sandbox)) == 1
 
@@ -309,6 +312,30 @@ def test_an_email_change_is_followed_by_hashcode(satori_sandbox):
     assert satori_sandbox.state.customer("taro.yamada@example.jp").hashcode == hashcode
     new_state = SyncState.objects.get(email="taro.yamada@example.jp")
     assert new_state.status == SyncStatus.SYNCED and not new_state.previous_email
+
+
+def test_an_email_change_queues_its_push_after_commit(satori_sandbox, monkeypatch):
+    """Without this dispatch the new address waited for the sweep (a minute with beat,
+    for ever without): drain() above pushes everything pending, so it cannot tell."""
+    customer = make_customer()
+    member = Member.objects.create(email="hanako@example.jp", family_name="佐藤")
+    drain()
+    assert sync.wait_for_dispatch()  # the creations' own dispatches are out
+    dispatched: list[int] = []
+    monkeypatch.setattr(
+        dispatch, "dispatch_many", lambda ids, countdown=0: dispatched.extend(ids) or len(ids)
+    )
+    with transaction.atomic():
+        customer.email = "taro.yamada@example.jp"
+        customer.save()
+        member.email = "hanako.sato@example.jp"
+        member.save()
+        assert sync.wait_for_dispatch()
+        assert dispatched == []  # nothing leaves before commit
+    assert sync.wait_for_dispatch()
+    moved = SyncState.objects.filter(email__in=["taro.yamada@example.jp", "hanako.sato@example.jp"])
+    assert sorted(dispatched) == sorted(moved.values_list("pk", flat=True))
+    assert set(moved.values_list("status", flat=True)) == {SyncStatus.PENDING}
 
 
 def test_registration_mode_does_not_overwrite(satori_sandbox):
@@ -566,11 +593,11 @@ def test_sweep_redispatches_pending_rows_whose_task_was_lost(satori_sandbox):
     make_customer()
     long_ago = timezone.now() - dt.timedelta(minutes=10)
     SyncState.objects.update(updated_at=long_ago, not_before=long_ago, dispatched_at=None)
-    counts = sync.sweep()
+    counts = sweep.sweep()
     assert counts["dispatched"] == 1
     assert SyncState.objects.get().dispatched_at is not None
     # Dispatched just now: the next sweep leaves it alone.
-    assert sync.sweep()["dispatched"] == 0
+    assert sweep.sweep()["dispatched"] == 0
 
 
 def test_model_validation_names_the_field():
@@ -634,9 +661,9 @@ def test_a_failed_publish_pauses_publishing_and_the_sweep_catches_up(satori_sand
         assert sync.wait_for_dispatch()
     assert len(calls) == 1  # later saves skip publishing while the broker is paused
     monkeypatch.undo()
-    sync._broker_paused_until = 0.0
+    dispatch.resume()
     with satori(SWEEP_AFTER_SECONDS=0):
-        assert sync.sweep()["dispatched"] == 5
+        assert sweep.sweep()["dispatched"] == 5
 
 
 def test_a_large_mark_for_sync_goes_to_one_bulk_job_at_the_next_sweep(satori_sandbox):
@@ -647,7 +674,7 @@ def test_a_large_mark_for_sync_goes_to_one_bulk_job_at_the_next_sweep(satori_san
             [Customer(email=f"b{i}@example.jp", collection_route="web") for i in range(3)]
         )
         assert mark_for_sync(Customer.objects.all()) == 3
-        counts = sync.sweep()  # what the sweep queued by mark_for_sync does, at once
+        counts = sweep.sweep()  # what the sweep queued by mark_for_sync does, at once
     assert counts["bulk"] and counts["dispatched"] == 0
     job = BulkJob.objects.get()
     assert job.automatic
@@ -661,7 +688,7 @@ def test_the_mirror_of_a_connected_object_is_found_through_the_index():
     if connection.vendor != "sqlite":
         pytest.skip("PostgreSQL picks its plan by statistics; SQLite's is fixed")
     mapping = get_mappings()[Member]
-    plan = sync._mirrors(mapping, "5").explain()
+    plan = sources.mirrors(mapping, "5").explain()
     # Without the partial index's own condition in the query, SQLite scans the table.
     assert "USING INDEX django_satori_customer_unique_source" in plan, plan
 

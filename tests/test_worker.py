@@ -12,8 +12,10 @@ import pytest
 from django.db import transaction
 from django.test import override_settings
 
-from django_satori import add_action, sync
+from django_satori import add_action, sweep, sync
 from django_satori.models import ActionStatus, Customer, CustomerAction, SyncState, SyncStatus
+from django_satori.sync import dispatch
+from tests.testapp.models import Member
 
 pytestmark = [pytest.mark.integration, pytest.mark.django_db(transaction=True)]
 
@@ -65,6 +67,28 @@ def test_delete_and_action_through_the_worker(satori_sandbox, celery_worker):
     assert satori_sandbox.state.customer("taro@example.jp") is None
 
 
+def test_an_email_change_reaches_satori_through_a_worker_without_beat(
+    satori_sandbox, celery_worker
+):
+    worker = celery_worker()  # no beat: nothing but the save's own dispatch sends it
+    customer = make_customer()
+    member = Member.objects.create(email="hanako@example.jp", family_name="佐藤")
+    worker.wait_until(lambda: synced("taro@example.jp", "hanako@example.jp"))
+    customer.email = "taro.yamada@example.jp"
+    customer.save()
+    member.email = "hanako.sato@example.jp"
+    member.save()
+    worker.wait_until(
+        lambda: synced("taro.yamada@example.jp", "hanako.sato@example.jp"), timeout=15
+    )
+    for old, new in [
+        ("taro@example.jp", "taro.yamada@example.jp"),
+        ("hanako@example.jp", "hanako.sato@example.jp"),
+    ]:
+        assert satori_sandbox.state.customer(old) is None
+        assert satori_sandbox.state.customer(new) is not None
+
+
 def test_three_500s_then_success_and_a_400_fails_at_once(satori_sandbox, celery_worker):
     worker = celery_worker({"RETRY_BACKOFF_SECONDS": 0.2, "RETRY_BACKOFF_MAX_SECONDS": 0.5})
     satori_sandbox.faults.fail_first(3, kind="500", operations=["upsert"])
@@ -99,9 +123,9 @@ def test_broker_down_while_saving_loses_nothing(satori_sandbox, celery_worker, r
     assert SyncState.objects.filter(status=SyncStatus.PENDING).count() == 20
     redis_server.start()
     worker = celery_worker()
-    sync._broker_paused_until = 0.0  # as if the pause after the outage had run out
+    dispatch.resume()  # as if the pause after the outage had run out
     with override_settings(SATORI={**_satori(), "SWEEP_AFTER_SECONDS": 0}):
-        counts = sync.sweep()  # what beat runs every minute
+        counts = sweep.sweep()  # what beat runs every minute
     assert counts["dispatched"] == 20
     worker.wait_until(lambda: synced(*emails), timeout=30)
     assert {e for e in emails if satori_sandbox.state.customer(e)} == set(emails)
@@ -119,7 +143,7 @@ def test_a_worker_killed_mid_task_loses_no_change(satori_sandbox, celery_worker)
     time.sleep(2.1)  # the dead worker's claim expires
     worker.start()
     with override_settings(SATORI={**_satori(), "SWEEP_AFTER_SECONDS": 0}):
-        sync.sweep()
+        sweep.sweep()
     worker.wait_until(lambda: synced("taro@example.jp"), timeout=30)
     remote = satori_sandbox.state.customer("taro@example.jp")
     assert remote.fields["memo"] == "changed while no worker ran"

@@ -22,11 +22,11 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.test import override_settings
 
-from django_satori import sync
+from django_satori import sweep, sync
 from django_satori.models import Customer, SyncLog, SyncState, SyncStatus
 from django_satori.sandbox import state as sandbox_state
 from django_satori.sandbox.server import SandboxServer
-from django_satori.schema import CUSTOM_PREFIX
+from django_satori.schema import CUSTOM_PREFIX, DATA_FIELDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS_DIR = Path(os.environ.get("DJANGO_SATORI_TEST_ARTIFACTS") or REPO_ROOT / "test-artifacts")
@@ -119,7 +119,7 @@ def update_customers(emails: Iterable[str], revision: int) -> int:
 def expected_remote(customer: Customer) -> dict[str, Any]:
     """What SATORI must hold for ``customer``, in the sandbox's terms."""
     fields: dict[str, str] = {}
-    for name in sync.DATA_FIELDS:
+    for name in DATA_FIELDS:
         value = getattr(customer, name)
         if value in (None, ""):
             continue
@@ -265,7 +265,7 @@ def wait_settled(
 ) -> float:
     """Wait until none of ``emails`` is pending/sending/in a bulk job; returns seconds waited.
 
-    ``sweep_every``: run ``sync.sweep()`` that often, as Celery beat would in
+    ``sweep_every``: run ``sweep.sweep()`` that often, as Celery beat would in
     production (it is the designed safety net for lost tasks and dead workers).
     """
     emails = list(emails)
@@ -282,7 +282,7 @@ def wait_settled(
         if not alive():
             raise AssertionError("the worker died")
         if sweep_every is not None and now - last_sweep >= sweep_every:
-            sync.sweep()
+            sweep.sweep()
             last_sweep = now
         if on_tick is not None:
             on_tick()

@@ -16,8 +16,9 @@ import pytest
 import requests
 from django.db import connection, transaction
 
-from django_satori import bulk, sync
+from django_satori import bulk, sweep, sync
 from django_satori.models import BulkJob, BulkPart, BulkState, Customer, SyncState, SyncStatus
+from django_satori.sync import dispatch, pushing
 from tests.reliability.helpers import (
     RequestCounter,
     compare_with_sandbox,
@@ -86,9 +87,9 @@ def test_broker_stopped_while_500_customers_are_saved(satori_sandbox, celery_wor
         assert satori_sandbox.state.requests == []
         redis_server.start()
         worker = celery_worker(concurrency=4)
-        sync._broker_paused_until = 0.0  # the publish pause after the outage has run out
+        dispatch.resume()  # the publish pause after the outage has run out
         with satori_settings(SWEEP_AFTER_SECONDS=0):
-            counts = sync.sweep()  # what beat runs every minute
+            counts = sweep.sweep()  # what beat runs every minute
         assert counts["dispatched"] == count
         waited = wait_settled(emails, timeout=120, alive=worker.is_running)
     result = assert_all_synced(satori_sandbox, emails)
@@ -179,8 +180,8 @@ def test_worker_killed_twice_during_a_5000_customer_sync(
         },
     )
     # Made twice: at most what each of the 4 threads had sent but not yet written
-    # back at a kill (answers are written back sync.WRITE_BACK_BATCH at a time).
-    assert calls - KILL_CUSTOMERS <= 4 * sync.WRITE_BACK_BATCH * len(kills)
+    # back at a kill (answers are written back pushing.WRITE_BACK_BATCH at a time).
+    assert calls - KILL_CUSTOMERS <= 4 * pushing.WRITE_BACK_BATCH * len(kills)
 
 
 # --------------------------------------------------------------------------- database

@@ -25,8 +25,7 @@ from django_satori.sandbox import bulk as sandbox_bulk
 from django_satori.sandbox.config import build_config
 from django_satori.sandbox.forms import parse_body
 from django_satori.sandbox.rules import parse_customer
-from django_satori.schema import clean_customer, customer_form_fields
-from django_satori.sync import DATA_FIELDS
+from django_satori.schema import DATA_FIELDS, clean_customer, customer_form_fields
 
 #: Every code point but NUL (refused by our validators) and surrogates (not UTF-8).
 any_text = st.text(

@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django.utils.dateparse import parse_date, parse_datetime
 from django.utils.translation import gettext as _
@@ -125,8 +125,6 @@ class BulkCommand(BaseCommand):
             described.append("status=" + ",".join(statuses))
         domains = [d.strip().lstrip("@").lower() for d in options["email_domain"] if d.strip()]
         if domains:
-            from django.db.models import Q
-
             match = Q()
             for domain in domains:
                 match |= Q(email__iendswith="@" + domain)

@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
-from django_satori import sync
+from django_satori import sweep, sync
 from django_satori.conf import get_settings
 from django_satori.models import Customer, SyncState, SyncStatus
 
@@ -82,7 +82,7 @@ class Command(BaseCommand):
         if options["now"]:
             self._send_now(options["timeout"], max(1, options["progress_every"]))
             return
-        counts = sync.sweep()
+        counts = sweep.sweep()
         self.stdout.write(" ".join(f"{key}={value}" for key, value in sorted(counts.items())))
         self._status_line()
 

@@ -1,0 +1,155 @@
+"""What starts a sync: saves and deletes of ``Customer`` and of connected models.
+
+A connected model (``SATORI['MAPPINGS']``, say the project's ``Member``) is
+mirrored into a :class:`~django_satori.models.Customer` in the same
+transaction as its own save; the mirror's save marks the outbox row.
+:func:`connect_signals` wires the receivers at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import models
+from django.db.models import Q
+from django.db.models.signals import post_delete, post_save
+from django.utils.translation import gettext as _
+
+from ..conf import get_settings
+from ..mapping import MappingError, ModelMapping, get_mappings
+from ..models import Customer
+from ..schema import normalize_email
+from . import outbox
+
+log = logging.getLogger("django_satori.sync")
+
+
+def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
+    """Mark every customer in ``queryset`` pending (after ``update()``/``bulk_*()``).
+
+    ``queryset`` may be of :class:`Customer` or of a connected model. Large
+    selections are left to the sweep, which sends them through bulk jobs.
+    Returns the number of customers marked.
+    """
+    mapping = get_mappings().get(queryset.model)
+    if mapping is not None:
+        count = 0
+        for instance in queryset.iterator(chunk_size=500):
+            if sync_source(mapping, instance, force=True):
+                count += 1
+        return count
+    if queryset.model is not Customer:
+        raise TypeError(
+            f"{queryset.model.__name__} is not Customer or a connected model (SATORI['MAPPINGS'])."
+        )
+    return outbox.mark_customers(queryset, get_settings())
+
+
+def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -> bool:
+    """Update (or create) the Customer that mirrors ``instance``; its save records the change.
+
+    A save that changed nothing SATORI gets (a login updating ``last_login``,
+    say) writes nothing, unless ``force`` (``mark_for_sync``).
+    """
+    pk = str(instance.pk)
+    customer = mirrors(mapping, pk).first()
+    if not mapping.wants_sync(instance):
+        if customer is not None:
+            _stop(customer, _("The connected object no longer wants to be synced."))
+        return False
+    values = mapping.customer_values(instance)
+    values["email"] = normalize_email(values["email"])
+    if customer is not None and not force and _mirror_is_current(customer, values):
+        return True
+    if customer is None:
+        customer = Customer.objects.filter(email=values["email"]).first() or Customer(
+            source_model=mapping.label, source_pk=pk
+        )
+        customer.source_model, customer.source_pk = mapping.label, pk
+    for name, value in values.items():
+        setattr(customer, name, value)
+    customer.save()
+    return True
+
+
+def _mirror_is_current(customer: Customer, values: dict[str, Any]) -> bool:
+    """The mirror already holds ``values`` and its sync is under way or done."""
+    if any(getattr(customer, name) != value for name, value in values.items()):
+        return False  # the usual case, decided without a query
+    return outbox.is_under_way(customer)
+
+
+def mirrors(mapping: ModelMapping, pk: str) -> models.QuerySet[Customer]:
+    """The Customer mirroring the connected object ``pk`` (at most one)."""
+    # The unique index on (source_model, source_pk) is partial (source_model <> ''):
+    # SQLite only uses it when the query repeats that condition, else it scans the table.
+    return Customer.objects.filter(~Q(source_model=""), source_model=mapping.label, source_pk=pk)
+
+
+def _stop(customer: Customer, reason: str) -> None:
+    Customer.objects.filter(pk=customer.pk).update(source_model="", source_pk="")
+    outbox.stop(customer.pk, reason)
+
+
+# Receivers ------------------------------------------------------------------
+
+
+def _customer_saved(sender: Any, instance: Customer, raw: bool = False, **kwargs: Any) -> None:
+    # Sent inside Customer.save()'s transaction: the outbox row commits with the change.
+    # raw: loaddata writes fixtures as they are, without syncing them.
+    if not raw:
+        outbox.record_change(instance)
+
+
+def _customer_deleted(sender: Any, instance: Customer, **kwargs: Any) -> None:
+    outbox.record_delete(instance)
+
+
+def _source_saved(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) -> None:
+    mapping = get_mappings().get(sender)
+    if mapping is not None and not raw and get_settings().SYNC_ENABLED:
+        sync_source(mapping, instance)
+
+
+def _source_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:
+    mapping = get_mappings().get(sender)
+    if mapping is None or not get_settings().SYNC_ENABLED:
+        return
+    customer = mirrors(mapping, str(instance.pk))
+    if mapping.on_delete == "delete":
+        customer.delete()
+    else:
+        for c in customer:
+            _stop(c, _("The connected object was deleted; the customer stays in SATORI."))
+
+
+_connected: list[tuple[models.signals.ModelSignal, Any, str]] = []
+
+
+def connect_signals() -> None:
+    """Connect the receivers of Customer and of the connected models (idempotent).
+
+    A mistake in ``SATORI['MAPPINGS']`` does not stop start-up: the entries that
+    are valid are connected, and system check E005 lists every error.
+    """
+    for signal, sender, uid in _connected:
+        signal.disconnect(sender=sender, dispatch_uid=uid)
+    _connected.clear()
+    wiring: list[tuple[models.signals.ModelSignal, Any, Any, str]] = [
+        (post_save, Customer, _customer_saved, "django_satori.customer_saved"),
+        (post_delete, Customer, _customer_deleted, "django_satori.customer_deleted"),
+    ]
+    try:
+        mappings = get_mappings()
+    except MappingError as exc:
+        log.error("SATORI['MAPPINGS'] is not valid; no connected model is synced: %s", exc)
+        mappings = {}
+    for model, mapping in mappings.items():
+        wiring.append((post_save, model, _source_saved, f"django_satori.saved.{mapping.label}"))
+        wiring.append(
+            (post_delete, model, _source_deleted, f"django_satori.deleted.{mapping.label}")
+        )
+    for signal, sender, receiver, uid in wiring:
+        signal.connect(receiver, sender=sender, dispatch_uid=uid, weak=False)
+        _connected.append((signal, sender, uid))
