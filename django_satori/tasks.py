@@ -63,8 +63,12 @@ def send_action(self: Task, action_id: int) -> str:
 
 @shared_task(name="django_satori.tasks.sweep", **_COMMON)
 def sweep() -> dict[str, int]:
+    from .status import record_sweep
+
     _fresh_connections()
-    return sync.sweep()
+    counts = sync.sweep()
+    record_sweep()  # read by satori_status (--max-sweep-age)
+    return counts
 
 
 # Bulk CSV jobs (see django_satori.bulk). Each step queues the next one; waiting
@@ -104,3 +108,14 @@ def poll_bulk_part(part_id: int) -> str:
     if delay is not None:
         bulk.enqueue_poll(part_id, delay)
     return outcome
+
+
+# Retention (see django_satori.retention): old SyncLog entries and bulk CSV files.
+
+
+@shared_task(name="django_satori.tasks.cleanup", **_COMMON)
+def cleanup() -> dict[str, int]:
+    from . import retention
+
+    _fresh_connections()
+    return retention.run().as_dict()

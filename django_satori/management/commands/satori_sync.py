@@ -24,6 +24,7 @@ from django.utils.translation import ngettext
 from django_satori import sync
 from django_satori.conf import get_settings
 from django_satori.models import Customer, SyncState, SyncStatus
+from django_satori.status import record_sweep
 
 from ._bulk import FAILURE, usage_error
 
@@ -83,6 +84,7 @@ class Command(BaseCommand):
             self._send_now(options["timeout"], max(1, options["progress_every"]))
             return
         counts = sync.sweep()
+        record_sweep()  # read by satori_status, as the beat task's run is
         self.stdout.write(" ".join(f"{key}={value}" for key, value in sorted(counts.items())))
         self._status_line()
 
