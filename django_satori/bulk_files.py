@@ -73,19 +73,24 @@ class PrivateFileSystemStorage(FileSystemStorage):
 
 
 def private_dir(conf: SatoriSettings | None = None) -> str:
-    """The default storage's directory: ``BULK_FILES_DIR``, else next to ``MEDIA_ROOT``."""
+    """The default storage's directory: ``BULK_FILES_DIR``, else ``django_satori_private``
+    next to ``MEDIA_ROOT`` (never inside it), else in ``BASE_DIR`` (as startproject sets it).
+    """
     conf = conf or get_settings()
     if conf.BULK_FILES_DIR:
-        return os.path.abspath(str(conf.BULK_FILES_DIR))
-    media_root = str(getattr(django_settings, "MEDIA_ROOT", "") or "")
-    if not media_root:
-        # Relative to the working directory, web and worker could write to different places.
-        raise ImproperlyConfigured(
-            "Set SATORI['BULK_FILES_DIR'] (or MEDIA_ROOT): bulk CSV files need a private "
-            "directory shared by the web process and the workers."
-        )
-    parent = os.path.dirname(os.path.abspath(media_root.rstrip("/\\")))
-    return os.path.join(parent, DEFAULT_DIR_NAME)
+        return os.path.abspath(os.fspath(conf.BULK_FILES_DIR))
+    media_root = os.fspath(getattr(django_settings, "MEDIA_ROOT", "") or "")
+    if media_root:
+        parent = os.path.dirname(os.path.abspath(media_root.rstrip("/\\")))
+        return os.path.join(parent, DEFAULT_DIR_NAME)
+    base_dir = getattr(django_settings, "BASE_DIR", None)
+    if isinstance(base_dir, (str, os.PathLike)) and os.fspath(base_dir):
+        return os.path.join(os.path.abspath(os.fspath(base_dir)), DEFAULT_DIR_NAME)
+    # Relative to the working directory, web and worker could write to different places.
+    raise ImproperlyConfigured(
+        "Set SATORI['BULK_FILES_DIR'] (or MEDIA_ROOT): bulk CSV files need a private "
+        "directory shared by the web process and the workers."
+    )
 
 
 def bulk_storage(conf: SatoriSettings | None = None) -> Storage:

@@ -45,7 +45,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "BULK_POLL_MAX_INTERVAL_SECONDS": (int, float),
     "BULK_DEADLINE_SECONDS": (int, float),
     "BULK_STORAGE": (str,),
-    "BULK_FILES_DIR": (str,),
+    "BULK_FILES_DIR": (str, os.PathLike),
     "BULK_FILE_RETENTION_DAYS": (int, float, type(None)),
     "BULK_EXPORT_ITERATOR_CHUNK": (int,),
     "ACTION_PATH": (str,),

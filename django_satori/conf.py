@@ -9,6 +9,7 @@ django-environ) and puts the values into ``settings.SATORI``. The accessor
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -85,8 +86,8 @@ class SatoriSettings:
     #: Storage alias for the parts' CSV files. Unless STORAGES defines this alias, it is a
     #: private directory (BULK_FILES_DIR) that no URL serves; see docs/security.md.
     BULK_STORAGE: str = "django_satori_bulk"
-    #: The private directory; empty: ``django_satori_private`` next to MEDIA_ROOT.
-    BULK_FILES_DIR: str = ""
+    #: The private directory; empty: ``django_satori_private`` next to MEDIA_ROOT (or in BASE_DIR).
+    BULK_FILES_DIR: str | os.PathLike[str] = ""
     #: Days a finished job's CSV files are kept (for download); None keeps them.
     BULK_FILE_RETENTION_DAYS: float | None = 7
     BULK_EXPORT_ITERATOR_CHUNK: int = 2000

@@ -122,8 +122,16 @@ def test_without_a_directory_set_the_files_go_next_to_media_root_never_inside(tm
     with override_settings(SATORI=satori_conf, MEDIA_ROOT=str(tmp_path / "media")):
         assert bulk_files.private_dir() == str(tmp_path / "django_satori_private")
         assert [m.id for m in check_settings() if m.id.startswith("django_satori.W003")] == []
-    with override_settings(SATORI=satori_conf, MEDIA_ROOT=""):
+    # A fresh startproject has no MEDIA_ROOT, but a BASE_DIR.
+    with override_settings(SATORI=satori_conf, MEDIA_ROOT="", BASE_DIR=tmp_path / "site"):
+        assert bulk_files.private_dir() == str(tmp_path / "site" / "django_satori_private")
+        assert check_settings() == []
+    with override_settings(SATORI=satori_conf, MEDIA_ROOT="", BASE_DIR=None):
         assert [m.id for m in check_settings()] == ["django_satori.E007"]
+    # A Path is fine where a str is (BASE_DIR / "private" is the usual way to write it).
+    with satori(BULK_FILES_DIR=tmp_path / "as-path"):
+        assert bulk_files.private_dir() == str(tmp_path / "as-path")
+        assert check_settings() == []
 
 
 def test_names_are_unguessable_and_differ_for_the_same_job_and_part(tmp_path):
