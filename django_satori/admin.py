@@ -7,7 +7,6 @@ selection as a query (the bulk actions), so the page comes back at once.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
@@ -15,7 +14,13 @@ from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseRedirect,
+    StreamingHttpResponse,
+)
 from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import truncatechars
@@ -24,7 +29,7 @@ from django.utils.html import format_html
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext, pgettext_lazy
 
-from . import bulk, sync
+from . import bulk, bulk_files, sync
 from .admin_import import IMPORT_PERMS, import_urls
 from .conf import get_settings
 from .models import (
@@ -481,25 +486,28 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
         return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
 
     def csv_view(self, request: HttpRequest, part_id: int) -> HttpResponseBase:
-        """The part's CSV holds personal data: served only to staff allowed to run bulk jobs."""
+        """The part's CSV holds personal data: served only to staff allowed to run bulk jobs.
+
+        This view is the only way to the file (its storage has no URL). Cells a
+        spreadsheet would run as formulas are neutralised here, for people only:
+        the stored file, which is what SATORI gets, keeps the values as they are.
+        """
         part = get_object_or_404(BulkPart.objects.select_related("job"), pk=part_id)
         if not (
             self.has_view_permission(request, part.job) and request.user.has_perm(BULK_PERMISSION)
         ):
             raise PermissionDenied
         if not part.csv_file.name:
-            raise Http404(_("This part has no CSV file."))
+            raise Http404(_("This part has no CSV file (deleted after the retention period)."))
         try:
-            fileobj = bulk.bulk_storage().open(part.csv_file.name, "rb")
+            stream = bulk_files.people_csv(part.csv_file.name)
         except OSError:
             raise Http404(_("The CSV file is no longer in storage.")) from None
-        response = FileResponse(
-            fileobj,
-            as_attachment=True,
-            filename=f"satori-bulk-{part.job_id}-{part.number}.csv",
-            content_type="text/csv; charset=utf-8",
-        )
+        response = StreamingHttpResponse(stream, content_type="text/csv; charset=utf-8")
+        filename = f"satori-bulk-{part.job_id}-{part.number}.csv"
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
         response["Cache-Control"] = "private, no-store"
+        response["X-Content-Type-Options"] = "nosniff"
         return response
 
     def change_view(
@@ -540,10 +548,7 @@ def job_percent(job: BulkJob) -> int:
 
 
 def delete_job_files(job: BulkJob) -> None:
-    storage = bulk.bulk_storage()
-    for name in job.parts.exclude(csv_file="").values_list("csv_file", flat=True):
-        with contextlib.suppress(OSError):
-            storage.delete(name)
+    bulk_files.delete_files(job.parts.exclude(csv_file="").values_list("csv_file", flat=True))
 
 
 @admin.register(BulkRowError)

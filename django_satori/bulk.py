@@ -35,14 +35,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar, cast
 
-from django.core.files.storage import Storage, storages
+from django.core.files.storage import Storage
 from django.db import connections, models, transaction
 from django.db.models import F, Q, Sum
 from django.utils import timezone
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
-from . import bulk_csv
+from . import bulk_csv, bulk_files
 from .client import get_client
 from .conf import SatoriSettings, get_settings
 from .exceptions import SatoriError, SatoriNotFoundError, SatoriValidationError
@@ -79,7 +79,7 @@ T = TypeVar("T")
 
 
 def bulk_storage(conf: SatoriSettings | None = None) -> Storage:
-    return storages[(conf or get_settings()).BULK_STORAGE]
+    return bulk_files.bulk_storage(conf)
 
 
 # --------------------------------------------------------------------------
@@ -435,9 +435,7 @@ class _Export:
                 part.delete()
                 self.number -= 1
                 return True
-            name = bulk_storage(self.conf).save(
-                f"django_satori/bulk/job-{self.job.pk}-part-{part.number}.csv", writer.finish()
-            )
+            name = bulk_files.save_part(self.conf, self.job.pk, part.number, writer.finish())
             ready = BulkState.CREATED if self.job.dry_run else BulkState.UPLOADING
             moved = BulkPart.objects.filter(pk=part.pk, state=BulkState.EXPORTING).update(
                 state=ready, csv_file=name, row_count=len(writer)

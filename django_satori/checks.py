@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
 
 from django.conf import settings as django_settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+from django.core.files.storage import InvalidStorageError
 
+from .bulk_files import bulk_storage
 from .conf import AUTH_KEYS, SETTING_NAMES, SatoriSettings, raw_settings
 from .mapping import mapping_errors
 from .schema import CUSTOM_FIELD_TYPES, custom_field_type
@@ -45,11 +49,16 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "BULK_POLL_MAX_INTERVAL_SECONDS": (int, float),
     "BULK_DEADLINE_SECONDS": (int, float),
     "BULK_STORAGE": (str,),
+    "BULK_FILES_DIR": (str, os.PathLike),
+    "BULK_FILE_RETENTION_DAYS": (int, float, type(None)),
     "BULK_EXPORT_ITERATOR_CHUNK": (int,),
     "ACTION_PATH": (str,),
     "ACTION_PARAMS": (Mapping,),
     "ACTION_TIMEZONE": (str,),
     "REDACT_PERSONAL_DATA": (bool,),
+    "LOG_RETENTION_DAYS": (int, float, type(None)),
+    "LOG_DELETE_BATCH": (int,),
+    "STATUS_CACHE": (str,),
     "DELIVERY_PERMISSION_LABELS": (Mapping,),
 }
 assert set(_TYPES) == set(SETTING_NAMES), "every setting needs a type check"
@@ -129,6 +138,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
 
     messages.extend(_check_values(conf))
+    messages.extend(_check_bulk_storage(conf))
     messages.extend(_check_custom_fields(conf))
     # migrate (and the test runner) name the databases they run the checks for.
     messages.extend(_check_mappings(conf, migrating=kwargs.get("databases") is not None))
@@ -194,6 +204,16 @@ def _check_values(conf: SatoriSettings) -> list[CheckMessage]:
                     obj="SATORI['RATE_LIMIT_CACHE']",
                 )
             )
+    for key in ("BULK_FILE_RETENTION_DAYS", "LOG_RETENTION_DAYS"):
+        days = getattr(conf, key)
+        if days is not None and days <= 0:
+            messages.append(_value_error(key, "must be positive, or None (keep for ever)."))
+    if conf.LOG_DELETE_BATCH < 1:
+        messages.append(_value_error("LOG_DELETE_BATCH", "must be at least 1."))
+    if conf.STATUS_CACHE not in django_settings.CACHES:
+        messages.append(
+            _value_error("STATUS_CACHE", f"names no cache in CACHES ({conf.STATUS_CACHE!r}).")
+        )
     if conf.DRY_RUN:
         messages.append(
             Warning(
@@ -203,6 +223,45 @@ def _check_values(conf: SatoriSettings) -> list[CheckMessage]:
             )
         )
     return messages
+
+
+def _check_bulk_storage(conf: SatoriSettings) -> list[CheckMessage]:
+    """Bulk CSV files hold every uploaded customer's personal data: never at a public URL."""
+    obj = "SATORI['BULK_STORAGE']"
+    try:
+        storage = bulk_storage(conf)
+    except (ImproperlyConfigured, InvalidStorageError) as exc:
+        return [Error(str(exc), id="django_satori.E007", obj=obj)]
+    public = []
+    media_url = str(getattr(django_settings, "MEDIA_URL", "") or "")
+    base_url = getattr(storage, "base_url", None)
+    # An unset MEDIA_URL reads as "/" (the script prefix): then only the directory tells.
+    if isinstance(base_url, str) and media_url.strip("/") and base_url.startswith(media_url):
+        public.append(f"its base URL {base_url!r} is under MEDIA_URL")
+    location = getattr(storage, "location", None)
+    for name in ("MEDIA_ROOT", "STATIC_ROOT"):
+        root = str(getattr(django_settings, name, "") or "")
+        if isinstance(location, str) and root and _inside(location, root):
+            public.append(f"its directory is inside {name}")
+    if not public:
+        return []
+    return [
+        Warning(
+            f"The storage for bulk CSV files ({conf.BULK_STORAGE!r}) may be public: "
+            + " and ".join(public)
+            + ". Those files hold every uploaded customer's personal data.",
+            hint="Remove SATORI['BULK_STORAGE'] to use the private default directory "
+            "(SATORI['BULK_FILES_DIR']), or point it at a private storage such as a private "
+            "S3 bucket. See docs/security.md.",
+            id="django_satori.W003",
+            obj=obj,
+        )
+    ]
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.abspath(path), os.path.abspath(root)
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _check_custom_fields(conf: SatoriSettings) -> list[CheckMessage]:

@@ -9,6 +9,7 @@ django-environ) and puts the values into ``settings.SATORI``. The accessor
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -82,7 +83,13 @@ class SatoriSettings:
     BULK_POLL_INTERVAL_SECONDS: float = 5.0
     BULK_POLL_MAX_INTERVAL_SECONDS: float = 120.0
     BULK_DEADLINE_SECONDS: float = 6 * 3600.0
-    BULK_STORAGE: str = "default"
+    #: Storage alias for the parts' CSV files. Unless STORAGES defines this alias, it is a
+    #: private directory (BULK_FILES_DIR) that no URL serves; see docs/security.md.
+    BULK_STORAGE: str = "django_satori_bulk"
+    #: The private directory; empty: ``django_satori_private`` next to MEDIA_ROOT (or in BASE_DIR).
+    BULK_FILES_DIR: str | os.PathLike[str] = ""
+    #: Days a finished job's CSV files are kept (for download); None keeps them.
+    BULK_FILE_RETENTION_DAYS: float | None = 7
     BULK_EXPORT_ITERATOR_CHUNK: int = 2000
 
     # Action API (path and parameter names are unverified, hence configurable)
@@ -92,6 +99,14 @@ class SatoriSettings:
 
     # Logs and the admin
     REDACT_PERSONAL_DATA: bool = True
+    #: Days SyncLog entries are kept; None keeps them for ever.
+    LOG_RETENTION_DAYS: float | None = 90
+    #: Rows deleted per statement when old SyncLog entries go (short locks).
+    LOG_DELETE_BATCH: int = 1000
+
+    # Monitoring (satori_status)
+    #: Cache alias where the sweep notes when it last ran; shared by workers and commands.
+    STATUS_CACHE: str = "default"
 
     # Importing SATORI's admin CSV export
     DELIVERY_PERMISSION_LABELS: Mapping[str, str] = field(

@@ -18,6 +18,7 @@ from django.utils.translation import gettext as _
 from . import bulk
 from .conf import get_settings
 from .models import BulkJob, Customer, Operation, SyncState
+from .status import record_sweep
 from .sync import actions, dispatch, outbox
 
 
@@ -47,6 +48,7 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
         dispatch.dispatch_action(pk) for pk in actions.overdue_actions(now, stale, limit)
     )
     counts["bulk_polled"] = bulk.poll_overdue_parts(now)
+    record_sweep(now)  # read by satori_status (--max-sweep-age)
     return counts
 
 

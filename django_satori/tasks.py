@@ -16,7 +16,7 @@ import math
 from celery import Task, shared_task
 from django.db import DatabaseError, close_old_connections
 
-from . import bulk
+from . import bulk, retention
 from . import sweep as safety_net
 from .sync import actions, dispatch, pushing
 
@@ -107,3 +107,12 @@ def poll_bulk_part(part_id: int) -> str:
     if delay is not None:
         bulk.enqueue_poll(part_id, delay)
     return outcome
+
+
+# Retention (see django_satori.retention): old SyncLog entries and bulk CSV files.
+
+
+@shared_task(name="django_satori.tasks.cleanup", **_COMMON)
+def cleanup() -> dict[str, int]:
+    _fresh_connections()
+    return retention.run().as_dict()

@@ -101,8 +101,8 @@ LOCALE_PATHS = [BASE_DIR / "locale"]  # the site's own Japanese texts
 USE_TZ = True
 
 STATIC_URL = "/static/"
-MEDIA_ROOT = str(VAR_DIR / "media")  # bulk CSV files are kept here
-MEDIA_URL = "/media/"
+# No MEDIA_ROOT: the site takes no uploads, and the bulk CSV files (personal data)
+# go to SATORI['BULK_FILES_DIR'] below, which no URL serves.
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- SATORI -----------------------------------------------------------------
@@ -117,6 +117,8 @@ SATORI = {
     "BASE_URL": env("SATORI_BASE_URL", default="http://127.0.0.1:8765"),
     "DRY_RUN": env.bool("SATORI_DRY_RUN", default=False),
     "RATE_LIMIT_PER_MINUTE": env.int("SATORI_RATE_LIMIT_PER_MINUTE", default=30),
+    # Private: downloaded only through the admin, by staff with the bulk permission.
+    "BULK_FILES_DIR": str(VAR_DIR / "private" / "satori-bulk"),
     # The identifier set in SATORI's admin screen (カスタマーカスタム項目).
     "CUSTOM_FIELDS": {
         "plan": {"type": "select", "choices": ["free", "standard", "premium"]},

@@ -113,6 +113,8 @@ SATORI = {
     "CUSTOM_FIELDS": {"plan": "text", "age": "integer", "birthday": "date"},
     "COALESCE_SECONDS": 0,
     "RATE_LIMIT_PER_MINUTE": None,
+    # Shared with the worker subprocesses, which read the files the test process wrote.
+    "BULK_FILES_DIR": os.environ.get("DJANGO_SATORI_TEST_BULK_DIR", "/tmp/django-satori-test-bulk"),
     "MAPPINGS": {
         "testapp.Member": {
             "email": "email",

@@ -224,7 +224,7 @@ def test_chunk_size_splits_parts_and_registration_mode_uses_its_endpoint(satori_
 
 
 def test_status_is_polled_until_finished_with_the_right_counts(satori_sandbox):
-    satori_sandbox.configure(bulk_processing_seconds=0.6)
+    satori_sandbox.configure(bulk_processing_seconds=1.0)
     customers(12)
     ticks: list[tuple[str, int]] = []
     job = run(start(chunk_size=5), on_tick=lambda j: ticks.append((j.state, j.succeeded_count)))

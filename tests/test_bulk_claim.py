@@ -16,7 +16,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from django_satori import bulk, bulk_csv
+from django_satori import bulk, bulk_csv, bulk_files
 from django_satori.conf import get_settings
 from django_satori.exceptions import SatoriValidationError
 from django_satori.models import (
@@ -320,7 +320,8 @@ def test_an_export_that_fails_releases_the_part_it_was_writing(monkeypatch):
         def save(self, name, content):
             raise OSError("no space left on device")
 
-    monkeypatch.setattr(bulk, "bulk_storage", lambda conf=None: FullDisk())
+    # Where the parts are saved (bulk_files), the same storage bulk.bulk_storage() reads.
+    monkeypatch.setattr(bulk_files, "bulk_storage", lambda conf=None: FullDisk())
     job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT)
     with pytest.raises(OSError):
         bulk.run_job(job.pk, on_part_ready=lambda part_id: None)

@@ -87,6 +87,11 @@ def test_plain_http_is_allowed_in_debug_and_to_the_local_sandbox():
         ("PUSH_ENDPOINT", "post"),
         ("TIMEOUT", -1),
         ("TAG_SEPARATOR", ""),
+        ("BULK_FILE_RETENTION_DAYS", 0),
+        ("LOG_RETENTION_DAYS", -1),
+        ("LOG_RETENTION_DAYS", "90"),
+        ("LOG_DELETE_BATCH", 0),
+        ("STATUS_CACHE", "nowhere"),
     ],
 )
 def test_bad_types_and_values_are_e004(key, value):
