@@ -96,11 +96,15 @@ def start_bulk_job(
     automatic: bool = False,
     chunk_size: int | None = None,
     dry_run: bool = False,
+    run_here: bool = False,
 ) -> BulkJob:
     """Record a bulk job for ``customers`` and queue its export after commit.
 
     Returns at once whatever the size of the selection. With ``dry_run`` (or
     ``SATORI['DRY_RUN']``) the parts are written but nothing is uploaded.
+    ``run_here``: the caller runs the job itself (:func:`run_job`, :func:`drive_job`),
+    so no worker is asked to; should the caller die first, the sweep hands the
+    unstarted job to a worker.
     """
     if customers.model is not Customer:
         raise TypeError("start_bulk_job() needs a queryset of Customer.")
@@ -118,7 +122,8 @@ def start_bulk_job(
         chunk_size=chunk_size,
         started_by=user if getattr(user, "is_authenticated", False) else None,
     )
-    transaction.on_commit(lambda: enqueue_run(job.pk))
+    if not run_here:
+        transaction.on_commit(lambda: enqueue_run(job.pk))
     return job
 
 

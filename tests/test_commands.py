@@ -19,6 +19,7 @@ from django.utils import timezone, translation
 
 from django_satori import bulk
 from django_satori.models import BulkJob, BulkState, Customer, SyncState, SyncStatus
+from django_satori.sync import dispatch
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -108,6 +109,22 @@ def test_wait_runs_the_job_in_process_and_exits_0(satori_sandbox):
     assert f"Job #{job.pk}: Finished. Rows: 6, succeeded: 6, failed: 0" in out
     assert "Processing in SATORI" in err  # progress while waiting
     assert len(satori_sandbox.state.customers) == 6
+
+
+@pytest.mark.parametrize("option", ["--wait", "--dry-run"])
+def test_a_job_run_by_the_command_is_not_also_handed_to_a_worker(
+    satori_sandbox, monkeypatch, option
+):
+    """With a worker running, --wait exported the job twice: the worker took the export
+    queued after commit while the command ran it too (an IntegrityError, and a job error
+    that blamed the export)."""
+    asked: list[int] = []
+    monkeypatch.setattr(dispatch, "dispatch_bulk_run", lambda job_id: asked.append(job_id))
+    customers(3)
+    command("satori_bulk_upsert", "--all", option)
+    job = BulkJob.objects.get()
+    assert asked == []
+    assert job.state == BulkState.FINISHED and not job.error
 
 
 def test_filters_select_by_status_domain_and_creation_time(satori_sandbox):

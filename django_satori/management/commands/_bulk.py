@@ -172,6 +172,8 @@ class BulkCommand(BaseCommand):
                 description=description,
                 chunk_size=chunk,
                 dry_run=options["dry_run"],
+                # Exported here: a worker asked too would export it a second time.
+                run_here=options["wait"] or options["dry_run"],
             )
         self.stdout.write(
             _("Bulk job #%(id)d (%(mode)s) created.")
