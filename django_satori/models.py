@@ -19,7 +19,7 @@ from django.utils.translation import gettext_lazy as _
 
 from .conf import get_settings
 from .exceptions import SatoriValidationError
-from .schema import EMAIL_MAX_LENGTH, clean_customer, normalize_email
+from .schema import EMAIL_MAX_LENGTH, check_tags, clean_customer, normalize_email
 
 
 class SyncStatus(models.TextChoices):
@@ -114,6 +114,7 @@ class Customer(models.Model):
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.email = normalize_email(self.email)
+        self.tags = check_tags(self.tags, get_settings().TAG_SEPARATOR)
         self._refuse_nul()
         # One transaction for the row and its outbox entry (written by the post_save
         # receiver, sync.sources): the intent to sync is committed exactly when the
@@ -148,8 +149,10 @@ class Customer(models.Model):
             self.email = normalize_email(self.email)
         except SatoriValidationError as exc:
             errors["email"] = [exc.message]
-        if not isinstance(self.tags, list) or not all(isinstance(t, str) for t in self.tags):
-            errors["tags"] = [gettext("Tags must be a list of names.")]
+        try:
+            check_tags(self.tags, get_settings().TAG_SEPARATOR)
+        except SatoriValidationError as exc:
+            errors["tags"] = [exc.message]
         if not isinstance(self.custom_fields, dict):
             errors["custom_fields"] = [
                 gettext('Custom fields must be an object such as {"custom:plan": "gold"}.')

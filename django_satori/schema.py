@@ -146,6 +146,31 @@ def _clean_text(value: Any, field: str) -> str:
     return text
 
 
+def check_tags(value: Any, separator: str, field: str = "tags") -> list[str]:
+    """``value`` as a customer's tags: a list of strings, none holding the separator or
+    a line break (SATORI would read it as two tags, or refuse it). Raises otherwise."""
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple) or not all(isinstance(tag, str) for tag in value):
+        # A string here would be sent one character a tag ("sales" -> s,a,l,e).
+        raise SatoriValidationError(
+            _("Tags must be a list of strings, not %(type)s.") % {"type": type(value).__name__},
+            field=field,
+        )
+    for tag in value:
+        if separator in tag:
+            raise SatoriValidationError(
+                _("The tag %(tag)r contains the tag separator %(sep)r.")
+                % {"tag": tag, "sep": separator},
+                field=field,
+            )
+        if "\n" in tag or "\r" in tag:
+            raise SatoriValidationError(
+                _("The tag %(tag)r contains a line break.") % {"tag": tag}, field=field
+            )
+    return list(value)
+
+
 def join_tags(tags: Iterable[str], separator: str) -> str:
     cleaned = []
     for tag in tags:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
 from django_satori import add_action, mark_for_sync, signals, sweep, sync
+from django_satori.client import SatoriClient
+from django_satori.exceptions import SatoriTransientError, SatoriValidationError
 from django_satori.models import (
     ActionStatus,
     Customer,
@@ -24,7 +27,7 @@ from django_satori.models import (
     SyncState,
     SyncStatus,
 )
-from django_satori.sync import dispatch, sources
+from django_satori.sync import dispatch, pushing, sources
 from tests.syncing import drain
 from tests.testapp.models import Member
 
@@ -737,3 +740,95 @@ def test_save_refuses_a_nul_character_and_names_the_field(fields, named):
     assert caught.value.field == named and "NUL" in str(caught.value)
     # Refused on every database alike (PostgreSQL would fail without naming a field).
     assert not Customer.objects.exists() and not SyncState.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("tags", "reason"),
+    [
+        ("sales", "list of strings"),  # was sent as the tags s,a,l,e
+        (["ok", 3], "list of strings"),
+        (["two\nlines"], "line break"),
+        (["a,b"], "separator"),
+    ],
+)
+def test_tags_of_the_wrong_shape_are_refused_at_save_naming_the_field(tags, reason):
+    with pytest.raises(SatoriValidationError) as refused:
+        make_customer(tags=tags)
+    assert refused.value.field == "tags" and reason in refused.value.message
+    assert not Customer.objects.exists() and not SyncState.objects.exists()
+    customer = make_customer(tags=["ok"])
+    customer.tags = tags
+    with pytest.raises(ValidationError) as invalid:
+        customer.full_clean()
+    assert "tags" in invalid.value.message_dict
+
+
+def test_two_members_whose_addresses_differ_only_in_case_are_not_one_customer(satori_sandbox):
+    """They used to share one mirror: each save overwrote the other's data in SATORI, and
+    deleting the second deleted the first one's SATORI customer."""
+    first = Member.objects.create(email="ok.user@example.jp", family_name="一郎")
+    drain()
+    with pytest.raises(SatoriValidationError) as refused, transaction.atomic():
+        Member.objects.create(email="OK.User@Example.jp", family_name="二郎")
+    assert refused.value.field == "email" and "upper and lower case" in refused.value.message
+    assert Member.objects.count() == 1
+    mirror = Customer.objects.get()
+    assert (mirror.source_pk, mirror.last_name) == (str(first.pk), "一郎")
+    # An address changed onto the other's: refused too, and nothing else moved.
+    second = Member.objects.create(email="other@example.jp", family_name="二郎")
+    second.email = "OK.USER@example.jp"
+    with pytest.raises(SatoriValidationError), transaction.atomic():
+        second.save()
+    drain()
+    assert satori_sandbox.state.customer("ok.user@example.jp").fields["last_name"] == "一郎"
+    # A customer made directly (no connected object) is still taken over by a member.
+    Customer.objects.create(email="plain@example.jp", last_name="三郎")
+    third = Member.objects.create(email="Plain@Example.jp", family_name="三郎")
+    assert Customer.objects.get(email="plain@example.jp").source_pk == str(third.pk)
+
+
+class _AnswerLost:
+    """The real client, except that the next upsert's answer is lost after SATORI
+    applied it (a read timeout, a proxy cutting the reply)."""
+
+    lose_next = False
+
+    def __init__(self) -> None:
+        self.real = SatoriClient()
+
+    def upsert_customer(self, *args, **kwargs):
+        result = self.real.upsert_customer(*args, **kwargs)
+        if _AnswerLost.lose_next:
+            _AnswerLost.lose_next = False
+            raise SatoriTransientError("Read timed out.")
+        return result
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "third"),
+    [
+        # A -> B -> A: the revert looked unchanged (it equals the last acknowledged push).
+        (["y", "z"], ["z"], ["y", "z"]),
+        # The removal was computed from the list before the lost push: y stayed in SATORI.
+        (["x"], ["y", "z"], ["z"]),
+    ],
+)
+def test_after_an_answer_lost_satori_ends_equal_to_django(
+    satori_sandbox, monkeypatch, first, second, third
+):
+    monkeypatch.setattr(pushing, "get_client", _AnswerLost)
+    with satori(RETRY_BACKOFF_SECONDS=0.01, RETRY_BACKOFF_MAX_SECONDS=0.02):
+        customer = make_customer(tags=first, memo="A")
+        drain()
+        customer.tags, customer.memo = second, "B"
+        customer.save()
+        state = SyncState.objects.get()
+        _AnswerLost.lose_next = True
+        assert sync.push(state.pk, ignore_window=True)[0] is sync.PushOutcome.RETRY
+        assert satori_sandbox.state.customer(customer.email).fields["memo"] == "B"  # applied
+        customer.tags, customer.memo = third, "A"
+        customer.save()
+        drain()
+    remote = satori_sandbox.state.customer(customer.email)
+    assert (remote.fields["memo"], remote.tags) == ("A", set(third))
+    assert SyncState.objects.get().status == SyncStatus.SYNCED

@@ -390,6 +390,19 @@ def retry_later(
     )
 
 
+def outcome_unknown(state: SyncState, tags_sent: list[str]) -> dict[str, Any]:
+    """Fields for a row whose call may have been applied although no answer came.
+
+    SATORI may now hold what was sent, or what it had before: the next push must
+    send everything (no "unchanged" skip: the fingerprint is cleared) and remove
+    every tag either state has (the tags sent are added to ``sent_tags``), so a
+    revert A -> B -> A or a removal computed from the wrong list cannot leave
+    SATORI different.
+    """
+    sent = list(state.sent_tags or [])
+    return {"fingerprint": "", "sent_tags": sent + [tag for tag in tags_sent if tag not in sent]}
+
+
 def give_back(state_ids: list[int], token: str) -> None:
     """Give claimed rows back pending (a batch stopped before sending them)."""
     try:

@@ -25,7 +25,12 @@ from django.utils.translation import gettext as _
 from .. import ratelimit, signals
 from ..client import get_client
 from ..conf import SatoriSettings, get_settings
-from ..exceptions import SatoriError, SatoriNotFoundError, SatoriValidationError
+from ..exceptions import (
+    SatoriError,
+    SatoriNotFoundError,
+    SatoriRateLimitError,
+    SatoriValidationError,
+)
 from ..models import Customer, Operation, SyncLog, SyncState, SyncStatus
 from ..redaction import for_log, redact_form
 from ..schema import DATA_FIELDS, clean_customer, join_tags
@@ -363,6 +368,10 @@ def _failed(
     attempt = state.attempts + 1
     final = not exc.retryable or attempt >= conf.MAX_ATTEMPTS
     message = str(exc)
+    unknown: dict[str, Any] = {}
+    if started is not None and exc.retryable and not isinstance(exc, SatoriRateLimitError):
+        # A timeout, a dropped connection, a 5xx: SATORI may have applied the call.
+        unknown = outbox.outcome_unknown(state, list(customer.tags or []) if customer else [])
     if final:
         outbox.release(
             state,
@@ -371,6 +380,7 @@ def _failed(
             attempts=attempt,
             last_error=message,
             last_error_at=timezone.now(),
+            **unknown,
         )
         delay = None
     else:
@@ -383,6 +393,7 @@ def _failed(
             attempts=attempt,
             last_error=message,
             last_error_at=timezone.now(),
+            **unknown,
         )
     history.log_failure(
         endpoint,

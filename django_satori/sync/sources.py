@@ -17,6 +17,7 @@ from django.db.models.signals import post_delete, post_save
 from django.utils.translation import gettext as _
 
 from ..conf import get_settings
+from ..exceptions import SatoriValidationError
 from ..mapping import MappingError, ModelMapping, get_mappings
 from ..models import Customer
 from ..schema import normalize_email
@@ -62,6 +63,7 @@ def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) ->
     values["email"] = normalize_email(values["email"])
     if customer is not None and not force and _mirror_is_current(customer, values):
         return True
+    _refuse_shared_address(mapping, instance, customer, values["email"])
     if customer is None:
         customer = Customer.objects.filter(email=values["email"]).first() or Customer(
             source_model=mapping.label, source_pk=pk
@@ -71,6 +73,36 @@ def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) ->
         setattr(customer, name, value)
     customer.save()
     return True
+
+
+def _refuse_shared_address(
+    mapping: ModelMapping, instance: Any, mirror: Customer | None, email: str
+) -> None:
+    """Two local objects must not become one SATORI customer.
+
+    Addresses are compared as SATORI keys them (normalised: lower-cased), so
+    ``OK.User@Example.jp`` and ``ok.user@example.jp`` are one customer there: the
+    second would overwrite the first's data, and deleting it would delete the
+    first one's customer. A Customer without a source (created directly, or whose
+    object stopped syncing) is taken over instead, as before.
+    """
+    others = Customer.objects.filter(email=email)
+    if mirror is not None:
+        others = others.exclude(pk=mirror.pk)
+    holder = others.values_list("source_model", "source_pk").first()
+    if holder is None:
+        return
+    source_model, source_pk = holder
+    if mirror is None and not source_model:
+        return  # an unconnected customer: this object takes it over
+    raise SatoriValidationError(
+        _(
+            "This e-mail address is already used in SATORI by %(other)s: SATORI does not "
+            "tell addresses apart by upper and lower case, so both would be one customer."
+        )
+        % {"other": f"{source_model} {source_pk}" if source_model else _("another customer")},
+        field="email",
+    )
 
 
 def _mirror_is_current(customer: Customer, values: dict[str, Any]) -> bool:

@@ -17,7 +17,7 @@ from django.db import transaction
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from django_satori import bulk
+from django_satori import bulk, mark_for_sync
 from django_satori.client import SatoriClient
 from django_satori.conf import get_settings
 from django_satori.exceptions import SatoriError, SatoriNotFoundError, SatoriValidationError
@@ -83,6 +83,8 @@ def test_full_width_and_padded_emails_are_normalised_not_refused(satori_sandbox,
 # --------------------------------------------------------------------------- single pushes
 
 #: Values the model accepts but SATORI must not get, and the field each error must name.
+#: (A tag holding the separator is refused by ``save()`` itself now; it can still arrive
+#: through ``update()``, which is how this test writes it.)
 BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "unknown custom field": ({"custom_fields": {"custom:colour": "red"}}, "custom:colour"),
     "integer field given text": ({"custom_fields": {"custom:age": "forty"}}, "custom:age"),
@@ -113,7 +115,13 @@ def test_each_bad_value_fails_its_customer_naming_the_field_and_the_rest_sync(sa
     ).email
     bad = {}
     for n, (label, (changes, field)) in enumerate(BAD_VALUES.items()):
-        email = Customer.objects.create(**{**customer_values(100 + n), **changes}).email
+        if "tags" in changes:
+            customer = Customer.objects.create(**customer_values(100 + n))
+            Customer.objects.filter(pk=customer.pk).update(**changes)
+            mark_for_sync(Customer.objects.filter(pk=customer.pk))
+            email = customer.email
+        else:
+            email = Customer.objects.create(**{**customer_values(100 + n), **changes}).email
         bad[email] = (label, field)
     drain()
 
