@@ -221,6 +221,10 @@ class SyncState(models.Model):
     hashcode = models.CharField(_("SATORI hashcode"), max_length=128, blank=True)
     #: Known to exist in SATORI (created by us or imported from SATORI's export).
     in_satori = models.BooleanField(_("known in SATORI"), default=False)
+    #: A bulk part sent this customer, but it cannot remove tags: SATORI still has
+    #: tags Django dropped, which only a single push (``delete_tags``) removes. Such a
+    #: row is pending and is never put into another bulk part until that push.
+    removal_pending = models.BooleanField(_("tag removal pending"), default=False)
     #: The e-mail SATORI has for this customer when it was changed locally.
     previous_email = models.CharField(_("previous e-mail"), max_length=EMAIL_MAX_LENGTH, blank=True)
 

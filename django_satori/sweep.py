@@ -17,7 +17,7 @@ from django.utils.translation import gettext as _
 
 from . import bulk
 from .conf import get_settings
-from .models import BulkJob, Customer, Operation, SyncState
+from .models import BulkJob, Customer, SyncState
 from .status import record_sweep
 from .sync import actions, dispatch, outbox
 
@@ -36,10 +36,10 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
         return counts
     counts["reclaimed"] = outbox.reclaim_expired(now)
     due = outbox.overdue(now, stale)
-    upserts = due.filter(operation=Operation.UPSERT, customer__isnull=False)
+    upserts = outbox.bulk_candidates(due)
     if upserts.count() > conf.BULK_THRESHOLD:
         counts["bulk"] = _route_to_bulk(upserts)
-        due = due.exclude(operation=Operation.UPSERT)
+        due = due.exclude(pk__in=upserts.values("pk"))
     ids = list(due.values_list("pk", flat=True)[:limit])
     if ids:
         outbox.mark_dispatched(ids, now)
