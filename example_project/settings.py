@@ -119,7 +119,7 @@ SATORI = {
     "RATE_LIMIT_PER_MINUTE": env.int("SATORI_RATE_LIMIT_PER_MINUTE", default=30),
     # The identifier set in SATORI's admin screen (カスタマーカスタム項目).
     "CUSTOM_FIELDS": {
-        "plan": {"type": "select", "choices": ["free", "standard", "premium"]},
+        "plan": {"type": "select", "choices": ["free", "standard", "premium"], "label": "プラン"},
     },
     "MAPPINGS": {
         "members.Member": {
