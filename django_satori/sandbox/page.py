@@ -269,9 +269,10 @@ body {{ font-family: system-ui, "Hiragino Sans", "Noto Sans JP", sans-serif; mar
         color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1.5rem; font-size: 0.85rem; }}
 th, td {{ border: 1px solid #ccc; padding: 0.25rem 0.5rem; text-align: left;
-          vertical-align: top; word-break: break-all; white-space: pre-line; }}
-th {{ background: #f3f3f3; }}
-td.whole {{ white-space: nowrap; word-break: normal; }}
+          vertical-align: top; overflow-wrap: anywhere; white-space: pre-line; }}
+/* A column is at least as wide as its heading: short values stay on one line. */
+th {{ background: #f3f3f3; white-space: nowrap; }}
+td.whole {{ white-space: nowrap; overflow-wrap: normal; }}
 #configuration td:nth-child(2) {{ font-family: monospace; }}
 .empty {{ color: #777; }}
 .status {{ color: #555; }}
