@@ -7,6 +7,8 @@ Hooked into the Customer admin by :func:`import_urls`::
 
 The upload runs the import inside the request (a 100,000-row file takes
 seconds); very large files are better imported with ``manage.py satori_import``.
+The pages themselves never mention command-line options: the people using
+them are marketing operators, not the developers who run ``manage.py``.
 """
 
 from __future__ import annotations
@@ -15,31 +17,73 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import FieldDoesNotExist, PermissionDenied
 from django.core.paginator import Paginator
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext
 
 from . import reconcile
-from .importing import ENCODINGS, ImportFileError, import_export
+from .conf import get_settings
+from .importing import ImportFileError, import_export
 from .models import Customer, ImportRun, SyncStatus
+from .schema import CUSTOM_PREFIX
 
 PAGE_SIZE = 100
 TEMPLATE_DIR = "admin/django_satori/import"
 IMPORT_PERMS = ("django_satori.add_customer", "django_satori.change_customer")
 SYNC_PERM = "django_satori.sync_customer"
 
+#: The encodings offered on the upload page, in words. "utf-8" also reads a file
+#: that starts with a BOM (choose_encoding switches to utf-8-sig by itself), so
+#: the form needs no separate "UTF-8 with BOM" choice.
+ENCODING_CHOICES = [
+    ("auto", gettext_lazy("Detect automatically")),
+    ("utf-8", "UTF-8"),
+    ("cp932", "Shift_JIS"),
+]
+
+
+def encoding_label(code: str) -> str:
+    """An encoding as an operator knows it: "UTF-8", "Shift_JIS", not "cp932"."""
+    return {
+        "utf-8": "UTF-8",
+        "utf-8-sig": _("UTF-8 (with BOM)"),
+        "cp932": "Shift_JIS",
+        "auto": _("Detect automatically"),
+    }.get(code, code)
+
+
+def field_label(key: str) -> str:
+    """The name an operator sees in SATORI for one of our keys ("会社名", not
+    "lead_company_name"); a custom field's ``label`` from ``SATORI["CUSTOM_FIELDS"]``."""
+    if key.startswith(CUSTOM_PREFIX):
+        identifier = key[len(CUSTOM_PREFIX) :]
+        definition = get_settings().CUSTOM_FIELDS.get(identifier)
+        label = definition.get("label") if isinstance(definition, dict) else None
+        if label:
+            return str(label)
+        return _("%(identifier)s (custom field)") % {"identifier": identifier}
+    try:
+        field = Customer._meta.get_field(key)
+    except FieldDoesNotExist:
+        return key
+    return str(capfirst(getattr(field, "verbose_name", key)))
+
 
 class ImportForm(forms.Form):
     file = forms.FileField(label=gettext_lazy("SATORI customer export (CSV)"))
     encoding = forms.ChoiceField(
         label=gettext_lazy("Encoding"),
-        choices=[(e, gettext_lazy("Detect") if e == "auto" else e) for e in ENCODINGS],
+        choices=ENCODING_CHOICES,
         initial="auto",
+        help_text=gettext_lazy(
+            "SATORI's export is UTF-8 or Shift_JIS; automatic detection tells them apart."
+        ),
     )
     dry_run = forms.BooleanField(
         label=gettext_lazy("Dry run (show what would change, write nothing)"),
@@ -99,6 +143,7 @@ class _Views:
             "opts": Customer._meta,
             "import_url": self._url("django_satori_customer_import"),
             "report_url": self._url("django_satori_customer_reconcile"),
+            "changelist_url": self._optional_url("django_satori_customer_changelist"),
             **extra,
         }
 
@@ -122,7 +167,7 @@ class _Views:
                         started_by=request.user,
                     )
                 except ImportFileError as exc:
-                    form.add_error("file", str(exc))
+                    form.add_error("file", _file_error(exc))
                 else:
                     if result.run is not None:
                         messages.success(
@@ -152,6 +197,7 @@ class _Views:
                 _("Import SATORI's customer export"),
                 form=form,
                 result=result,
+                result_encoding=encoding_label(result.encoding) if result else "",
                 runs=[(run, self._url("django_satori_importrun", run.pk)) for run in runs],
             ),
         )
@@ -163,7 +209,12 @@ class _Views:
         return TemplateResponse(
             request,
             f"{TEMPLATE_DIR}/run.html",
-            self._context(request, _("SATORI export import #%(id)s") % {"id": run.pk}, run=run),
+            self._context(
+                request,
+                _("SATORI export import #%(id)s") % {"id": run.pk},
+                run=run,
+                run_encoding=encoding_label(run.encoding),
+            ),
         )
 
     # -- reconciliation ---------------------------------------------------------
@@ -225,7 +276,10 @@ class _Views:
                 tabs=tabs,
                 items=items,
                 page=page,
-                by_field=sorted(by_field.items(), key=lambda kv: -kv[1]),
+                by_field=[
+                    (field_label(name), n)
+                    for name, n in sorted(by_field.items(), key=lambda kv: -kv[1])
+                ],
                 last_import=reconcile.last_import(),
                 can_sync=request.user.has_perm(SYNC_PERM),
             ),
@@ -244,7 +298,15 @@ class _Views:
                         "id": found.customer_id,
                         "email": found.email,
                         "status": found.sync_status,
-                        "differences": found.differences,
+                        "differences": [
+                            {
+                                "label": field_label(diff.field),
+                                "local": diff.local,
+                                "remote": diff.remote,
+                                "push_fixes": diff.push_fixes,
+                            }
+                            for diff in found.differences
+                        ],
                     }
                 )
             total += 1
@@ -277,10 +339,23 @@ class _Views:
         )
 
     def _change_url(self, pk: int) -> str:
+        return self._optional_url("django_satori_customer_change", pk)
+
+    def _optional_url(self, name: str, *args: Any) -> str:
         try:
-            return self._url("django_satori_customer_change", pk)
+            return self._url(name, *args)
         except NoReverseMatch:  # Customer not registered with this admin site
             return ""
+
+
+def _file_error(exc: ImportFileError) -> str:
+    message = str(exc)
+    if exc.suggested_encoding:
+        # The library's text names no option; say where on this page to choose.
+        message += " " + _("Choose %(encoding)s under Encoding and upload the file again.") % {
+            "encoding": encoding_label(exc.suggested_encoding)
+        }
+    return message
 
 
 def _status(state: Any) -> str:

@@ -111,12 +111,20 @@ _TEXT_FIELDS_MAX: dict[str, int] = {
 
 
 class ImportFileError(Exception):
-    """The file cannot be imported at all (nothing was written). ``line`` when known."""
+    """The file cannot be imported at all (nothing was written). ``line`` when known;
+    ``suggested_encoding`` (an :data:`ENCODINGS` value) when another encoding would read it.
 
-    def __init__(self, message: str, *, line: int | None = None) -> None:
+    The message names no command-line option: the admin shows it to operators, and
+    the management command adds its ``--encoding`` hint itself.
+    """
+
+    def __init__(
+        self, message: str, *, line: int | None = None, suggested_encoding: str = ""
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
+        self.suggested_encoding = suggested_encoding
 
     def __str__(self) -> str:
         if self.line is None:
@@ -265,15 +273,14 @@ def choose_encoding(
         raise ImportFileError(
             ngettext(
                 "The file is not valid %(encoding)s (%(count)d undecodable line in the "
-                "first part of the file). Choose the encoding with --encoding (try "
-                "%(hint)s).",
+                "first part of the file); it is probably %(hint)s.",
                 "The file is not valid %(encoding)s (%(count)d undecodable lines in the "
-                "first part of the file). Choose the encoding with --encoding (try "
-                "%(hint)s).",
+                "first part of the file); it is probably %(hint)s.",
                 len(bad),
             )
-            % {"encoding": _label(encoding), "count": len(bad), "hint": hint},
+            % {"encoding": _label(encoding), "count": len(bad), "hint": _label(hint)},
             line=bad[0],
+            suggested_encoding=hint,
         )
     return encoding
 

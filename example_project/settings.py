@@ -121,7 +121,7 @@ SATORI = {
     "BULK_FILES_DIR": str(VAR_DIR / "private" / "satori-bulk"),
     # The identifier set in SATORI's admin screen (カスタマーカスタム項目).
     "CUSTOM_FIELDS": {
-        "plan": {"type": "select", "choices": ["free", "standard", "premium"]},
+        "plan": {"type": "select", "choices": ["free", "standard", "premium"], "label": "プラン"},
     },
     "MAPPINGS": {
         "members.Member": {

@@ -267,7 +267,9 @@ class _Handler(BaseHTTPRequestHandler):
         method = self.command
         sandbox.state.finish_due_jobs()
         if path == "/" and method == "GET":
-            page = render(sandbox.snapshot(), sandbox.describe())
+            page = render(
+                sandbox.snapshot(), sandbox.describe(), self.headers.get("Accept-Language")
+            )
             self._send(200, page.encode("utf-8"), "text/html; charset=utf-8")
         elif path == "/_sandbox/state" and method == "GET":
             self._send_json(

@@ -86,7 +86,12 @@ class Command(BaseCommand):
         except FileNotFoundError as exc:
             raise CommandError(_("No such file: %(file)s") % {"file": exc.filename}) from None
         except ImportFileError as exc:
-            raise CommandError(str(exc)) from None
+            message = str(exc)
+            if exc.suggested_encoding:
+                message += " " + _("Run again with --encoding %(encoding)s.") % {
+                    "encoding": exc.suggested_encoding
+                }
+            raise CommandError(message) from None
         self._summary(result)
         if options["report"]:
             self.stdout.write("")
