@@ -350,5 +350,8 @@ def mark_ids_for_sync(ids: list[int], chunk: int = 500) -> int:
     that every database accepts in one ``IN (...)``."""
     marked = 0
     for start in range(0, len(ids), chunk):
-        marked += mark_for_sync(Customer.objects.filter(pk__in=ids[start : start + chunk]))
+        # full: SATORI differs from what we last sent, so "unchanged" is no reason to skip.
+        marked += mark_for_sync(
+            Customer.objects.filter(pk__in=ids[start : start + chunk]), full=True
+        )
     return marked

@@ -806,3 +806,29 @@ def test_the_pages_are_reachable_from_the_customer_admin(tmp_path, sandbox, admi
     # The customer's change page is linked from the report.
     customer = Customer.objects.get()
     assert f"/admin/django_satori/customer/{customer.pk}/change/" in report.content.decode()
+
+
+def test_a_divergence_found_by_the_reconciliation_is_gone_after_the_next_push(
+    tmp_path, satori_sandbox
+):
+    """Someone edited the customer in SATORI's own screen. Django's data did not change,
+    so the re-queued push looked "unchanged" and was skipped: SATORI stayed different
+    while the admin said synced."""
+    customer = Customer.objects.create(
+        email="user1@example.jp", last_name="山田", collection_route="web", tags=["展示会"]
+    )
+    drain()
+    remote = satori_sandbox.state.customer(customer.email)
+    remote.fields["last_name"] = "佐藤"  # planted in SATORI
+    remote.tags.add("資料請求")
+    row = export_row(1, last_name="佐藤", tags="展示会,資料請求", hashcode=remote.hashcode)
+    path = write_export(tmp_path / "export.csv", [row])
+    call_command("satori_import", str(path), stdout=io.StringIO(), stderr=io.StringIO())
+    assert [d.email for d in reconcile.different()] == [customer.email]
+    out = io.StringIO()
+    call_command("satori_reconcile", "--category", "different", "--mark-for-sync", stdout=out)
+    assert "1 customer marked for sync." in out.getvalue()
+    drain()
+    remote = satori_sandbox.state.customer(customer.email)
+    assert remote.fields["last_name"] == "山田" and remote.tags == {"展示会"}
+    assert SyncState.objects.get().status == SyncStatus.SYNCED

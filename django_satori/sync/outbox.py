@@ -252,11 +252,15 @@ def _follow_email_change(customer: Customer, old_email: str) -> None:
         )
 
 
-def mark_customers(queryset: models.QuerySet[Customer], conf: SatoriSettings) -> int:
+def mark_customers(
+    queryset: models.QuerySet[Customer], conf: SatoriSettings, *, full: bool = False
+) -> int:
     """Mark every customer in ``queryset`` pending (after ``update()``/``bulk_*()``).
 
     Pushes are queued after commit; a selection larger than ``BULK_THRESHOLD``
-    is left to the sweep, which sends it through a bulk job.
+    is left to the sweep, which sends it through a bulk job. ``full``: SATORI is
+    known to differ (the reconciliation found it): the next push sends every item,
+    even what we sent before, and removes the tags SATORI's export showed.
     """
     now = timezone.now()
     pending = {
@@ -269,6 +273,8 @@ def mark_customers(queryset: models.QuerySet[Customer], conf: SatoriSettings) ->
     }
     with transaction.atomic():
         states = SyncState.objects.filter(customer__in=queryset.values("pk"))
+        if full:
+            _forget_acknowledged(states)
         count = states.update(version=F("version") + 1, **pending)
         # Customers written with update()/bulk_create() have no outbox row yet: theirs
         # are inserted pending, by one INSERT ... SELECT.
@@ -289,6 +295,22 @@ def mark_customers(queryset: models.QuerySet[Customer], conf: SatoriSettings) ->
         else:
             dispatch.dispatch_many_on_commit(list(states.values_list("pk", flat=True)))
     return count
+
+
+def _forget_acknowledged(states: models.QuerySet[SyncState]) -> None:
+    rows = []
+    for pk, sent, remote in states.values_list("pk", "sent_tags", "remote_values"):
+        sent = list(sent or [])
+        remote_tags = (remote or {}).get("tags") or []
+        rows.append(
+            {
+                "pk": pk,
+                "fingerprint": "",
+                "sent_tags": sent
+                + [t for t in remote_tags if isinstance(t, str) and t not in sent],
+            }
+        )
+    update_rows(SyncState, ["fingerprint", "sent_tags"], rows)
 
 
 def stop(customer_id: int, reason: str) -> None:

@@ -26,12 +26,14 @@ from . import outbox
 log = logging.getLogger("django_satori.sync")
 
 
-def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
+def mark_for_sync(queryset: models.QuerySet[Any], *, full: bool = False) -> int:
     """Mark every customer in ``queryset`` pending (after ``update()``/``bulk_*()``).
 
     ``queryset`` may be of :class:`Customer` or of a connected model. Large
     selections are left to the sweep, which sends them through bulk jobs.
-    Returns the number of customers marked.
+    ``full`` (Customer only): send every item again, even unchanged ones, and
+    remove the tags SATORI's last imported export showed; for customers known to
+    differ in SATORI. Returns the number of customers marked.
     """
     mapping = get_mappings().get(queryset.model)
     if mapping is not None:
@@ -44,7 +46,7 @@ def mark_for_sync(queryset: models.QuerySet[Any]) -> int:
         raise TypeError(
             f"{queryset.model.__name__} is not Customer or a connected model (SATORI['MAPPINGS'])."
         )
-    return outbox.mark_customers(queryset, get_settings())
+    return outbox.mark_customers(queryset, get_settings(), full=full)
 
 
 def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -> bool:
