@@ -8,6 +8,7 @@ a real worker and a real Redis broker.
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pytest
 from django.core.exceptions import ValidationError
@@ -17,6 +18,7 @@ from django.utils import timezone
 
 from django_satori import add_action, mark_for_sync, signals, sweep, sync
 from django_satori.client import SatoriClient
+from django_satori.conf import get_settings
 from django_satori.exceptions import SatoriTransientError, SatoriValidationError
 from django_satori.models import (
     ActionStatus,
@@ -27,7 +29,7 @@ from django_satori.models import (
     SyncState,
     SyncStatus,
 )
-from django_satori.sync import dispatch, pushing, sources
+from django_satori.sync import dispatch, outbox, pushing, sources
 from tests.syncing import drain
 from tests.testapp.models import Member
 
@@ -832,3 +834,33 @@ def test_after_an_answer_lost_satori_ends_equal_to_django(
     remote = satori_sandbox.state.customer(customer.email)
     assert (remote.fields["memo"], remote.tags) == ("A", set(third))
     assert SyncState.objects.get().status == SyncStatus.SYNCED
+
+
+@pytest.mark.parametrize("then", ["saved while claimed", "reclaimed by the sweep", "taken over"])
+def test_a_worker_killed_after_satori_applied_its_call_does_not_hide_a_revert(satori_sandbox, then):
+    """The dead worker's answer never reached the row, whose fingerprint still described
+    the push before: reverting to that state was skipped as unchanged."""
+    customer = make_customer(memo="A")
+    drain()
+    customer.memo = "B"
+    customer.save()
+    state = SyncState.objects.get()
+    with satori(LEASE_SECONDS=0.3, SWEEP_AFTER_SECONDS=0):
+        # What the dead worker did: claimed the row, and SATORI applied its call.
+        _token, claimed = outbox.claim([state.pk], get_settings(), ignore_window=True)
+        assert list(claimed) == [state.pk]
+        SatoriClient().upsert_customer({"email": customer.email, "memo": "B"})
+        time.sleep(0.4)  # its claim expires
+        if then == "saved while claimed":
+            customer.memo = "A"
+            customer.save()
+            drain()
+        elif then == "reclaimed by the sweep":
+            assert sweep.sweep()["reclaimed"] == 1
+            customer.memo = "A"
+            customer.save()
+            drain()
+        else:  # a duplicate task takes the expired claim over; A was written by update()
+            Customer.objects.filter(pk=customer.pk).update(memo="A")
+            assert sync.push(state.pk, ignore_window=True)[0] is sync.PushOutcome.SYNCED
+    assert satori_sandbox.state.customer(customer.email).fields["memo"] == "A"

@@ -161,6 +161,8 @@ def mark_pending(
     }
     if customer_id is not None or operation == Operation.DELETE:
         changes["customer_id"] = customer_id
+    if status == SyncStatus.SENDING:
+        changes["fingerprint"] = ""  # see _MARK_SQL
     became_pending = status != SyncStatus.PENDING
     if became_pending:
         # Saves within the window ride along with the first one (coalescing).
@@ -174,14 +176,18 @@ def mark_pending(
 #: ``mark_pending`` as one statement. Only a row that was not pending takes this
 #: call's ``not_before``, so ``not_before = <due>`` in RETURNING says it just
 #: became pending. ``customer_id``: kept when NULL is passed for an upsert, cleared
-#: for a delete.
+#: for a delete. A row being sent loses its fingerprint: if the worker sending it
+#: dies after SATORI applied the call, the fingerprint would describe the push
+#: before, and a revert to that state would be skipped as unchanged (a live worker
+#: writes the new fingerprint back anyway).
 _MARK_SQL = (
     "UPDATE {table} SET version = version + 1, status = %(pending)s, "
     "operation = %(operation)s, updated_at = %(now)s, "
     "customer_id = CASE WHEN %(clear)s THEN NULL ELSE COALESCE(%(customer)s, customer_id) END, "
     "not_before = CASE WHEN status = %(pending)s THEN not_before ELSE %(due)s END, "
     "attempts = CASE WHEN status = %(pending)s THEN attempts ELSE 0 END, "
-    "dispatched_at = CASE WHEN status = %(pending)s THEN dispatched_at ELSE %(now)s END "
+    "dispatched_at = CASE WHEN status = %(pending)s THEN dispatched_at ELSE %(now)s END, "
+    "fingerprint = CASE WHEN status = %(sending)s THEN '' ELSE fingerprint END "
     "WHERE email = %(email)s RETURNING id, not_before = %(due)s"
 )
 
@@ -197,6 +203,7 @@ def _mark_existing(
     adapt = connection.ops.adapt_datetimefield_value
     params = {
         "pending": SyncStatus.PENDING,
+        "sending": SyncStatus.SENDING,
         "operation": operation,
         "now": adapt(now),
         "due": adapt(due),
@@ -355,7 +362,15 @@ def claim(
         SyncState.objects.filter(pk__in=state_ids, status__in=SENDABLE, bulk_part__isnull=True)
         .filter(Q(lease_until__isnull=True) | Q(lease_until__lt=now))
         .filter(due)
-        .update(status=SyncStatus.SENDING, lease_token=token, lease_until=now + lease)
+        .update(
+            status=SyncStatus.SENDING,
+            lease_token=token,
+            lease_until=now + lease,
+            # Taken over from a worker whose claim expired: it may have been sent.
+            fingerprint=Case(
+                When(status=SyncStatus.SENDING, then=Value("")), default=F("fingerprint")
+            ),
+        )
     )
     claimed = {
         state.pk: state
@@ -528,9 +543,10 @@ def write_back(answers: Sequence[Answer], token: str) -> set[int]:
 
 
 def reclaim_expired(now: dt.datetime) -> int:
-    """A worker died holding a claim: give its rows back pending."""
+    """A worker died holding a claim: give its rows back pending. Its call may have
+    reached SATORI, so the next push sends everything (no "unchanged" skip)."""
     return SyncState.objects.filter(status=SyncStatus.SENDING, lease_until__lt=now).update(
-        status=SyncStatus.PENDING, lease_until=None, lease_token="", updated_at=now
+        status=SyncStatus.PENDING, lease_until=None, lease_token="", fingerprint="", updated_at=now
     )
 
 
