@@ -57,6 +57,8 @@ from .redaction import scrub_data, secret_needles
 SYNC_PERMISSION = "django_satori.sync_customer"
 BULK_PERMISSION = "django_satori.bulk_customer"
 CSS = {"all": ("django_satori/admin.css",)}
+#: Lists: fold Django's navigation sidebar on narrow screens (static/django_satori/fit.js).
+LIST_JS = ("django_satori/fit.js",)
 #: Entries of each history shown on a customer's page.
 RECENT = 20
 #: Row errors listed on a bulk job's page (the rest: the row error list, filtered).
@@ -207,6 +209,7 @@ class CustomerAdmin(admin.ModelAdmin):
 
     class Media:
         css = CSS
+        js = LIST_JS
 
     # -- the form: tags and custom fields as inputs (admin_forms) ------------------
 
@@ -278,7 +281,15 @@ class CustomerAdmin(admin.ModelAdmin):
     @admin.display(description=gettext_lazy("last synced"), ordering="sync_state__last_synced_at")
     def last_synced(self, obj: Customer) -> Any:
         state = self._state(obj)
-        return state.last_synced_at if state else None
+        if not state or not state.last_synced_at:
+            return "-"
+        # The short form (2026/12/08 9:30) keeps the column narrow; the long one on hover.
+        when = localtime(state.last_synced_at)
+        return format_html(
+            '<span title="{}">{}</span>',
+            date_format(when, "DATETIME_FORMAT"),
+            date_format(when, "SHORT_DATETIME_FORMAT"),
+        )
 
     # -- importing SATORI's admin export (django_satori.admin_import) ---------------
 
@@ -488,7 +499,7 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "state_badge",
         "progress",
         "stage",
-        "mode",
+        "mode_cell",
         "short_description",
         "created_at",
         "started_by",
@@ -514,6 +525,7 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     class Media:
         css = CSS
+        js = LIST_JS
 
     @admin.display(description=gettext_lazy("state"), ordering="state")
     def state_badge(self, obj: BulkJob) -> str:
@@ -533,6 +545,10 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description=gettext_lazy("stage"))
     def stage(self, obj: BulkJob) -> str:
         return cut(job_progress(obj, list(obj.parts.all())).stage, "satori-cut-stage")
+
+    @admin.display(description=gettext_lazy("mode"), ordering="mode")
+    def mode_cell(self, obj: BulkJob) -> str:
+        return cut(obj.get_mode_display())
 
     @admin.display(description=gettext_lazy("selection"), ordering="description")
     def short_description(self, obj: BulkJob) -> str:
@@ -742,6 +758,7 @@ class SyncStateAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     class Media:
         css = CSS
+        js = LIST_JS
 
     @admin.display(description=gettext_lazy("sync status"), ordering="status")
     def status_badge(self, obj: SyncState) -> str:
@@ -784,6 +801,7 @@ class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     class Media:
         css = CSS
+        js = LIST_JS
 
     @admin.display(description=gettext_lazy("outcome"), ordering="outcome")
     def outcome_badge(self, obj: SyncLog) -> str:
