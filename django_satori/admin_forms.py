@@ -131,7 +131,7 @@ def custom_form_field(identifier: str, definition: Any) -> forms.Field:
             **options,
             input_formats=["%Y-%m-%d", "%Y/%m/%d"],
             widget=forms.DateInput(attrs={"type": "date"}, format="%Y-%m-%d"),
-            help_text=gettext_lazy("YYYY-MM-DD"),
+            help_text=gettext_lazy("YYYY-MM-DD"),  # the picker sends this form
         )
     if kind == "select":
         return forms.ChoiceField(**options, choices=[("", "---------"), *((c, c) for c in choices)])

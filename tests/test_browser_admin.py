@@ -83,7 +83,7 @@ def open_admin(browser: Any, live_server: Any, size: str, language: str) -> Any:
 
 
 def operator_data() -> None:
-    """The demo's kind of data: long Japanese names, a failure, a retry, a job with rows left out."""
+    """Demo-like data: long Japanese names, a failure, a retry, a job with rows left out."""
     now = timezone.now()
     for i in range(12):
         Customer.objects.create(
