@@ -127,14 +127,16 @@ class SyncStatusFilter(admin.SimpleListFilter):
 class LastErrorFilter(admin.SimpleListFilter):
     """``?last_error=<text>``: the dashboard's link from a failure reason to its customers.
 
-    No choices, so Django shows nothing for it in the sidebar.
+    Its one choice is the text asked for, so the sidebar shows it only while it is in
+    use (Django leaves out, and does not apply, a filter with no choices).
     """
 
     title = gettext_lazy("last error")
     parameter_name = "last_error"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
-        return []
+        value = self.value()
+        return [(value, truncatechars(value, 60))] if value else []
 
     def queryset(self, request: HttpRequest, queryset: models.QuerySet[Any]) -> Any:
         value = self.value()
