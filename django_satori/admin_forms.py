@@ -198,14 +198,12 @@ class CustomerAdminForm(forms.ModelForm):
         """Form names of the inputs for stored values of undeclared fields."""
         return [name for name in self.fields if name.startswith(UNDECLARED_PREFIX)]
 
-    def _clean_fields(self) -> None:
-        super()._clean_fields()
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
         definitions = get_settings().CUSTOM_FIELDS
         for identifier in definitions:
             name = custom_form_name(identifier)
-            if name not in self.cleaned_data:
-                continue
-            value = self.cleaned_data[name]
+            value = cleaned.get(name)
             if value in (None, ""):
                 continue
             try:
@@ -216,12 +214,11 @@ class CustomerAdminForm(forms.ModelForm):
                 )
             except SatoriValidationError as exc:
                 self.add_error(name, exc.message)
-
-    def _post_clean(self) -> None:
-        # Put the inputs back into the JSON field before the model's own clean() runs.
-        if not self.errors or not any(n.startswith(CUSTOM_FIELD_PREFIX) for n in self.errors):
+        # The inputs go back into the JSON field before the model's own clean() runs
+        # (after this method), unless one of them was refused.
+        if not any(name.startswith(CUSTOM_FIELD_PREFIX) for name in self.errors):
             self.instance.custom_fields = self.custom_values()
-        super()._post_clean()
+        return cleaned
 
     def custom_values(self) -> dict[str, Any]:
         """The stored ``custom_fields``: declared inputs replace theirs, the rest is kept."""
@@ -247,9 +244,10 @@ class CustomerAdminForm(forms.ModelForm):
                 values[key] = value
         return values
 
+    # Django's private hook for the model's errors, absent from django-stubs; overridden
+    # because the model's check of the JSON names the JSON field, which has no input
+    # here: its message goes on the input of the value it is about, else above the form.
     def _update_errors(self, errors: Any) -> None:
-        # The model's check of the JSON names the JSON field, which has no input here:
-        # put its message on the input of the value it is about, else above the form.
         if hasattr(errors, "error_dict") and "custom_fields" in errors.error_dict:
             messages = errors.error_dict.pop("custom_fields")
             for message in messages:
@@ -260,7 +258,7 @@ class CustomerAdminForm(forms.ModelForm):
                     if text.startswith(name[len(UNDECLARED_PREFIX) :] + ":")
                 ]
                 self.add_error(names[0] if names else None, text)
-        super()._update_errors(errors)
+        super()._update_errors(errors)  # type: ignore[misc]
 
 
 def _wire(value: Any) -> Any:

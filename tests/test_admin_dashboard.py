@@ -207,7 +207,7 @@ def test_the_dashboard_in_japanese(client):
         assert text in html, text
 
 
-# --------------------------------------------------------------------------- where an error comes from
+# ------------------------------------------------------------- where an error comes from
 
 
 def make_customer(email: str = "taro@example.jp", **fields) -> Customer:
