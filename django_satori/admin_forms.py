@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from django import forms
+from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
@@ -142,7 +143,7 @@ class CustomerAdminForm(forms.ModelForm):
     """Customer form whose ``tags`` and ``custom_fields`` are edited as plain inputs."""
 
     tags = TagsField(
-        label=gettext_lazy("tags"),
+        label=capfirst(gettext_lazy("tags")),
         required=False,
         help_text=gettext_lazy("Separate tags with commas (or press Enter after each)."),
     )
@@ -177,7 +178,18 @@ class CustomerAdminForm(forms.ModelForm):
             name = custom_form_name(identifier)
             self.fields[name] = custom_form_field(identifier, definition)
             if self.instance.pk is not None:
-                self.initial.setdefault(name, stored.get(CUSTOM_PREFIX + identifier))
+                current = stored.get(CUSTOM_PREFIX + identifier)
+                self.initial.setdefault(name, current)
+                field = self.fields[name]
+                if isinstance(field, forms.ChoiceField) and current not in (None, ""):
+                    known = [str(value) for value, _label in field.choices]
+                    if str(current) not in known:
+                        # Shown as it is, not as a blank that would drop it unnoticed;
+                        # saving it is refused with SATORI's list of choices.
+                        field.choices = [
+                            *field.choices,
+                            (current, _("%(value)s (not one of the choices)") % {"value": current}),
+                        ]
         for key, value in stored.items():
             if is_declared(key):
                 continue

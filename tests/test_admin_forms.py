@@ -152,3 +152,19 @@ def test_japanese_messages_for_the_tag_check(client):
 
 def test_custom_form_name_is_not_a_model_field():
     assert custom_form_name("plan") not in {f.name for f in Customer._meta.get_fields()}
+
+
+def test_a_stored_select_value_that_is_not_a_choice_is_shown_and_refused(root):
+    customer = Customer.objects.create(email="g@example.jp", custom_fields={"custom:plan": "gold"})
+    url = reverse("admin:django_satori_customer_change", args=[customer.pk])
+    with override_settings(SATORI={**settings.SATORI, "CUSTOM_FIELDS": {"plan": SELECT}}):
+        html = root.get(url).content.decode()
+        assert '<option value="gold" selected>gold (not one of the choices)</option>' in html
+        response = root.post(url, form_data(email="g@example.jp", satori_custom__plan="gold"))
+        assert response.status_code == 200
+        errors = response.context["adminform"].form.errors
+        assert "free, standard, premium" in errors["satori_custom__plan"][0]
+        response = root.post(url, form_data(email="g@example.jp", satori_custom__plan="free"))
+        assert response.status_code == 302
+    customer.refresh_from_db()
+    assert customer.custom_fields == {"custom:plan": "free"}
