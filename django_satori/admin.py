@@ -316,7 +316,6 @@ class CustomerAdmin(admin.ModelAdmin):
             "title": _("SATORI sync dashboard"),
             "opts": self.model._meta,
             "app_label": self.model._meta.app_label,
-            "media": self.media,
         }
         return TemplateResponse(request, "admin/django_satori/dashboard.html", context)
 
