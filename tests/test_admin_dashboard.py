@@ -186,6 +186,17 @@ def test_an_unreachable_broker_does_not_hold_the_page():
     assert "127.0.0.1:1" not in health.text
 
 
+def test_a_running_worker_answers_and_a_stopped_one_does_not(root, celery_worker):
+    worker = celery_worker()
+    health = admin_dashboard.worker_health(timeout=2.0)
+    assert health.state == "yes" and worker.hostname in health.text
+    html = root.get(reverse(DASHBOARD)).content.decode()
+    assert 'class="satori-alive-yes"' in html
+    worker.stop()
+    health = admin_dashboard.worker_health(timeout=1.0)
+    assert health.state == "no" and worker.hostname not in health.text
+
+
 def test_the_dashboard_needs_view_permission_and_the_app_index_links_to_it(client):
     user = User.objects.create_user("staff", password="pw", is_staff=True)
     client.login(username="staff", password="pw")
