@@ -180,16 +180,22 @@ class CustomerAdminForm(forms.ModelForm):
             if self.instance.pk is not None:
                 current = stored.get(CUSTOM_PREFIX + identifier)
                 self.initial.setdefault(name, current)
+                kind, choices = custom_field_type(definition)
                 field = self.fields[name]
-                if isinstance(field, forms.ChoiceField) and current not in (None, ""):
-                    known = [str(value) for value, _label in field.choices]
-                    if str(current) not in known:
-                        # Shown as it is, not as a blank that would drop it unnoticed;
-                        # saving it is refused with SATORI's list of choices.
-                        field.choices = [
-                            *field.choices,
-                            (current, _("%(value)s (not one of the choices)") % {"value": current}),
-                        ]
+                if (
+                    kind == "select"
+                    and isinstance(field, forms.ChoiceField)
+                    and current not in (None, "")
+                    and str(current) not in choices
+                ):
+                    # Shown as it is, not as a blank that would drop it unnoticed;
+                    # saving it is refused with SATORI's list of choices.
+                    label = _("%(value)s (not one of the choices)") % {"value": current}
+                    field.choices = [
+                        ("", "---------"),
+                        *((choice, choice) for choice in choices),
+                        (current, label),
+                    ]
         for key, value in stored.items():
             if is_declared(key):
                 continue
