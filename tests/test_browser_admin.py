@@ -150,6 +150,11 @@ def operator_data() -> None:
     )
 
 
+def no_sideways_scroll(page: Any) -> None:
+    width = page.viewport_size["width"]
+    assert page.evaluate("document.documentElement.scrollWidth") <= width, page.url
+
+
 #: How many lines of text an element's content box holds (its height without padding).
 LINES_JS = """el => {
     const style = getComputedStyle(el);
@@ -248,18 +253,19 @@ def test_dashboard_counts_and_charts_match_the_database(live_server, chromium, s
     drawn = sum(int(bars.nth(i).get_attribute("data-calls")) for i in range(24))
     assert drawn == day.count()
     page.screenshot(path=str(SHOTS / f"admin-dashboard-{language}-{size}.png"), full_page=True)
-    assert page.evaluate("document.documentElement.scrollWidth") <= SIZES[size]["width"]
+    no_sideways_scroll(page)
     page.click("#satori-reasons td a")
     expect(page.locator("#result_list tbody tr")).to_have_count(1)
     expect(page.locator("#result_list")).to_contain_text("failed@example.jp")
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("language", ["ja", "en"])
-def test_tag_input_round_trip_and_custom_field_widgets(live_server, chromium, language):
+def test_tag_input_round_trip_and_custom_field_widgets(live_server, chromium, size, language):
     from playwright.sync_api import expect
 
     with override_settings(SATORI={**settings.SATORI, "CUSTOM_FIELDS": CUSTOM}):
-        page = open_admin(chromium, live_server, "1280", language)
+        page = open_admin(chromium, live_server, size, language)
         page.goto(f"{live_server.url}/admin/django_satori/customer/add/")
         page.fill("#id_email", "tags@example.jp")
         entry = page.locator("#id_tags_entry")
@@ -274,7 +280,10 @@ def test_tag_input_round_trip_and_custom_field_widgets(live_server, chromium, la
         page.select_option("#id_satori_custom__plan", "premium")
         page.fill("#id_satori_custom__age", "42")
         page.fill("#id_satori_custom__birthday", "1990-04-01")
-        page.screenshot(path=str(SHOTS / f"admin-customer-form-{language}.png"), full_page=True)
+        page.screenshot(
+            path=str(SHOTS / f"admin-customer-form-{language}-{size}.png"), full_page=True
+        )
+        no_sideways_scroll(page)
         page.click("input[name=_save]")
         expect(page.locator(".messagelist")).to_be_visible()
     customer = Customer.objects.get(email="tags@example.jp")
@@ -302,12 +311,13 @@ def test_tag_input_without_javascript_is_a_comma_separated_field(live_server, ch
     assert Customer.objects.get(email="nojs@example.jp").tags == ["VIP", "重要"]
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("language", ["ja", "en"])
-def test_job_and_customer_pages_say_what_happened(live_server, chromium, language):
+def test_job_and_customer_pages_say_what_happened(live_server, chromium, size, language):
     from playwright.sync_api import expect
 
     operator_data()
-    page = open_admin(chromium, live_server, "1280", language)
+    page = open_admin(chromium, live_server, size, language)
     job = BulkJob.objects.get(state=BulkState.FINISHED)
     page.goto(f"{live_server.url}/admin/django_satori/bulkjob/{job.pk}/change/")
     expect(page.locator("#satori-selected")).to_have_text("7")
@@ -315,19 +325,25 @@ def test_job_and_customer_pages_say_what_happened(live_server, chromium, languag
     segments = page.locator("#satori-job-progress .satori-seg")
     kinds = [segments.nth(i).get_attribute("class") for i in range(segments.count())]
     assert any("satori-seg-out" in k for k in kinds)
-    page.screenshot(path=str(SHOTS / f"admin-bulk-job-{language}.png"), full_page=True)
+    page.screenshot(path=str(SHOTS / f"admin-bulk-job-{language}-{size}.png"), full_page=True)
+    no_sideways_scroll(page)
 
     running = BulkJob.objects.get(state=BulkState.PROCESSING)
     page.goto(f"{live_server.url}/admin/django_satori/bulkjob/{running.pk}/change/")
     expect(page.locator("td.satori-part-stage")).to_contain_text("4")
-    page.screenshot(path=str(SHOTS / f"admin-bulk-job-running-{language}.png"), full_page=True)
+    page.screenshot(
+        path=str(SHOTS / f"admin-bulk-job-running-{language}-{size}.png"), full_page=True
+    )
 
     failed = Customer.objects.get(email="failed@example.jp")
     page.goto(f"{live_server.url}/admin/django_satori/customer/{failed.pk}/change/")
     original = "SATORIの原文" if language == "ja" else "as SATORI worded it"
     expect(page.locator("#satori-error-label")).to_contain_text(original)
     expect(page.locator("#satori-last-error")).to_contain_text("会社名は255文字以内")
-    page.screenshot(path=str(SHOTS / f"admin-customer-failed-{language}.png"), full_page=True)
+    page.screenshot(
+        path=str(SHOTS / f"admin-customer-failed-{language}-{size}.png"), full_page=True
+    )
+    no_sideways_scroll(page)
 
     retrying = Customer.objects.get(email="retry@example.jp")
     page.goto(f"{live_server.url}/admin/django_satori/customer/{retrying.pk}/change/")
