@@ -12,6 +12,7 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import PermissionDenied
 from django.db import models, transaction
 from django.http import (
@@ -24,13 +25,26 @@ from django.http import (
 from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404
 from django.template.defaultfilters import truncatechars
+from django.template.loader import render_to_string
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils.formats import date_format
 from django.utils.html import format_html
+from django.utils.timezone import localtime
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy, ngettext, pgettext_lazy
 
 from . import bulk, bulk_files, sync
+from .admin_dashboard import dashboard_context
+from .admin_forms import (
+    CUSTOM_FIELD_PREFIX,
+    UNDECLARED_PREFIX,
+    CustomerAdminForm,
+    custom_form_name,
+    is_declared,
+)
 from .admin_import import IMPORT_PERMS, import_urls
+from .admin_status import RetryInfo, error_origin, job_progress, part_stage, retry_info
 from .conf import get_settings
 from .models import (
     BulkJob,
@@ -50,6 +64,8 @@ from .redaction import scrub_data, secret_needles
 SYNC_PERMISSION = "django_satori.sync_customer"
 BULK_PERMISSION = "django_satori.bulk_customer"
 CSS = {"all": ("django_satori/admin.css",)}
+#: Lists: fold Django's navigation sidebar on narrow screens (static/django_satori/fit.js).
+LIST_JS = ("django_satori/fit.js",)
 #: Entries of each history shown on a customer's page.
 RECENT = 20
 #: Row errors listed on a bulk job's page (the rest: the row error list, filtered).
@@ -71,6 +87,14 @@ _BADGE_CLASS: dict[str, str] = {
     BulkState.PROCESSING: "busy",
     BulkState.FINISHED: "ok",
     BulkState.CANCELLED: "off",
+}
+
+
+#: SyncLog outcomes drawn with the sync status colours.
+_LOG_BADGE: dict[str, str] = {
+    SyncLog.Outcome.OK: SyncStatus.SYNCED,
+    SyncLog.Outcome.RETRY: SyncStatus.PENDING,
+    SyncLog.Outcome.FAILED: SyncStatus.FAILED,
 }
 
 
@@ -107,17 +131,41 @@ class SyncStatusFilter(admin.SimpleListFilter):
         return queryset
 
 
+class LastErrorFilter(admin.SimpleListFilter):
+    """``?last_error=<text>``: the dashboard's link from a failure reason to its customers.
+
+    Its one choice is the text asked for, so the sidebar shows it only while it is in
+    use (Django leaves out, and does not apply, a filter with no choices).
+    """
+
+    title = gettext_lazy("last error")
+    parameter_name = "last_error"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
+        value = self.value()
+        return [(value, truncatechars(value, 60))] if value else []
+
+    def queryset(self, request: HttpRequest, queryset: models.QuerySet[Any]) -> Any:
+        value = self.value()
+        if value is None:
+            return queryset
+        return queryset.filter(sync_state__last_error=value)
+
+
 @admin.register(Customer)
 class CustomerAdmin(admin.ModelAdmin):
+    # What an operator scans first comes first; long values are cut to the column with
+    # the whole text on hover (admin.css, cut()), so no column wraps a letter per line.
     list_display = (
-        "email",
-        "name",
-        "lead_company_name",
         "sync_status",
+        "email_cell",
+        "name",
+        "company",
         "last_error",
         "last_synced",
     )
-    list_filter = (SyncStatusFilter, "delivery_permission", "created_at")
+    list_display_links = ("email_cell",)
+    list_filter = (SyncStatusFilter, "delivery_permission", "created_at", LastErrorFilter)
     search_fields = (
         "email",
         "last_name",
@@ -153,6 +201,7 @@ class CustomerAdmin(admin.ModelAdmin):
                     ("collection_route", "collection_date"),
                     "delivery_permission",
                     "tags",
+                    # One input per SATORI['CUSTOM_FIELDS'] entry: see get_fieldsets().
                     "custom_fields",
                 )
             },
@@ -165,9 +214,34 @@ class CustomerAdmin(admin.ModelAdmin):
     actions = ("sync_now", "bulk_upsert", "bulk_register", "retry_failed", "mark_for_sync")
     change_form_template = "admin/django_satori/customer/change_form.html"
     change_list_template = "admin/django_satori/customer/change_list.html"
+    form = CustomerAdminForm
 
     class Media:
         css = CSS
+        js = LIST_JS
+
+    # -- the form: tags and custom fields as inputs (admin_forms) ------------------
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        names = tuple(custom_form_name(i) for i in get_settings().CUSTOM_FIELDS)
+        stored = getattr(obj, "custom_fields", None)
+        if isinstance(stored, dict):
+            names += tuple(UNDECLARED_PREFIX + key for key in stored if not is_declared(key))
+        return [
+            (title, {**options, "fields": _replace_custom(options["fields"], names)})
+            for title, options in super().get_fieldsets(request, obj)
+        ]
+
+    def get_form(
+        self, request: HttpRequest, obj: Any = None, change: bool = False, **kwargs: Any
+    ) -> Any:
+        # The custom inputs are added by the form itself; the model form factory would
+        # refuse their names as unknown model fields.
+        fields = kwargs.get("fields")
+        if fields is None:
+            fields = flatten_fieldsets(self.get_fieldsets(request, obj))
+        kwargs["fields"] = [name for name in fields if not name.startswith(CUSTOM_FIELD_PREFIX)]
+        return super().get_form(request, obj, change, **kwargs)
 
     # -- columns ----------------------------------------------------------------
 
@@ -178,31 +252,75 @@ class CustomerAdmin(admin.ModelAdmin):
         except SyncState.DoesNotExist:
             return None
 
+    @admin.display(description=gettext_lazy("e-mail address"), ordering="email")
+    def email_cell(self, obj: Customer) -> str:
+        return cut(obj.email, "satori-cut-email")
+
     @admin.display(description=pgettext_lazy("satori item", "name"), ordering="last_name")
     def name(self, obj: Customer) -> str:
-        return " ".join(part for part in (obj.last_name, obj.first_name) if part)
+        return cut(" ".join(part for part in (obj.last_name, obj.first_name) if part))
+
+    @admin.display(
+        description=pgettext_lazy("satori item", "company"), ordering="lead_company_name"
+    )
+    def company(self, obj: Customer) -> str:
+        return cut(obj.lead_company_name)
 
     @admin.display(description=gettext_lazy("sync status"), ordering="sync_state__status")
     def sync_status(self, obj: Customer) -> str:
         state = self._state(obj)
         if state is None:
             return badge("none", _("Never marked for sync"))
-        return badge(state.status, state.get_status_display())
+        shown = badge(state.status, state.get_status_display())
+        retry = retry_info(state, get_settings().MAX_ATTEMPTS)
+        if retry is not None:
+            shown = format_html(
+                '{} <span class="satori-retry" title="{}">{}</span>',
+                shown,
+                retry_text(retry),
+                f"{retry.attempts}/{retry.limit}",
+            )
+        return shown
 
     @admin.display(description=gettext_lazy("last error"))
     def last_error(self, obj: Customer) -> str:
         state = self._state(obj)
-        return truncatechars(state.last_error, 80) if state and state.last_error else ""
+        return cut(state.last_error, "satori-cut-error") if state and state.last_error else ""
 
     @admin.display(description=gettext_lazy("last synced"), ordering="sync_state__last_synced_at")
     def last_synced(self, obj: Customer) -> Any:
         state = self._state(obj)
-        return state.last_synced_at if state else None
+        if not state or not state.last_synced_at:
+            return "-"
+        # The short form (2026/12/08 9:30) keeps the column narrow; the long one on hover.
+        when = localtime(state.last_synced_at)
+        return format_html(
+            '<span title="{}">{}</span>',
+            date_format(when, "DATETIME_FORMAT"),
+            date_format(when, "SHORT_DATETIME_FORMAT"),
+        )
 
     # -- importing SATORI's admin export (django_satori.admin_import) ---------------
 
     def get_urls(self) -> list[Any]:
-        return import_urls(self.admin_site) + super().get_urls()
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="django_satori_dashboard",
+        )
+        return [dashboard, *import_urls(self.admin_site), *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        context = {
+            **self.admin_site.each_context(request),
+            **dashboard_context(),
+            "title": _("SATORI sync dashboard"),
+            "opts": self.model._meta,
+            "app_label": self.model._meta.app_label,
+        }
+        return TemplateResponse(request, "admin/django_satori/dashboard.html", context)
 
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
@@ -228,6 +346,9 @@ class CustomerAdmin(admin.ModelAdmin):
                 emails.add(state.previous_email)
             extra.update(
                 satori_state=state,
+                satori_origin=error_origin(state),
+                satori_retry=retry_info(state, get_settings().MAX_ATTEMPTS),
+                satori_max_attempts=get_settings().MAX_ATTEMPTS,
                 satori_logs=[
                     (
                         entry,
@@ -377,20 +498,18 @@ class ReadOnlyMixin:
 class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
         "id",
-        "mode",
         "state_badge",
-        "description",
-        "row_count",
-        "succeeded_count",
-        "failed_count",
-        "invalid_count",
         "progress",
+        "stage",
+        "mode_cell",
+        "short_description",
         "created_at",
         "started_by",
     )
     list_filter = ("state", "mode", "automatic", "dry_run")
     search_fields = ("description",)
     list_select_related = ("started_by",)
+    list_per_page = 50
     change_form_template = "admin/django_satori/bulkjob/change_form.html"
     fields = (
         "mode",
@@ -408,16 +527,34 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     class Media:
         css = CSS
+        js = LIST_JS
 
     @admin.display(description=gettext_lazy("state"), ordering="state")
     def state_badge(self, obj: BulkJob) -> str:
         return badge(obj.state, obj.get_state_display())
 
+    def get_queryset(self, request: HttpRequest) -> models.QuerySet[BulkJob]:
+        # The stage column reads each job's parts: one query for the page, not one per job.
+        return super().get_queryset(request).prefetch_related("parts")
+
     @admin.display(description=gettext_lazy("progress"))
     def progress(self, obj: BulkJob) -> str:
-        return format_html(
-            '<progress class="satori-progress" max="100" value="{}"></progress>', job_percent(obj)
+        return render_to_string(
+            "django_satori/job_progress_cell.html",
+            {"progress": job_progress(obj, list(obj.parts.all()))},
         )
+
+    @admin.display(description=gettext_lazy("stage"))
+    def stage(self, obj: BulkJob) -> str:
+        return cut(job_progress(obj, list(obj.parts.all())).stage, "satori-cut-stage")
+
+    @admin.display(description=gettext_lazy("mode"), ordering="mode")
+    def mode_cell(self, obj: BulkJob) -> str:
+        return cut(obj.get_mode_display())
+
+    @admin.display(description=gettext_lazy("selection"), ordering="description")
+    def short_description(self, obj: BulkJob) -> str:
+        return cut(obj.description)
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # A running job holds customers (SyncState.bulk_part): only ended ones go.
@@ -523,12 +660,13 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
             errors = job.row_errors.select_related("part").order_by(
                 "part__number", "row_number", "id"
             )
+            parts = list(job.parts.all())
             extra.update(
                 job=job,
-                parts=job.parts.all(),
+                parts=[(part, part_stage(part)) for part in parts],
+                progress=job_progress(job, parts),
                 row_errors=errors[:ROW_ERRORS_SHOWN],
                 row_error_total=job.row_errors.count(),
-                percent=job_percent(job),
                 running=job.state in bulk.ACTIVE_STATES,
                 can_operate=request.user.has_perm(BULK_PERMISSION),
                 can_cancel=job.state in bulk.ACTIVE_STATES,
@@ -537,14 +675,35 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
         return super().change_view(request, object_id, form_url, extra)
 
 
-def job_percent(job: BulkJob) -> int:
-    """How much of the job is done, for the progress bar."""
-    if job.state in bulk.TERMINAL_STATES:
-        return 100
-    if not job.row_count:
-        return 0
-    done = job.succeeded_count + job.failed_count
-    return max(0, min(100, round(100 * done / job.row_count)))
+def _replace_custom(fields: Any, names: tuple[str, ...]) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for field in fields:
+        if field == "custom_fields":
+            out.extend(names)
+        else:
+            out.append(field)
+    return tuple(out)
+
+
+def cut(text: Any, extra_class: str = "") -> str:
+    """A value cut to its column by CSS, the whole of it in ``title`` (shown on hover)."""
+    text = "" if text is None else str(text)
+    if not text:
+        return ""
+    return format_html('<span class="satori-cut {}" title="{}">{}</span>', extra_class, text, text)
+
+
+def retry_text(retry: RetryInfo) -> str:
+    """``Attempt 3 of 8; next try at 18:05`` in the admin's language and time zone."""
+    text = _("Attempt %(n)d of %(max)d (SATORI['MAX_ATTEMPTS'])") % {
+        "n": retry.attempts,
+        "max": retry.limit,
+    }
+    if retry.next_at is not None:
+        text += "; " + _("next try at %(time)s") % {
+            "time": date_format(localtime(retry.next_at), "DATETIME_FORMAT")
+        }
+    return text
 
 
 def delete_job_files(job: BulkJob) -> None:
@@ -601,6 +760,7 @@ class SyncStateAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     class Media:
         css = CSS
+        js = LIST_JS
 
     @admin.display(description=gettext_lazy("sync status"), ordering="status")
     def status_badge(self, obj: SyncState) -> str:
@@ -608,21 +768,22 @@ class SyncStateAdmin(ReadOnlyMixin, admin.ModelAdmin):
 
     @admin.display(description=gettext_lazy("last error"))
     def short_error(self, obj: SyncState) -> str:
-        return truncatechars(obj.last_error, 80)
+        return cut(obj.last_error, "satori-cut-error")
 
 
 @admin.register(SyncLog)
 class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
         "created_at",
-        "email",
+        "outcome_badge",
+        "email_cell",
         "endpoint",
-        "outcome",
         "satori_status",
+        "short_message",
         "attempt",
         "duration_ms",
-        "short_message",
     )
+    list_display_links = ("created_at",)
     list_filter = ("outcome", "endpoint")
     search_fields = ("email", "message")
     date_hierarchy = "created_at"
@@ -640,9 +801,21 @@ class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
     )
     readonly_fields = ("request", "response")
 
+    class Media:
+        css = CSS
+        js = LIST_JS
+
+    @admin.display(description=gettext_lazy("outcome"), ordering="outcome")
+    def outcome_badge(self, obj: SyncLog) -> str:
+        return badge(_LOG_BADGE.get(obj.outcome, "off"), obj.get_outcome_display())
+
+    @admin.display(description=gettext_lazy("e-mail address"), ordering="email")
+    def email_cell(self, obj: SyncLog) -> str:
+        return cut(obj.email, "satori-cut-email")
+
     @admin.display(description=gettext_lazy("message"))
     def short_message(self, obj: SyncLog) -> str:
-        return truncatechars(obj.message, 80)
+        return cut(obj.message, "satori-cut-error")
 
     @admin.display(description=gettext_lazy("request (redacted)"))
     def request(self, obj: SyncLog) -> str:
