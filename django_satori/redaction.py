@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -64,13 +64,18 @@ PERSONAL_FIELDS: frozenset[str] = frozenset(
 )
 
 _BRACKETED = re.compile(r"^[A-Za-z0-9_]+\[([^\]]+)\]$")
-# What redact_text treats as an address: the local part is a run of these
-# characters, the domain one or more dot-separated labels after the "@".
-# The two halves are matched separately (see redact_text): as one pattern,
-# a long run of local-part characters without an "@" costs quadratic time.
-_LOCAL_CHARS = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]"
-_LOCAL_RUN = re.compile(_LOCAL_CHARS + "*")
-_DOMAIN = re.compile(r"[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# What redact_text treats as an address: a run of local-part characters, "@",
+# then two or more dot-separated labels. As the plain pattern, a long run of
+# local-part characters without an "@" costs quadratic time: the search tries
+# every start position in the run and rescans it to its end each time. Here a
+# match may only start where a run starts (the lookbehind) and the run is
+# possessive, so each run is scanned once. ("@" is in neither character set,
+# so no backtracking is given up that could have found a match.)
+_LOCAL = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]"
+_ADDRESS_HERE = re.compile(_LOCAL + r"++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)+")
+_ADDRESS = re.compile(r"(?<!" + _LOCAL + ")" + _ADDRESS_HERE.pattern)
+#: Characters that can follow an address and start the next one's local part.
+_LOCAL_NOT_LABEL = frozenset(".!#$%&'*+/=?^_`{|}~")
 _AUTH_IN_QUERY = re.compile(
     r"(?P<name>" + "|".join(AUTH_FIELDS) + r")(?P<sep>=|%3D|%3d)(?P<value>[^&\s\"'<>#]*)"
 )
@@ -125,15 +130,35 @@ def redact_form(
     return summary
 
 
-class SecretNeedles(tuple[str, ...]):
-    """The key values to search for. A tuple whose repr never shows them.
+class SecretNeedles:
+    """The key values to search for, in an object that never shows them.
 
     Error trackers (Sentry by default) record the local variables of every
-    frame a traceback passes through, with ``repr()``; ``parse_response`` and
-    the client hold the needles in locals and attributes when they raise.
+    frame a traceback passes through: containers item by item, other objects
+    by ``repr()`` or their ``__dict__``. ``parse_response`` and the client hold
+    the needles in locals and attributes when they raise, so this is not a
+    tuple (a tracker would list its items) and has slots instead of a
+    ``__dict__``. It iterates like the tuple it used to be.
     """
 
-    __slots__ = ()
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self._values: tuple[str, ...] = tuple(values)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SecretNeedles):
+            return self._values == other._values
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values)
 
     def __repr__(self) -> str:
         return f"<{len(self)} secret needles>"
@@ -141,7 +166,7 @@ class SecretNeedles(tuple[str, ...]):
     __str__ = __repr__
 
 
-def secret_needles(conf: SatoriSettings | None = None) -> tuple[str, ...]:
+def secret_needles(conf: SatoriSettings | None = None) -> SecretNeedles:
     """Every spelling of the four key values that could end up in text.
 
     Besides the raw value we look for its form- and URL-encoded forms, since
@@ -173,6 +198,8 @@ def scrub(text: Any, conf: SatoriSettings | Iterable[str] | None = None) -> str:
     needles = (
         secret_needles(conf)
         if conf is None or isinstance(conf, SatoriSettings)
+        else conf
+        if isinstance(conf, SecretNeedles)
         else SecretNeedles(conf)
     )
     for needle in needles:
@@ -184,29 +211,25 @@ def scrub(text: Any, conf: SatoriSettings | Iterable[str] | None = None) -> str:
 def redact_text(text: str) -> str:
     """Replace e-mail addresses in free text (SATORI error messages, failed rows).
 
-    Finds what ``[local]+@label(.label)+`` would find, leftmost first and
-    without overlaps, in time linear in the length of ``text``: each "@" is
-    looked at once, its local part is measured backwards on the reversed text
-    and its domain forwards, and neither scan can cross another "@".
+    Finds exactly what ``[local]+@label(.label)+`` finds, in time linear in the
+    length of ``text`` (see ``_ADDRESS``); only the rare address that starts
+    right where the previous one ended needs a second, anchored look.
     """
-    at = text.find("@")
-    if at < 0:
+    if "@" not in text:
         return text
-    reversed_text = text[::-1]
-    size = len(text)
     pieces: list[str] = []
     done = 0  # text[:done] is already in pieces
-    while at >= 0:
-        local_run = _LOCAL_RUN.match(reversed_text, size - at).end() - (size - at)
-        start = max(at - local_run, done)
-        domain = _DOMAIN.match(text, at + 1) if start < at else None
-        if domain is None:
-            at = text.find("@", at + 1)
-            continue
-        pieces.append(text[done:start])
-        pieces.append(redaction_marker(text[start : domain.end()]))
-        done = domain.end()
-        at = text.find("@", done)
+    search, here = _ADDRESS.search, _ADDRESS_HERE.match
+    while True:
+        # A run of local-part characters cut short by the previous address is
+        # not at a "run start", so _ADDRESS would skip it: try it first.
+        hit = here(text, done) if done and text[done : done + 1] in _LOCAL_NOT_LABEL else None
+        hit = hit or search(text, done)
+        if hit is None:
+            break
+        start, done_before, done = hit.start(), done, hit.end()
+        pieces.append(text[done_before:start])
+        pieces.append(f"<redacted {done - start} chars>")  # as redaction_marker()
     pieces.append(text[done:])
     return "".join(pieces)
 
