@@ -20,9 +20,11 @@ import pytest
 import requests
 from django.core.checks import Error, Warning
 from django.test import override_settings
+from django.utils import timezone
 
+from django_satori import sync
 from django_satori.checks import check_settings
-from django_satori.client import SatoriClient
+from django_satori.client import SatoriClient, get_client
 from django_satori.conf import get_settings
 from django_satori.exceptions import (
     SatoriConfigurationError,
@@ -31,6 +33,7 @@ from django_satori.exceptions import (
     SatoriTransientError,
     SatoriValidationError,
 )
+from django_satori.models import Customer, SyncState, SyncStatus
 from tests.test_client import CaptureServer, Reply, json_reply, serving
 
 OK_BODY = json.dumps({"status": 200, "message": {"customer[hashcode]": "hc-1"}}).encode()
@@ -236,3 +239,73 @@ def test_the_defaults() -> None:
         300.0,
         10 * 1024 * 1024,
     )
+
+
+# --------------------------------------------------------------------------- through the sandbox
+
+
+def test_the_sandbox_dribble_fault_ends_at_total_timeout(satori_sandbox: Any) -> None:
+    satori_sandbox.faults.dribble_seconds = 0.4
+    satori_sandbox.faults.fail_first(1, "dribble")
+    with override_settings(SATORI={**settings_satori(), "TIMEOUT": 5.0, "TOTAL_TIMEOUT": 1.0}):
+        client = get_client()
+        error, elapsed = timed(lambda: client.upsert_customer({"email": "a@b.jp"}))
+        assert isinstance(error, SatoriTimeoutError) and "SATORI['TOTAL_TIMEOUT']" in str(error)
+        assert elapsed < 1.0 + SLACK
+        # The next call, on a new connection, goes through.
+        assert client.upsert_customer({"email": "a@b.jp"}).hashcode
+    assert satori_sandbox.state.faults_by_kind == {"dribble": 1}
+
+
+def test_the_sandbox_oversized_fault_is_cut_at_max_response_bytes(satori_sandbox: Any) -> None:
+    satori_sandbox.faults.oversized_bytes = 5_000_000
+    satori_sandbox.faults.fail_first(1, "oversized", operations=["bulk_status"])
+    with override_settings(SATORI={**settings_satori(), "MAX_RESPONSE_BYTES": 1_000_000}):
+        error, elapsed = timed(lambda: get_client().bulk_status("P-1"))
+    assert isinstance(error, SatoriResponseTooLargeError)
+    assert "SATORI['MAX_RESPONSE_BYTES']" in str(error)
+    assert elapsed < 3.0
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("kind", ["dribble", "oversized"])
+def test_a_push_cut_by_a_limit_keeps_its_claim_and_stays_pending(
+    satori_sandbox: Any, kind: str
+) -> None:
+    # The review's case: a reply dribbling for longer than the lease let the
+    # claim expire mid-call. Now the call ends first and the row is retried.
+    satori_sandbox.faults.dribble_seconds = 0.5
+    satori_sandbox.faults.oversized_bytes = 3_000_000
+    satori_sandbox.faults.fail_first(1, kind)
+    limits = {
+        "TIMEOUT": 5.0,
+        "TOTAL_TIMEOUT": 1.0,
+        "LEASE_SECONDS": 6.0,
+        "MAX_RESPONSE_BYTES": 1_000_000,
+        "RETRY_BACKOFF_SECONDS": 0.01,
+        "RETRY_BACKOFF_MAX_SECONDS": 0.02,
+    }
+    with override_settings(SATORI={**settings_satori(), **limits}):
+        customer = Customer.objects.create(email="taro@example.jp", last_name="山田")
+        state = SyncState.objects.get(customer=customer)
+        started = time.monotonic()
+        outcome, again_in = sync.push(state.pk, ignore_window=True)
+        elapsed = time.monotonic() - started
+        assert outcome is sync.PushOutcome.RETRY and again_in is not None
+        assert elapsed < limits["LEASE_SECONDS"] / 2  # the claim never came near expiring
+        state.refresh_from_db()
+        # Given back by the worker that claimed it: pending, one attempt, nobody's lease.
+        assert state.status == SyncStatus.PENDING and state.attempts == 1
+        assert state.lease_until is None or state.lease_until <= timezone.now()
+        setting = "TOTAL_TIMEOUT" if kind == "dribble" else "MAX_RESPONSE_BYTES"
+        assert f"SATORI['{setting}']" in state.last_error
+        assert satori_sandbox.state.customer("taro@example.jp") is None
+        time.sleep(0.05)
+        assert sync.push(state.pk)[0] is sync.PushOutcome.SYNCED
+    assert satori_sandbox.state.customer("taro@example.jp") is not None
+
+
+def settings_satori() -> dict[str, Any]:
+    from django.conf import settings
+
+    return dict(settings.SATORI)

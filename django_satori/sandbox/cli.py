@@ -176,6 +176,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=_("How long a 'timeout' fault holds the request (default 15)."),
     )
     parser.add_argument(
+        "--dribble-seconds",
+        type=float,
+        default=1.0,
+        help=_("Seconds between two bytes of a 'dribble' fault's reply (default 1)."),
+    )
+    parser.add_argument(
+        "--oversized-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help=_("Size in bytes of an 'oversized' fault's reply (default 16 MiB)."),
+    )
+    parser.add_argument(
         "--allow-remote",
         action="store_true",
         default=False,
@@ -221,6 +233,8 @@ def build_server(options: Mapping[str, Any], defaults: Mapping[str, Any] | None 
     faults.delay = float(options.get("delay") or 0.0)
     faults.retry_after = int(options.get("retry_after") or 1)
     faults.timeout_seconds = float(options.get("timeout_seconds") or 15.0)
+    faults.dribble_seconds = float(options.get("dribble_seconds") or 1.0)
+    faults.oversized_bytes = int(options.get("oversized_bytes") or 16 * 1024 * 1024)
     operations = options.get("fail_operations")
     if options.get("fail_first"):
         faults.fail_first(

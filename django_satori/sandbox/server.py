@@ -255,6 +255,14 @@ class _Handler(BaseHTTPRequestHandler):
             record.status = 502
             self._send(502, _HTML_502.encode(), "text/html; charset=utf-8")
             return True
+        if kind == "dribble":
+            record.status = 503
+            self._dribble(sandbox, faults.dribble_seconds)
+            return True
+        if kind == "oversized":
+            record.status = 503
+            self._oversized(faults.oversized_bytes)
+            return True
         if kind == "timeout":
             sandbox._stopping.wait(faults.timeout_seconds)
         status, text = _FAULT_REPLIES[kind]
@@ -262,6 +270,39 @@ class _Handler(BaseHTTPRequestHandler):
         record.status = status
         self._send_json(status, {"status": status, "message": text}, headers)
         return True
+
+    def _dribble(self, sandbox: SandboxServer, seconds: float) -> None:
+        """A JSON 503 whose headers come at once and whose body comes byte by byte."""
+        body = json.dumps({"status": 503, "message": "Service Unavailable (dribbled)"}).encode()
+        self.close_connection = True  # the client may give up halfway
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for byte in body:
+            if sandbox._stopping.wait(seconds):
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+
+    def _oversized(self, size: int) -> None:
+        """A JSON 503 of exactly ``size`` bytes, streamed, never held in memory whole."""
+        head = b'{"status": 503, "message": "'
+        tail = b'"}'
+        padding = max(size - len(head) - len(tail), 0)
+        self.close_connection = True
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(head) + padding + len(tail)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(head)
+        piece = b"x" * 65536
+        while padding > 0:
+            self.wfile.write(piece[:padding])
+            padding -= min(padding, len(piece))
+        self.wfile.write(tail)
 
     def _control(self, sandbox: SandboxServer, path: str, body: bytes) -> None:
         method = self.command
