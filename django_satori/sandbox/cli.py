@@ -194,6 +194,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=_("Allow listening on a non-loopback address."),
     )
     parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=_(
+            "Also answer requests for this host name (loopback names and the listening "
+            "address always work). Repeat for more."
+        ),
+    )
+    parser.add_argument(
         "--quiet", action="store_true", default=False, help=_("Do not log each request.")
     )
 
@@ -228,6 +239,7 @@ def build_server(options: Mapping[str, Any], defaults: Mapping[str, Any] | None 
         own_only=bool(options.get("own_only")),
         deny_operations=options.get("deny") or (),
         allow_remote=bool(options.get("allow_remote")),
+        allowed_hosts=options.get("allowed_hosts") or (),
     )
     faults = server.faults
     faults.delay = float(options.get("delay") or 0.0)
