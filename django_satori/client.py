@@ -1210,9 +1210,12 @@ class SatoriClient:
             # Order matters: every requests error is also an OSError.
             except _TooLarge:
                 failure = SatoriResponseTooLargeError(
-                    _(
-                        "SATORI's reply is larger than %(limit)s bytes "
-                        "(SATORI['MAX_RESPONSE_BYTES']); it was abandoned unread."
+                    ngettext(
+                        "SATORI's reply is larger than %(limit)d byte "
+                        "(SATORI['MAX_RESPONSE_BYTES']); it was abandoned unread.",
+                        "SATORI's reply is larger than %(limit)d bytes "
+                        "(SATORI['MAX_RESPONSE_BYTES']); it was abandoned unread.",
+                        self._max_bytes,
                     )
                     % {"limit": self._max_bytes}
                 )
@@ -1257,9 +1260,13 @@ class SatoriClient:
         if failure is not None and (deadline.expired or deadline.remaining() <= 0):
             # Whatever broke (the cut socket, a clipped read timeout), time ran out.
             failure = SatoriTimeoutError(
-                _(
+                ngettext(
+                    "SATORI's reply did not arrive in full within %(seconds)s second "
+                    "(SATORI['%(setting)s']); the call was abandoned.",
                     "SATORI's reply did not arrive in full within %(seconds)s seconds "
-                    "(SATORI['%(setting)s']); the call was abandoned."
+                    "(SATORI['%(setting)s']); the call was abandoned.",
+                    # "1 second", "1.5 seconds": a fraction takes the plural.
+                    int(total) if total.is_integer() else 2,
                 )
                 % {"seconds": f"{total:g}", "setting": wire.timeout_setting}
             )

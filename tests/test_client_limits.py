@@ -71,7 +71,7 @@ def test_a_dribbling_reply_ends_at_total_timeout(capture: CaptureServer, headers
         error, elapsed = timed(lambda: client.upsert_customer({"email": "a@b.jp"}))
     assert isinstance(error, SatoriTimeoutError), repr(error)
     assert isinstance(error, SatoriTransientError) and error.retryable
-    assert "SATORI['TOTAL_TIMEOUT']" in str(error) and "1 seconds" in str(error)
+    assert "within 1 second (SATORI['TOTAL_TIMEOUT'])" in str(error)
     assert 0.9 < elapsed < 1.0 + SLACK
 
 
@@ -145,7 +145,7 @@ def test_a_reply_announced_larger_than_the_cap_is_not_read(capture: CaptureServe
             client.upsert_customer({"email": "a@b.jp"})
         error = info.value
         assert isinstance(error, SatoriTransientError) and error.retryable
-        assert "SATORI['MAX_RESPONSE_BYTES']" in str(error) and "100000" in str(error)
+        assert "larger than 100000 bytes (SATORI['MAX_RESPONSE_BYTES'])" in str(error)
         # The next call gets a fresh connection and works.
         assert client.upsert_customer({"email": "a@b.jp"}).hashcode == "hc-1"
 
@@ -309,3 +309,23 @@ def settings_satori() -> dict[str, Any]:
     from django.conf import settings
 
     return dict(settings.SATORI)
+
+
+def test_the_limit_errors_are_worded_in_japanese_too(capture: CaptureServer) -> None:
+    from django.utils import translation
+
+    capture.reply(Reply(body=b"x" * 5000), Reply(delay=3.0))
+    with (
+        make_client(capture, MAX_RESPONSE_BYTES=1000, TOTAL_TIMEOUT=0.5) as client,
+        translation.override("ja"),
+    ):
+        too_large = provoke(lambda: client.upsert_customer({"email": "a@b.jp"}))
+        too_slow = provoke(lambda: client.upsert_customer({"email": "a@b.jp"}))
+    assert "1000 バイト（SATORI['MAX_RESPONSE_BYTES']）を超えた" in str(too_large)
+    assert "0.5 秒（SATORI['TOTAL_TIMEOUT']）以内に届き切らなかった" in str(too_slow)
+
+
+def provoke(call: Any) -> BaseException:
+    with pytest.raises(SatoriTransientError) as info:
+        call()
+    return info.value
