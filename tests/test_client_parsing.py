@@ -34,6 +34,7 @@ from django_satori.exceptions import (
 from django_satori.redaction import (
     MASK,
     QueryStringScrubber,
+    SecretNeedles,
     install_log_filters,
     redact_form,
     redact_text,
@@ -49,7 +50,7 @@ JSON = {"Content-Type": "application/json"}
 SECRETS = ("k3y-User/Λ+1", "s3cret user&x", "comp@ny key", "compány%secret")
 
 
-def _needles() -> tuple[str, ...]:
+def _needles() -> SecretNeedles:
     conf = get_settings()
     import dataclasses
 
