@@ -90,6 +90,8 @@ class Captured:
     body: bytes
     body_sha256: str
     body_length: int
+    #: The client's port: requests sent over one kept-alive connection share it.
+    client_port: int = 0
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers.items():
@@ -165,6 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body=bytes(kept),
                     body_sha256=digest.hexdigest(),
                     body_length=length,
+                    client_port=self.client_address[1],
                 )
             )
         reply = self.server.next_reply()

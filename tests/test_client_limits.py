@@ -98,10 +98,12 @@ def test_a_prompt_reply_is_not_affected_by_the_time_limit(capture: CaptureServer
     with make_client(capture, TOTAL_TIMEOUT=0.5) as client:
         for _ in range(5):
             assert client.upsert_customer({"email": "a@b.jp"}).hashcode == "hc-1"
-        # Past the last call's limit: an idle pooled connection must not have been cut.
+        # Past the last call's limit: the idle pooled connection must not have been cut.
         time.sleep(0.7)
         capture.reply(Reply())
         assert client.upsert_customer({"email": "a@b.jp"}).hashcode == "hc-1"
+    # All six over one kept-alive connection: no timer cut it after its call.
+    assert len({request.client_port for request in capture.requests}) == 1
     assert len(capture.requests) == 6
 
 
@@ -329,3 +331,16 @@ def provoke(call: Any) -> BaseException:
     with pytest.raises(SatoriTransientError) as info:
         call()
     return info.value
+
+
+def test_https_pools_report_their_connections_too() -> None:
+    # The header-phase tests above run over http; SATORI is https. The adapter
+    # gives both kinds of pool the connection class that tells the deadline.
+    from django_satori.client import _DeadlineAdapter, _WatchedConnection
+
+    adapter = _DeadlineAdapter()
+    for url in ("https://api.satr.jp/x", "http://127.0.0.1:8765/x"):
+        request = requests.Request("POST", url).prepare()
+        pool = adapter.get_connection_with_tls_context(request, verify=True)
+        assert issubclass(pool.ConnectionCls, _WatchedConnection), url
+    adapter.close()
