@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +28,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "COMPANY_SECRET": (str,),
     "BASE_URL": (str,),
     "TIMEOUT": (int, float, tuple, list),
+    "TOTAL_TIMEOUT": (int, float),
+    "BULK_UPLOAD_TIMEOUT": (int, float),
+    "MAX_RESPONSE_BYTES": (int,),
     "SYNC_ENABLED": (bool,),
     "DRY_RUN": (bool,),
     "CREATE_UNKNOWN": (bool,),
@@ -185,6 +189,23 @@ def _check_values(conf: SatoriSettings) -> list[CheckMessage]:
     if not parts or not all(isinstance(p, (int, float)) and p > 0 for p in parts):
         messages.append(
             _value_error("TIMEOUT", "must be a positive number or a (connect, read) pair.")
+        )
+    for name in ("TOTAL_TIMEOUT", "BULK_UPLOAD_TIMEOUT"):
+        if not math.isfinite(getattr(conf, name)) or getattr(conf, name) <= 0:
+            messages.append(_value_error(name, "must be a positive number of seconds."))
+    if conf.MAX_RESPONSE_BYTES < 1:
+        messages.append(_value_error("MAX_RESPONSE_BYTES", "must be a positive number of bytes."))
+    elif conf.TOTAL_TIMEOUT > conf.LEASE_SECONDS / 2:
+        # A push renews its claim every LEASE_SECONDS / 2 between calls, so a
+        # longer call can outlive the claim and another worker sends the row too.
+        messages.append(
+            Warning(
+                "SATORI['TOTAL_TIMEOUT'] is more than half of SATORI['LEASE_SECONDS'].",
+                hint="A call that long can outlive a worker's claim on the customer, and "
+                "another worker then sends it again. Lower TOTAL_TIMEOUT or raise LEASE_SECONDS.",
+                id="django_satori.W004",
+                obj="SATORI['TOTAL_TIMEOUT']",
+            )
         )
     if conf.RATE_LIMIT_PER_MINUTE is not None:
         backend = django_settings.CACHES.get(conf.RATE_LIMIT_CACHE, {}).get("BACKEND", "")

@@ -21,6 +21,7 @@ key created. Such errors are per customer and are never worth retrying.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
 import http.client
@@ -31,17 +32,20 @@ import math
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
 import uuid
 import zoneinfo
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 import requests
+import requests.adapters
+import urllib3.connection
 import urllib3.exceptions
 from django.core.signals import setting_changed
 from django.dispatch import receiver
@@ -57,11 +61,15 @@ from .exceptions import (
     SatoriNotFoundError,
     SatoriPermissionError,
     SatoriRateLimitError,
+    SatoriResponseTooLargeError,
+    SatoriTimeoutError,
     SatoriTransientError,
     SatoriValidationError,
 )
 from .redaction import (
     AUTH_FIELDS,
+    MASK,
+    SecretNeedles,
     for_log,
     install_log_filters,
     redact_form,
@@ -106,6 +114,16 @@ SPOOL_MAX_BYTES = 8 * 1024 * 1024
 _FIELD_IN_BRACKETS = re.compile(r"customer\[([A-Za-z0-9_:]+)\]")
 _CUSTOM_IN_TEXT = re.compile(r"custom:[A-Za-z0-9_]+")
 _EXTRA_FIELD_NAMES = ("identity_type", "process_code", CSV_FIELD)
+# One pass over SATORI's text, however long (one search per name took 20 passes).
+# The earliest mention wins; at the same spot the longer name does, hence the order.
+_FIELD_NAME_IN_TEXT = re.compile(
+    r"(?<![A-Za-z0-9_])("
+    + "|".join(
+        re.escape(name)
+        for name in sorted({*STANDARD_FIELDS, *_EXTRA_FIELD_NAMES}, key=lambda n: (-len(n), n))
+    )
+    + r")(?![A-Za-z0-9_])"
+)
 
 
 # --------------------------------------------------------------------------- results
@@ -186,7 +204,7 @@ def parse_response(
     http_status: int,
     headers: Mapping[str, str] | None = None,
     *,
-    needles: tuple[str, ...] = (),
+    needles: Iterable[str] = (),
 ) -> SatoriReply:
     """Turn one HTTP reply into a :class:`SatoriReply` or raise a typed error.
 
@@ -194,14 +212,31 @@ def parse_response(
     bytes. ``needles`` (from :func:`redaction.secret_needles`) are removed from
     the parsed JSON and from any text quoted in an error.
     """
-    headers = headers or {}
+    outcome = _parse(body, http_status, headers or {}, _as_needles(needles))
+    # The raw reply can echo the keys (an error page quoting the form, a
+    # redirect's Location): error trackers record the locals of the frame that
+    # raises, so the raw bytes and headers are gone from it first.
+    del body, headers
+    if isinstance(outcome, SatoriError):
+        raise outcome
+    return outcome
+
+
+def _as_needles(needles: Iterable[str]) -> SecretNeedles:
+    return needles if isinstance(needles, SecretNeedles) else SecretNeedles(needles)
+
+
+def _parse(
+    body: bytes, http_status: int, headers: Mapping[str, str], needles: SecretNeedles
+) -> SatoriReply | SatoriError:
+    """:func:`parse_response`'s work; returns the error instead of raising it (see there)."""
     content_type = _header(headers, "Content-Type")[:100]
     retry_after = _retry_after_header(_header(headers, "Retry-After"))
 
     if 300 <= http_status < 400:
         # A redirect is never SATORI's answer; following it would re-send the
         # keys (status.json's query string) to wherever Location points.
-        raise SatoriConfigurationError(
+        return SatoriConfigurationError(
             _(
                 "SATORI answered with a redirect (HTTP %(code)s); check SATORI['BASE_URL'] "
                 "(it should be https://api.satr.jp)."
@@ -210,9 +245,9 @@ def parse_response(
             http_status=http_status,
         )
 
-    data, ok = _load_json(body)
+    raw, ok = _load_json(body)
     if not ok:
-        raise SatoriTransientError(
+        return SatoriTransientError(
             ngettext(
                 "SATORI's reply was not JSON (HTTP %(code)s, content type %(type)s, "
                 "%(size)d byte); probably a proxy or maintenance page.",
@@ -228,12 +263,13 @@ def parse_response(
             http_status=http_status,
             retry_after=retry_after,
         )
-    data = scrub_data(data, needles)
+    data = scrub_data(raw, needles)
+    del raw
 
     status = _coerce_status(data.get("status")) if isinstance(data, dict) else None
     if status is None:
         if 200 <= http_status < 300 or not 100 <= http_status < 600:
-            raise SatoriError(
+            return SatoriError(
                 _(
                     "SATORI's reply has an unexpected shape (HTTP %(code)s, JSON %(kind)s "
                     "without a usable status)."
@@ -257,7 +293,7 @@ def parse_response(
     payload = _payload(data) if isinstance(data, dict) else {}
     if retry_after is None:
         retry_after = _retry_after_hint(payload, data)
-    raise error_for_status(
+    return error_for_status(
         status,
         _message_text(message, needles)
         or _("SATORI refused the request (status %(status)s).") % {"status": status},
@@ -337,7 +373,7 @@ def _payload(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _message_text(message: Any, needles: tuple[str, ...]) -> str:
+def _message_text(message: Any, needles: Iterable[str]) -> str:
     if message is None:
         return ""
     if isinstance(message, str):
@@ -375,13 +411,8 @@ def _field_from_text(text: str) -> str | None:
     match = _CUSTOM_IN_TEXT.search(text)
     if match:
         return match.group(0)
-    best: tuple[int, int, str] | None = None
-    for name in (*STANDARD_FIELDS, *_EXTRA_FIELD_NAMES):
-        hit = re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", text)
-        # The earliest mention wins; at the same spot the longer name does.
-        if hit and (best is None or (hit.start(), -len(name)) < best[:2]):
-            best = (hit.start(), -len(name), name)
-    return best[2] if best else None
+    match = _FIELD_NAME_IN_TEXT.search(text)
+    return match.group(1) if match else None
 
 
 def _retry_after_header(value: str) -> float | None:
@@ -427,14 +458,32 @@ def _clamp_retry_after(seconds: float) -> float | None:
 
 
 class _SafeRepr:
-    """Holds wire data whose repr must not show it (locals in error reports)."""
+    """Holds wire data that error reports must not show.
+
+    Error trackers record the locals of each frame a traceback passes through,
+    by ``repr()`` or by walking ``__dict__``; subclasses declare ``__slots__``
+    so there is no ``__dict__`` to walk, and the repr names only the class.
+    """
+
+    __slots__ = ()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
 
 
 class _Wire(_SafeRepr):
-    """One request ready to send. The query string (status.json) holds the keys."""
+    """One request ready to send. The body and the query string (status.json) hold the keys."""
+
+    __slots__ = (
+        "body",
+        "content_type",
+        "endpoint",
+        "method",
+        "path",
+        "query",
+        "summary",
+        "timeout_setting",
+    )
 
     def __init__(
         self,
@@ -446,6 +495,7 @@ class _Wire(_SafeRepr):
         content_type: str | None = None,
         query: str = "",
         summary: dict[str, str],
+        timeout_setting: str = "TOTAL_TIMEOUT",
     ) -> None:
         self.endpoint = endpoint
         self.method = method
@@ -454,6 +504,152 @@ class _Wire(_SafeRepr):
         self.content_type = content_type
         self.query = query
         self.summary = summary
+        #: The setting that bounds the whole call (named in the error when it runs out).
+        self.timeout_setting = timeout_setting
+
+
+class _RawReply(_SafeRepr):
+    """An HTTP reply as received; SATORI or a proxy may have echoed the keys into it."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _Deadline(_SafeRepr):
+    """Ends one call when its overall time is up, whatever the server does.
+
+    requests' timeouts bound each socket operation, not the call: a reply
+    trickling one byte every few seconds never trips them. A timer shuts the
+    call's socket down instead, which wakes the blocked read or send at once.
+    The socket is known through :class:`_WatchedConnection` (our session's
+    pools), or, for an injected session, from the response once its headers
+    are in (connect and read timeouts, clipped to the time left, bound the
+    part before that).
+    """
+
+    __slots__ = (
+        "_connection",
+        "_done",
+        "_lock",
+        "_sock",
+        "_timer",
+        "expired",
+        "expires",
+        "seconds",
+    )
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expires = time.monotonic() + seconds
+        self.expired = False
+        self._done = False
+        self._connection: Any = None
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        _watch.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _watch.deadline = None
+        with self._lock:
+            self._done = True
+        self._timer.cancel()
+
+    def remaining(self) -> float:
+        return max(self.expires - time.monotonic(), 0.0)
+
+    def attach(self, connection: Any, sock: socket.socket | None = None) -> None:
+        """The connection (or socket) this call uses; cut at once if the time is already up."""
+        sock = sock or getattr(connection, "sock", None)
+        with self._lock:
+            if connection is not None:
+                self._connection = connection
+            if sock is not None:
+                # Kept too: http.client drops conn.sock when the reply says
+                # "Connection: close", while the reply goes on reading from it.
+                self._sock = sock
+            if self.expired and not self._done:
+                self._cut()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            self._cut()
+
+    def _cut(self) -> None:
+        for sock in (getattr(self._connection, "sock", None), self._sock):
+            if sock is not None:
+                # shutdown(), not close(): it wakes a recv() blocked in another thread.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _socket_of(http_response: requests.Response) -> socket.socket | None:
+    """The socket a streamed reply is read from (urllib3 and http.client internals)."""
+    raw = http_response.raw
+    connection = getattr(raw, "connection", None) or getattr(raw, "_connection", None)
+    sock = getattr(connection, "sock", None)
+    if sock is None:
+        fp = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(fp, "raw", None), "_sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+class _Watch(threading.local):
+    deadline: _Deadline | None = None
+
+
+_watch = _Watch()
+
+
+class _WatchedConnection:
+    """Mixed into urllib3's connection classes: tells the running call's deadline
+    which connection it is using (new or reused from the pool)."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        deadline = _watch.deadline
+        if deadline is not None:
+            deadline.attach(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = _watch.deadline
+        if deadline is not None:
+            deadline.attach(self)
+        return super().request(*args, **kwargs)  # type: ignore[misc]
+
+
+class _WatchedHTTPConnection(_WatchedConnection, urllib3.connection.HTTPConnection):
+    pass
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _DeadlineAdapter(requests.adapters.HTTPAdapter):
+    """The default adapter, with pools whose connections report to :class:`_Deadline`."""
+
+    def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Any:
+        pool = super().get_connection_with_tls_context(*args, **kwargs)
+        cls = pool.ConnectionCls
+        # Only the stock classes: a SOCKS proxy's connection class is left alone.
+        if cls is urllib3.connection.HTTPSConnection:
+            pool.ConnectionCls = _WatchedHTTPSConnection
+        elif cls is urllib3.connection.HTTPConnection:
+            pool.ConnectionCls = _WatchedHTTPConnection
+        return pool
 
 
 class _MultipartStream(_SafeRepr):
@@ -462,6 +658,8 @@ class _MultipartStream(_SafeRepr):
     requests sends a readable object with ``__len__`` as a streamed body with
     ``Content-Length`` (not chunked, which SATORI was never seen to accept).
     """
+
+    __slots__ = ("_index", "_length", "_offset", "_parts", "boundary")
 
     def __init__(
         self,
@@ -572,7 +770,26 @@ class SatoriClient:
 
     Use :func:`get_client` for the shared per-thread instance. Methods raise
     :class:`~django_satori.exceptions.SatoriError` subclasses only.
+
+    Every call is bounded in time (``TOTAL_TIMEOUT``, ``BULK_UPLOAD_TIMEOUT``)
+    and in reply size (``MAX_RESPONSE_BYTES``). An injected ``session`` keeps
+    its own adapters, so there the time limit takes hold once the reply's
+    headers are in (before that, the connect and read timeouts clipped to the
+    time left apply).
     """
+
+    # No __dict__: the client is a local in every frame an error passes
+    # through, and it holds the settings, the needles and the session.
+    __slots__ = (
+        "_base_url",
+        "_max_bytes",
+        "_needles",
+        "_owns_session",
+        "_session",
+        "_timeout",
+        "_total",
+        "conf",
+    )
 
     def __init__(
         self,
@@ -582,12 +799,22 @@ class SatoriClient:
     ) -> None:
         self.conf = conf if conf is not None else get_settings()
         self._owns_session = session is None
-        self._session = session if session is not None else requests.Session()
+        if session is None:
+            session = requests.Session()
+            adapter = _DeadlineAdapter()
+            session.mount("https://", adapter)
+            session.mount("http://", adapter)
+        self._session = session
         self._session.headers["User-Agent"] = USER_AGENT
         self._session.headers["Accept"] = "application/json"
         self._needles = secret_needles(self.conf)
         self._base_url = str(self.conf.BASE_URL or "").rstrip("/")
         self._timeout = _timeout(self.conf.TIMEOUT)
+        self._total = {
+            name: _seconds(getattr(self.conf, name))
+            for name in ("TOTAL_TIMEOUT", "BULK_UPLOAD_TIMEOUT")
+        }
+        self._max_bytes = _positive_int(self.conf.MAX_RESPONSE_BYTES)
 
     def __repr__(self) -> str:
         parts = urlsplit(self._base_url)
@@ -849,6 +1076,15 @@ class SatoriClient:
             raise SatoriConfigurationError(
                 _("SATORI['TIMEOUT'] must be a number of seconds or a (connect, read) pair.")
             )
+        for name, seconds in self._total.items():
+            if seconds is None:
+                raise SatoriConfigurationError(
+                    _("SATORI['%(name)s'] must be a positive number of seconds.") % {"name": name}
+                )
+        if self._max_bytes is None:
+            raise SatoriConfigurationError(
+                _("SATORI['MAX_RESPONSE_BYTES'] must be a positive number of bytes.")
+            )
 
     def _auth_pairs(self) -> list[tuple[str, str]]:
         return [
@@ -881,7 +1117,13 @@ class SatoriClient:
         summary[CSV_FIELD] = f"{safe_name} ({size} bytes)"
         method, path = ENDPOINTS[endpoint]
         return _Wire(
-            endpoint, method, path, body=body, content_type=body.content_type, summary=summary
+            endpoint,
+            method,
+            path,
+            body=body,
+            content_type=body.content_type,
+            summary=summary,
+            timeout_setting="BULK_UPLOAD_TIMEOUT",
         )
 
     def _status_wire(self, code: str) -> _Wire:
@@ -917,66 +1159,16 @@ class SatoriClient:
 
     def _call(self, wire: _Wire) -> tuple[SatoriReply, float]:
         """Send, parse, log. Raises our errors only, never with a requests error chained."""
-        headers = {"Content-Type": wire.content_type} if wire.content_type else {}
         started = time.monotonic()
-        failure: SatoriError | None = None
-        try:
-            http_response = self._session.request(
-                wire.method,
-                self._base_url + wire.path + ("?" + wire.query if wire.query else ""),
-                data=wire.body,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            )
-        # Order matters: every requests error is also an OSError.
-        except (
-            requests.exceptions.InvalidURL,
-            requests.exceptions.MissingSchema,
-            requests.exceptions.InvalidSchema,
-            requests.exceptions.InvalidHeader,
-        ) as exc:
-            failure = SatoriConfigurationError(
-                _(
-                    "The request to SATORI could not be built (%(kind)s); check "
-                    "SATORI['BASE_URL'] and the keys."
-                )
-                % {"kind": type(exc).__name__}
-            )
-        except requests.Timeout as exc:
-            failure = SatoriTransientError(
-                _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__}
-            )
-        except (
-            requests.ConnectionError,
-            requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ContentDecodingError,
-        ) as exc:
-            failure = SatoriTransientError(
-                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
-            )
-        except requests.RequestException as exc:
-            failure = SatoriError(
-                _("The request to SATORI failed (%(kind)s).") % {"kind": type(exc).__name__}
-            )
-        except (http.client.HTTPException, urllib3.exceptions.HTTPError, OSError) as exc:
-            failure = SatoriTransientError(
-                _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
-            )
+        outcome = self._exchange(wire)
         elapsed = (time.monotonic() - started) * 1000
-        if failure is not None:
-            # Raised outside the except blocks: no __context__, so the requests
-            # error (whose text holds the URL, keys included) is not chained.
-            self._annotate(failure, wire, None)
-            self._log(wire, elapsed, failure)
-            raise failure
-
+        if isinstance(outcome, SatoriError):
+            self._annotate(outcome, wire, None)
+            self._log(wire, elapsed, outcome)
+            raise outcome
         try:
             reply = parse_response(
-                http_response.content,
-                http_response.status_code,
-                http_response.headers,
-                needles=self._needles,
+                outcome.body, outcome.status, outcome.headers, needles=self._needles
             )
         except SatoriError as error:
             self._annotate(error, wire, error.response)
@@ -984,6 +1176,121 @@ class SatoriClient:
             raise
         self._log(wire, elapsed, None, reply)
         return reply, elapsed
+
+    def _exchange(self, wire: _Wire) -> _RawReply | SatoriError:
+        """One HTTP round trip within the call's time and size limits.
+
+        Failures are returned, not raised: the requests objects in this frame
+        hold the keys (the prepared body, status.json's URL), and returning
+        keeps this frame out of the traceback of the error the caller raises.
+        Raising outside the except blocks also keeps requests' exception (whose
+        text holds the URL) from being chained as ``__context__``.
+        """
+        total = self._total[wire.timeout_setting]
+        assert self._timeout is not None and total is not None and self._max_bytes is not None
+        connect, read = self._timeout if isinstance(self._timeout, tuple) else (self._timeout,) * 2
+        headers = {"Content-Type": wire.content_type} if wire.content_type else {}
+        http_response: requests.Response | None = None
+        failure: SatoriError | None = None
+        with _Deadline(total) as deadline:
+            try:
+                http_response = self._session.request(
+                    wire.method,
+                    self._base_url + wire.path + ("?" + wire.query if wire.query else ""),
+                    data=wire.body,
+                    headers=headers,
+                    timeout=(min(connect, total), min(read, total)),
+                    allow_redirects=False,
+                    stream=True,
+                )
+                # An injected session's pools do not report their connections:
+                # from here on at least, this one can be cut.
+                deadline.attach(None, _socket_of(http_response))
+                body = self._read_body(http_response, self._max_bytes)
+            # Order matters: every requests error is also an OSError.
+            except _TooLarge:
+                failure = SatoriResponseTooLargeError(
+                    ngettext(
+                        "SATORI's reply is larger than %(limit)d byte "
+                        "(SATORI['MAX_RESPONSE_BYTES']); it was abandoned unread.",
+                        "SATORI's reply is larger than %(limit)d bytes "
+                        "(SATORI['MAX_RESPONSE_BYTES']); it was abandoned unread.",
+                        self._max_bytes,
+                    )
+                    % {"limit": self._max_bytes}
+                )
+            except (
+                requests.exceptions.InvalidURL,
+                requests.exceptions.MissingSchema,
+                requests.exceptions.InvalidSchema,
+                requests.exceptions.InvalidHeader,
+            ) as exc:
+                failure = SatoriConfigurationError(
+                    _(
+                        "The request to SATORI could not be built (%(kind)s); check "
+                        "SATORI['BASE_URL'] and the keys."
+                    )
+                    % {"kind": type(exc).__name__}
+                )
+            except requests.Timeout as exc:
+                failure = SatoriTransientError(
+                    _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__}
+                )
+            except (
+                requests.ConnectionError,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as exc:
+                failure = SatoriTransientError(
+                    _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
+                )
+            except requests.RequestException as exc:
+                failure = SatoriError(
+                    _("The request to SATORI failed (%(kind)s).") % {"kind": type(exc).__name__}
+                )
+            except (http.client.HTTPException, urllib3.exceptions.HTTPError, OSError) as exc:
+                failure = SatoriTransientError(
+                    _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
+                )
+            finally:
+                if http_response is not None:
+                    # After a failure this closes the connection instead of
+                    # pooling it; after a full read it only hands it back.
+                    http_response.close()
+        if failure is not None and (deadline.expired or deadline.remaining() <= 0):
+            # Whatever broke (the cut socket, a clipped read timeout), time ran out.
+            failure = SatoriTimeoutError(
+                ngettext(
+                    "SATORI's reply did not arrive in full within %(seconds)s second "
+                    "(SATORI['%(setting)s']); the call was abandoned.",
+                    "SATORI's reply did not arrive in full within %(seconds)s seconds "
+                    "(SATORI['%(setting)s']); the call was abandoned.",
+                    # "1 second", "1.5 seconds": a fraction takes the plural.
+                    int(total) if total.is_integer() else 2,
+                )
+                % {"seconds": f"{total:g}", "setting": wire.timeout_setting}
+            )
+        if failure is not None:
+            return failure
+        assert http_response is not None
+        return _RawReply(
+            http_response.status_code,
+            http_response.headers,
+            _without_needles(body, self._needles),
+        )
+
+    @staticmethod
+    def _read_body(http_response: requests.Response, limit: int) -> bytes:
+        """The (decoded) body, read in pieces so a reply past ``limit`` is never held whole."""
+        announced = http_response.headers.get("Content-Length", "").strip()
+        if announced.isdigit() and int(announced) > limit:
+            raise _TooLarge
+        body = bytearray()
+        for chunk in http_response.iter_content(64 * 1024):
+            body += chunk
+            if len(body) > limit:
+                raise _TooLarge
+        return bytes(body)
 
     def _annotate(self, error: SatoriError, wire: _Wire, data: Any) -> None:
         # Extra attributes for the sync engine's SyncLog; safe to store.
@@ -1034,6 +1341,37 @@ def _port(parts: Any) -> int | None:
         return parts.port
     except ValueError:
         return None
+
+
+class _TooLarge(Exception):
+    """The reply passed MAX_RESPONSE_BYTES (internal: becomes SatoriResponseTooLargeError)."""
+
+
+def _without_needles(body: bytes, needles: SecretNeedles) -> bytes:
+    """The raw reply with the keys (raw or percent-encoded, as UTF-8) cut out.
+
+    Done before the bytes are bound anywhere an error report could see them;
+    keys escaped inside JSON strings are removed after parsing (scrub_data).
+    """
+    for needle in needles:
+        body = body.replace(needle.encode("utf-8"), MASK.encode("ascii"))
+    return body
+
+
+def _seconds(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
+def _positive_int(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value if value > 0 else None
 
 
 def _timeout(value: Any) -> float | tuple[float, float] | None:

@@ -36,7 +36,9 @@ DEFAULT_DELIVERY_PERMISSION_LABELS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
+# Slots, so the object has no ``__dict__``: error trackers that walk frame
+# locals through ``vars()`` see only the repr below, never the four keys.
+@dataclass(frozen=True, slots=True)
 class SatoriSettings:
     """Typed view of ``settings.SATORI``; see docs/configuration.md for each key."""
 
@@ -47,6 +49,12 @@ class SatoriSettings:
     BASE_URL: str = "https://api.satr.jp"
     #: Seconds for connect and for read, or a ``(connect, read)`` pair.
     TIMEOUT: float | tuple[float, float] = 10.0
+    #: Seconds one call may take in all (connect, send, wait and read the reply).
+    TOTAL_TIMEOUT: float = 30.0
+    #: The same for a bulk CSV upload, which sends up to 10,000 rows.
+    BULK_UPLOAD_TIMEOUT: float = 300.0
+    #: A reply longer than this many bytes is abandoned unread.
+    MAX_RESPONSE_BYTES: int = 10 * 1024 * 1024
 
     # Sync engine
     SYNC_ENABLED: bool = True

@@ -97,3 +97,12 @@ class SatoriTransientError(SatoriError):
 
 class SatoriRateLimitError(SatoriTransientError):
     """SATORI (or our own shared rate limit) asked us to slow down."""
+
+
+class SatoriTimeoutError(SatoriTransientError):
+    """A call ran past its overall time limit (``TOTAL_TIMEOUT`` or
+    ``BULK_UPLOAD_TIMEOUT``), however slowly the reply was trickling in."""
+
+
+class SatoriResponseTooLargeError(SatoriTransientError):
+    """A reply was longer than ``MAX_RESPONSE_BYTES`` and was abandoned unread."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import quote, quote_plus
 
@@ -64,7 +64,18 @@ PERSONAL_FIELDS: frozenset[str] = frozenset(
 )
 
 _BRACKETED = re.compile(r"^[A-Za-z0-9_]+\[([^\]]+)\]$")
-_EMAIL_IN_TEXT = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
+# What redact_text treats as an address: a run of local-part characters, "@",
+# then two or more dot-separated labels. As the plain pattern, a long run of
+# local-part characters without an "@" costs quadratic time: the search tries
+# every start position in the run and rescans it to its end each time. Here a
+# match may only start where a run starts (the lookbehind) and the run is
+# possessive, so each run is scanned once. ("@" is in neither character set,
+# so no backtracking is given up that could have found a match.)
+_LOCAL = r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]"
+_ADDRESS_HERE = re.compile(_LOCAL + r"++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)+")
+_ADDRESS = re.compile(r"(?<!" + _LOCAL + ")" + _ADDRESS_HERE.pattern)
+#: Characters that can follow an address and start the next one's local part.
+_LOCAL_NOT_LABEL = frozenset(".!#$%&'*+/=?^_`{|}~")
 _AUTH_IN_QUERY = re.compile(
     r"(?P<name>" + "|".join(AUTH_FIELDS) + r")(?P<sep>=|%3D|%3d)(?P<value>[^&\s\"'<>#]*)"
 )
@@ -119,15 +130,35 @@ def redact_form(
     return summary
 
 
-class SecretNeedles(tuple[str, ...]):
-    """The key values to search for. A tuple whose repr never shows them.
+class SecretNeedles:
+    """The key values to search for, in an object that never shows them.
 
     Error trackers (Sentry by default) record the local variables of every
-    frame a traceback passes through, with ``repr()``; ``parse_response`` and
-    the client hold the needles in locals and attributes when they raise.
+    frame a traceback passes through: containers item by item, other objects
+    by ``repr()`` or their ``__dict__``. ``parse_response`` and the client hold
+    the needles in locals and attributes when they raise, so this is not a
+    tuple (a tracker would list its items) and has slots instead of a
+    ``__dict__``. It iterates like the tuple it used to be.
     """
 
-    __slots__ = ()
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Iterable[str] = ()) -> None:
+        self._values: tuple[str, ...] = tuple(values)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SecretNeedles):
+            return self._values == other._values
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._values)
 
     def __repr__(self) -> str:
         return f"<{len(self)} secret needles>"
@@ -135,7 +166,7 @@ class SecretNeedles(tuple[str, ...]):
     __str__ = __repr__
 
 
-def secret_needles(conf: SatoriSettings | None = None) -> tuple[str, ...]:
+def secret_needles(conf: SatoriSettings | None = None) -> SecretNeedles:
     """Every spelling of the four key values that could end up in text.
 
     Besides the raw value we look for its form- and URL-encoded forms, since
@@ -167,6 +198,8 @@ def scrub(text: Any, conf: SatoriSettings | Iterable[str] | None = None) -> str:
     needles = (
         secret_needles(conf)
         if conf is None or isinstance(conf, SatoriSettings)
+        else conf
+        if isinstance(conf, SecretNeedles)
         else SecretNeedles(conf)
     )
     for needle in needles:
@@ -176,8 +209,29 @@ def scrub(text: Any, conf: SatoriSettings | Iterable[str] | None = None) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Replace e-mail addresses in free text (SATORI error messages, failed rows)."""
-    return _EMAIL_IN_TEXT.sub(lambda m: redaction_marker(m.group(0)), text)
+    """Replace e-mail addresses in free text (SATORI error messages, failed rows).
+
+    Finds exactly what ``[local]+@label(.label)+`` finds, in time linear in the
+    length of ``text`` (see ``_ADDRESS``); only the rare address that starts
+    right where the previous one ended needs a second, anchored look.
+    """
+    if "@" not in text:
+        return text
+    pieces: list[str] = []
+    done = 0  # text[:done] is already in pieces
+    search, here = _ADDRESS.search, _ADDRESS_HERE.match
+    while True:
+        # A run of local-part characters cut short by the previous address is
+        # not at a "run start", so _ADDRESS would skip it: try it first.
+        hit = here(text, done) if done and text[done : done + 1] in _LOCAL_NOT_LABEL else None
+        hit = hit or search(text, done)
+        if hit is None:
+            break
+        start, done_before, done = hit.start(), done, hit.end()
+        pieces.append(text[done_before:start])
+        pieces.append(f"<redacted {done - start} chars>")  # as redaction_marker()
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 def for_log(text: str, conf: SatoriSettings) -> str:

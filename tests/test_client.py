@@ -8,6 +8,7 @@ error path. Round trips through the strict sandbox live at the end of the file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -75,6 +76,9 @@ class Reply:
     delay: float = 0.0
     #: "drop": close without answering; "short": announce more bytes than sent.
     action: str = ""
+    #: Seconds between bytes of the body (and of the headers with ``dribble_headers``).
+    dribble: float = 0.0
+    dribble_headers: bool = False
 
 
 @dataclasses.dataclass
@@ -86,6 +90,8 @@ class Captured:
     body: bytes
     body_sha256: str
     body_length: int
+    #: The client's port: requests sent over one kept-alive connection share it.
+    client_port: int = 0
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers.items():
@@ -161,6 +167,7 @@ class _Handler(BaseHTTPRequestHandler):
                     body=bytes(kept),
                     body_sha256=digest.hexdigest(),
                     body_length=length,
+                    client_port=self.client_address[1],
                 )
             )
         reply = self.server.next_reply()
@@ -169,20 +176,41 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.action == "drop":
             self.close_connection = True
             return
+        if reply.action == "endless":
+            # No Content-Length; 64 KB pieces until the client hangs up (or 64 MB).
+            self.close_connection = True
+            self.send_response(reply.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            piece = b'{"status": 200, "message": "' + b"x" * 65536
+            for _ in range(1024):
+                self.wfile.write(piece)
+            return
         self.send_response(reply.status)
         for key, value in reply.headers.items():
             self.send_header(key, value)
         announced = len(reply.body) + (500 if reply.action == "short" else 0)
         self.send_header("Content-Length", str(announced))
-        if reply.action == "short":
+        if reply.action == "short" or reply.dribble:
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(reply.body)
+        if not reply.dribble:
+            self.end_headers()
+            self.wfile.write(reply.body)
+            return
+        head = b"".join(self._headers_buffer) + b"\r\n"  # what end_headers() would send
+        self._headers_buffer = []
+        self.wfile.write(b"" if reply.dribble_headers else head)
+        for byte in (head if reply.dribble_headers else b"") + reply.body:
+            time.sleep(reply.dribble)
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
 
 
-@pytest.fixture
-def capture() -> Iterator[CaptureServer]:
+@contextlib.contextmanager
+def serving() -> Iterator[CaptureServer]:
+    """A running CaptureServer (also for other test files, as their own fixture)."""
     server = CaptureServer()
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -191,6 +219,12 @@ def capture() -> Iterator[CaptureServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def capture() -> Iterator[CaptureServer]:
+    with serving() as server:
+        yield server
 
 
 def make_client(server: CaptureServer, **overrides: Any) -> SatoriClient:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
+import time
 from typing import Any
 
 import pytest
@@ -32,6 +34,7 @@ from django_satori.exceptions import (
 from django_satori.redaction import (
     MASK,
     QueryStringScrubber,
+    SecretNeedles,
     install_log_filters,
     redact_form,
     redact_text,
@@ -47,7 +50,7 @@ JSON = {"Content-Type": "application/json"}
 SECRETS = ("k3y-User/Λ+1", "s3cret user&x", "comp@ny key", "compány%secret")
 
 
-def _needles() -> tuple[str, ...]:
+def _needles() -> SecretNeedles:
     conf = get_settings()
     import dataclasses
 
@@ -461,6 +464,71 @@ def test_redact_text() -> None:
         "送信失敗: <redacted 29 chars>, 再送"
     )
     assert redact_text("no address here") == "no address here"
+
+
+#: The pattern redact_text used to run as one regex (quadratic on some inputs):
+#: on short strings it is the reference for what counts as an address.
+_REFERENCE_ADDRESS = re.compile(
+    r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"
+)
+
+
+@given(st.text(alphabet="ab.-_@+ é\n", max_size=40))
+@settings(max_examples=2000, deadline=None)
+def test_redact_text_finds_the_same_addresses_as_the_reference_pattern(text: str) -> None:
+    expected = _REFERENCE_ADDRESS.sub(lambda m: redaction_marker(m.group(0)), text)
+    assert redact_text(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a@b@c.jp", "a@<redacted 6 chars>"),
+        ("x@y.jp_z@w.jp", "<redacted 6 chars><redacted 7 chars>"),
+        ("@only.jp and tail@", "@only.jp and tail@"),
+        ("a@b.c.", "<redacted 5 chars>."),
+        ("a@b", "a@b"),
+    ],
+)
+def test_redact_text_edge_cases(text: str, expected: str) -> None:
+    assert redact_text(text) == expected
+
+
+def _adversarial(size: int) -> dict[str, tuple[str, str]]:
+    """Inputs that made the one-regex redaction quadratic, with the expected output."""
+    run = "a" * size
+    pairs = "a@" * (size // 2)
+    return {
+        # A run of local-part characters with no "@": every start position rescanned it.
+        "local run, no @": (run, run),
+        "dotted run, no @": ("a.b-" * (size // 4), "a.b-" * (size // 4)),
+        # a@a@a@...: no dot after any "@", so nothing is an address.
+        "a@a@a@": (pairs, pairs),
+        # A long local part that is an address after all.
+        "long local part": (run + "@example.jp", redaction_marker(run + "@example.jp")),
+        "long domain, no dot": ("x@" + run, "x@" + run),
+        "many addresses": ("t@e.jp " * (size // 7), "<redacted 6 chars> " * (size // 7)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_adversarial(10)))
+@pytest.mark.parametrize("size", [300_000, 1_000_000])
+def test_redact_text_is_linear_on_adversarial_input(name: str, size: int) -> None:
+    text, expected = _adversarial(size)[name]
+    started = time.perf_counter()
+    result = redact_text(text)
+    elapsed = time.perf_counter() - started
+    assert result == expected
+    # A guard against the quadratic case only (it took minutes); linear takes milliseconds.
+    assert elapsed < 2.0, f"{name}: {elapsed:.1f} s for {len(text)} characters"
+
+
+def test_scrub_data_with_personal_redaction_is_linear_on_a_huge_message() -> None:
+    text = "a" * 1_000_000 + " taro@example.jp"
+    started = time.perf_counter()
+    result = scrub_data({"message": text}, _needles(), redact_personal=True)
+    assert time.perf_counter() - started < 2.0
+    assert result == {"message": "a" * 1_000_000 + " <redacted 15 chars>"}
 
 
 def test_query_string_scrubber_rewrites_third_party_records(

@@ -7,6 +7,7 @@ default options.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -933,6 +934,101 @@ def test_faults_clear_from_python(sandbox):
     assert upsert(sandbox, email="a@example.jp").status_code == 200
     with pytest.raises(ValueError):
         sandbox.faults.fail_first(1, kind="teapot")
+
+
+def test_dribble_fault_sends_its_reply_byte_by_byte_and_changes_nothing(sandbox):
+    sandbox.faults.dribble_seconds = 0.02
+    sandbox.faults.fail_first(1, kind="dribble")
+    started = time.monotonic()
+    # Each read waits 0.02 s, far inside the 0.5 s read timeout; the whole reply does not.
+    response = requests.post(
+        f"{sandbox.url}{SINGLE}upsert.json",
+        timeout=0.5,
+        data={**AUTH, "customer[identity_type]": "email", "customer[email]": "a@example.jp"},
+    )
+    elapsed = time.monotonic() - started
+    assert_error(response, 503, "dribbled")
+    assert elapsed >= 0.02 * len(response.content) * 0.9
+    assert sandbox.state.customers == {}
+    (request,) = sandbox.state.requests
+    assert request.fault == "dribble" and request.status == 503
+    assert upsert(sandbox, email="a@example.jp").status_code == 200
+
+
+def test_dribble_fault_stops_when_the_client_hangs_up(sandbox):
+    sandbox.faults.dribble_seconds = 0.2
+    sandbox.faults.fail_first(1, kind="dribble")
+    with requests.post(
+        f"{sandbox.url}{SINGLE}upsert.json",
+        timeout=TIMEOUT,
+        stream=True,
+        data={**AUTH, "customer[identity_type]": "email", "customer[email]": "a@example.jp"},
+    ) as response:
+        assert response.status_code == 503
+        assert response.raw.read(1) == b"{"
+    # The sandbox is free for the next request at once.
+    started = time.monotonic()
+    assert upsert(sandbox, email="a@example.jp").status_code == 200
+    assert time.monotonic() - started < 1
+
+
+def test_oversized_fault_sends_the_configured_number_of_bytes(sandbox):
+    sandbox.faults.oversized_bytes = 300_000
+    sandbox.faults.fail_first(1, kind="oversized", operations=["upsert"])
+    response = upsert(sandbox, email="a@example.jp")
+    assert len(response.content) == 300_000
+    assert_error(response, 503)
+    assert sandbox.state.customers == {}
+    assert sandbox.state.faults_by_kind == {"oversized": 1}
+
+
+def test_dribble_and_oversized_are_set_through_the_control_endpoint(sandbox):
+    url = f"{sandbox.url}/_sandbox/faults"
+    shown = requests.post(
+        url,
+        json={
+            "fail_first": 2,
+            "kind": "oversized",
+            "dribble_seconds": 0.01,
+            "oversized_bytes": 1000,
+        },
+        timeout=TIMEOUT,
+    ).json()
+    assert shown["dribble_seconds"] == 0.01 and shown["oversized_bytes"] == 1000
+    assert shown["queued"] == [{"kind": "oversized", "remaining": 2, "operations": None}]
+    assert len(upsert(sandbox, email="a@example.jp").content) == 1000
+    requests.post(url, json={"clear": True, "fail_first": 1, "kind": "dribble"}, timeout=TIMEOUT)
+    assert requests.get(url, timeout=TIMEOUT).json()["dribble_seconds"] == 1.0  # cleared
+    for bad in ({"oversized_bytes": 0}, {"dribble_seconds": -1}, {"oversized_bytes": "x"}):
+        assert requests.post(url, json=bad, timeout=TIMEOUT).status_code == 400
+
+
+def test_cli_sets_dribble_and_oversized_options():
+    from django_satori.sandbox.cli import add_arguments, build_server
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    options = vars(
+        parser.parse_args(
+            [
+                "--fail-first",
+                "1",
+                "--fail-kind",
+                "dribble",
+                "--dribble-seconds",
+                "4",
+                "--oversized-bytes",
+                "5000",
+                "--port",
+                "0",
+            ]
+        )
+    )
+    server = build_server(options)
+    assert server.faults.dribble_seconds == 4.0 and server.faults.oversized_bytes == 5000
+    assert server.faults.pick("upsert") == "dribble"
+    defaults = build_server(vars(parser.parse_args(["--port", "0"]))).faults
+    assert (defaults.dribble_seconds, defaults.oversized_bytes) == (1.0, 16 * 1024 * 1024)
 
 
 def test_stop_releases_a_request_held_by_a_timeout_fault():

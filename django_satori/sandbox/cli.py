@@ -176,10 +176,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=_("How long a 'timeout' fault holds the request (default 15)."),
     )
     parser.add_argument(
+        "--dribble-seconds",
+        type=float,
+        default=1.0,
+        help=_("Seconds between two bytes of a 'dribble' fault's reply (default 1)."),
+    )
+    parser.add_argument(
+        "--oversized-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help=_("Size in bytes of an 'oversized' fault's reply (default 16 MiB)."),
+    )
+    parser.add_argument(
         "--allow-remote",
         action="store_true",
         default=False,
         help=_("Allow listening on a non-loopback address."),
+    )
+    parser.add_argument(
+        "--allowed-host",
+        dest="allowed_hosts",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=_(
+            "Also answer requests for this host name (loopback names and the listening "
+            "address always work). Repeat for more."
+        ),
     )
     parser.add_argument(
         "--quiet", action="store_true", default=False, help=_("Do not log each request.")
@@ -216,11 +239,14 @@ def build_server(options: Mapping[str, Any], defaults: Mapping[str, Any] | None 
         own_only=bool(options.get("own_only")),
         deny_operations=options.get("deny") or (),
         allow_remote=bool(options.get("allow_remote")),
+        allowed_hosts=options.get("allowed_hosts") or (),
     )
     faults = server.faults
     faults.delay = float(options.get("delay") or 0.0)
     faults.retry_after = int(options.get("retry_after") or 1)
     faults.timeout_seconds = float(options.get("timeout_seconds") or 15.0)
+    faults.dribble_seconds = float(options.get("dribble_seconds") or 1.0)
+    faults.oversized_bytes = int(options.get("oversized_bytes") or 16 * 1024 * 1024)
     operations = options.get("fail_operations")
     if options.get("fail_first"):
         faults.fail_first(

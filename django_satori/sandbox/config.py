@@ -22,7 +22,7 @@ AUTH_FIELDS: tuple[str, ...] = ("user_key", "user_secret", "company_key", "compa
 REDACTED = "********"
 
 # The app's own defaults, so a project that changes nothing talks to the sandbox.
-DEFAULT_ACTION_PATH: str = SatoriSettings.ACTION_PATH
+DEFAULT_ACTION_PATH: str = SatoriSettings().ACTION_PATH
 ENVELOPES: tuple[str, ...] = ("body", "message", "top")
 
 #: Operations that ``deny_operations`` can forbid. The endpoint names, plus

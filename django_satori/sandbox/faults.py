@@ -17,8 +17,20 @@ from .i18n import _
 
 #: "500"/"503": JSON error; "429": with ``Retry-After``; "timeout": answer only
 #: after ``timeout_seconds``; "drop": close the connection without a reply;
-#: "html": HTTP 502 with an HTML page, as a proxy in front of SATORI would send.
-FAULT_KINDS: tuple[str, ...] = ("500", "503", "429", "timeout", "drop", "html")
+#: "html": HTTP 502 with an HTML page, as a proxy in front of SATORI would send;
+#: "dribble": a JSON 503 whose body comes one byte every ``dribble_seconds``
+#: (each read is quick, the whole reply is not); "oversized": a JSON 503 of
+#: ``oversized_bytes`` bytes. Neither processes the request.
+FAULT_KINDS: tuple[str, ...] = (
+    "500",
+    "503",
+    "429",
+    "timeout",
+    "drop",
+    "html",
+    "dribble",
+    "oversized",
+)
 
 
 def _kind(kind: Any) -> str:
@@ -65,6 +77,10 @@ class Faults:
             self.retry_after = 1
             #: How long a "timeout" fault holds the request before answering.
             self.timeout_seconds = 15.0
+            #: Seconds between two bytes of a "dribble" reply's body.
+            self.dribble_seconds = 1.0
+            #: Size in bytes of an "oversized" reply (above the client's default cap).
+            self.oversized_bytes = 16 * 1024 * 1024
 
     def fail_first(
         self, n: int, kind: str = "500", *, operations: Iterable[str] | None = None
@@ -120,7 +136,8 @@ class Faults:
 
         Keys: ``clear`` (bool, applied first), ``fail_first`` + ``kind``,
         ``rate`` + ``kinds`` + ``seed``, ``operations``, ``delay``,
-        ``retry_after``, ``timeout_seconds``.
+        ``retry_after``, ``timeout_seconds``, ``dribble_seconds``,
+        ``oversized_bytes``.
         """
         known = {
             "clear",
@@ -133,6 +150,8 @@ class Faults:
             "delay",
             "retry_after",
             "timeout_seconds",
+            "dribble_seconds",
+            "oversized_bytes",
         }
         unknown = set(data) - known
         if unknown:
@@ -158,7 +177,7 @@ class Faults:
                     None if seed is None else int(seed),
                     operations=operations,
                 )
-            for name in ("delay", "timeout_seconds"):
+            for name in ("delay", "timeout_seconds", "dribble_seconds"):
                 if name in data:
                     value = float(data[name])
                     if value < 0:
@@ -166,6 +185,11 @@ class Faults:
                     setattr(self, name, value)
             if "retry_after" in data:
                 self.retry_after = max(0, int(data["retry_after"]))
+            if "oversized_bytes" in data:
+                size = int(data["oversized_bytes"])
+                if size < 1:
+                    raise ValueError("oversized_bytes")
+                self.oversized_bytes = size
         except (TypeError, ValueError) as exc:
             raise ValueError(str(exc)) from None
 
@@ -188,4 +212,6 @@ class Faults:
                 "delay": self.delay,
                 "retry_after": self.retry_after,
                 "timeout_seconds": self.timeout_seconds,
+                "dribble_seconds": self.dribble_seconds,
+                "oversized_bytes": self.oversized_bytes,
             }

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
 from .api import ApiRequest, handle, route
 from .config import (
@@ -70,6 +70,30 @@ def check_host(host: str, allow_remote: bool) -> None:
             )
             % {"host": host}
         )
+
+
+#: Methods a browser page on another site can send without a CORS preflight
+#: only as "simple" requests; every other method is state-changing here.
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: Sec-Fetch-Site values of requests the sandbox's own page or a non-browser sends.
+_SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})
+
+
+def split_host(value: str) -> tuple[str, str]:
+    """``("127.0.0.1", "8765")`` from a Host header (or an origin's netloc); IPv6 unbracketed."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        host, _sep, rest = value[1:].partition("]")
+        return host, rest.removeprefix(":")
+    host, _sep, port = value.partition(":") if value.count(":") == 1 else (value, "", "")
+    return host, port
+
+
+def _is_ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -178,6 +202,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._send_json(exc.status, {"status": exc.status, "message": exc.message})
             return
+        refusal = self._refusal(sandbox)
+        if refusal:
+            # Not recorded: such a request comes from a browser page, not a client under test.
+            self._send_json(403, {"status": 403, "message": refusal})
+            return
         try:
             if path == "/" or path.startswith("/_sandbox/"):
                 self._control(sandbox, path, body)
@@ -190,6 +219,46 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self._send_json(500, {"status": 500, "message": "sandbox internal error"})
+
+    def _refusal(self, sandbox: SandboxServer) -> str:
+        """Why a browser-borne request is refused ("" when it is not).
+
+        * DNS rebinding: a page on attacker.example whose name later resolves
+          to 127.0.0.1 reaches the sandbox as same-origin, but its requests
+          carry ``Host: attacker.example``. Only loopback names, IP literals we
+          listen on and ``allowed_hosts`` are answered.
+        * Cross-site requests: a page on another site can POST a form (or a
+          no-cors fetch) to ``/_sandbox/reset`` or the API without reading the
+          answer. Browsers say where such a request comes from
+          (``Sec-Fetch-Site``, ``Origin``, ``Referer``); anything not from the
+          sandbox's own origin may not change its state. Clients such as
+          requests or curl send none of these headers and are unaffected.
+        """
+        host_header = self.headers.get("Host")
+        if host_header is None or not sandbox.host_allowed(host_header):
+            return (
+                "Host not allowed: the sandbox answers only to loopback names and the "
+                "addresses it listens on (DNS rebinding protection); see allowed_hosts"
+            )
+        if self.command in _SAFE_METHODS:
+            return ""
+        fetch_site = self.headers.get("Sec-Fetch-Site")
+        if fetch_site is not None and fetch_site.strip().lower() not in _SAME_ORIGIN_FETCH:
+            return f"cross-site request refused (Sec-Fetch-Site: {fetch_site[:20]})"
+        origin = self.headers.get("Origin")
+        if origin is not None and not self._same_origin(origin, host_header):
+            return "cross-site request refused (Origin does not match Host)"
+        referer = self.headers.get("Referer")
+        if origin is None and referer is not None and not self._same_origin(referer, host_header):
+            return "cross-site request refused (Referer does not match Host)"
+        return ""
+
+    @staticmethod
+    def _same_origin(url: str, host_header: str) -> bool:
+        parts = urlsplit(url.strip())
+        if parts.scheme != "http" or not parts.netloc:
+            return False  # "null" (sandboxed frames, file://) or another scheme
+        return split_host(parts.netloc) == split_host(host_header)
 
     def _api(self, sandbox: SandboxServer, path: str, query: str, body: bytes) -> None:
         config = sandbox.config
@@ -255,6 +324,14 @@ class _Handler(BaseHTTPRequestHandler):
             record.status = 502
             self._send(502, _HTML_502.encode(), "text/html; charset=utf-8")
             return True
+        if kind == "dribble":
+            record.status = 503
+            self._dribble(sandbox, faults.dribble_seconds)
+            return True
+        if kind == "oversized":
+            record.status = 503
+            self._oversized(faults.oversized_bytes)
+            return True
         if kind == "timeout":
             sandbox._stopping.wait(faults.timeout_seconds)
         status, text = _FAULT_REPLIES[kind]
@@ -262,6 +339,39 @@ class _Handler(BaseHTTPRequestHandler):
         record.status = status
         self._send_json(status, {"status": status, "message": text}, headers)
         return True
+
+    def _dribble(self, sandbox: SandboxServer, seconds: float) -> None:
+        """A JSON 503 whose headers come at once and whose body comes byte by byte."""
+        body = json.dumps({"status": 503, "message": "Service Unavailable (dribbled)"}).encode()
+        self.close_connection = True  # the client may give up halfway
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for byte in body:
+            if sandbox._stopping.wait(seconds):
+                return
+            self.wfile.write(bytes([byte]))
+            self.wfile.flush()
+
+    def _oversized(self, size: int) -> None:
+        """A JSON 503 of exactly ``size`` bytes, streamed, never held in memory whole."""
+        head = b'{"status": 503, "message": "'
+        tail = b'"}'
+        padding = max(size - len(head) - len(tail), 0)
+        self.close_connection = True
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(head) + padding + len(tail)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(head)
+        piece = b"x" * 65536
+        while padding > 0:
+            self.wfile.write(piece[:padding])
+            padding -= min(padding, len(piece))
+        self.wfile.write(tail)
 
     def _control(self, sandbox: SandboxServer, path: str, body: bytes) -> None:
         method = self.command
@@ -330,10 +440,14 @@ class SandboxServer:
         own_only: bool = False,
         deny_operations: Iterable[str] = (),
         allow_remote: bool = False,
+        allowed_hosts: Iterable[str] = (),
     ) -> None:
         check_host(host, allow_remote)
         self.host = host
         self.port = port
+        #: Host names answered besides loopback ones and the listening address
+        #: (for example a docker-compose service name with ``allow_remote``).
+        self.allowed_hosts = frozenset(name.strip().lower() for name in allowed_hosts)
         self._config = build_config(
             keys=keys or SandboxKeys(),
             custom_fields=custom_fields,
@@ -358,6 +472,24 @@ class SandboxServer:
         return f"<SandboxServer {self.url if self._httpd else 'not started'}>"
 
     # -- configuration ---------------------------------------------------------
+
+    def host_allowed(self, host_header: str) -> bool:
+        """Whether a request's ``Host`` names this sandbox, not a rebound DNS name."""
+        host, _port = split_host(host_header)
+        if not host:
+            return False
+        if host == "localhost" or host.endswith(".localhost") or host in self.allowed_hosts:
+            return True
+        address = _is_ip(host)
+        if address is None:
+            # A DNS name can be rebound to 127.0.0.1 by whoever controls it.
+            return host == self.host.lower()
+        if address.is_loopback:
+            return True
+        listening = _is_ip(self.host.strip("[]"))
+        # On a wildcard address every local IP reaches the sandbox; an IP
+        # literal, unlike a name, cannot be rebound.
+        return listening is not None and (listening.is_unspecified or listening == address)
 
     @property
     def config(self) -> SandboxConfig:
