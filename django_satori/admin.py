@@ -583,6 +583,11 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
             path(
                 "<int:job_id>/cancel/", wrap(self.cancel_view), name="django_satori_bulkjob_cancel"
             ),
+            path(
+                "<int:job_id>/held/<str:decision>/",
+                wrap(self.held_view),
+                name="django_satori_bulkjob_held",
+            ),
             path("part/<int:part_id>/csv/", wrap(self.csv_view), name="django_satori_bulkpart_csv"),
             *super().get_urls(),
         ]
@@ -620,6 +625,29 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
             result.message(),
             messages.WARNING if result.uploaded_parts else messages.SUCCESS,
         )
+        return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
+
+    def held_view(self, request: HttpRequest, job_id: int, decision: str) -> HttpResponse:
+        """A person's decision on parts whose upload's answer was lost (BULK_RESEND_UNANSWERED
+        "never"): upload them again, or give them up (their customers go back)."""
+        if request.method != "POST" or decision not in ("resend", "give-up"):
+            return HttpResponse(status=405)
+        job = self._job_or_404(request, job_id)
+        if not request.user.has_perm(BULK_PERMISSION):
+            raise PermissionDenied
+        if decision == "resend":
+            n = bulk.resend_held(job)
+            text = ngettext(
+                "%(n)d part is being uploaded again.", "%(n)d parts are being uploaded again.", n
+            )
+        else:
+            n = bulk.give_up_held(job)
+            text = ngettext(
+                "%(n)d part was given up; its customers will be sent again.",
+                "%(n)d parts were given up; their customers will be sent again.",
+                n,
+            )
+        self.message_user(request, text % {"n": n}, messages.INFO)
         return HttpResponseRedirect(reverse("admin:django_satori_bulkjob_change", args=[job.pk]))
 
     def csv_view(self, request: HttpRequest, part_id: int) -> HttpResponseBase:
@@ -670,6 +698,7 @@ class BulkJobAdmin(ReadOnlyMixin, admin.ModelAdmin):
                 running=job.state in bulk.ACTIVE_STATES,
                 can_operate=request.user.has_perm(BULK_PERMISSION),
                 can_cancel=job.state in bulk.ACTIVE_STATES,
+                held=any(part.held and part.state == BulkState.UPLOADING for part in parts),
                 state_badge=badge(job.state, job.get_state_display()),
             )
         return super().change_view(request, object_id, form_url, extra)

@@ -131,6 +131,8 @@ def part_stage(part: BulkPart, now: dt.datetime | None = None) -> str:
     if part.state == BulkState.EXPORTING:
         return _("Writing its CSV")
     if part.state == BulkState.UPLOADING:
+        if part.held:
+            return _("The upload's answer was lost: waiting for your decision")
         if part.upload_attempts:
             return ngettext(
                 "Uploading to SATORI (%(n)d attempt so far)",

@@ -526,15 +526,14 @@ def upload_part(part_id: int) -> tuple[str, float | None]:
     """Upload one part. Returns (outcome, seconds until the next step or None).
 
     Outcomes: "uploaded" (poll after the delay), "retry" (upload again after
-    the delay), "failed", "busy" (another task has it, or it is not ready).
+    the delay), "failed", "held" (the answer was lost and a person decides),
+    "busy" (another task has it, or it is not due yet).
     """
     conf = get_settings()
     now = timezone.now()
     claimed = BulkPart.objects.filter(
-        pk=part_id,
-        state=BulkState.UPLOADING,
-        uploaded_at__isnull=True,
-    ).update(uploaded_at=now, upload_attempts=F("upload_attempts") + 1)
+        pk=part_id, state=BulkState.UPLOADING, uploaded_at__isnull=True, held=False
+    ).update(uploaded_at=now, upload_attempts=F("upload_attempts") + 1, next_poll_at=None)
     if not claimed:
         return "busy", None
     part = BulkPart.objects.select_related("job").get(pk=part_id)
@@ -590,6 +589,17 @@ def _upload_failed(
     part: BulkPart, exc: SatoriError, endpoint: str, started: float, conf: SatoriSettings
 ) -> tuple[str, float | None]:
     attempt = part.upload_attempts
+    if exc.answer_lost:
+        history.log(
+            endpoint,
+            SyncLog.Outcome.FAILED,
+            status=exc.status,
+            started=started,
+            attempt=attempt,
+            request=getattr(exc, "request_summary", {}),
+            message=str(exc),
+        )
+        return _upload_unanswered(part, str(exc), conf)
     retry = exc.retryable and attempt < UPLOAD_MAX_ATTEMPTS
     history.log(
         endpoint,
@@ -602,9 +612,9 @@ def _upload_failed(
         message=str(exc),
     )
     if retry:
+        # SATORI answered (a 5xx, a 429): most likely it did not take the file. Lost
+        # answers, where it may well have, are handled above.
         delay = outbox.backoff(attempt, conf, getattr(exc, "retry_after", None))
-        # SATORI has no idempotency key: after a timeout the file may have been
-        # received, so this retry can start a second SATORI job for the same rows.
         note = _(
             "Upload attempt %(n)d failed: %(error)s. Trying again in %(delay)d s. If "
             "SATORI received the file before the error, it may process these rows "
@@ -623,6 +633,98 @@ def _upload_failed(
         message = _("SATORI refused the file: %(error)s") % {"error": str(exc)}
     _fail_part(part.pk, message)
     return "failed", None
+
+
+def _upload_unanswered(
+    part: BulkPart, error: str, conf: SatoriSettings
+) -> tuple[str, float | None]:
+    """An upload's answer was lost: SATORI may have the file, and has no idempotency
+    key, so a blind re-send can make it process the rows twice, or an old copy after
+    newer data. Sent again at most once, after ``BULK_RESEND_WAIT_SECONDS``, or held
+    for a person (``BULK_RESEND_UNANSWERED = "never"``)."""
+    unanswered = part.unanswered_uploads + 1
+    earlier = part.error + "\n" if part.unanswered_uploads and part.error else ""
+    lost = _("Upload attempt %(n)d: the answer was lost (%(error)s); SATORI may have the file.") % {
+        "n": part.upload_attempts,
+        "error": error,
+    }
+    mine = BulkPart.objects.filter(pk=part.pk, state=BulkState.UPLOADING)
+    if unanswered > 1:
+        mine.update(unanswered_uploads=unanswered)
+        _fail_part(
+            part.pk,
+            earlier
+            + lost
+            + " "
+            + _(
+                "Not sent a third time: its customers were put back to be sent again. "
+                "SATORI may still process one of the uploads."
+            ),
+        )
+        return "failed", None
+    if conf.BULK_RESEND_UNANSWERED == "never":
+        mine.update(
+            unanswered_uploads=unanswered,
+            held=True,
+            error=lost
+            + " "
+            + _(
+                "Not sent again (SATORI['BULK_RESEND_UNANSWERED'] is \"never\"): check "
+                "SATORI's import history, then re-send the upload or give it up."
+            ),
+        )
+        _refresh_job(part.job_id)
+        return "held", None
+    wait = conf.BULK_RESEND_WAIT_SECONDS
+    mine.update(
+        unanswered_uploads=unanswered,
+        uploaded_at=None,
+        next_poll_at=timezone.now() + dt.timedelta(seconds=wait),
+        error=lost
+        + " "
+        + _(
+            "It is sent once more in %(wait)d s (SATORI['BULK_RESEND_WAIT_SECONDS']); should "
+            "both reach SATORI, the rows are processed twice, which changes nothing for upserts."
+        )
+        % {"wait": int(wait)},
+    )
+    return "retry", wait
+
+
+def resend_held(job: BulkJob | int) -> int:
+    """A person chose to upload the held parts of ``job`` again; returns how many."""
+    job_id = job if isinstance(job, int) else job.pk
+    part_ids = list(
+        BulkPart.objects.filter(job_id=job_id, state=BulkState.UPLOADING, held=True).values_list(
+            "pk", flat=True
+        )
+    )
+    BulkPart.objects.filter(pk__in=part_ids, held=True).update(
+        held=False, uploaded_at=None, next_poll_at=None
+    )
+    for part_id in part_ids:
+        enqueue_upload(part_id)
+    return len(part_ids)
+
+
+def give_up_held(job: BulkJob | int) -> int:
+    """A person chose not to upload the held parts again: they fail, and their customers
+    go back to be sent again. Returns how many."""
+    job_id = job if isinstance(job, int) else job.pk
+    part_ids = list(
+        BulkPart.objects.filter(job_id=job_id, state=BulkState.UPLOADING, held=True).values_list(
+            "pk", flat=True
+        )
+    )
+    for part_id in part_ids:
+        _fail_part(
+            part_id,
+            _(
+                "Given up after its upload's answer was lost: its customers were put back to "
+                "be sent again. SATORI may still process the upload it may have."
+            ),
+        )
+    return len(part_ids)
 
 
 def _fail_part(part_id: int, message: str) -> None:
@@ -886,8 +988,7 @@ def poll_overdue_parts(now: dt.datetime) -> int:
 
     Status checks long overdue, uploads never picked up, exports never
     started. An upload claimed long ago without a process code was cut off
-    mid-way: its part fails (SATORI may or may not have the file) and its
-    customers go back to be sent again.
+    mid-way: its answer is lost, as after a timeout (``_upload_unanswered``).
     """
     conf = get_settings()
     grace = dt.timedelta(seconds=max(60.0, conf.BULK_POLL_MAX_INTERVAL_SECONDS))
@@ -898,24 +999,24 @@ def poll_overdue_parts(now: dt.datetime) -> int:
     for part_id in overdue.values_list("pk", flat=True)[:1000]:
         queued += enqueue_poll(part_id)
     waiting = BulkPart.objects.filter(
-        state=BulkState.UPLOADING, uploaded_at__isnull=True, job__started_at__lt=now - grace
-    )
+        state=BulkState.UPLOADING,
+        uploaded_at__isnull=True,
+        held=False,
+        job__started_at__lt=now - grace,
+    ).filter(Q(next_poll_at__isnull=True) | Q(next_poll_at__lte=now))  # a re-send's wait
     for part_id in waiting.values_list("pk", flat=True)[:1000]:
         queued += enqueue_upload(part_id)
     cut_off = BulkPart.objects.filter(
         state=BulkState.UPLOADING,
         process_code="",
+        held=False,
         uploaded_at__lt=now - dt.timedelta(seconds=UPLOAD_STALE_SECONDS),
     )
-    for part_id in cut_off.values_list("pk", flat=True)[:1000]:
-        _fail_part(
-            part_id,
-            _(
-                "The upload was interrupted before SATORI's answer arrived, so there is no process "
-                "code. SATORI may or may not have received the file; its customers were put back "
-                "to be sent again."
-            ),
-        )
+    for part in cut_off.select_related("job")[:1000]:
+        # The worker uploading it died: the answer is lost like any other.
+        outcome, delay = _upload_unanswered(part, _("the upload was interrupted"), conf)
+        if outcome == "retry":
+            queued += enqueue_upload(part.pk, delay or 0)
     unstarted = BulkJob.objects.filter(state=BulkState.CREATED, created_at__lt=now - grace)
     for job_id in unstarted.values_list("pk", flat=True)[:100]:
         queued += enqueue_run(job_id)

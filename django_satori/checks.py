@@ -52,6 +52,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "BULK_POLL_INTERVAL_SECONDS": (int, float),
     "BULK_POLL_MAX_INTERVAL_SECONDS": (int, float),
     "BULK_DEADLINE_SECONDS": (int, float),
+    "BULK_RESEND_UNANSWERED": (str,),
+    "BULK_RESEND_WAIT_SECONDS": (int, float),
     "BULK_STORAGE": (str,),
     "BULK_FILES_DIR": (str, os.PathLike),
     "BULK_FILE_RETENTION_DAYS": (int, float, type(None)),
@@ -167,6 +169,10 @@ def _check_values(conf: SatoriSettings) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     if conf.PUSH_ENDPOINT not in ("upsert", "registration"):
         messages.append(_value_error("PUSH_ENDPOINT", "must be 'upsert' or 'registration'."))
+    if conf.BULK_RESEND_UNANSWERED not in ("once", "never"):
+        messages.append(_value_error("BULK_RESEND_UNANSWERED", "must be 'once' or 'never'."))
+    if conf.BULK_RESEND_WAIT_SECONDS < 0:
+        messages.append(_value_error("BULK_RESEND_WAIT_SECONDS", "must not be negative."))
     if not 1 <= conf.BULK_CHUNK_SIZE <= 10_000:
         messages.append(
             _value_error(

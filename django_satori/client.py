@@ -457,6 +457,14 @@ def _clamp_retry_after(seconds: float) -> float | None:
 # --------------------------------------------------------------------------- requests
 
 
+def _never_connected(exc: requests.RequestException) -> bool:
+    """The connection was never made (refused, unreachable, no route): nothing was sent."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout | requests.exceptions.ProxyError):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
 class _SafeRepr:
     """Holds wire data that error reports must not show.
 
@@ -1192,6 +1200,8 @@ class SatoriClient:
         headers = {"Content-Type": wire.content_type} if wire.content_type else {}
         http_response: requests.Response | None = None
         failure: SatoriError | None = None
+        # Whether the request may have reached SATORI though no usable answer came back.
+        sent = True
         with _Deadline(total) as deadline:
             try:
                 http_response = self._session.request(
@@ -1233,6 +1243,7 @@ class SatoriClient:
                     % {"kind": type(exc).__name__}
                 )
             except requests.Timeout as exc:
+                sent = not isinstance(exc, requests.exceptions.ConnectTimeout)
                 failure = SatoriTransientError(
                     _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__}
                 )
@@ -1241,6 +1252,7 @@ class SatoriClient:
                 requests.exceptions.ChunkedEncodingError,
                 requests.exceptions.ContentDecodingError,
             ) as exc:
+                sent = not _never_connected(exc)
                 failure = SatoriTransientError(
                     _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
                 )
@@ -1271,6 +1283,7 @@ class SatoriClient:
                 % {"seconds": f"{total:g}", "setting": wire.timeout_setting}
             )
         if failure is not None:
+            failure.answer_lost = failure.retryable and sent
             return failure
         assert http_response is not None
         return _RawReply(

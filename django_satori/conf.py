@@ -91,6 +91,10 @@ class SatoriSettings:
     BULK_POLL_INTERVAL_SECONDS: float = 5.0
     BULK_POLL_MAX_INTERVAL_SECONDS: float = 120.0
     BULK_DEADLINE_SECONDS: float = 6 * 3600.0
+    #: An upload whose answer was lost (SATORI may have the file): "once" sends it once
+    #: more after BULK_RESEND_WAIT_SECONDS; "never" holds the part for a person to decide.
+    BULK_RESEND_UNANSWERED: str = "once"
+    BULK_RESEND_WAIT_SECONDS: float = 300.0
     #: Storage alias for the parts' CSV files. Unless STORAGES defines this alias, it is a
     #: private directory (BULK_FILES_DIR) that no URL serves; see docs/security.md.
     BULK_STORAGE: str = "django_satori_bulk"

@@ -18,6 +18,9 @@ class SatoriError(Exception):
 
     #: Whether sending the same request again later may succeed.
     retryable: bool = False
+    #: The request may have reached SATORI, but its answer did not reach us (a read
+    #: timeout, a connection dropped after sending): SATORI may have applied it.
+    answer_lost: bool = False
     #: Set by the client when the error came from a call: the endpoint name and
     #: redacted request/response summaries (safe to log and store).
     endpoint: str | None = None

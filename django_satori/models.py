@@ -442,6 +442,11 @@ class BulkPart(models.Model):
     failed_count = models.PositiveIntegerField(_("failed"), default=0)
     process_code = models.CharField(_("process code"), max_length=128, blank=True)
     upload_attempts = models.PositiveIntegerField(_("upload attempts"), default=0)
+    #: Uploads whose answer was lost: SATORI may have the file (SATORI['BULK_RESEND_UNANSWERED']).
+    unanswered_uploads = models.PositiveSmallIntegerField(_("unanswered uploads"), default=0)
+    #: An upload's answer was lost and BULK_RESEND_UNANSWERED is "never": the part waits
+    #: for a person to re-send it or give up (the job's page has both buttons).
+    held = models.BooleanField(_("waiting for a decision"), default=False)
     poll_count = models.PositiveIntegerField(_("status checks"), default=0)
     next_poll_at = models.DateTimeField(_("next status check"), null=True, blank=True)
     uploaded_at = models.DateTimeField(_("uploaded"), null=True, blank=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.test import Client, override_settings
 from django.urls import reverse
@@ -352,6 +353,29 @@ def test_cancel_button_cancels_a_job_not_yet_uploaded(root):
     job.refresh_from_db()
     assert job.state == BulkState.CANCELLED
     assert SyncState.objects.get().status == SyncStatus.PENDING
+
+
+@pytest.mark.parametrize(("decision", "ends"), [("resend", "finished"), ("give-up", "failed")])
+def test_a_held_upload_is_decided_on_the_job_page(root, satori_sandbox, decision, ends):
+    satori_sandbox.faults.fail_first(1, "lost_answer", operations=["bulk_upsert"])
+    make("a@example.jp")
+    job = bulk.start_bulk_job(Customer.objects.all(), mode="upsert")
+    with override_settings(SATORI={**settings.SATORI, "BULK_RESEND_UNANSWERED": "never"}):
+        bulk.drive_job(job.pk, timeout=10)
+        url = reverse("admin:django_satori_bulkjob_change", args=[job.pk])
+        html = root.get(url).content.decode()
+        assert 'id="satori-resend"' in html and 'id="satori-give-up"' in html
+        assert "waiting for your decision" in html
+        held = reverse("admin:django_satori_bulkjob_held", args=[job.pk, decision])
+        assert root.get(held).status_code == 405
+        root.post(held)
+        if decision == "resend":  # the upload task was queued; run it as a worker would
+            part = job.parts.get()
+            assert not part.held and bulk.upload_part(part.pk)[0] == "uploaded"
+            bulk.poll_part(part.pk, force=True)
+    job.refresh_from_db()
+    assert job.state == ends
+    assert 'id="satori-resend"' not in root.get(url).content.decode()
 
 
 def test_csv_download_needs_the_bulk_permission(client, satori_sandbox):

@@ -562,17 +562,89 @@ def test_poll_overdue_parts_requeues_lost_work(satori_sandbox):
     assert bulk.poll_overdue_parts(timezone.now() - dt.timedelta(hours=2)) == 0
 
 
-def test_an_interrupted_upload_fails_its_part_and_releases_customers(satori_sandbox):
+def test_an_interrupted_upload_is_sent_once_more_then_its_part_fails(satori_sandbox):
+    """A worker claimed the upload and died before SATORI's answer arrived: SATORI may
+    have the file. It used to fail the part at once (and the sweep sent the rows again
+    in another job, blindly); now it counts as a lost answer: one more upload, then the
+    part fails."""
     customers(2)
     job = start()
     ready: list[int] = []
     bulk.run_job(job.pk, on_part_ready=ready.append)
-    # A worker claimed the upload and died before SATORI's answer arrived.
-    BulkPart.objects.filter(pk=ready[0]).update(uploaded_at=timezone.now() - dt.timedelta(hours=1))
-    bulk.poll_overdue_parts(timezone.now())
-    part = BulkPart.objects.get(pk=ready[0])
-    assert part.state == BulkState.FAILED and "may or may not have received" in part.error
+    with satori(BULK_RESEND_WAIT_SECONDS=0):
+        for interrupted in (1, 2):
+            BulkPart.objects.filter(pk=ready[0]).update(
+                uploaded_at=timezone.now() - dt.timedelta(hours=1)
+            )
+            bulk.poll_overdue_parts(timezone.now())
+            part = BulkPart.objects.get(pk=ready[0])
+            assert part.unanswered_uploads == interrupted
+            if interrupted == 1:
+                assert part.state == BulkState.UPLOADING and part.uploaded_at is None
+                assert "answer was lost" in part.error and "once more" in part.error
+    assert part.state == BulkState.FAILED and "third time" in part.error
     assert statuses() == {SyncStatus.PENDING: 2}
+
+
+def test_a_lost_upload_answer_is_sent_again_once_after_the_wait(satori_sandbox):
+    satori_sandbox.faults.fail_first(1, "lost_answer", operations=["bulk_upsert"])
+    customers(3)
+    with satori(BULK_RESEND_WAIT_SECONDS=0.3):
+        job = run(start())
+    assert job.state == BulkState.FINISHED and job.succeeded_count == 3
+    part = job.parts.get()
+    assert (part.upload_attempts, part.unanswered_uploads) == (2, 1)
+    uploads = satori_sandbox.state.requests_for("bulk_upsert")
+    assert len(uploads) == 2  # SATORI applied both: the first answer was lost
+    outcomes = list(
+        SyncLog.objects.filter(endpoint__startswith="bulk_customers/upsert")
+        .order_by("id")
+        .values_list("outcome", flat=True)
+    )
+    assert outcomes == [SyncLog.Outcome.FAILED, SyncLog.Outcome.OK]  # both attempts shown
+    assert statuses() == {SyncStatus.SYNCED: 3}
+
+
+def test_two_lost_upload_answers_fail_the_part_after_two_uploads_not_four(satori_sandbox):
+    satori_sandbox.faults.fail_first(2, "lost_answer", operations=["bulk_upsert"])
+    customers(3)
+    with satori(BULK_RESEND_WAIT_SECONDS=0):
+        job = run(start())
+    part = job.parts.get()
+    assert job.state == BulkState.FAILED and part.state == BulkState.FAILED
+    assert len(satori_sandbox.state.requests_for("bulk_upsert")) == 2
+    assert part.error.count("answer was lost") == 2
+    assert statuses() == {SyncStatus.PENDING: 3}  # put back, to be sent again
+
+
+@pytest.mark.parametrize("decision", ["resend", "give up"])
+def test_never_resend_holds_the_part_for_a_person(satori_sandbox, decision):
+    satori_sandbox.faults.fail_first(1, "lost_answer", operations=["bulk_upsert"])
+    customers(3)
+    with satori(BULK_RESEND_UNANSWERED="never"):
+        job = run(start())
+        part = job.parts.get()
+        assert part.held and part.state == BulkState.UPLOADING and "never" in part.error
+        # Nothing sends it again by itself, however long it waits.
+        BulkJob.objects.filter(pk=job.pk).update(started_at=timezone.now() - dt.timedelta(days=1))
+        BulkPart.objects.filter(pk=part.pk).update(
+            uploaded_at=timezone.now() - dt.timedelta(days=1)
+        )
+        assert bulk.poll_overdue_parts(timezone.now()) == 0
+        assert bulk.upload_part(part.pk)[0] == "busy"
+        assert statuses() == {SyncStatus.IN_BULK: 3}  # still the part's
+        if decision == "resend":
+            assert bulk.resend_held(job) == 1
+            assert bulk.upload_part(part.pk)[0] == "uploaded"
+            assert bulk.poll_part(part.pk, force=True)[0] == "finished"
+            assert statuses() == {SyncStatus.SYNCED: 3}
+        else:
+            assert bulk.give_up_held(job) == 1
+            assert BulkPart.objects.get(pk=part.pk).state == BulkState.FAILED
+            assert statuses() == {SyncStatus.PENDING: 3}
+    assert len(satori_sandbox.state.requests_for("bulk_upsert")) == (
+        2 if decision == "resend" else 1
+    )
 
 
 def test_start_returns_at_once_and_stores_a_query_not_a_list(django_assert_max_num_queries):

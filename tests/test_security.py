@@ -303,6 +303,8 @@ def test_admin_state_changes_need_permission_and_csrf(keyed_sandbox):
     posts = [
         reverse("admin:django_satori_bulkjob_cancel", args=[job.pk]),
         reverse("admin:django_satori_bulkjob_refresh", args=[job.pk]),
+        reverse("admin:django_satori_bulkjob_held", args=[job.pk, "resend"]),
+        reverse("admin:django_satori_bulkjob_held", args=[job.pk, "give-up"]),
     ]
     browser = Client(enforce_csrf_checks=True)
     browser.login(username="viewer", password="pw")

@@ -20,7 +20,9 @@ from .i18n import _
 #: "html": HTTP 502 with an HTML page, as a proxy in front of SATORI would send;
 #: "dribble": a JSON 503 whose body comes one byte every ``dribble_seconds``
 #: (each read is quick, the whole reply is not); "oversized": a JSON 503 of
-#: ``oversized_bytes`` bytes. Neither processes the request.
+#: ``oversized_bytes`` bytes. Neither processes the request. "lost_answer": the
+#: request IS processed, then the connection is closed without a reply (an answer
+#: lost after SATORI applied the call).
 FAULT_KINDS: tuple[str, ...] = (
     "500",
     "503",
@@ -30,6 +32,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "html",
     "dribble",
     "oversized",
+    "lost_answer",
 )
 
 

@@ -304,6 +304,9 @@ class _Handler(BaseHTTPRequestHandler):
             status, payload = exc.status, {"status": exc.status, "message": exc.message}
             headers = exc.headers
         record.status = status
+        if record.fault == "lost_answer":
+            self.close_connection = True  # applied, but the answer never leaves
+            return
         self._send_json(status, payload, headers)
 
     def _inject(self, sandbox: SandboxServer, record: RecordedRequest) -> bool:
@@ -317,6 +320,8 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         record.fault = kind
         sandbox.state.count_fault(kind)
+        if kind == "lost_answer":
+            return False  # processed as usual; _api drops the reply
         if kind == "drop":
             self.close_connection = True
             return True
