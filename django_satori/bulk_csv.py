@@ -28,6 +28,7 @@ from .exceptions import SatoriValidationError
 from .schema import (
     _CUSTOM_ID_RE,
     _EMAIL_RE,
+    _SURROGATE_RE,
     CUSTOM_PREFIX,
     DELIVERY_PERMISSIONS,
     EMAIL_MAX_LENGTH,
@@ -35,6 +36,7 @@ from .schema import (
     custom_field_type,
     join_tags,
     normalize_email,
+    refuse_unencodable,
 )
 from .sync import DATA_FIELDS
 
@@ -95,6 +97,7 @@ class RowEncoder:
         custom_cells = self._custom
         email_ok = _EMAIL_RE.fullmatch  # match() would let a trailing "\n" through ($)
         permissions = frozenset(DELIVERY_PERMISSIONS)
+        surrogate = _SURROGATE_RE.search
         c_route, c_date, c_permission = 1 + _ROUTE, 1 + _DATE, 1 + _PERMISSION
         c_tags, c_custom, stop = 2 + _N, 3 + _N, 2 + _N
 
@@ -137,19 +140,20 @@ class RowEncoder:
             cells.extend(custom_cells(custom) if custom else no_custom)
             tags = values[c_tags]
             cells.append(join_tags(tags, separator) if tags else "")
-            # One join for two searches; which cell it was is worked out only on a hit.
+            # One join for all the searches; which cell it was is worked out only on a hit.
             joined = "".join(cells)
-            if "\x00" in joined:
-                self._nul(cells)
+            if "\x00" in joined or (not joined.isascii() and surrogate(joined)):
+                self._unencodable(cells)
             self.row_has_cr = "\r" in joined
             return cells
 
         return encode
 
-    def _nul(self, cells: list[str]) -> None:
+    def _unencodable(self, cells: list[str]) -> None:
+        # A NUL would cut the row for SATORI; a lone surrogate would make writing the
+        # part fail with a UnicodeEncodeError: either way the row is left out, named.
         for name, cell in zip(self.header, cells, strict=True):
-            if "\x00" in cell:
-                raise SatoriValidationError(_("The value contains a NUL character."), field=name)
+            refuse_unencodable(cell, name)
 
     def _not_normalised(self, email: str) -> None:
         # Customer.save() normalises; update() and bulk_create() do not.

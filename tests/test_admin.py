@@ -160,6 +160,56 @@ def test_history_admins_are_read_only_and_never_show_keys(root):
     assert root.get(reverse("admin:django_satori_customeraction_changelist")).status_code == 200
 
 
+# --------------------------------------------------------------------------- the form
+
+
+@pytest.mark.parametrize(
+    ("language", "ascii_only", "surrogate"),
+    [
+        ("en", "half-width (ASCII) characters only", "lone surrogate"),
+        ("ja", "半角英数字と記号（ASCII）のみ", "サロゲート"),
+    ],
+)
+def test_the_customer_form_puts_unsendable_values_on_their_field(
+    rf, language, ascii_only, surrogate
+):
+    from django.contrib import admin
+
+    request = rf.get("/")
+    request.user = User.objects.create_superuser("root", password="pw")
+    form_class = admin.site._registry[Customer].get_form(request)
+    base = {"delivery_permission": "", "tags": "[]", "custom_fields": "{}"}
+    with translation.override(language):
+        for email in ("ユーザー@例え.jp", "user@bücher.de", "ｕｓｅｒ＠例え.jp"):
+            form = form_class(data={**base, "email": email})
+            assert not form.is_valid()
+            assert ascii_only in form.errors["email"][0], form.errors
+        idn = form_class(data={**base, "email": "user@bücher.de"})
+        assert "user@xn--bcher-kva.de" in str(idn.errors["email"])
+        # What a JSON body's "\ud800" becomes: no database driver can store it.
+        for field, data in (
+            ("last_name", {"last_name": "山\ud800"}),
+            ("memo", {"memo": "\udfff"}),
+            ("tags", {"tags": '["ok", "\\ud800"]'}),
+            ("custom_fields", {"custom_fields": '{"custom:plan": "\\ud800"}'}),
+        ):
+            form = form_class(data={**base, "email": "a@example.jp", **data})
+            assert not form.is_valid()
+            assert surrogate in str(form.errors[field]), (field, form.errors)
+        assert form_class(data={**base, "email": "ＵＳＥＲ＠example.jp"}).is_valid()
+    assert not Customer.objects.exists()
+
+
+def test_the_customer_admin_answers_an_internationalised_address_with_a_form_error(root):
+    response = root.post(
+        reverse("admin:django_satori_customer_add"),
+        {"email": "user@bücher.de", "tags": "[]", "custom_fields": "{}"},
+    )
+    assert response.status_code == 200
+    assert "user@xn--bcher-kva.de" in response.content.decode()
+    assert not Customer.objects.exists()
+
+
 # --------------------------------------------------------------------------- actions
 
 
