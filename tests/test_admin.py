@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client, override_settings
@@ -261,6 +263,76 @@ def test_actions_need_their_permissions(client):
     response = action(client, "sync_now", [customer.pk])  # has bulk, lacks sync
     assert "No action selected" in response.content.decode()
     assert SyncState.objects.get().version == before
+
+
+def one_of_each() -> dict[type, Any]:
+    """A row for every model django_satori's admin shows (states come with the customer)."""
+    from django.utils import timezone
+
+    from django_satori.models import CustomerAction, ImportRun
+
+    customer = make("a@example.jp")
+    job = BulkJob.objects.create(mode="upsert", state=BulkState.FINISHED)
+    return {
+        Customer: customer,
+        SyncState: SyncState.objects.get(),
+        SyncLog: SyncLog.objects.create(endpoint="customer/upsert.json", outcome="ok"),
+        CustomerAction: CustomerAction.objects.create(
+            email=customer.email, name="資料請求", occurred_at=timezone.now()
+        ),
+        BulkJob: job,
+        BulkRowError: BulkRowError.objects.create(job=job, email=customer.email, message="x"),
+        ImportRun: ImportRun.objects.create(started_at=timezone.now()),
+    }
+
+
+def snapshot() -> list[Any]:
+    from django.apps import apps
+
+    return [
+        sorted(model.objects.values_list("pk", flat=True))
+        for model in apps.get_app_config("django_satori").get_models()
+    ] + [list(SyncState.objects.values_list("version", "status"))]
+
+
+def test_a_view_only_user_neither_sees_nor_can_post_any_action_of_any_admin(client, rf):
+    """Every admin of django_satori, every action it has (its own and the site's)."""
+    from django.contrib import admin
+
+    rows = one_of_each()
+    registered = {
+        model: model_admin
+        for model, model_admin in admin.site._registry.items()
+        if model._meta.app_label == "django_satori"
+    }
+    assert set(registered) == set(rows)  # a new admin must be added to one_of_each()
+    before = snapshot()
+    for model, model_admin in registered.items():
+        opts = model._meta
+        user = user_with(f"view_{opts.model_name}", username=f"viewer_{opts.model_name}")
+        client.force_login(user)
+        request = rf.get("/")
+        request.user = User.objects.get(pk=user.pk)  # no cached permissions
+        assert model_admin.get_actions(request) == {}, opts.model_name
+        url = reverse(f"admin:{opts.app_label}_{opts.model_name}_changelist")
+        page = client.get(url)
+        assert page.status_code == 200 and b'name="action"' not in page.content, url
+        every_action = [name for _func, name, _desc in model_admin._get_base_actions()]
+        assert every_action, opts.model_name  # at least the site's delete_selected
+        for name in every_action:
+            # "post" is the delete confirmation's answer: were the action run, it would delete.
+            response = client.post(
+                url,
+                {
+                    "action": name,
+                    "_selected_action": [str(rows[model].pk)],
+                    "index": "0",
+                    "post": "yes",
+                    "select_across": "1",
+                },
+            )
+            assert response.status_code in (200, 302), (name, response.status_code)
+        assert snapshot() == before, opts.model_name
 
 
 def test_sync_now_marks_pending_and_retry_failed_touches_failed_ones_only(root):
