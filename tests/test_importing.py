@@ -246,9 +246,7 @@ def test_a_quote_never_closed_cuts_the_file_and_the_import_says_where(
     assert run.message == message and run.created_count == broken - 1
 
 
-def test_a_quote_never_closed_early_in_a_long_file_names_every_line_it_swallowed(
-    tmp_path, sandbox
-):
+def test_a_quote_never_closed_early_in_a_long_file_names_every_line_it_swallowed(tmp_path, sandbox):
     # Row 2 of 2,000: the open quote runs until csv's field size limit stops it; the
     # lines it ate are named, and reading goes on after them.
     path = _cut_file(tmp_path, 2000, 2)
@@ -276,6 +274,22 @@ def test_a_stray_quote_closed_by_a_later_row_names_the_lines_it_swallowed(tmp_pa
     (skipped,) = result.skipped
     assert skipped.line == 3 and "lines 3 to 5 were read as this one row" in skipped.reason
     assert (result.rows, result.created) == (2, 1)
+
+
+def test_a_surrogate_written_as_utf_8_bytes_is_a_skipped_line_not_a_crash(tmp_path, sandbox):
+    # Some encoders write a lone surrogate as ED A0 80, which is not UTF-8: the line
+    # is skipped with its number and no surrogate ever reaches a customer.
+    rows = [_csv(export_row(i, memo="", tags="展示会")) for i in (1, 2, 3)]
+    data = ("\r\n".join([",".join(KEYS), *rows]) + "\r\n").encode()
+    path = tmp_path / "surrogate.csv"
+    path.write_bytes(data.replace("太郎2".encode(), "太郎".encode() + b"\xed\xa0\x80"))
+
+    result = import_export(path)
+
+    assert [(s.line, s.reason) for s in result.skipped] == [
+        (3, "line 3 holds bytes that are not valid UTF-8")
+    ]
+    assert result.created == 2
 
 
 def test_a_quote_never_closed_in_the_header_refuses_the_file(tmp_path, sandbox):
