@@ -28,7 +28,6 @@ from .exceptions import SatoriValidationError
 from .schema import (
     _CUSTOM_ID_RE,
     _EMAIL_RE,
-    _SURROGATE_RE,
     CUSTOM_PREFIX,
     DELIVERY_PERMISSIONS,
     EMAIL_MAX_LENGTH,
@@ -97,7 +96,6 @@ class RowEncoder:
         custom_cells = self._custom
         email_ok = _EMAIL_RE.fullmatch  # match() would let a trailing "\n" through ($)
         permissions = frozenset(DELIVERY_PERMISSIONS)
-        surrogate = _SURROGATE_RE.search
         c_route, c_date, c_permission = 1 + _ROUTE, 1 + _DATE, 1 + _PERMISSION
         c_tags, c_custom, stop = 2 + _N, 3 + _N, 2 + _N
 
@@ -142,8 +140,14 @@ class RowEncoder:
             cells.append(join_tags(tags, separator) if tags else "")
             # One join for all the searches; which cell it was is worked out only on a hit.
             joined = "".join(cells)
-            if "\x00" in joined or (not joined.isascii() and surrogate(joined)):
+            if "\x00" in joined:
                 self._unencodable(cells)
+            if not joined.isascii():
+                try:
+                    # A lone surrogate: cheaper found by encoding than by a regex search.
+                    joined.encode()
+                except UnicodeEncodeError:
+                    self._unencodable(cells)
             self.row_has_cr = "\r" in joined
             return cells
 

@@ -197,7 +197,7 @@ def _clean_text(value: Any, field: str) -> str:
 def join_tags(tags: Iterable[str], separator: str) -> str:
     cleaned = []
     for tag in tags:
-        tag = refuse_unencodable(str(tag).strip(), "append_tags")
+        tag = str(tag).strip()
         if separator in tag:
             raise SatoriValidationError(
                 _("The tag %(tag)r contains the tag separator %(sep)r.")

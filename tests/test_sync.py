@@ -784,3 +784,27 @@ def test_a_stored_surrogate_fails_the_push_with_the_field_instead_of_crashing(
     assert state.status == SyncStatus.FAILED
     assert repr(named) in state.last_error and SURROGATE_MESSAGE in state.last_error
     assert len(customer_requests(satori_sandbox)) == 1  # only the first, clean push
+
+
+def test_an_internationalised_address_is_refused_naming_email_on_every_path(satori_sandbox):
+    from django_satori.exceptions import SatoriValidationError
+
+    # From code: the customer's save and a connected object's save.
+    for save in (
+        lambda: make_customer(email="user@bücher.de"),
+        lambda: Member.objects.create(email="ユーザー@例え.jp", family_name="山田"),
+    ):
+        with pytest.raises(SatoriValidationError) as caught, transaction.atomic():
+            save()
+        assert caught.value.field == "email"
+    assert not Customer.objects.exists()
+    # Stored without save() (update()): the worker fails the push naming the field.
+    customer = make_customer()
+    drain()
+    Customer.objects.filter(pk=customer.pk).update(email="user@bücher.de")
+    mark_for_sync(Customer.objects.all())
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED and "'email'" in state.last_error
+    assert "user@xn--bcher-kva.de" in state.last_error
+    assert len(customer_requests(satori_sandbox)) == 1
