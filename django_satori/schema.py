@@ -124,11 +124,6 @@ def refuse_unencodable(text: str, field: str) -> str:
     return text
 
 
-def has_surrogate(text: str) -> bool:
-    """Whether ``text`` holds a lone surrogate (see :func:`refuse_unencodable`)."""
-    return not text.isascii() and _SURROGATE_RE.search(text) is not None
-
-
 def format_date(value: Any, field: str) -> str:
     """Dates go as ``YYYY-MM-DD``; ``/`` separators are accepted and converted."""
     if isinstance(value, dt.datetime):
