@@ -36,6 +36,7 @@ from .schema import (
     custom_field_type,
     join_tags,
     normalize_email,
+    refuse_unencodable,
 )
 
 #: ``values_list`` fields of Customer read for each row, in this order.
@@ -137,19 +138,26 @@ class RowEncoder:
             cells.extend(custom_cells(custom) if custom else no_custom)
             tags = values[c_tags]
             cells.append(join_tags(tags, separator) if tags else "")
-            # One join for two searches; which cell it was is worked out only on a hit.
+            # One join for all the searches; which cell it was is worked out only on a hit.
             joined = "".join(cells)
             if "\x00" in joined:
-                self._nul(cells)
+                self._unencodable(cells)
+            if not joined.isascii():
+                try:
+                    # A lone surrogate: cheaper found by encoding than by a regex search.
+                    joined.encode()
+                except UnicodeEncodeError:
+                    self._unencodable(cells)
             self.row_has_cr = "\r" in joined
             return cells
 
         return encode
 
-    def _nul(self, cells: list[str]) -> None:
+    def _unencodable(self, cells: list[str]) -> None:
+        # A NUL would cut the row for SATORI; a lone surrogate would make writing the
+        # part fail with a UnicodeEncodeError: either way the row is left out, named.
         for name, cell in zip(self.header, cells, strict=True):
-            if "\x00" in cell:
-                raise SatoriValidationError(_("The value contains a NUL character."), field=name)
+            refuse_unencodable(cell, name)
 
     def _not_normalised(self, email: str) -> None:
         # Customer.save() normalises; update() and bulk_create() do not.

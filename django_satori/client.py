@@ -84,6 +84,7 @@ from .schema import (
     customer_form_fields,
     join_tags,
     normalize_email,
+    refuse_unencodable,
 )
 
 logger = logging.getLogger("django_satori.client")
@@ -1400,9 +1401,8 @@ def _timeout(value: Any) -> float | tuple[float, float] | None:
 
 
 def _no_nul(text: str, field: str) -> str:
-    if "\x00" in text:
-        raise SatoriValidationError(_("The value contains a NUL character."), field=field)
-    return text
+    # NUL and lone surrogates: requests would fail encoding the latter, naming no field.
+    return refuse_unencodable(text, field)
 
 
 def _absolute_url(url: str) -> str:

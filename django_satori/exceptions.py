@@ -36,12 +36,13 @@ class SatoriError(Exception):
         http_status: int | None = None,
         field: str | None = None,
     ) -> None:
+        message = _storable(message)
         super().__init__(message)
         self.message = message
         self.status = status
         self.response = response
         self.http_status = http_status
-        self.field = field
+        self.field = None if field is None else _storable(field)
 
     def __str__(self) -> str:
         # Stored as the last error shown in the admin: worded in the active language.
@@ -61,6 +62,25 @@ class SatoriError(Exception):
         return (
             f"{type(self).__name__}({self.message!r}, status={self.status!r}, field={self.field!r})"
         )
+
+
+def _storable(text: str) -> str:
+    """``text`` with NUL and lone surrogates written as escapes.
+
+    An error's text and field end up in the database (last_error, row errors)
+    and in logs, which take neither; a bad value quoted in a message or a bad
+    custom field key must not make storing the error fail in turn.
+    """
+    text = str(text)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class SatoriConfigurationError(SatoriError):

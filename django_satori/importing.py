@@ -111,8 +111,12 @@ _TEXT_FIELDS_MAX: dict[str, int] = {
 
 
 class ImportFileError(Exception):
-    """The file cannot be imported at all (nothing was written). ``line`` when known;
-    ``suggested_encoding`` (an :data:`ENCODINGS` value) when another encoding would read it.
+    """The file cannot be imported. ``line`` when known; ``suggested_encoding`` (an
+    :data:`ENCODINGS` value) when another encoding would read it.
+
+    Raised before anything is written, except for a file cut by a quote that is
+    never closed: that is found only at the end, after the rows before it were
+    applied; the message says how many rows were read.
 
     The message names no command-line option: the admin shows it to operators, and
     the management command adds its ``--encoding`` hint itself.
@@ -297,6 +301,8 @@ class _Lines:
         self.encoding = encoding
         self.number = 0
         self.bad: deque[int] = deque()
+        #: Set once the last line was handed out: a CSV error then is the end of the file.
+        self.exhausted = False
 
     def __iter__(self) -> Iterator[str]:
         codec = self.encoding
@@ -310,6 +316,7 @@ class _Lines:
             if codec == "utf-8-sig":
                 codec = "utf-8"  # only the first line can start with the BOM
             yield text
+        self.exhausted = True
 
     def bad_between(self, first: int, last: int) -> int | None:
         """The first undecodable line in ``first..last``; forgets lines up to ``last``."""
@@ -326,6 +333,9 @@ class _Record:
     first_line: int
     values: list[str] | None
     error: str = ""
+    #: A quoted value opened on ``first_line`` is never closed: every line up to the
+    #: end of the file went into it, so nothing from there on can be read as rows.
+    cut: bool = False
 
 
 def _records(lines: _Lines) -> Iterator[_Record]:
@@ -340,7 +350,21 @@ def _records(lines: _Lines) -> Iterator[_Record]:
         except csv.Error as exc:
             first, previous = previous + 1, reader.line_num
             lines.bad_between(first, previous)
-            yield _Record(first, None, _("malformed CSV (%(error)s)") % {"error": exc})
+            if lines.exhausted:
+                # csv reached the end inside quotes ("unexpected end of data"): the
+                # rest of the file was swallowed as one value, not one bad row.
+                yield _Record(first, None, _cut_message(first, lines.number), cut=True)
+                return
+            error = _("malformed CSV (%(error)s)") % {"error": exc}
+            if previous > first:
+                # A stray quote ran on to a later line's quote: the rows on the lines
+                # between went into this one record, and are lost with it.
+                error = _("%(error)s; lines %(first)d to %(last)d were read as this one row") % {
+                    "error": error,
+                    "first": first,
+                    "last": previous,
+                }
+            yield _Record(first, None, error)
             continue
         first, previous = previous + 1, reader.line_num
         bad = lines.bad_between(first, previous)
@@ -353,6 +377,17 @@ def _records(lines: _Lines) -> Iterator[_Record]:
             )
         elif values:  # blank lines are not rows
             yield _Record(first, values)
+
+
+def _cut_message(first: int, last: int) -> str:
+    lines = last - first + 1
+    return ngettext(
+        "a quoted value starts here and is never closed, so the file is cut here: the "
+        "%(lines)d line from here to the end of the file (line %(last)d) was not read",
+        "a quoted value starts here and is never closed, so the file is cut here: the "
+        "%(lines)d lines from here to the end of the file (line %(last)d) were not read",
+        lines,
+    ) % {"lines": lines, "last": last}
 
 
 # --------------------------------------------------------------------------
@@ -601,8 +636,10 @@ def import_export(
     """Import SATORI's admin customer export from a path or a binary file object.
 
     Raises :class:`ImportFileError` (before anything is written) when the
-    file cannot be read at all. Otherwise every row is applied or skipped
-    with its reason; ``on_skip`` is called for each skipped row as it is found.
+    file cannot be read at all, and at the end when a quote that is never
+    closed cut the file (the rows before it are applied; the run is marked
+    failed). Otherwise every row is applied or skipped with its reason;
+    ``on_skip`` is called for each skipped row as it is found.
     """
     if isinstance(source, str | Path):
         with open(source, "rb") as stream:
@@ -639,6 +676,20 @@ def import_export(
         batch: dict[str, ExportRow] = {}
         next_report = progress_every
         for record in records:
+            if record.cut:
+                # Rows before the cut are whole: applied as usual, so the run's counts
+                # say what happened; the run itself fails with the reason.
+                if batch:
+                    importer.apply(list(batch.values()))
+                    batch = {}
+                raise ImportFileError(
+                    _(
+                        "%(reason)s. Rows read before it: %(rows)d. Close the quote and import "
+                        "the file again."
+                    )
+                    % {"reason": record.error, "rows": result.rows},
+                    line=record.first_line,
+                )
             result.rows += 1
             if record.values is None:
                 importer.skip(record.first_line, "", record.error)

@@ -8,6 +8,7 @@ answer is written back to the same row and to :class:`SyncLog`.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from django.conf import settings
@@ -19,7 +20,13 @@ from django.utils.translation import gettext_lazy as _
 
 from .conf import get_settings
 from .exceptions import SatoriValidationError
-from .schema import EMAIL_MAX_LENGTH, check_tags, clean_customer, normalize_email
+from .schema import (
+    EMAIL_MAX_LENGTH,
+    check_tags,
+    clean_customer,
+    normalize_email,
+    refuse_unencodable,
+)
 
 
 class SyncStatus(models.TextChoices):
@@ -115,32 +122,43 @@ class Customer(models.Model):
     def save(self, *args: Any, **kwargs: Any) -> None:
         self.email = normalize_email(self.email)
         self.tags = check_tags(self.tags, get_settings().TAG_SEPARATOR)
-        self._refuse_nul()
+        self._refuse_unencodable()
         # One transaction for the row and its outbox entry (written by the post_save
         # receiver, sync.sources): the intent to sync is committed exactly when the
         # change is, or not at all.
         with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
             super().save(*args, **kwargs)
 
-    def _refuse_nul(self) -> None:
+    def _refuse_unencodable(self) -> None:
         # PostgreSQL refuses NUL in text and JSON with a DataError that names no
-        # field, SQLite stores it and the push fails later: refuse it here, alike.
-        def refuse(field: str) -> SatoriValidationError:
-            return SatoriValidationError(
-                gettext("The value contains a NUL character."), field=field
-            )
+        # field, SQLite stores it and the push fails later; a lone surrogate fails
+        # in the driver with a bare UnicodeEncodeError: refuse both here, alike.
+        for _model_field, problem in self._unencodable():
+            raise problem
 
+    def _unencodable(self) -> Iterator[tuple[str, SatoriValidationError]]:
+        """(model field, error naming the SATORI key) for values with NUL or a lone surrogate."""
         for field in self._meta.concrete_fields:
             value = getattr(self, field.attname)
             if field.name == "custom_fields" and isinstance(value, dict):
                 for key, item in value.items():
-                    if "\x00" in str(key) or "\x00" in str(item):
-                        raise refuse(str(key).replace("\x00", ""))
+                    try:
+                        refuse_unencodable(str(key), str(key))
+                        refuse_unencodable(str(item), str(key))
+                    except SatoriValidationError as exc:
+                        yield field.name, exc
             elif field.name == "tags" and isinstance(value, list):
-                if any("\x00" in str(tag) for tag in value):
-                    raise refuse("append_tags")
-            elif isinstance(value, str) and "\x00" in value:
-                raise refuse(field.name)
+                for tag in value:
+                    try:
+                        refuse_unencodable(str(tag), "append_tags")
+                    except SatoriValidationError as exc:
+                        yield field.name, exc
+                        break
+            elif isinstance(value, str):
+                try:
+                    refuse_unencodable(value, field.name)
+                except SatoriValidationError as exc:
+                    yield field.name, exc
 
     def clean(self) -> None:
         """Form validation (admin, ModelForms): SATORI's rules, reported on the field."""
@@ -166,6 +184,11 @@ class Customer(models.Model):
                 )
             except SatoriValidationError as exc:
                 errors["custom_fields"] = [f"{exc.field}: {exc.message}"]
+        for model_field, problem in self._unencodable():
+            if model_field == "custom_fields":
+                errors["custom_fields"] = [f"{problem.field}: {problem.message}"]
+            else:
+                errors.setdefault(model_field, [problem.message])
         if errors:
             raise ValidationError(errors)
 
@@ -313,6 +336,13 @@ class CustomerAction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.get_status_display()})"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        # A lone surrogate in the name or content (text from a JSON body) would
+        # fail in the database driver with a UnicodeEncodeError naming nothing.
+        for field in ("email", "name", "content", "url"):
+            refuse_unencodable(str(getattr(self, field)), field)
+        super().save(*args, **kwargs)
 
 
 class SyncLog(models.Model):

@@ -56,6 +56,10 @@ _EMAIL_RE = re.compile(
     r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$"
 )
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: Half of a UTF-16 pair with no other half (``json.loads('"\\ud800"')`` makes one):
+#: no UTF-8 encoder takes it, so the database driver or the HTTP client would
+#: fail on it with a bare UnicodeEncodeError naming no field.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _CUSTOM_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -70,12 +74,58 @@ def normalize_email(value: Any, field: str = "email") -> str:
             field=field,
         )
     if not email.isascii():
+        ascii_form = _ascii_domain(email)
+        if ascii_form:
+            # SATORI takes half-width addresses only, and converting the domain
+            # ourselves would send an address the project does not store.
+            raise SatoriValidationError(
+                _(
+                    "The e-mail address must use half-width (ASCII) characters only. For an "
+                    "internationalised domain, enter its ASCII form: %(address)s."
+                )
+                % {"address": ascii_form},
+                field=field,
+            )
         raise SatoriValidationError(
             _("The e-mail address must use half-width (ASCII) characters only."), field=field
         )
     if not _EMAIL_RE.match(email) or ".." in email.split("@", 1)[0]:
         raise SatoriValidationError(_("This is not a valid e-mail address."), field=field)
     return email
+
+
+def _ascii_domain(email: str) -> str:
+    """``user@xn--...`` for an ASCII local part at an internationalised domain, else ''."""
+    local, at, domain = email.rpartition("@")
+    if not at or not local.isascii() or not domain or domain.isascii():
+        return ""
+    try:
+        encoded = domain.encode("idna").decode("ascii")
+    except UnicodeError:  # not a valid IDN (or a lone surrogate): no hint to give
+        return ""
+    candidate = f"{local}@{encoded}"
+    if len(candidate) > EMAIL_MAX_LENGTH or not _EMAIL_RE.match(candidate):
+        return ""
+    return candidate
+
+
+def refuse_unencodable(text: str, field: str) -> str:
+    """``text`` unchanged, or SatoriValidationError naming ``field`` for a NUL or a lone surrogate.
+
+    Neither can be stored (PostgreSQL refuses NUL; no driver encodes a
+    surrogate) or sent as UTF-8, so they are refused before anything tries.
+    """
+    if "\x00" in text:
+        raise SatoriValidationError(_("The value contains a NUL character."), field=field)
+    if not text.isascii() and _SURROGATE_RE.search(text):
+        raise SatoriValidationError(
+            _(
+                "The value contains a lone surrogate (half of a UTF-16 pair), which cannot "
+                "be stored or sent as UTF-8."
+            ),
+            field=field,
+        )
+    return text
 
 
 def format_date(value: Any, field: str) -> str:
@@ -140,10 +190,7 @@ def _clean_custom(identifier: str, value: Any, definitions: Mapping[str, Any]) -
 
 
 def _clean_text(value: Any, field: str) -> str:
-    text = str(value)
-    if "\x00" in text:
-        raise SatoriValidationError(_("The value contains a NUL character."), field=field)
-    return text
+    return refuse_unencodable(str(value), field)
 
 
 def check_tags(value: Any, separator: str, field: str = "tags") -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
@@ -161,6 +163,56 @@ def test_history_admins_are_read_only_and_never_show_keys(root):
     assert root.get(reverse("admin:django_satori_customeraction_changelist")).status_code == 200
 
 
+# --------------------------------------------------------------------------- the form
+
+
+@pytest.mark.parametrize(
+    ("language", "ascii_only", "surrogate"),
+    [
+        ("en", "half-width (ASCII) characters only", "lone surrogate"),
+        ("ja", "半角英数字と記号（ASCII）のみ", "サロゲート"),
+    ],
+)
+def test_the_customer_form_puts_unsendable_values_on_their_field(
+    rf, language, ascii_only, surrogate
+):
+    from django.contrib import admin
+
+    request = rf.get("/")
+    request.user = User.objects.create_superuser("root", password="pw")
+    form_class = admin.site._registry[Customer].get_form(request)
+    base = {"delivery_permission": "", "tags": ""}
+    with translation.override(language):
+        for email in ("ユーザー@例え.jp", "user@bücher.de", "ｕｓｅｒ＠例え.jp"):
+            form = form_class(data={**base, "email": email})
+            assert not form.is_valid()
+            assert ascii_only in form.errors["email"][0], form.errors
+        idn = form_class(data={**base, "email": "user@bücher.de"})
+        assert "user@xn--bcher-kva.de" in str(idn.errors["email"])
+        # What a JSON body's "\ud800" becomes: no database driver can store it.
+        for field, data in (
+            ("last_name", {"last_name": "山\ud800"}),
+            ("memo", {"memo": "\udfff"}),
+            ("tags", {"tags": "ok, \ud800"}),  # the tag input: names, comma-separated
+            ("satori_custom__plan", {"satori_custom__plan": "\ud800"}),  # one input a field
+        ):
+            form = form_class(data={**base, "email": "a@example.jp", **data})
+            assert not form.is_valid()
+            assert surrogate in str(form.errors[field]), (field, form.errors)
+        assert form_class(data={**base, "email": "ＵＳＥＲ＠example.jp"}).is_valid()
+    assert not Customer.objects.exists()
+
+
+def test_the_customer_admin_answers_an_internationalised_address_with_a_form_error(root):
+    response = root.post(
+        reverse("admin:django_satori_customer_add"),
+        {"email": "user@bücher.de", "tags": "[]", "custom_fields": "{}"},
+    )
+    assert response.status_code == 200
+    assert "user@xn--bcher-kva.de" in response.content.decode()
+    assert not Customer.objects.exists()
+
+
 # --------------------------------------------------------------------------- actions
 
 
@@ -212,6 +264,94 @@ def test_actions_need_their_permissions(client):
     response = action(client, "sync_now", [customer.pk])  # has bulk, lacks sync
     assert "No action selected" in response.content.decode()
     assert SyncState.objects.get().version == before
+
+
+def one_of_each() -> dict[type, Any]:
+    """A row for every model django_satori's admin shows (states come with the customer)."""
+    from django.utils import timezone
+
+    from django_satori.models import CustomerAction, ImportRun
+
+    customer = make("a@example.jp")
+    job = BulkJob.objects.create(mode="upsert", state=BulkState.FINISHED)
+    return {
+        Customer: customer,
+        SyncState: SyncState.objects.get(),
+        SyncLog: SyncLog.objects.create(endpoint="customer/upsert.json", outcome="ok"),
+        CustomerAction: CustomerAction.objects.create(
+            email=customer.email, name="資料請求", occurred_at=timezone.now()
+        ),
+        BulkJob: job,
+        BulkRowError: BulkRowError.objects.create(job=job, email=customer.email, message="x"),
+        ImportRun: ImportRun.objects.create(started_at=timezone.now()),
+    }
+
+
+def snapshot() -> list[Any]:
+    from django.apps import apps
+
+    return [
+        sorted(model.objects.values_list("pk", flat=True))
+        for model in apps.get_app_config("django_satori").get_models()
+    ] + [list(SyncState.objects.values_list("version", "status"))]
+
+
+SATORI_ADMINS = (
+    "customer",
+    "syncstate",
+    "synclog",
+    "customeraction",
+    "bulkjob",
+    "bulkrowerror",
+    "importrun",
+)
+
+
+def test_every_admin_of_django_satori_is_checked_for_view_only_users():
+    from django.contrib import admin
+
+    registered = {
+        m._meta.model_name for m in admin.site._registry if m._meta.app_label == "django_satori"
+    }
+    assert registered == set(SATORI_ADMINS)  # a new admin joins SATORI_ADMINS and one_of_each()
+
+
+@pytest.mark.parametrize("model_name", SATORI_ADMINS)
+def test_a_view_only_user_neither_sees_nor_can_post_any_action(client, rf, model_name):
+    """Every action of the admin: its own and the site's (delete_selected)."""
+    from django.contrib import admin
+
+    rows = {model._meta.model_name: row for model, row in one_of_each().items()}
+    model_admin = next(
+        a
+        for m, a in admin.site._registry.items()
+        if m._meta.model_name == model_name and m._meta.app_label == "django_satori"
+    )
+    before = snapshot()
+    user = user_with(f"view_{model_name}")
+    client.force_login(user)
+    request = rf.get("/")
+    request.user = User.objects.get(pk=user.pk)  # no cached permissions
+    assert model_admin.get_actions(request) == {}
+    url = reverse(f"admin:django_satori_{model_name}_changelist")
+    page = client.get(url)
+    assert page.status_code == 200 and b'name="action"' not in page.content
+    every_action = [name for _func, name, _desc in model_admin._get_base_actions()]
+    assert every_action  # at least the site's delete_selected
+    for name in every_action:
+        # "post" is the delete confirmation's answer: were the action run, it would delete.
+        response = client.post(
+            url,
+            {
+                "action": name,
+                "_selected_action": [str(rows[model_name].pk)],
+                "index": "0",
+                "post": "yes",
+                "select_across": "1",
+            },
+        )
+        assert response.status_code in (200, 302), (name, response.status_code)
+    assert snapshot() == before
 
 
 def test_sync_now_marks_pending_and_retry_failed_touches_failed_ones_only(root):

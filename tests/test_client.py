@@ -402,6 +402,10 @@ def test_add_action_uses_configured_path_and_names(capture: CaptureServer) -> No
         ({"email": "a@b.jp", "name": "x", "url": "/relative"}, "url"),
         ({"email": "not-an-address", "name": "x"}, "email"),
         ({"email": "a@b.jp", "name": "x", "occurred_at": dt.date(2025, 1, 1)}, "date"),
+        ({"email": "a@b.jp", "name": "資料\ud800請求"}, "name"),
+        ({"email": "a@b.jp", "name": "x", "content": "\udc00"}, "content"),
+        ({"email": "a@b.jp", "name": "x", "url": "https://example.jp/\ud800"}, "url"),
+        ({"hashcode": "\ud800", "name": "x"}, "hashcode"),
     ],
 )
 def test_add_action_validation(
@@ -915,6 +919,15 @@ def test_keep_alive_reuses_one_connection(capture: CaptureServer, client: Satori
         ({"email": "a@b.jp", "delivery_permission": "yes"}, "delivery_permission"),
         ({"email": "a@b.jp", "delivery_permission": "許可"}, "delivery_permission"),
         ({"email": "a@b.jp", "memo": "nul\x00byte"}, "memo"),
+        # Lone surrogates (what json.loads makes of "\ud800"): requests would fail to
+        # encode them with a UnicodeEncodeError naming nothing.
+        ({"email": "a@b.jp", "memo": "half \ud800 pair"}, "memo"),
+        ({"email": "a@b.jp", "last_name": "\udfff"}, "last_name"),
+        ({"email": "a@b.jp", "append_tags": ["ok", "t\ud83d"]}, "append_tags"),
+        ({"email": "a@b.jp", "delete_tags": "t\ud83d"}, "delete_tags"),
+        ({"email": "a@b.jp", "custom:plan": "\ud800"}, "custom:plan"),
+        ({"email": "山\ud800@example.jp"}, "email"),
+        ({"hashcode": "h\ud800"}, "hashcode"),
         ({"last_name": "no identity"}, "email"),
     ],
 )

@@ -171,6 +171,82 @@ def test_the_member_admin_action_counts_the_members_marked(tmp_path: Path) -> No
     ]
 
 
+#: A staff user who may only view members, then one who may change them, in the
+#: example project's real admin; then the admin and sign-up forms given addresses
+#: and text SATORI cannot take. Prints what each saw, as JSON.
+MEMBER_ADMIN_GUARDS = """
+import json
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.test.utils import setup_test_environment
+from django.utils import translation
+from django_satori.models import SyncState
+from example_project.members.forms import MemberAdminForm, SignupForm
+from example_project.members.models import Member
+
+setup_test_environment()
+member = Member.objects.create(email="m@example.jp", family_name="山田", given_name="太郎")
+version = lambda: SyncState.objects.get(email="m@example.jp").version
+out = {}
+for name, codenames in (("viewer", ["view_member"]), ("changer", ["view_member", "change_member"])):
+    user = User.objects.create_user(name, password="pw", is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    client = Client()
+    client.force_login(user)
+    page = client.get("/admin/members/member/").content.decode()
+    before = version()
+    client.post("/admin/members/member/", {
+        "action": "mark_for_sync", "_selected_action": [str(member.pk)], "index": "0"})
+    out[name] = {"sees": "mark_for_sync" in page, "marked": version() > before}
+
+root = User.objects.create_superuser("root", password="pw")
+client = Client()
+client.force_login(root)
+member_data = {"family_name": "F", "given_name": "G", "plan": "free",
+               "joined_on": "2025-01-01", "is_active": "on"}
+signup_data = {"document": "overview", "family_name": "F", "given_name": "G", "plan": "free"}
+for language in ("en", "ja"):
+    seen = out[language] = {}
+    for email in ("user@bücher.de", "ユーザー@例え.jp", "user＠example.com"):
+        response = client.post("/admin/members/member/add/", {**member_data, "email": email},
+                               HTTP_ACCEPT_LANGUAGE=language)
+        seen[email] = response.status_code
+    with translation.override(language):
+        form = MemberAdminForm(data={**member_data, "email": "user@bücher.de"})
+        seen["admin_email"] = form.errors.get("email") if not form.is_valid() else None
+        form = MemberAdminForm(data={**member_data, "email": "s@example.jp",
+                                     "family_name": "山\\ud800"})
+        seen["admin_surrogate"] = form.errors.get("family_name") if not form.is_valid() else None
+        form = SignupForm(data={**signup_data, "email": "user@bücher.de"})
+        seen["signup_email"] = form.errors.get("email") if not form.is_valid() else None
+        form = SignupForm(data={**signup_data, "email": "s@example.jp", "company": "\\udfff"})
+        seen["signup_surrogate"] = form.errors.get("company") if not form.is_valid() else None
+out["members"] = sorted(Member.objects.values_list("email", flat=True))
+print(json.dumps(out, ensure_ascii=False))
+"""
+
+
+def test_member_admin_guards_view_only_staff_and_unsendable_values(tmp_path: Path) -> None:
+    manage(tmp_path, "migrate", "--verbosity", "0")
+    seen = json.loads(manage(tmp_path, "shell", "-c", MEMBER_ADMIN_GUARDS).strip().splitlines()[-1])
+    # Sending to SATORI needs the change permission: a viewer neither sees nor runs it.
+    assert seen["viewer"] == {"sees": False, "marked": False}
+    assert seen["changer"] == {"sees": True, "marked": True}
+    for language, ascii_only, surrogate in (
+        ("en", "half-width (ASCII) characters only", "lone surrogate"),
+        ("ja", "半角英数字と記号（ASCII）のみ", "サロゲート"),
+    ):
+        said = seen[language]
+        # A form error, never a 500: the IDN address used to fail in the sync.
+        assert said["user@bücher.de"] == said["ユーザー@例え.jp"] == 200, said
+        assert said["user＠example.com"] == 200, said
+        for key in ("admin_email", "signup_email"):
+            assert ascii_only in said[key][0] and "user@xn--bcher-kva.de" in said[key][0], said
+        for key in ("admin_surrogate", "signup_surrogate"):
+            assert surrogate in said[key][0], said
+    assert seen["members"] == ["m@example.jp"]
+
+
 #: ``run_check`` (what ``demo --check`` runs) in the example project's own process
 #: (importing example_project here would make its Celery app the current one),
 #: against a stand-in for the site and the sandbox: the sign-up is taken, never delivered.

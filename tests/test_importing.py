@@ -206,6 +206,102 @@ def test_bad_rows_are_skipped_with_their_line_and_reason(tmp_path, sandbox, dry_
         assert run.skipped_rows[0]["email"] == "not-an-e-mail"
 
 
+def _cut_file(tmp_path: Path, rows: int, broken: int) -> Path:
+    """An export of ``rows`` rows whose row ``broken`` opens a quote it never closes."""
+    lines = [",".join(KEYS)]
+    for i in range(1, rows + 1):
+        line = _csv(export_row(i, memo="", tags="展示会"))  # no quoted cell to end it
+        if i == broken:
+            head, _comma, last = line.rpartition(",")
+            line = f'{head},"{last}'  # the last cell's quote: opened, never closed
+        lines.append(line)
+    path = tmp_path / "cut.csv"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    return path
+
+
+@pytest.mark.parametrize("dry_run", [False, True])
+@pytest.mark.parametrize(("broken", "batch_size"), [(1500, 1000), (1500, 7), (1999, 1000)])
+def test_a_quote_never_closed_cuts_the_file_and_the_import_says_where(
+    tmp_path, sandbox, dry_run, broken, batch_size
+):
+    # This used to be "one skipped row": the rows after it vanished into it unsaid.
+    path = _cut_file(tmp_path, 2000, broken)
+    line = broken + 1  # the header is line 1
+    with pytest.raises(ImportFileError) as caught:
+        import_export(path, dry_run=dry_run, batch_size=batch_size)
+    message = str(caught.value)
+    assert caught.value.line == line
+    assert message.startswith(f"line {line}: a quoted value starts here and is never closed")
+    assert f"the {2001 - line + 1} lines from here to the end of the file (line 2001)" in message
+    assert f"Rows read before it: {broken - 1}." in message
+    if dry_run:
+        assert not Customer.objects.exists() and not ImportRun.objects.exists()
+        return
+    # The rows before the cut are whole and applied, whatever the batches; none after.
+    emails = set(Customer.objects.values_list("email", flat=True))
+    assert emails == {f"user{i}@example.jp" for i in range(1, broken)}
+    run = ImportRun.objects.get()
+    assert run.status == ImportRunStatus.FAILED and run.rows == broken - 1
+    assert run.message == message and run.created_count == broken - 1
+
+
+def test_a_quote_never_closed_early_in_a_long_file_names_every_line_it_swallowed(tmp_path, sandbox):
+    # Row 2 of 2,000: the open quote runs until csv's field size limit stops it; the
+    # lines it ate are named, and reading goes on after them.
+    path = _cut_file(tmp_path, 2000, 2)
+    result = import_export(path, dry_run=True)
+    (skipped,) = result.skipped
+    found = re.search(r"lines 3 to (\d+) were read as this one row", skipped.reason)
+    assert skipped.line == 3 and found, skipped.reason
+    last = int(found.group(1))
+    assert 3 < last < 2001
+    # Every data line is a row read or named in the reason: 1 + the bad one + the rest.
+    assert result.rows == 1 + 1 + (2001 - last)
+    assert result.created == result.rows - 1
+
+
+def test_a_stray_quote_closed_by_a_later_row_names_the_lines_it_swallowed(tmp_path, sandbox):
+    lines = [",".join(KEYS), _csv(export_row(1))]
+    head, _comma, last = _csv(export_row(2, tags="展示会")).rpartition(",")
+    lines += [f'{head},"{last}', _csv(export_row(3, tags="展示会")), _csv(export_row(4))]
+    path = tmp_path / "stray.csv"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+
+    result = import_export(path)
+
+    # Row 4's quoted tags closed the quote opened on line 3: rows 2 to 4 are one bad record.
+    (skipped,) = result.skipped
+    assert skipped.line == 3 and "lines 3 to 5 were read as this one row" in skipped.reason
+    assert (result.rows, result.created) == (2, 1)
+
+
+def test_a_surrogate_written_as_utf_8_bytes_is_a_skipped_line_not_a_crash(tmp_path, sandbox):
+    # Some encoders write a lone surrogate as ED A0 80, which is not UTF-8: the line
+    # is skipped with its number and no surrogate ever reaches a customer.
+    rows = [_csv(export_row(i, memo="", tags="展示会")) for i in (1, 2, 3)]
+    data = ("\r\n".join([",".join(KEYS), *rows]) + "\r\n").encode()
+    path = tmp_path / "surrogate.csv"
+    path.write_bytes(data.replace("太郎2".encode(), "太郎".encode() + b"\xed\xa0\x80"))
+
+    result = import_export(path)
+
+    assert [(s.line, s.reason) for s in result.skipped] == [
+        (3, "line 3 holds bytes that are not valid UTF-8")
+    ]
+    assert result.created == 2
+
+
+def test_a_quote_never_closed_in_the_header_refuses_the_file(tmp_path, sandbox):
+    path = tmp_path / "cut.csv"
+    path.write_bytes(b'email,"last_name\r\nuser1@example.jp,x\r\n')
+    with pytest.raises(ImportFileError) as caught:
+        import_export(path)
+    assert caught.value.line == 1
+    assert "never closed" in str(caught.value) and "the 2 lines from here" in str(caught.value)
+    assert not Customer.objects.exists()
+
+
 def _csv(row: dict[str, str]) -> str:
     out = io.StringIO()
     csv.writer(out, lineterminator="\r\n").writerow([row[k] for k in KEYS])
@@ -686,6 +782,27 @@ def test_admin_refuses_a_bad_file_with_the_reason(tmp_path, sandbox, admin_clien
         page = admin_client.post("/admin/import/", {"file": upload, "encoding": "auto"})
     assert page.status_code == 200 and "No e-mail column" in page.content.decode()
     assert not ImportRun.objects.exists()
+
+
+@admin_urls
+def test_admin_shows_where_a_quote_never_closed_cut_the_file(tmp_path, sandbox, admin_client):
+    path = _cut_file(tmp_path, 50, 3)
+    for language, expected in (
+        ("en", "line 4: a quoted value starts here and is never closed"),
+        ("ja", "4 行目: "),
+    ):
+        # LocaleMiddleware leaves the request's language active: give it back after.
+        with open(path, "rb") as upload, translation.override("en"):
+            page = admin_client.post(
+                "/admin/import/",
+                {"file": upload, "encoding": "auto", "columns": ""},
+                HTTP_ACCEPT_LANGUAGE=language,
+            )
+        html = page.content.decode()
+        assert page.status_code == 200 and expected in html, html
+        assert page.context["form"].errors["file"]
+    run = ImportRun.objects.first()
+    assert run is not None and run.status == ImportRunStatus.FAILED and run.rows == 2
 
 
 @admin_urls

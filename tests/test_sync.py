@@ -864,3 +864,101 @@ def test_a_worker_killed_after_satori_applied_its_call_does_not_hide_a_revert(sa
             Customer.objects.filter(pk=customer.pk).update(memo="A")
             assert sync.push(state.pk, ignore_window=True)[0] is sync.PushOutcome.SYNCED
     assert satori_sandbox.state.customer(customer.email).fields["memo"] == "A"
+
+
+# A lone surrogate is what ``json.loads('"\\ud800"')`` gives for a broken JSON body;
+# no UTF-8 encoder takes it, so the database driver or requests used to fail on it
+# with a bare UnicodeEncodeError naming no field.
+SURROGATE_MESSAGE = "lone surrogate"
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"last_name": "山\ud800田"}, "last_name"),
+        ({"memo": "\udfff"}, "memo"),
+        ({"tags": ["ok", "b\ud83d"]}, "append_tags"),
+        ({"custom_fields": {"custom:plan": "x\ud800"}}, "custom:plan"),
+    ],
+)
+def test_save_refuses_a_lone_surrogate_and_names_the_field(fields, named):
+    from django_satori.exceptions import SatoriValidationError
+
+    with pytest.raises(SatoriValidationError) as caught:
+        make_customer(**fields)
+    assert caught.value.field == named and SURROGATE_MESSAGE in str(caught.value)
+    assert not Customer.objects.exists() and not SyncState.objects.exists()
+
+
+def test_a_surrogate_in_a_custom_field_name_is_named_in_a_storable_form():
+    from django_satori.exceptions import SatoriValidationError
+
+    with pytest.raises(SatoriValidationError) as caught:
+        make_customer(custom_fields={"custom:\ud800": "x"})
+    # The error's own text is stored as last_error and logged: it must encode.
+    assert caught.value.field == "custom:\\ud800"
+    str(caught.value).encode("utf-8")
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [({"name": "資料\ud800請求"}, "name"), ({"content": "\udc00"}, "content")],
+)
+def test_an_action_with_a_lone_surrogate_names_the_field_and_stores_nothing(changes, named):
+    from django_satori.exceptions import SatoriValidationError
+
+    make_customer()
+    with pytest.raises(SatoriValidationError) as caught:
+        add_action("taro@example.jp", **{"name": "資料請求", **changes})
+    assert caught.value.field == named and SURROGATE_MESSAGE in str(caught.value)
+    assert not CustomerAction.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("stored", "named"),
+    [
+        ({"tags": ["ok", "b\ud83d"]}, "append_tags"),
+        ({"custom_fields": {"custom:plan": "x\ud800"}}, "custom:plan"),
+    ],
+)
+def test_a_stored_surrogate_fails_the_push_with_the_field_instead_of_crashing(
+    satori_sandbox, stored, named
+):
+    from django.db import connection
+
+    if connection.vendor != "sqlite":
+        pytest.skip("PostgreSQL's jsonb refuses a lone surrogate, so none can be stored")
+    customer = make_customer()
+    drain()
+    # update() bypasses save(); SQLite's JSON keeps the surrogate as an \ud800 escape.
+    Customer.objects.filter(pk=customer.pk).update(**stored)
+    mark_for_sync(Customer.objects.all())
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED
+    assert repr(named) in state.last_error and SURROGATE_MESSAGE in state.last_error
+    assert len(customer_requests(satori_sandbox)) == 1  # only the first, clean push
+
+
+def test_an_internationalised_address_is_refused_naming_email_on_every_path(satori_sandbox):
+    from django_satori.exceptions import SatoriValidationError
+
+    # From code: the customer's save and a connected object's save.
+    for save in (
+        lambda: make_customer(email="user@bücher.de"),
+        lambda: Member.objects.create(email="ユーザー@例え.jp", family_name="山田"),
+    ):
+        with pytest.raises(SatoriValidationError) as caught, transaction.atomic():
+            save()
+        assert caught.value.field == "email"
+    assert not Customer.objects.exists()
+    # Stored without save() (update()): the worker fails the push naming the field.
+    customer = make_customer()
+    drain()
+    Customer.objects.filter(pk=customer.pk).update(email="user@bücher.de")
+    mark_for_sync(Customer.objects.all())
+    drain()
+    state = SyncState.objects.get()
+    assert state.status == SyncStatus.FAILED and "'email'" in state.last_error
+    assert "user@xn--bcher-kva.de" in state.last_error
+    assert len(customer_requests(satori_sandbox)) == 1

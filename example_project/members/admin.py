@@ -8,6 +8,7 @@ from django.utils.translation import ngettext
 
 import django_satori
 
+from .forms import MemberAdminForm
 from .models import Company, Member
 
 
@@ -18,6 +19,7 @@ class CompanyAdmin(admin.ModelAdmin):
 
 @admin.register(Member)
 class MemberAdmin(admin.ModelAdmin):
+    form = MemberAdminForm
     list_display = [
         "email",
         "family_name",
@@ -40,7 +42,10 @@ class MemberAdmin(admin.ModelAdmin):
     autocomplete_fields = ["company"]
     actions = ["mark_for_sync"]
 
-    @admin.action(description=_("Send the selected members to SATORI again"))
+    # Sending changes what SATORI holds: not for staff who may only look.
+    @admin.action(
+        description=_("Send the selected members to SATORI again"), permissions=["change"]
+    )
     def mark_for_sync(self, request: HttpRequest, queryset: QuerySet[Member]) -> None:
         count = django_satori.mark_for_sync(queryset)
         self.message_user(

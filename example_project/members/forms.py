@@ -6,9 +6,9 @@ from django import forms
 from django.utils.translation import gettext_lazy as _
 
 from django_satori.exceptions import SatoriValidationError
-from django_satori.schema import normalize_email
+from django_satori.schema import normalize_email, refuse_unencodable
 
-from .models import Plan
+from .models import Member, Plan
 
 DOCUMENTS = [
     ("overview", _("Service overview")),
@@ -32,6 +32,68 @@ class HalfWidthEmailField(forms.EmailField):
     """
 
     default_validators: list[Any] = []
+
+
+def satori_email(value: str) -> str:
+    """The address as SATORI gets it, or a form error saying why SATORI would refuse it.
+
+    Django's EmailField accepts internationalised addresses (``user@bücher.de``);
+    SATORI takes half-width (ASCII) ones only, and the member's save would then
+    fail in the sync with a 500 instead of a message next to the field.
+    """
+    try:
+        return normalize_email(value)
+    except SatoriValidationError as exc:
+        raise forms.ValidationError(exc.message) from None
+
+
+def refuse_unencodable_values(form: forms.BaseForm) -> None:
+    """Add a field error for any text holding NUL or a lone surrogate.
+
+    Neither can be stored or sent to SATORI; a lone surrogate (what a JSON body's
+    ``"\\ud800"`` decodes to) would otherwise fail later in the database driver
+    with a UnicodeEncodeError that names no field.
+    """
+    for name, value in list(form.cleaned_data.items()):
+        for text in value if isinstance(value, list | tuple) else (value,):
+            if not isinstance(text, str):
+                continue
+            try:
+                refuse_unencodable(text, name)
+            except SatoriValidationError as exc:
+                form.add_error(name, exc.message)
+                break
+
+
+class MemberAdminForm(forms.ModelForm):
+    """The member admin's form: SATORI's refusals shown on the field, not as a 500."""
+
+    class Meta:
+        model = Member
+        fields = [
+            "email",
+            "family_name",
+            "given_name",
+            "family_name_kana",
+            "given_name_kana",
+            "company",
+            "department",
+            "phone",
+            "plan",
+            "newsletter",
+            "tags",
+            "source",
+            "joined_on",
+            "is_active",
+        ]
+
+    def clean_email(self) -> str:
+        return satori_email(self.cleaned_data["email"])
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        refuse_unencodable_values(self)
+        return cleaned
 
 
 class SignupForm(forms.Form):
@@ -64,10 +126,12 @@ class SignupForm(forms.Form):
     def clean_email(self) -> str:
         # SATORI's own rules (half-width only, at most 255 characters), checked
         # here so the visitor sees the problem instead of a failed sync later.
-        try:
-            return normalize_email(self.cleaned_data["email"])
-        except SatoriValidationError as exc:
-            raise forms.ValidationError(exc.message) from None
+        return satori_email(self.cleaned_data["email"])
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean()
+        refuse_unencodable_values(self)
+        return cleaned
 
     def document_label(self) -> str:
         return str(dict(DOCUMENTS)[self.cleaned_data["document"]])
