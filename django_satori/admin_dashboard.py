@@ -28,6 +28,7 @@ from django.utils.translation import gettext as _
 from .admin_status import duration_text, job_progress
 from .conf import get_settings
 from .models import BulkJob, Customer, ImportRun, SyncLog, SyncState, SyncStatus
+from .status import last_sweep
 
 #: The statuses always shown, even at zero, in this order; the rest only when present.
 MAIN_STATUSES = (
@@ -200,6 +201,17 @@ def sweep_health(now: dt.datetime) -> Health:
     """
     conf = get_settings()
     late = now - dt.timedelta(seconds=max(3 * conf.SWEEP_AFTER_SECONDS, 180))
+    ran = last_sweep()
+    if ran is not None:
+        # Every sweep notes its run in SATORI['STATUS_CACHE'] (as satori_status reads it).
+        basis = _("Based on the sweep's last run, noted in the cache SATORI['STATUS_CACHE'].")
+        if ran >= now - dt.timedelta(minutes=3):
+            return Health("yes", _("The sweep last ran at %(when)s.") % {"when": _when(ran)}, basis)
+        return Health(
+            "no",
+            _("The sweep last ran at %(when)s: is celery beat running?") % {"when": _when(ran)},
+            basis,
+        )
     overdue = (
         SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
         .filter(Q(not_before__isnull=True) | Q(not_before__lte=late))

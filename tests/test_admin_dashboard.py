@@ -13,11 +13,12 @@ import time
 import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
+from django.core.cache import caches
 from django.test import Client, override_settings
 from django.urls import reverse
 from django.utils import timezone
 
-from django_satori import admin_dashboard, mark_for_sync, sync
+from django_satori import admin_dashboard, mark_for_sync, status, sweep, sync
 from django_satori.admin_status import Origin, error_origin, job_progress
 from django_satori.models import (
     BulkJob,
@@ -150,6 +151,7 @@ def test_hourly_buckets_put_each_call_in_its_own_local_hour():
 
 
 def test_oldest_pending_and_sweep_evidence(root):
+    caches["default"].delete(status.SWEEP_KEY)  # no sweep noted: judged from the rows
     now = timezone.now()
     c = Customer.objects.create(email="old@example.jp")
     long_ago = now - dt.timedelta(minutes=30)
@@ -334,3 +336,14 @@ def test_a_processing_part_shows_its_status_checks_and_time_waited(root):
         reverse("admin:django_satori_bulkjob_change", args=[job.pk]), HTTP_ACCEPT_LANGUAGE="ja"
     ).content.decode()
     assert "状況確認 6 回" in ja
+
+
+def test_the_sweep_is_judged_by_its_last_noted_run(root):
+    sweep.sweep()  # notes its run in SATORI['STATUS_CACHE']
+    now = timezone.now()
+    health = admin_dashboard.sweep_health(now)
+    assert health.state == "yes" and "STATUS_CACHE" in health.basis
+    status.record_sweep(now - dt.timedelta(minutes=10))
+    assert admin_dashboard.sweep_health(now).state == "no"
+    html = root.get(reverse(DASHBOARD)).content.decode()
+    assert "is celery beat running?" in html
