@@ -962,3 +962,36 @@ def test_an_internationalised_address_is_refused_naming_email_on_every_path(sato
     assert state.status == SyncStatus.FAILED and "'email'" in state.last_error
     assert "user@xn--bcher-kva.de" in state.last_error
     assert len(customer_requests(satori_sandbox)) == 1
+
+
+class _Killed(BaseException):
+    """The worker process dying (SIGKILL): no handler runs."""
+
+
+def test_a_tag_added_by_a_push_whose_worker_died_is_removed_later(satori_sandbox, monkeypatch):
+    """SATORI applied the push that added y, then its worker died before the answer was
+    written: sent_tags did not know y, so removing y again later sent no delete_tags."""
+    customer = make_customer(tags=["x"])
+    drain()
+    customer.tags = ["x", "y"]
+    customer.save()
+    state = SyncState.objects.get()
+
+    class DiesAfterSatoriApplied:
+        def upsert_customer(self, *args, **kwargs):
+            SatoriClient().upsert_customer(*args, **kwargs)
+            raise _Killed
+
+    monkeypatch.setattr(pushing, "get_client", DiesAfterSatoriApplied)
+    with satori(LEASE_SECONDS=0.3, SWEEP_AFTER_SECONDS=0):
+        token, claimed = outbox.claim([state.pk], get_settings(), ignore_window=True)
+        with pytest.raises(_Killed):
+            pushing._send(claimed[state.pk], token, get_settings())
+        assert satori_sandbox.state.customer(customer.email).tags == {"x", "y"}
+        monkeypatch.undo()
+        time.sleep(0.4)  # the dead worker's claim expires
+        sweep.sweep()
+        customer.tags = ["x"]
+        customer.save()
+        drain()
+    assert satori_sandbox.state.customer(customer.email).tags == {"x"}

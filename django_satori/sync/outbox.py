@@ -427,6 +427,11 @@ def retry_later(
     )
 
 
+def note_tags_sent(state: SyncState, token: str) -> None:
+    """Record, before the call, the tags a push is about to add (``state.sent_tags``)."""
+    SyncState.objects.filter(pk=state.pk, lease_token=token).update(sent_tags=state.sent_tags)
+
+
 def outcome_unknown(state: SyncState, tags_sent: list[str]) -> dict[str, Any]:
     """Fields for a row whose call may have been applied although no answer came.
 

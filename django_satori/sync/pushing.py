@@ -266,6 +266,13 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
     wait = ratelimit.acquire(conf)
     if wait:
         return _rate_limited(state, token, wait, conf)
+    sent = list(state.sent_tags or [])
+    added = [tag for tag in customer.tags or [] if tag not in sent]
+    if added:
+        # Written before the call: if this worker dies after SATORI applied it, the
+        # next push still knows these tags may be in SATORI and removes any dropped.
+        state.sent_tags = sent + added
+        outbox.note_tags_sent(state, token)
 
     client = get_client()
     send = (
