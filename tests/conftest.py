@@ -393,3 +393,15 @@ def _broker_not_paused() -> Iterator[None]:
     # test's messages so they do not land in the next test.
     sync.wait_for_dispatch()
     dispatch.resume()
+
+
+@pytest.fixture(autouse=True)
+def _language_given_back() -> Iterator[None]:
+    """Each test starts in the project's language. A request through the test client
+    with ``Accept-Language: ja`` leaves Japanese active in this thread (LocaleMiddleware
+    activates it and nothing deactivates it), and later tests read Japanese messages."""
+    from django.utils import translation
+
+    translation.deactivate()
+    yield
+    translation.deactivate()

@@ -133,8 +133,9 @@ def one_run(number: int, rows: int, timeout: float, keep: bool) -> dict[str, obj
             and not result["locked"]
             and not result["failed_polls"]
         )
-    except AssertionError as exc:
-        result.update(passed=False, error=str(exc)[-500:])
+    except (AssertionError, subprocess.CalledProcessError) as exc:
+        detail = getattr(exc, "stderr", None) or str(exc)
+        result.update(passed=False, error=str(detail)[-500:])
     finally:
         for child in reversed(started):
             child.stop()
