@@ -113,8 +113,12 @@ SATORI = {
     "CUSTOM_FIELDS": {"plan": "text", "age": "integer", "birthday": "date"},
     "COALESCE_SECONDS": 0,
     "RATE_LIMIT_PER_MINUTE": None,
-    # Shared with the worker subprocesses, which read the files the test process wrote.
-    "BULK_FILES_DIR": os.environ.get("DJANGO_SATORI_TEST_BULK_DIR", "/tmp/django-satori-test-bulk"),
+    # Shared with the worker subprocesses (they inherit the environment variable set
+    # below), never with another test run: retention tests remove files no job names.
+    "BULK_FILES_DIR": os.environ.setdefault(
+        "DJANGO_SATORI_TEST_BULK_DIR",
+        os.path.join(tempfile.gettempdir(), f"django-satori-test-bulk-{os.getpid()}"),
+    ),
     "MAPPINGS": {
         "testapp.Member": {
             "email": "email",
