@@ -21,7 +21,7 @@ from django.utils.translation import gettext_lazy
 from .conf import get_settings
 from .exceptions import SatoriValidationError
 from .models import Customer
-from .schema import CUSTOM_PREFIX, clean_customer, custom_field_type
+from .schema import CUSTOM_PREFIX, DATA_FIELDS, clean_customer, custom_field_type
 
 #: Form field name of a custom field: a prefix no model field has, then SATORI's identifier.
 CUSTOM_FIELD_PREFIX = "satori_custom__"
@@ -151,23 +151,7 @@ class CustomerAdminForm(forms.ModelForm):
     class Meta:
         model = Customer
         # custom_fields (JSON) is edited through one input per declared field instead.
-        fields = (
-            "email",
-            "last_name",
-            "first_name",
-            "last_name_reading",
-            "first_name_reading",
-            "lead_company_name",
-            "department",
-            "phone_number",
-            "mobile_phone_number",
-            "address",
-            "memo",
-            "collection_route",
-            "collection_date",
-            "delivery_permission",
-            "tags",
-        )
+        fields = ("email", *DATA_FIELDS, "tags")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -65,7 +65,9 @@ def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) ->
     values["email"] = normalize_email(values["email"])
     if customer is not None and not force and _mirror_is_current(customer, values):
         return True
-    _refuse_shared_address(mapping, instance, customer, values["email"])
+    if customer is None or customer.email != values["email"]:
+        # The mirror already owns its own address (unique): only a new one is checked.
+        _refuse_shared_address(mapping, instance, customer, values["email"])
     if customer is None:
         customer = Customer.objects.filter(email=values["email"]).first() or Customer(
             source_model=mapping.label, source_pk=pk
