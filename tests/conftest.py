@@ -159,6 +159,7 @@ class CeleryWorker:
             "-Q", queues, "-n", hostname,
         ]  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
         self._log_offset = 0
         self._control: Celery | None = None
 
@@ -192,6 +193,18 @@ class CeleryWorker:
         if wait:
             self.wait_ready(timeout)
         return self
+
+    def supervise(self) -> bool:
+        """Start the worker again if it exited, as systemd's ``Restart=always`` would.
+
+        celery/kombu 5.x with redis-py can exit when Redis goes away (docs/operations.md
+        says production runs the worker under a supervisor). Always True, so it can be
+        passed as ``alive=`` to a wait; ``restarts`` counts what it did.
+        """
+        if self.proc is not None and not self.is_running():
+            self.restarts += 1
+            self.start()
+        return True
 
     def log_text(self, *, since_start: bool = False) -> str:
         try:

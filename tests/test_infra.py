@@ -75,6 +75,10 @@ def test_worker_answers_control_ping_and_can_be_killed_and_restarted(
 
     worker.start()
     assert worker.ping()
+    assert worker.supervise() and worker.restarts == 0  # running: left alone
+    worker.kill()
+    assert worker.supervise() and worker.restarts == 1  # exited: started again
+    assert worker.ping()
     assert worker.stop() == 0  # warm shutdown exits cleanly
 
 

@@ -204,9 +204,11 @@ def test_database_connections_dropped_inside_tasks(satori_sandbox, celery_worker
             terminated += cursor.fetchone()[0]
 
     with satori_settings(**FAST):
-        satori_sandbox.faults.delay = 0.02  # so a task is inside its call when cut off
-        worker = celery_worker(concurrency=4)
+        satori_sandbox.faults.delay = 0.05  # so a task is inside its call when cut off
+        # Saved before the worker starts: a worker that kept pace with the saves had
+        # synced 80% before the first cut, and the test then cut nothing.
         emails = create_customers(count)
+        worker = celery_worker(concurrency=4)
         drops = 0
         deadline = time.monotonic() + 60
         # Cut the worker's connections again and again while it works.

@@ -93,7 +93,8 @@ def test_after_every_fault_at_once_satori_equals_django(
             redis_server.start()  # empty: every queued task is gone
             dispatch.resume()
             update_customers(emails[1::7], revision=3)  # ... then [tag, rev3]: rev2 goes
-            waited = wait_settled(emails, timeout=600, alive=worker.is_running, sweep_every=2)
+            # The worker may have exited while Redis was away (a supervisor restarts it).
+            waited = wait_settled(emails, timeout=600, alive=worker.supervise, sweep_every=2)
             duration = time.monotonic() - started
     finally:
         injected = dict(satori_sandbox.state.faults_by_kind)
@@ -114,6 +115,7 @@ def test_after_every_fault_at_once_satori_equals_django(
             "changed_then_reverted": len(reverted),
             "tags_removed": len(emails[1::7]),
             "bulk_parts": BulkPart.objects.count(),
+            "worker_restarts": worker.restarts,
             "single_calls": len(satori_sandbox.state.requests_for("upsert")),
             "retried": log_outcomes().get("retry", 0),
             "lost": len(result["missing"]),
