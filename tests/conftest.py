@@ -49,6 +49,12 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     return [f"django-satori: database={database_vendor()}, redis={broker}"]
 
 
+_DB_FIXTURES = frozenset(
+    {"db", "transactional_db", "django_db_reset_sequences", "django_db_serialized_rollback",
+     "admin_client", "admin_user", "django_user_model", "live_server", "celery_worker"}
+)  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     on_postgres = database_vendor() == "postgresql"
     skip_pg = pytest.mark.skip(
@@ -61,6 +67,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         fixtures = getattr(item, "fixturenames", ())
         if "celery_worker" in fixtures or "redis_server" in fixtures:
             item.add_marker(pytest.mark.integration)
+        # So that the PostgreSQL pass can leave out what cannot differ between databases.
+        if item.get_closest_marker("django_db") or _DB_FIXTURES.intersection(fixtures):
+            item.add_marker(pytest.mark.database)
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 ``python -m tests.services run -- python -m pytest`` starts what it can, runs the
 command once on SQLite and, when a PostgreSQL cluster could be started, once more
-on PostgreSQL (without the ``browser`` tests), then stops everything, also on
+on PostgreSQL (only the tests that use the database, without the ``browser`` ones:
+the rest cannot differ between databases), then stops everything, also on
 Ctrl-C. With ``CI=true`` a missing ``redis-server`` or PostgreSQL binary is an
 error; locally it is a notice and the tests that need the service skip.
 
@@ -564,7 +565,7 @@ def main(args: Sequence[str] | None = None) -> int:
     run_parser.add_argument("--no-postgres", action="store_true", help="SQLite pass only")
     run_parser.add_argument(
         "--postgres-args",
-        default="-m 'not browser'",
+        default="-m 'database and not browser'",
         help="extra arguments for the PostgreSQL pass (shell-quoted; default: %(default)s)",
     )
     run_parser.add_argument(

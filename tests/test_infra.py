@@ -201,7 +201,7 @@ def test_services_run_adds_a_postgresql_pass() -> None:
     sqlite_line, pg_line = result.stdout.strip().splitlines()
     assert sqlite_line == "None []"
     assert pg_line.startswith("postgres://postgres@127.0.0.1:")
-    assert pg_line.endswith("['-m', 'not browser']")
+    assert pg_line.endswith("['-m', 'database and not browser']")
 
 
 @pytest.mark.integration
