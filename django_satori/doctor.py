@@ -39,7 +39,8 @@ from django.conf import settings as django_settings
 from django.core.cache import caches
 from django.core.checks import ERROR, WARNING, run_checks
 from django.utils import timezone
-from django.utils.translation import gettext, gettext_noop
+from django.utils.translation import gettext as translate_marked
+from django.utils.translation import gettext_noop
 
 from . import status as sync_status
 from .beat import BEAT_SCHEDULE
@@ -100,7 +101,8 @@ class Text:
         self.params = params
 
     def __str__(self) -> str:
-        text = gettext(self.msgid)
+        # The ids were marked with gettext_noop where each Text is written.
+        text = translate_marked(self.msgid)
         if not self.params:
             return text
         return text % {k: str(v) if isinstance(v, Text) else v for k, v in self.params.items()}
@@ -120,12 +122,12 @@ class Text:
     def from_dict(cls, data: Any) -> Text:
         if not isinstance(data, Mapping) or not isinstance(data.get("msgid"), str):
             return cls("%(text)s", text=str(data))
-        params = data.get("params") if isinstance(data.get("params"), Mapping) else {}
+        given = data.get("params")
+        params: Mapping[str, Any] = given if isinstance(given, Mapping) else {}
         return cls(
             data["msgid"],
             **{
-                str(k): cls.from_dict(v) if isinstance(v, Mapping) else v
-                for k, v in params.items()
+                str(k): cls.from_dict(v) if isinstance(v, Mapping) else v for k, v in params.items()
             },
         )
 
@@ -436,7 +438,9 @@ def check_caches(report: Report, conf: SatoriSettings) -> None:
                     "cache",
                     FAIL,
                     Text(
-                        gettext_noop("%(setting)s names the cache %(alias)r, which is not in CACHES."),
+                        gettext_noop(
+                            "%(setting)s names the cache %(alias)r, which is not in CACHES."
+                        ),
                         setting=setting,
                         alias=alias,
                     ),
@@ -487,12 +491,16 @@ def check_caches(report: Report, conf: SatoriSettings) -> None:
                     "cache",
                     FAIL,
                     Text(
-                        gettext_noop("The cache %(alias)r (%(backend)s) cannot be used (%(error)s)."),
+                        gettext_noop(
+                            "The cache %(alias)r (%(backend)s) cannot be used (%(error)s)."
+                        ),
                         alias=alias,
                         backend=backend,
                         error=type(exc).__name__,
                     ),
-                    Text(gettext_noop("Check that the cache server runs and accepts this machine.")),
+                    Text(
+                        gettext_noop("Check that the cache server runs and accepts this machine.")
+                    ),
                     details,
                 )
             )
@@ -530,7 +538,9 @@ def check_worker(report: Report, timeout: float) -> None:
             Check(
                 "worker",
                 OK,
-                Text(gettext_noop("Workers answered the ping: %(names)s."), names=", ".join(workers)),
+                Text(
+                    gettext_noop("Workers answered the ping: %(names)s."), names=", ".join(workers)
+                ),
             )
         )
         return
@@ -588,8 +598,7 @@ def check_beat(report: Report) -> None:
                 WARN,
                 Text(
                     gettext_noop(
-                        "The sweep is in the beat schedule, but its last run was "
-                        "%(n)d seconds ago."
+                        "The sweep is in the beat schedule, but its last run was %(n)d seconds ago."
                     ),
                     n=round(age or 0),
                 ),
@@ -811,7 +820,9 @@ def _probe_refused(report: Report, error: SatoriError) -> bool:
                     status=error.status,
                     message=error.message,
                 ),
-                Text(gettext_noop("Paste the suggested settings below, so it counts as not found.")),
+                Text(
+                    gettext_noop("Paste the suggested settings below, so it counts as not found.")
+                ),
                 seen,
             )
         )
@@ -844,7 +855,7 @@ def _unreachable(check_id: str, error: SatoriError, seen: dict[str, Any]) -> Che
         )
     )
     transport = error.transport or ""
-    if _not_json(error) or isinstance(error, SatoriConfigurationError) and error.http_status:
+    if _not_json(error) or (isinstance(error, SatoriConfigurationError) and error.http_status):
         message = Text(
             gettext_noop(
                 "Something other than SATORI answered (HTTP %(code)s, not SATORI's JSON): "
@@ -866,9 +877,7 @@ def _unreachable(check_id: str, error: SatoriError, seen: dict[str, Any]) -> Che
         )
         return Check(check_id, FAIL, message, fix, seen)
     if transport == "deadline" or "Timeout" in transport:
-        message = Text(
-            gettext_noop("SATORI did not answer in time (%(kind)s)."), kind=transport
-        )
+        message = Text(gettext_noop("SATORI did not answer in time (%(kind)s)."), kind=transport)
         fix = Text(
             gettext_noop(
                 "Check the network path to SATORI (firewall, proxy); SATORI['TIMEOUT'] and "
@@ -979,7 +988,9 @@ class WriteTest:
                         "write.action",
                         FAIL,
                         Text(
-                            gettext_noop("SATORI refused the action (status %(status)s): %(message)s"),
+                            gettext_noop(
+                                "SATORI refused the action (status %(status)s): %(message)s"
+                            ),
                             status=error.status,
                             message=error.message,
                         ),
@@ -1001,7 +1012,9 @@ class WriteTest:
             "write.action",
             result.status,
             result.message,
-            _seen(status=result.status, http_status=result.http_status, shape=shape(result.response)),
+            _seen(
+                status=result.status, http_status=result.http_status, shape=shape(result.response)
+            ),
         )
 
     def bulk(self) -> None:
@@ -1028,7 +1041,9 @@ class WriteTest:
             "write.bulk_upload",
             upload.status,
             upload.message,
-            _seen(status=upload.status, http_status=upload.http_status, shape=shape(upload.response)),
+            _seen(
+                status=upload.status, http_status=upload.http_status, shape=shape(upload.response)
+            ),
         )
         self.poll(upload.process_code)
 
@@ -1082,9 +1097,7 @@ class WriteTest:
                         message=state.failed_rows[0].message,
                     ),
                     Text(
-                        gettext_noop(
-                            "If it names a permission, enable %(rule)s. %(note)s"
-                        ),
+                        gettext_noop("If it names a permission, enable %(rule)s. %(note)s"),
                         rule=Text(RULE_ITEMS["bulk_upload"]),
                         note=Text(OWN_ONLY_NOTE),
                     ),
@@ -1281,7 +1294,9 @@ class WriteTest:
                     status=error.status,
                     message=error.message,
                 ),
-                Text(gettext_noop("See SATORI's message; docs/satori-facts.md lists what we guess.")),
+                Text(
+                    gettext_noop("See SATORI's message; docs/satori-facts.md lists what we guess.")
+                ),
                 seen,
             )
         )

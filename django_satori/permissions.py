@@ -7,7 +7,8 @@ enable, with the labels of SATORI's help article on permission rules.
 
 from __future__ import annotations
 
-from django.utils.translation import gettext, gettext_noop
+from django.utils.translation import gettext as translate_marked
+from django.utils.translation import gettext_noop
 
 #: operation -> the rule item, as labelled in SATORI's screen (the Japanese label
 #: stays in the English text: SATORI's screen shows only that one). Message ids:
@@ -18,7 +19,9 @@ RULE_ITEMS: dict[str, str] = {
     "delete": gettext_noop("Delete customers (カスタマーの削除)"),
     "action": gettext_noop("Customer user-defined actions (カスタマーのユーザー定義アクション)"),
     "bulk_upload": gettext_noop("Bulk registration of customers (カスタマーの一括登録)"),
-    "bulk_status": gettext_noop("Bulk retrieval of customer status (カスタマーステータスの一括取得)"),
+    "bulk_status": gettext_noop(
+        "Bulk retrieval of customer status (カスタマーステータスの一括取得)"
+    ),
 }
 
 #: SATORI's note on a rule limited to 「自分のみ」 (own records only).
@@ -29,5 +32,5 @@ OWN_ONLY_NOTE = gettext_noop(
 
 
 def rule_item(operation: str) -> str:
-    """The permission-rule item ``operation`` needs, in the active language (KeyError if unknown)."""
-    return gettext(RULE_ITEMS[operation])
+    """The rule item ``operation`` needs, in the active language (KeyError if unknown)."""
+    return translate_marked(RULE_ITEMS[operation])  # marked with gettext_noop above
