@@ -544,6 +544,25 @@ def check_worker(report: Report, timeout: float) -> None:
             )
         )
         return
+    swept = sync_status.last_sweep()
+    age = (timezone.now() - swept).total_seconds() if swept else None
+    if age is not None and age <= SWEEP_STALE_SECONDS:
+        # Some transports (the demo's filesystem broker) carry tasks but not pings.
+        report.add(
+            Check(
+                "worker",
+                WARN,
+                Text(
+                    gettext_noop(
+                        "No worker answered the ping, but the sweep ran %(n)d seconds ago: "
+                        "a worker runs, and this broker may not carry pings."
+                    ),
+                    n=round(age),
+                ),
+                Text(gettext_noop("Use Redis or RabbitMQ in production, which answer pings.")),
+            )
+        )
+        return
     report.add(
         Check(
             "worker",
@@ -896,15 +915,19 @@ def _unreachable(check_id: str, error: SatoriError, seen: dict[str, Any]) -> Che
     return Check(check_id, FAIL, message, base_url_fix, seen)
 
 
-def _suggest_not_found(report: Report, error: SatoriError) -> None:
+def _suggest_not_found(report: Report, error: SatoriError, identity: str = "") -> None:
     """How to make SATORI's way of saying "unknown" count as not found."""
     if error.status is None:
         return
     if error.status != 400:
         report.suggest("ANSWER_STATUS_CLASSES", {str(error.status): "not_found"})
     elif error.message:
-        # 400 also means a refused value: only this message is "not found".
-        report.suggest("ANSWER_MESSAGE_CLASSES", {re.escape(error.message[:80]): "not_found"})
+        # 400 also means a refused value: only this message is "not found". The
+        # customer it names stands for any customer.
+        pattern = re.escape(error.message[:80])
+        if identity:
+            pattern = pattern.replace(re.escape(identity), ".+")
+        report.suggest("ANSWER_MESSAGE_CLASSES", {pattern: "not_found"})
 
 
 # --------------------------------------------------------------------------- write test
@@ -1203,7 +1226,7 @@ class WriteTest:
                     _seen(error),
                 )
             )
-            _suggest_not_found(self.report, error)
+            _suggest_not_found(self.report, error, self.email)
             return
         except SatoriError as error:
             self._refused("write.delete_unknown", error, ("delete",))

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import http.server
 import io
 import json
+import re
+import threading
+import urllib.parse
+from typing import Any, ClassVar
 
 import pytest
 from celery import current_app
@@ -16,6 +21,7 @@ from django.urls import reverse
 from django.utils import translation
 
 from django_satori import doctor
+from django_satori import status as sync_status
 from django_satori.beat import BEAT_SCHEDULE
 from django_satori.conf import AUTH_KEYS
 from django_satori.models import Customer, Diagnosis, SyncLog, SyncState
@@ -135,6 +141,14 @@ def test_a_broker_workers_cannot_use_and_a_missing_worker_fail(url, expected):
     assert check(report, "worker").level == doctor.FAIL
     assert check(report, "beat").level == doctor.FAIL
     assert "BEAT_SCHEDULE" in doctor.render(check(report, "beat").fix)
+
+
+def test_a_recent_sweep_shows_a_worker_runs_when_the_broker_carries_no_pings():
+    sync_status.record_sweep()
+    report = doctor.diagnose(live=False, ping_timeout=0.1)
+    worker = check(report, "worker")
+    assert worker.level == doctor.WARN and "the sweep ran" in doctor.render(worker.message)
+    assert check(report, "beat").level == doctor.OK
 
 
 def test_the_sweep_in_the_schedule_is_enough_until_it_has_run(beat_schedule):
@@ -402,3 +416,78 @@ def test_a_suggestion_is_shown_as_a_snippet_on_the_page(client):
     report.save(source="command")
     html = client.get(reverse(PAGE)).content.decode()
     assert "&#x27;ANSWER_STATUS_CLASSES&#x27;: {422: &#x27;not_found&#x27;}" in html
+
+
+# --------------------------------------------------------------------------- another SATORI
+
+
+class OtherSatori(http.server.BaseHTTPRequestHandler):
+    """A stand-in that answers where our defaults guess otherwise: an unknown process
+    code gets 422, upserts return no hashcode, deletes answer an unknown customer 400."""
+
+    deleted: ClassVar[set[str]] = set()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _answer(self, body: dict[str, Any], code: int = 200) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+        if query.get("process_code") == "job-1":
+            payload = {"process_status": "finished", "succeeded_rows": [{"row_number": 2}]}
+            self._answer({"status": 200, "message": "OK", **payload})
+        else:
+            self._answer({"status": 422, "message": "process_code is invalid"}, 422)
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", "0"))
+        form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode("latin-1")))
+        if self.path.endswith("/bulk_customers/upsert.json"):
+            self._answer({"status": 200, "message": "OK", "process_code": "job-1"})
+        elif self.path.endswith("/customer/delete.json"):
+            email = form.get("customer[email]", "")
+            if email in self.deleted:
+                self._answer({"status": 400, "message": "customer not found: " + email}, 400)
+            else:
+                self.deleted.add(email)
+                self._answer({"status": 200, "message": "deleted"})
+        else:
+            self._answer({"status": 200, "message": "OK"})
+
+
+@pytest.fixture
+def other_satori():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtherSatori)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    OtherSatori.deleted = set()
+    try:
+        with satori(BASE_URL=f"http://127.0.0.1:{server.server_address[1]}"):
+            yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_what_satori_answers_otherwise_becomes_a_snippet_to_paste(other_satori):
+    code, out, _err = run("-v", "2", "--write-test", "doctor@example.jp")
+    assert "[WARN] probe:" in out and "status 422 (we expect 404)" in out
+    assert "[WARN] write.upsert:" in out and "no hashcode" in out
+    assert "[WARN] write.delete_unknown:" in out
+    snippet = out.split("Paste into your settings:\n", 1)[1].split("\n\n", 1)[0]
+    namespace: dict[str, Any] = {"SATORI": {}}
+    exec(snippet, namespace)  # noqa: S102 - our own output, checked to be valid settings code
+    suggested = namespace["SATORI"]
+    assert suggested["ANSWER_STATUS_CLASSES"] == {422: "not_found"}
+    assert suggested["DELETE_IDENTITY"] == "email"
+    ((pattern, kind),) = suggested["ANSWER_MESSAGE_CLASSES"].items()
+    assert kind == "not_found" and re.fullmatch(pattern, "customer not found: another@example.jp")
+    assert Diagnosis.objects.get().suggested["DELETE_IDENTITY"] == "email"
+    assert code == 1  # no worker in this test
