@@ -25,6 +25,7 @@ every text is scrubbed once more when rendered.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -238,9 +239,20 @@ def snippet(suggested: Mapping[str, Any]) -> str:
         if name == "ANSWER_STATUS_CLASSES" and isinstance(value, Mapping):
             # Stored as JSON, whose keys are strings; the setting's are status codes.
             value = {int(k) if str(k).isdigit() else k: v for k, v in value.items()}
-        lines.append(f"    {name!r}: {value!r},")
+        lines.append(f"    {_python(name)}: {_python(value)},")
     lines.append("}")
     return "\n".join(lines)
+
+
+def _python(value: Any) -> str:
+    """``value`` as Python source, strings in double quotes (as formatters write settings)."""
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a Python string
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_python(k)}: {_python(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_python(v) for v in value) + "]"
+    return repr(value)  # numbers, True, False, None
 
 
 def shape(data: Any, depth: int = 0) -> str:
@@ -904,7 +916,7 @@ def _unreachable(check_id: str, error: SatoriError, seen: dict[str, Any]) -> Che
             )
         )
         return Check(check_id, FAIL, message, fix, seen)
-    if transport:
+    if transport and transport != "too_large":
         message = Text(gettext_noop("Could not reach SATORI (%(kind)s)."), kind=transport)
         return Check(check_id, FAIL, message, base_url_fix, seen)
     message = Text(

@@ -423,7 +423,7 @@ def test_a_suggestion_is_shown_as_a_snippet_on_the_page(client):
     report.suggest("ANSWER_STATUS_CLASSES", {"422": "not_found"})
     report.save(source="command")
     html = client.get(reverse(PAGE)).content.decode()
-    assert "&#x27;ANSWER_STATUS_CLASSES&#x27;: {422: &#x27;not_found&#x27;}" in html
+    assert "&quot;ANSWER_STATUS_CLASSES&quot;: {422: &quot;not_found&quot;}" in html
 
 
 # --------------------------------------------------------------------------- another SATORI
