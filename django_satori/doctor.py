@@ -886,6 +886,14 @@ def _unreachable(check_id: str, error: SatoriError, seen: dict[str, Any]) -> Che
         )
     )
     transport = error.transport or ""
+    if isinstance(error, SatoriConfigurationError) and not error.http_status and not transport:
+        # Refused before sending: nothing reached SATORI.
+        message = Text(
+            gettext_noop("Nothing was sent: %(message)s"),
+            message=error.message,
+        )
+        fix = Text(gettext_noop("Fix the setting it names (see also the settings checks above)."))
+        return Check(check_id, FAIL, message, fix, seen)
     if _not_json(error) or (isinstance(error, SatoriConfigurationError) and error.http_status):
         message = Text(
             gettext_noop(

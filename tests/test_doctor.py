@@ -236,6 +236,20 @@ def test_a_closed_port_is_a_network_failure():
     assert doctor.render(probe.message).startswith("Could not reach SATORI (ConnectionError)")
 
 
+def test_a_setting_the_client_refuses_is_named_and_nothing_is_sent(satori_sandbox):
+    with satori(TIMEOUT=-1):
+        report = doctor.diagnose(ping_timeout=0.1)
+    probe = check(report, "probe")
+    assert probe.level == doctor.FAIL
+    assert doctor.render(probe.message).startswith("Nothing was sent: SATORI['TIMEOUT']")
+    assert any(
+        c.level == doctor.FAIL and "TIMEOUT" in doctor.render(c.message)
+        for c in report.checks
+        if c.id == "settings"
+    )
+    assert satori_sandbox.state.requests == []
+
+
 def test_tls_to_a_plain_http_server_is_a_tls_failure(satori_sandbox):
     with satori(BASE_URL=satori_sandbox.url.replace("http://", "https://")):
         report = doctor.diagnose(ping_timeout=0.1)
