@@ -512,3 +512,13 @@ def test_what_satori_answers_otherwise_becomes_a_snippet_to_paste(other_satori):
     ((pattern, kind),) = suggested["ANSWER_MESSAGE_CLASSES"].items()
     assert kind == "not_found" and re.fullmatch(pattern, "customer not found: another@example.jp")
     assert Diagnosis.objects.get().suggested["DELETE_IDENTITY"] == "email"
+
+
+def test_an_upsert_whose_answer_was_lost_is_still_cleaned_up(satori_sandbox):
+    satori_sandbox.configure(deny_operations=["bulk_upsert"])
+    satori_sandbox.faults.fail_first(1, "lost_answer", operations=["upsert"])
+    _code, out, _err = run("--write-test", "lost@example.jp")
+    assert "[FAIL] write.upsert:" in out and "[SKIP] write.action:" in out
+    assert "[OK] write.delete:" in out.replace("[OK]  ", "[OK]")
+    assert satori_sandbox.state.requests_for("delete")
+    assert satori_sandbox.state.customer("lost@example.jp") is None
