@@ -36,6 +36,7 @@ from django.utils.translation import gettext_lazy, ngettext, pgettext_lazy
 
 from . import bulk, bulk_files, sync
 from .admin_dashboard import dashboard_context
+from .admin_doctor import RUN_PERMISSION, diagnosis_urls
 from .admin_forms import (
     CUSTOM_FIELD_PREFIX,
     UNDECLARED_PREFIX,
@@ -308,7 +309,12 @@ class CustomerAdmin(admin.ModelAdmin):
             self.admin_site.admin_view(self.dashboard_view),
             name="django_satori_dashboard",
         )
-        return [dashboard, *import_urls(self.admin_site), *super().get_urls()]
+        return [
+            dashboard,
+            *diagnosis_urls(self.admin_site),
+            *import_urls(self.admin_site),
+            *super().get_urls(),
+        ]
 
     def dashboard_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_permission(request):
@@ -316,6 +322,7 @@ class CustomerAdmin(admin.ModelAdmin):
         context = {
             **self.admin_site.each_context(request),
             **dashboard_context(),
+            "satori_can_diagnose": request.user.has_perm(RUN_PERMISSION),
             "title": _("SATORI sync dashboard"),
             "opts": self.model._meta,
             "app_label": self.model._meta.app_label,

@@ -1201,6 +1201,7 @@ class SatoriClient:
         headers = {"Content-Type": wire.content_type} if wire.content_type else {}
         http_response: requests.Response | None = None
         failure: SatoriError | None = None
+        transport: str | None = None
         # Whether the request may have reached SATORI though no usable answer came back.
         sent = True
         with _Deadline(total) as deadline:
@@ -1220,6 +1221,7 @@ class SatoriClient:
                 body = self._read_body(http_response, self._max_bytes)
             # Order matters: every requests error is also an OSError.
             except _TooLarge:
+                transport = "too_large"
                 failure = SatoriResponseTooLargeError(
                     ngettext(
                         "SATORI's reply is larger than %(limit)d byte "
@@ -1236,6 +1238,7 @@ class SatoriClient:
                 requests.exceptions.InvalidSchema,
                 requests.exceptions.InvalidHeader,
             ) as exc:
+                transport = type(exc).__name__
                 failure = SatoriConfigurationError(
                     _(
                         "The request to SATORI could not be built (%(kind)s); check "
@@ -1245,6 +1248,7 @@ class SatoriClient:
                 )
             except requests.Timeout as exc:
                 sent = not isinstance(exc, requests.exceptions.ConnectTimeout)
+                transport = type(exc).__name__
                 failure = SatoriTransientError(
                     _("SATORI did not answer in time (%(kind)s).") % {"kind": type(exc).__name__}
                 )
@@ -1254,14 +1258,17 @@ class SatoriClient:
                 requests.exceptions.ContentDecodingError,
             ) as exc:
                 sent = not _never_connected(exc)
+                transport = type(exc).__name__
                 failure = SatoriTransientError(
                     _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
                 )
             except requests.RequestException as exc:
+                transport = type(exc).__name__
                 failure = SatoriError(
                     _("The request to SATORI failed (%(kind)s).") % {"kind": type(exc).__name__}
                 )
             except (http.client.HTTPException, urllib3.exceptions.HTTPError, OSError) as exc:
+                transport = type(exc).__name__
                 failure = SatoriTransientError(
                     _("Could not talk to SATORI (%(kind)s).") % {"kind": type(exc).__name__}
                 )
@@ -1272,6 +1279,7 @@ class SatoriClient:
                     http_response.close()
         if failure is not None and (deadline.expired or deadline.remaining() <= 0):
             # Whatever broke (the cut socket, a clipped read timeout), time ran out.
+            transport = "deadline"
             failure = SatoriTimeoutError(
                 ngettext(
                     "SATORI's reply did not arrive in full within %(seconds)s second "
@@ -1285,6 +1293,7 @@ class SatoriClient:
             )
         if failure is not None:
             failure.answer_lost = failure.retryable and sent
+            failure.transport = transport
             return failure
         assert http_response is not None
         return _RawReply(

@@ -21,6 +21,10 @@ class SatoriError(Exception):
     #: The request may have reached SATORI, but its answer did not reach us (a read
     #: timeout, a connection dropped after sending): SATORI may have applied it.
     answer_lost: bool = False
+    #: When no reply came: the kind of transport failure (the requests or OS error's
+    #: class name, e.g. ``SSLError``, ``ConnectTimeout``; ``deadline`` for the overall
+    #: time limit). ``satori_doctor`` tells a TLS problem from a timeout with it.
+    transport: str | None = None
     #: Set by the client when the error came from a call: the endpoint name and
     #: redacted request/response summaries (safe to log and store).
     endpoint: str | None = None

@@ -614,3 +614,40 @@ class ImportedCustomer(models.Model):
 
     def __str__(self) -> str:
         return str(self.customer_id)
+
+
+class Diagnosis(models.Model):
+    """The last run of ``satori_doctor`` (command or admin page); older runs are deleted.
+
+    ``checks`` holds each check's outcome with its texts as message ids and
+    parameters, so the admin shows them in the reader's language.
+    """
+
+    created_at = models.DateTimeField(_("run at"), default=timezone.now)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        verbose_name=_("run by"),
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    #: "command" or "admin".
+    source = models.CharField(_("run from"), max_length=16, blank=True)
+    ok = models.BooleanField(_("everything sync needs works"), default=False)
+    live = models.BooleanField(_("live probe"), default=False)
+    write_test = models.BooleanField(_("write test"), default=False)
+    #: ``[{"id", "level", "message": {"msgid", "params"}, "fix": ..., "details": {...}}]``
+    checks = models.JSONField(_("checks"), default=list, blank=True)
+    #: Settings that differ from what was observed: ``{"SETTING": value}``.
+    suggested = models.JSONField(_("suggested settings"), default=dict, blank=True)
+
+    class Meta:
+        verbose_name = _("SATORI connection diagnosis")
+        verbose_name_plural = _("SATORI connection diagnoses")
+        ordering = ["-id"]
+        default_permissions = ()
+        permissions = [("run_diagnosis", _("Can run the SATORI connection diagnosis"))]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.created_at:%Y-%m-%d %H:%M}"

@@ -351,3 +351,25 @@ def test_job_and_customer_pages_say_what_happened(live_server, chromium, size, l
     expect(page.locator("#satori-attempts")).to_contain_text("3")
     expect(page.locator("#satori-attempts")).to_contain_text("8")
     expect(page.locator("#satori-next-try")).to_be_visible()
+
+
+@pytest.mark.parametrize("language", ["ja", "en"])
+def test_the_connection_diagnosis_runs_from_its_page(
+    live_server, chromium, satori_sandbox, language
+):
+    from playwright.sync_api import expect
+
+    page = open_admin(chromium, live_server, "1280", language)
+    page.goto(f"{live_server.url}/admin/django_satori/")
+    page.click("a[href$='/customer/diagnosis/']")
+    expect(page.locator("#satori-diagnosis-run")).to_be_visible()
+    page.click("#satori-diagnosis-run input[type=submit]")
+    probe = page.locator("tr", has=page.locator("code", has_text="probe"))
+    expect(probe).to_have_class("satori-check-ok")
+    accepted = "SATORIはキーを受け付けました" if language == "ja" else "SATORI accepted the keys"
+    expect(probe).to_contain_text(accepted)
+    expect(page.locator("tr.satori-check-fail").first).to_be_visible()  # no worker here
+    page.screenshot(path=str(SHOTS / f"admin-diagnosis-{language}-1280.png"), full_page=True)
+    no_sideways_scroll(page)
+    for value in (settings.SATORI[name] for name in ("USER_KEY", "USER_SECRET")):
+        assert value not in page.content()

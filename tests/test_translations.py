@@ -455,6 +455,7 @@ COMMANDS = [
     "satori_bulk_upsert",
     "satori_import",
     "satori_reconcile",
+    "satori_doctor",
     "satori_sandbox",
     "satori_sync",
 ]
