@@ -15,6 +15,7 @@ from typing import Any
 
 from django.utils.translation import gettext as _
 
+from .conf import get_settings
 from .exceptions import SatoriValidationError
 
 #: Standard customer items, in the order we write them (key inside ``customer[...]``
@@ -63,11 +64,19 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _CUSTOM_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-def normalize_email(value: Any, field: str = "email") -> str:
-    """Trim, NFKC (full-width to ASCII) and lower-case; refuse what SATORI would refuse."""
+def normalize_email(value: Any, field: str = "email", *, lowercase: bool | None = None) -> str:
+    """Trim, NFKC (full-width to ASCII) and lower-case; refuse what SATORI would refuse.
+
+    ``lowercase`` defaults to ``SATORI['EMAIL_LOWERCASE']``: SATORI's case rules
+    are unknown, and with it off an address is sent as the person typed it.
+    """
     if value is None or not str(value).strip():
         raise SatoriValidationError(_("An e-mail address is required."), field=field)
-    email = unicodedata.normalize("NFKC", str(value)).strip().lower()
+    if lowercase is None:
+        lowercase = get_settings().EMAIL_LOWERCASE is not False
+    email = unicodedata.normalize("NFKC", str(value)).strip()
+    if lowercase:
+        email = email.lower()
     if len(email) > EMAIL_MAX_LENGTH:
         raise SatoriValidationError(
             _("The e-mail address is longer than %(max)d characters.") % {"max": EMAIL_MAX_LENGTH},
@@ -193,6 +202,36 @@ def _clean_text(value: Any, field: str) -> str:
     return refuse_unencodable(str(value), field)
 
 
+def extra_items() -> Mapping[str, Any]:
+    """``SATORI['EXTRA_STANDARD_ITEMS']``: standard items we do not know, by wire key."""
+    items = get_settings().EXTRA_STANDARD_ITEMS
+    return items if isinstance(items, Mapping) else {}
+
+
+def clean_extra_item(key: str, value: Any, definition: Any) -> str:
+    """One EXTRA_STANDARD_ITEMS value as its wire string, by the declared type and length."""
+    kind = str(definition.get("type", "text")) if isinstance(definition, Mapping) else "text"
+    if kind == "integer":
+        text = str(value).strip()
+        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text):
+            raise SatoriValidationError(
+                _("%(key)s expects a whole number (got %(value)r).")
+                % {"key": key, "value": text[:40]},
+                field=key,
+            )
+        return text
+    if kind == "date":
+        return format_date(value, key)
+    text = _clean_text(value, key)
+    limit = definition.get("max_length") if isinstance(definition, Mapping) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and len(text) > limit:
+        raise SatoriValidationError(
+            _("%(key)s is longer than %(max)d characters.") % {"key": key, "max": limit},
+            field=key,
+        )
+    return text
+
+
 def check_tags(value: Any, separator: str, field: str = "tags") -> list[str]:
     """``value`` as a customer's tags: a list of strings, none holding the separator or
     a line break (SATORI would read it as two tags, or refuse it). Raises otherwise."""
@@ -247,11 +286,14 @@ def clean_customer(
     the first bad field.
     """
     cleaned: dict[str, str] = {}
+    extra = extra_items()
     for key, value in values.items():
         if value is None or (isinstance(value, str) and value == ""):
             continue
         if key.startswith(CUSTOM_PREFIX):
             cleaned[key] = _clean_custom(key[len(CUSTOM_PREFIX) :], value, custom_fields)
+        elif key in extra and key not in STANDARD_FIELDS:
+            cleaned[key] = clean_extra_item(key, value, extra[key])
         elif key not in STANDARD_FIELDS:
             raise SatoriValidationError(
                 _("Unknown SATORI customer field %(key)r.") % {"key": key}, field=key
