@@ -53,6 +53,12 @@ _HTML_502 = (
 )
 
 
+_HTML_403 = (
+    "<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head>"
+    "<body><h1>Forbidden</h1><p>Access denied by the proxy.</p></body></html>\n"
+)
+
+
 def check_host(host: str, allow_remote: bool) -> None:
     """Refuse a non-loopback address unless ``allow_remote`` (ValueError)."""
     if allow_remote or host == "localhost":
@@ -332,6 +338,10 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "html":
             record.status = 502
             self._send(502, _HTML_502.encode(), "text/html; charset=utf-8")
+            return True
+        if kind == "html_403":
+            record.status = 403
+            self._send(403, _HTML_403.encode(), "text/html; charset=utf-8")
             return True
         if kind == "dribble":
             record.status = 503
