@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import csv
 import io
 from collections.abc import Callable, Iterator
@@ -294,9 +295,12 @@ def test_the_action_date_can_be_left_out(sandbox_with, send_date):
 
 
 def test_the_keys_can_never_be_replaced_through_the_action_settings(satori_sandbox):
-    with satori(ACTION_EXTRA_PARAMS={"user_key": "x"}), SatoriClient() as client:
-        with pytest.raises(SatoriConfigurationError):
-            client.add_action(email="taro@example.jp", name="来店")
+    with (
+        satori(ACTION_EXTRA_PARAMS={"user_key": "x"}),
+        SatoriClient() as client,
+        pytest.raises(SatoriConfigurationError),
+    ):
+        client.add_action(email="taro@example.jp", name="来店")
     assert satori_sandbox.state.requests_for("action") == []
     assert "django_satori.E013" in check_ids(ACTION_EXTRA_PARAMS={"company_secret": "x"})
     assert "django_satori.E013" in check_ids(ACTION_IDENTITY_PARAMS={"email": "user_secret"})
@@ -341,8 +345,6 @@ def test_a_further_standard_item_goes_into_bulk_files_and_mappings(sandbox_with)
 
 
 def dataclass_with(**changes: Any) -> Any:
-    import dataclasses
-
     return dataclasses.replace(get_settings(), **changes)
 
 
