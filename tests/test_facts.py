@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import csv
+import dataclasses
 import io
 from collections.abc import Callable, Iterator
 from typing import Any
