@@ -39,6 +39,7 @@ from django_satori.sandbox.config import SandboxKeys
 from django_satori.sandbox.server import SandboxServer
 from django_satori.sandbox.testing import use_sandbox
 from tests.syncing import drain
+from tests.testapp.models import Member
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -206,6 +207,15 @@ def test_a_mixed_case_address_in_satori_is_not_duplicated_with_lowercasing_off(
     assert server.state.customer("Taro@Example.jp").fields.get("last_name") == (
         None if lowercase else "山田"
     )
+
+
+def test_with_lowercasing_off_connected_objects_stay_unique_regardless_of_case(satori_sandbox):
+    with satori(EMAIL_LOWERCASE=False):
+        Member.objects.create(email="OK.User@Example.jp", family_name="一郎")
+        with pytest.raises(SatoriValidationError) as refused, transaction.atomic():
+            Member.objects.create(email="ok.user@example.jp", family_name="二郎")
+    assert refused.value.field == "email"
+    assert list(Customer.objects.values_list("email", flat=True)) == ["OK.User@Example.jp"]
 
 
 def test_lowercasing_off_is_warned_about_with_what_uniqueness_then_means():
