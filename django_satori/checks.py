@@ -437,10 +437,12 @@ def _check_email_case(conf: SatoriSettings) -> list[CheckMessage]:
     return [
         Warning(
             "SATORI['EMAIL_LOWERCASE'] is off: addresses go to SATORI as they were typed.",
-            hint="Customer.email stays unique as stored, so 'Taro@example.jp' and "
-            "'taro@example.jp' can be two local customers. If SATORI treats them as one "
-            "customer, both push into it. Turn it off only when SATORI already holds "
-            "mixed-case addresses you must not duplicate; see docs/satori-facts.md.",
+            hint="Connected objects (MAPPINGS) whose addresses differ only in case are still "
+            "refused at save, but Customer rows created directly are unique only as stored: "
+            "'Taro@example.jp' and 'taro@example.jp' can be two local customers, and if "
+            "SATORI treats them as one customer, both push into it. Turn it off only when "
+            "SATORI already holds mixed-case addresses you must not duplicate; see "
+            "docs/configuration.md.",
             id="django_satori.W010",
             obj="SATORI['EMAIL_LOWERCASE']",
         )

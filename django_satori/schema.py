@@ -178,18 +178,7 @@ def _clean_custom(identifier: str, value: Any, definitions: Mapping[str, Any]) -
             field=key,
         )
     kind, choices = custom_field_type(definitions[identifier])
-    if kind == "integer":
-        text = str(value).strip()
-        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text):
-            raise SatoriValidationError(
-                _("%(key)s expects a whole number (got %(value)r).")
-                % {"key": key, "value": text[:40]},
-                field=key,
-            )
-        return text
-    if kind == "date":
-        return format_date(value, key)
-    text = _clean_text(value, key)
+    text = _clean_typed(kind, key, value)
     if kind == "select" and choices and text not in choices:
         raise SatoriValidationError(
             _("%(key)s must be one of: %(choices)s.") % {"key": key, "choices": ", ".join(choices)},
@@ -202,15 +191,9 @@ def _clean_text(value: Any, field: str) -> str:
     return refuse_unencodable(str(value), field)
 
 
-def extra_items() -> Mapping[str, Any]:
-    """``SATORI['EXTRA_STANDARD_ITEMS']``: standard items we do not know, by wire key."""
-    items = get_settings().EXTRA_STANDARD_ITEMS
-    return items if isinstance(items, Mapping) else {}
-
-
-def clean_extra_item(key: str, value: Any, definition: Any) -> str:
-    """One EXTRA_STANDARD_ITEMS value as its wire string, by the declared type and length."""
-    kind = str(definition.get("type", "text")) if isinstance(definition, Mapping) else "text"
+def _clean_typed(kind: str, key: str, value: Any) -> str:
+    """A custom field's or extra item's value as its wire string: whole numbers as
+    digits, dates as ``YYYY-MM-DD``, anything else as text."""
     if kind == "integer":
         text = str(value).strip()
         if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text):
@@ -222,7 +205,21 @@ def clean_extra_item(key: str, value: Any, definition: Any) -> str:
         return text
     if kind == "date":
         return format_date(value, key)
-    text = _clean_text(value, key)
+    return _clean_text(value, key)
+
+
+def extra_items() -> Mapping[str, Any]:
+    """``SATORI['EXTRA_STANDARD_ITEMS']``: standard items we do not know, by wire key."""
+    items = get_settings().EXTRA_STANDARD_ITEMS
+    return items if isinstance(items, Mapping) else {}
+
+
+def clean_extra_item(key: str, value: Any, definition: Any) -> str:
+    """One EXTRA_STANDARD_ITEMS value as its wire string, by the declared type and length."""
+    kind = str(definition.get("type", "text")) if isinstance(definition, Mapping) else "text"
+    text = _clean_typed(kind, key, value)
+    if kind != "text":
+        return text
     limit = definition.get("max_length") if isinstance(definition, Mapping) else None
     if isinstance(limit, int) and not isinstance(limit, bool) and len(text) > limit:
         raise SatoriValidationError(

@@ -337,9 +337,10 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
 
 def _tags_left_message(tags: list[str]) -> str:
     return _(
-        "SATORI took the push, but registration.json only adds tags: %(tags)s may still be "
-        "on the customer in SATORI. Remove them in SATORI's admin screen, or set "
-        "SATORI['PUSH_ENDPOINT'] to 'upsert', which sends tag removals."
+        "SATORI took the push, but registration.json cannot remove tags: %(tags)s may still "
+        "be on the customer in SATORI, so it is not synced. A push with "
+        "SATORI['PUSH_ENDPOINT'] = 'upsert' removes them; until then every push of this "
+        "customer ends here."
     ) % {"tags": ", ".join(tags)}
 
 
