@@ -24,6 +24,7 @@ from django.test import override_settings
 from django.utils import translation
 
 from django_satori import bulk, permissions, sync
+from django_satori.admin_forms import CustomerAdminForm
 from django_satori.bulk_csv import header
 from django_satori.client import SatoriClient
 from django_satori.conf import get_settings
@@ -463,3 +464,19 @@ def test_an_html_403_from_a_proxy_is_a_configuration_problem_not_retried(sandbox
     row = state()
     assert row.status == SyncStatus.FAILED and row.attempts == 1
     assert "proxy" in row.last_error and "not retried" in row.last_error
+
+
+def test_the_admin_form_has_an_input_for_each_further_standard_item():
+    customer = Customer.objects.create(email="c@example.jp", custom_fields={"position": "部長"})
+    name = "satori_custom__undeclared__position"
+    data = {"email": "c@example.jp", "collection_route": "web", "tags": ""}
+    with satori(EXTRA_STANDARD_ITEMS=EXTRA):
+        form = CustomerAdminForm(instance=customer, data={**data, name: "とても長い役職名の例です"})
+        assert "EXTRA_STANDARD_ITEMS" in str(form.fields[name].help_text)
+        assert form.initial[name] == "部長"
+        assert not form.is_valid() and "10" in form.errors[name][0]  # its max_length
+        form = CustomerAdminForm(instance=customer, data={**data, name: "課長"})
+        assert form.is_valid(), form.errors
+        form.save()
+    customer.refresh_from_db()
+    assert customer.custom_fields == {"position": "課長"}
