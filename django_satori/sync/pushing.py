@@ -205,7 +205,7 @@ def tags_left_in_satori(customer: Customer, state: SyncState, conf: SatoriSettin
 
     With PUSH_ENDPOINT "registration" that is every dropped tag: the endpoint only
     adds tags. Such a push is not *synced* (SATORI may differ): the row ends
-    failed, naming the tags, until they are removed in SATORI or upsert is used.
+    failed, naming the tags, on every push until one with upsert removes them.
     """
     if conf.PUSH_ENDPOINT != "registration":
         return []
