@@ -21,7 +21,7 @@ from django.utils.translation import gettext_lazy
 from .conf import get_settings
 from .exceptions import SatoriValidationError
 from .models import Customer
-from .schema import CUSTOM_PREFIX, DATA_FIELDS, clean_customer, custom_field_type
+from .schema import CUSTOM_PREFIX, DATA_FIELDS, clean_customer, custom_field_type, extra_items
 
 #: Form field name of a custom field: a prefix no model field has, then SATORI's identifier.
 CUSTOM_FIELD_PREFIX = "satori_custom__"
@@ -180,8 +180,19 @@ class CustomerAdminForm(forms.ModelForm):
                         *((choice, choice) for choice in choices),
                         (current, label),
                     ]
+        for key in extra_items():
+            # EXTRA_STANDARD_ITEMS live in custom_fields too (Customer has no column for
+            # them); an input each, through the same path as the stored leftovers below.
+            name = UNDECLARED_PREFIX + key
+            self.fields[name] = forms.CharField(
+                required=False,
+                label=key,
+                help_text=_("A further standard item (SATORI['EXTRA_STANDARD_ITEMS'])."),
+                widget=forms.TextInput(attrs={"class": "vTextField"}),
+            )
+            self.initial.setdefault(name, stored.get(key))
         for key, value in stored.items():
-            if is_declared(key):
+            if is_declared(key) or key in extra_items():
                 continue
             # SATORI would refuse it on every push: offer it for clearing, with the reason.
             name = UNDECLARED_PREFIX + key

@@ -66,8 +66,6 @@ ACTIVE_STATES = (BulkState.CREATED, BulkState.EXPORTING, BulkState.UPLOADING, Bu
 TERMINAL_STATES = (BulkState.FINISHED, BulkState.FAILED, BulkState.CANCELLED)
 #: SATORI takes at most this many data rows per upload.
 MAX_CHUNK_SIZE = 10_000
-#: Upload attempts for network errors, timeouts and 5xx before the part fails.
-UPLOAD_MAX_ATTEMPTS = 4
 #: An upload claimed this long ago without a process code was interrupted.
 UPLOAD_STALE_SECONDS = 900.0
 #: How far a running status check pushes ``next_poll_at`` (a claim on the poll).
@@ -358,7 +356,7 @@ class _Export:
                     self._invalid(values, exc)
                     continue
                 if writer is None:
-                    writer = bulk_csv.PartWriter(encoder.header)
+                    writer = bulk_csv.PartWriter(encoder.header, self.conf.BULK_CSV_COLUMNS)
                     members, write = writer.members, writer.write_plain
                     append = members.append
                 if encoder.row_has_cr:
@@ -600,7 +598,7 @@ def _upload_failed(
             message=str(exc),
         )
         return _upload_unanswered(part, str(exc), conf)
-    retry = exc.retryable and attempt < UPLOAD_MAX_ATTEMPTS
+    retry = exc.retryable and attempt < conf.BULK_UPLOAD_ATTEMPTS
     history.log(
         endpoint,
         SyncLog.Outcome.RETRY if retry else SyncLog.Outcome.FAILED,
@@ -630,9 +628,29 @@ def _upload_failed(
             "them reached SATORI, it may still process these rows."
         ) % {"n": attempt, "error": str(exc)}
     else:
-        message = _("SATORI refused the file: %(error)s") % {"error": str(exc)}
+        column = _refused_column(part, exc, conf)
+        if column:
+            message = _(
+                "SATORI refused the column %(column)s of the file: %(error)s. If SATORI does "
+                "not take that column, list the columns it takes in "
+                "SATORI['BULK_CSV_COLUMNS']."
+            ) % {"column": column, "error": str(exc)}
+        else:
+            message = _("SATORI refused the file: %(error)s") % {"error": str(exc)}
     _fail_part(part.pk, message)
     return "failed", None
+
+
+def _refused_column(part: BulkPart, exc: SatoriError, conf: SatoriSettings) -> str:
+    """The column of the part's header that SATORI's refusal names, if any."""
+    if not isinstance(exc, SatoriValidationError):
+        return ""
+    try:
+        with bulk_storage(conf).open(str(part.csv_file.name), "rb") as fileobj:
+            columns = next(bulk_csv.read_header(fileobj), [])
+    except OSError:
+        return ""
+    return _field_in(exc.message, columns)
 
 
 def _upload_unanswered(

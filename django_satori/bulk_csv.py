@@ -51,9 +51,35 @@ _N = len(DATA_FIELDS)
 _ONLY_STR = {str}
 
 
+#: Columns a part keeps under BULK_CSV_COLUMNS = "filled" even when no row fills them.
+ALWAYS_KEPT: tuple[str, ...] = ("email", "collection_route")
+
+
+def extra_keys(conf: SatoriSettings) -> tuple[str, ...]:
+    """EXTRA_STANDARD_ITEMS's wire keys (stored in Customer.custom_fields, like custom fields)."""
+    items = conf.EXTRA_STANDARD_ITEMS
+    return tuple(str(k) for k in items) if isinstance(items, dict) else ()
+
+
 def header(conf: SatoriSettings) -> list[str]:
-    """email, the data fields, one ``custom:<id>`` per declared custom field, append_tags."""
-    return ["email", *DATA_FIELDS, *(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS), "append_tags"]
+    """Every column a row is encoded into: email, the data fields, one ``custom:<id>`` per
+    declared custom field, the EXTRA_STANDARD_ITEMS, append_tags. A part's file keeps
+    those BULK_CSV_COLUMNS selects (:meth:`PartWriter.finish`)."""
+    return [
+        "email",
+        *DATA_FIELDS,
+        *(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS),
+        *extra_keys(conf),
+        "append_tags",
+    ]
+
+
+def explicit_columns(conf: SatoriSettings) -> list[str] | None:
+    """BULK_CSV_COLUMNS when it is an explicit list of column names, else None ("filled")."""
+    value = conf.BULK_CSV_COLUMNS
+    if isinstance(value, str):
+        return None
+    return [str(name) for name in value]
 
 
 class RowEncoder:
@@ -61,7 +87,8 @@ class RowEncoder:
 
     def __init__(self, conf: SatoriSettings) -> None:
         self.header = header(conf)
-        self._custom_keys = tuple(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS)
+        #: The keys read from Customer.custom_fields: custom fields, then extra items.
+        self._custom_keys = (*(CUSTOM_PREFIX + i for i in conf.CUSTOM_FIELDS), *extra_keys(conf))
         self._custom_set = frozenset(self._custom_keys)
         self._no_custom = ("",) * len(self._custom_keys)
         self._definitions = dict(conf.CUSTOM_FIELDS)
@@ -70,6 +97,11 @@ class RowEncoder:
             CUSTOM_PREFIX + i
             for i, d in conf.CUSTOM_FIELDS.items()
             if custom_field_type(d)[0] == "text"
+        ) | frozenset(
+            key
+            for key, d in dict(conf.EXTRA_STANDARD_ITEMS).items()
+            # A length limit is the schema's to check.
+            if isinstance(d, dict) and d.get("type", "text") == "text" and not d.get("max_length")
         )
         #: Positions and keys of integer fields: an ``int`` value needs only ``str()``.
         self._integers = tuple(
@@ -79,6 +111,16 @@ class RowEncoder:
         )
         self._fast_keys = self._plain_text | {key for _n, key in self._integers}
         self._route = conf.BULK_DEFAULT_COLLECTION_ROUTE
+        explicit = explicit_columns(conf)
+        #: Positions of the columns an explicit BULK_CSV_COLUMNS leaves out.
+        self._left_out = (
+            ()
+            if explicit is None
+            else tuple((n, name) for n, name in enumerate(self.header) if name not in explicit)
+        )
+        # The bulk API's need for a route is our assumption: a list without the column
+        # says SATORI does not want it, so rows are not refused for lacking one.
+        self._need_route = explicit is None or "collection_route" in explicit
         self._separator = conf.TAG_SEPARATOR
         #: Whether the row last encoded holds a CR (see _RowWriter), for PartWriter.add().
         self.row_has_cr: bool | None = None
@@ -91,6 +133,7 @@ class RowEncoder:
     def _build(self) -> Callable[[Sequence[Any]], list[str]]:
         # A closure over locals: cheaper than attribute lookups, once per exported row.
         route = self._route
+        need_route = self._need_route
         separator = self._separator
         no_custom = self._no_custom
         custom_cells = self._custom
@@ -115,7 +158,7 @@ class RowEncoder:
                 and normalize_email(email) != email
             ):
                 self._not_normalised(email)
-            if not cells[c_route]:
+            if not cells[c_route] and need_route:
                 if not route:
                     raise SatoriValidationError(
                         _(
@@ -151,7 +194,26 @@ class RowEncoder:
             self.row_has_cr = "\r" in joined
             return cells
 
-        return encode
+        if not self._left_out:
+            return encode
+        left_out = self._left_out
+
+        def encode_listed(values: Sequence[Any]) -> list[str]:
+            cells = encode(values)
+            for n, name in left_out:
+                if cells[n]:
+                    # Leaving the value out would mark the customer synced without it.
+                    raise SatoriValidationError(
+                        _(
+                            "SATORI['BULK_CSV_COLUMNS'] leaves out the column %(column)s, "
+                            "which this customer fills; the bulk API cannot send it."
+                        )
+                        % {"column": name},
+                        field=name,
+                    )
+            return cells
+
+        return encode_listed
 
     def _unencodable(self, cells: list[str]) -> None:
         # A NUL would cut the row for SATORI; a lone surrogate would make writing the
@@ -243,10 +305,16 @@ class _RowWriter:
 
 
 class PartWriter:
-    """One part's CSV in a temporary file (memory stays flat), plus who is in it."""
+    """One part's CSV in a temporary file (memory stays flat), plus who is in it.
 
-    def __init__(self, columns: list[str]) -> None:
+    Rows are written with every column of :func:`header`; :meth:`finish` keeps
+    the columns ``keep`` selects: "filled" (those at least one row fills, plus
+    :data:`ALWAYS_KEPT`) or an explicit list, in its order.
+    """
+
+    def __init__(self, columns: list[str], keep: str | Sequence[str] = "filled") -> None:
         self.columns = columns
+        self.keep = keep
         # Lives until finish()/close(): a context manager cannot span the part.
         self._file = _temporary()
         self.raw: IO[bytes] = _unwrapped(self._file)
@@ -296,12 +364,45 @@ class PartWriter:
         self._file, self.raw, self._text, self._writer = fresh_file, fresh, text, writer
         self.members = kept
 
+    def _select_columns(self) -> None:
+        """Rewrite the file with only the columns ``keep`` selects (see the class)."""
+        self._text.flush()
+        self._text.detach()
+        self.raw.seek(0)
+        source = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
+        try:
+            names = next(csv.reader(source))
+            if isinstance(self.keep, str):
+                filled = {n for n, name in enumerate(names) if name in ALWAYS_KEPT}
+                for cells in csv.reader(source):
+                    filled.update(n for n, cell in enumerate(cells) if cell)
+                chosen = sorted(filled)
+            else:
+                chosen = [names.index(name) for name in self.keep if name in names]
+            if chosen == list(range(len(names))):
+                return
+            source.seek(0)
+            fresh_file = _temporary()
+            fresh: IO[bytes] = _unwrapped(fresh_file)
+            text = io.TextIOWrapper(fresh, encoding="utf-8", newline="")
+            writer = _RowWriter(text)
+            for cells in csv.reader(source):
+                writer.writerow([cells[n] for n in chosen])
+        finally:
+            # Detached, never closed: closing the wrapper would close the file under it.
+            source.detach()
+            self._text = io.TextIOWrapper(self.raw, encoding="utf-8", newline="")
+        self._file.close()
+        self._file, self.raw, self._text, self._writer = fresh_file, fresh, text, writer
+        self.columns = [names[n] for n in chosen]
+
     def finish(self) -> File:
         """The finished file, rewound, for ``storage.save()`` (the caller closes it).
 
         A file on disk with ``temporary_file_path()``: FileSystemStorage moves it
         into place instead of copying it.
         """
+        self._select_columns()
         self._text.flush()
         self._text.detach()
         self._file.seek(0)
@@ -332,3 +433,11 @@ def read_rows(fileobj: IO[bytes]) -> Iterator[tuple[int, list[str], list[str]]]:
     for row_number, cells in enumerate(reader, start=2):
         if cells:
             yield row_number, columns, cells
+
+
+def read_header(fileobj: IO[bytes]) -> Iterator[list[str]]:
+    """The header row of a stored part (one item; none for an empty file)."""
+    reader = csv.reader(io.TextIOWrapper(fileobj, encoding="utf-8", newline=""))
+    columns = next(reader, None)
+    if columns is not None:
+        yield columns

@@ -6,6 +6,7 @@ import difflib
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlparse
@@ -15,10 +16,20 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.core.files.storage import InvalidStorageError
 
+from . import bulk_csv
 from .bulk_files import bulk_storage
-from .conf import AUTH_KEYS, SETTING_NAMES, SatoriSettings, raw_settings
+from .conf import (
+    ANSWER_CLASSES,
+    AUTH_KEYS,
+    DEFAULT_ACTION_IDENTITY_PARAMS,
+    EXTRA_ITEM_TYPES,
+    SETTING_NAMES,
+    SatoriSettings,
+    raw_settings,
+)
 from .mapping import mapping_errors
-from .schema import CUSTOM_FIELD_TYPES, custom_field_type
+from .redaction import AUTH_FIELDS
+from .schema import CUSTOM_FIELD_TYPES, STANDARD_FIELDS, custom_field_type
 
 # Expected types for each setting; checked so a typo like "30" fails at start-up.
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -30,6 +41,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "TIMEOUT": (int, float, tuple, list),
     "TOTAL_TIMEOUT": (int, float),
     "BULK_UPLOAD_TIMEOUT": (int, float),
+    "BULK_UPLOAD_ATTEMPTS": (int,),
     "MAX_RESPONSE_BYTES": (int,),
     "SYNC_ENABLED": (bool,),
     "DRY_RUN": (bool,),
@@ -47,8 +59,14 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "MAPPINGS": (Mapping,),
     "CUSTOM_FIELDS": (Mapping,),
     "TAG_SEPARATOR": (str,),
+    "EMAIL_LOWERCASE": (bool,),
+    "DELETE_IDENTITY": (str,),
+    "EXTRA_STANDARD_ITEMS": (Mapping,),
+    "ANSWER_STATUS_CLASSES": (Mapping,),
+    "ANSWER_MESSAGE_CLASSES": (list, tuple),
     "BULK_CHUNK_SIZE": (int,),
     "BULK_DEFAULT_COLLECTION_ROUTE": (str,),
+    "BULK_CSV_COLUMNS": (str, list, tuple),
     "BULK_POLL_INTERVAL_SECONDS": (int, float),
     "BULK_POLL_MAX_INTERVAL_SECONDS": (int, float),
     "BULK_DEADLINE_SECONDS": (int, float),
@@ -61,6 +79,10 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "ACTION_PATH": (str,),
     "ACTION_PARAMS": (Mapping,),
     "ACTION_TIMEZONE": (str,),
+    "ACTION_IDENTITY_PARAMS": (Mapping,),
+    "ACTION_DATE_FORMAT": (str,),
+    "ACTION_SEND_DATE": (bool,),
+    "ACTION_EXTRA_PARAMS": (Mapping,),
     "REDACT_PERSONAL_DATA": (bool,),
     "LOG_RETENTION_DAYS": (int, float, type(None)),
     "LOG_DELETE_BATCH": (int,),
@@ -146,6 +168,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     messages.extend(_check_values(conf))
     messages.extend(_check_bulk_storage(conf))
     messages.extend(_check_custom_fields(conf))
+    messages.extend(_check_facts(conf))
     # migrate (and the test runner) name the databases they run the checks for.
     messages.extend(_check_mappings(conf, migrating=kwargs.get("databases") is not None))
     return messages
@@ -318,6 +341,213 @@ def _check_custom_fields(conf: SatoriSettings) -> list[CheckMessage]:
                 )
             )
     return messages
+
+
+def _fact_error(key: str, text: str, check_id: str) -> Error:
+    return Error(f"SATORI[{key!r}] {text}", id=check_id, obj=f"SATORI[{key!r}]")
+
+
+def _check_facts(conf: SatoriSettings) -> list[CheckMessage]:
+    """The settings that override a guessed SATORI fact (docs/satori-facts.md)."""
+    return [
+        *_check_bulk_columns(conf),
+        *_check_answer_classes(conf),
+        *_check_email_case(conf),
+        *_check_delete_identity(conf),
+        *_check_action_call(conf),
+        *_check_extra_items(conf),
+        *_check_upload_attempts(conf),
+    ]
+
+
+def _check_bulk_columns(conf: SatoriSettings) -> list[CheckMessage]:
+    value = conf.BULK_CSV_COLUMNS
+    if isinstance(value, str):
+        if value == "filled":
+            return []
+        return [
+            _fact_error(
+                "BULK_CSV_COLUMNS",
+                "must be 'filled' or a list of column names.",
+                "django_satori.E010",
+            )
+        ]
+    known = bulk_csv.header(conf)
+    names = list(value)
+    problems = []
+    if not all(isinstance(name, str) for name in names):
+        problems.append("holds a value that is not a column name (a string)")
+    else:
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            problems.append(
+                f"names columns the app does not write: {', '.join(unknown)} (known: "
+                f"{', '.join(known)}; declare custom fields in CUSTOM_FIELDS and further "
+                "items in EXTRA_STANDARD_ITEMS)"
+            )
+        if len(set(names)) != len(names):
+            problems.append("names a column twice")
+        if "email" not in names:
+            problems.append("must include 'email', which identifies each row")
+    return [
+        _fact_error("BULK_CSV_COLUMNS", problem + ".", "django_satori.E010") for problem in problems
+    ]
+
+
+def _check_answer_classes(conf: SatoriSettings) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    classes = ", ".join(ANSWER_CLASSES)
+    for code, kind in conf.ANSWER_STATUS_CLASSES.items():
+        text = str(code).strip()
+        if isinstance(code, bool) or not text.isdigit() or not 400 <= int(text) < 600:
+            messages.append(
+                _fact_error(
+                    "ANSWER_STATUS_CLASSES",
+                    f"has the key {code!r}: keys must be refusal status codes (400-599).",
+                    "django_satori.E011",
+                )
+            )
+        elif kind not in ANSWER_CLASSES:
+            messages.append(
+                _fact_error(
+                    "ANSWER_STATUS_CLASSES",
+                    f"maps {code!r} to {kind!r}; the classes are {classes}.",
+                    "django_satori.E011",
+                )
+            )
+    for entry in conf.ANSWER_MESSAGE_CLASSES:
+        if not (isinstance(entry, list | tuple) and len(entry) == 2 and isinstance(entry[0], str)):
+            problem = "must be [regular expression, class] pairs"
+        elif entry[1] not in ANSWER_CLASSES:
+            problem = f"maps {entry[0]!r} to {entry[1]!r}; the classes are {classes}"
+        else:
+            try:
+                re.compile(entry[0])
+            except re.error as exc:
+                problem = f"has the pattern {entry[0]!r}, which is not a regular expression ({exc})"
+            else:
+                continue
+        messages.append(_fact_error("ANSWER_MESSAGE_CLASSES", problem + ".", "django_satori.E011"))
+    return messages
+
+
+def _check_email_case(conf: SatoriSettings) -> list[CheckMessage]:
+    if conf.EMAIL_LOWERCASE:
+        return []
+    return [
+        Warning(
+            "SATORI['EMAIL_LOWERCASE'] is off: addresses go to SATORI as they were typed.",
+            hint="Connected objects (MAPPINGS) whose addresses differ only in case are still "
+            "refused at save, but Customer rows created directly are unique only as stored: "
+            "'Taro@example.jp' and 'taro@example.jp' can be two local customers, and if "
+            "SATORI treats them as one customer, both push into it. Turn it off only when "
+            "SATORI already holds mixed-case addresses you must not duplicate; see "
+            "docs/configuration.md.",
+            id="django_satori.W010",
+            obj="SATORI['EMAIL_LOWERCASE']",
+        )
+    ]
+
+
+def _check_delete_identity(conf: SatoriSettings) -> list[CheckMessage]:
+    if conf.DELETE_IDENTITY in ("hashcode", "email"):
+        return []
+    return [_fact_error("DELETE_IDENTITY", "must be 'hashcode' or 'email'.", "django_satori.E012")]
+
+
+def _check_action_call(conf: SatoriSettings) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    ids = conf.ACTION_IDENTITY_PARAMS
+    unknown = set(ids) - set(DEFAULT_ACTION_IDENTITY_PARAMS)
+    if unknown:
+        messages.append(
+            _fact_error(
+                "ACTION_IDENTITY_PARAMS",
+                f"has unknown name(s) {', '.join(sorted(map(str, unknown)))}; the names are "
+                "identity_type, email and hashcode.",
+                "django_satori.E013",
+            )
+        )
+    wires = [*ids.values(), *conf.ACTION_PARAMS.values(), *conf.ACTION_EXTRA_PARAMS]
+    if not all(isinstance(w, str) and w for w in wires) or not all(
+        isinstance(v, str) for v in conf.ACTION_EXTRA_PARAMS.values()
+    ):
+        messages.append(
+            _fact_error(
+                "ACTION_IDENTITY_PARAMS",
+                "and ACTION_EXTRA_PARAMS must hold non-empty parameter names and string values.",
+                "django_satori.E013",
+            )
+        )
+    elif set(wires) & set(AUTH_FIELDS):
+        messages.append(
+            _fact_error(
+                "ACTION_EXTRA_PARAMS",
+                "or ACTION_IDENTITY_PARAMS names one of the four keys "
+                f"({', '.join(AUTH_FIELDS)}); the keys are sent by the app and cannot be "
+                "overridden.",
+                "django_satori.E013",
+            )
+        )
+    elif len(set(wires)) != len(wires):
+        messages.append(
+            _fact_error(
+                "ACTION_IDENTITY_PARAMS",
+                "ACTION_PARAMS and ACTION_EXTRA_PARAMS name one parameter twice.",
+                "django_satori.E013",
+            )
+        )
+    if "%" not in conf.ACTION_DATE_FORMAT:
+        messages.append(
+            _fact_error(
+                "ACTION_DATE_FORMAT",
+                "must be a strftime format such as '%Y-%m-%d %H:%M:%S'.",
+                "django_satori.E013",
+            )
+        )
+    return messages
+
+
+def _check_extra_items(conf: SatoriSettings) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    for key, definition in conf.EXTRA_STANDARD_ITEMS.items():
+        where = f"EXTRA_STANDARD_ITEMS'][{key!r}"
+        if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z0-9_]+", key):
+            problem = "must be SATORI's item key (letters, digits, _)."
+        elif key in STANDARD_FIELDS:
+            problem = "is a standard item the app already sends."
+        elif key in ("tags", "custom_fields"):
+            problem = "is a name the app uses itself."
+        elif not isinstance(definition, Mapping):
+            problem = 'must be a dict such as {"type": "text", "max_length": 100}.'
+        elif definition.get("type", "text") not in EXTRA_ITEM_TYPES:
+            problem = f"has the type {definition.get('type')!r}; use one of " + ", ".join(
+                EXTRA_ITEM_TYPES
+            )
+        elif set(definition) - {"type", "max_length"}:
+            problem = "may hold only 'type' and 'max_length'."
+        elif "max_length" in definition and (
+            not isinstance(definition["max_length"], int)
+            or isinstance(definition["max_length"], bool)
+            or definition["max_length"] < 1
+        ):
+            problem = "has a 'max_length' that is not a positive whole number."
+        else:
+            continue
+        messages.append(_fact_error(where, problem, "django_satori.E014"))
+    return messages
+
+
+def _check_upload_attempts(conf: SatoriSettings) -> list[CheckMessage]:
+    if conf.BULK_UPLOAD_ATTEMPTS >= 1:
+        return []
+    return [
+        _fact_error(
+            "BULK_UPLOAD_ATTEMPTS",
+            "must be at least 1 (the first upload counts).",
+            "django_satori.E015",
+        )
+    ]
 
 
 def _check_mappings(conf: SatoriSettings, *, migrating: bool) -> list[CheckMessage]:

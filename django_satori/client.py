@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 import zoneinfo
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
@@ -53,7 +53,14 @@ from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
 from . import __version__
-from .conf import AUTH_KEYS, SatoriSettings, get_settings
+from .conf import (
+    ANSWER_CLASSES,
+    AUTH_KEYS,
+    DEFAULT_ANSWER_STATUS_CLASSES,
+    SatoriSettings,
+    answer_status_classes,
+    get_settings,
+)
 from .exceptions import (
     SatoriAuthenticationError,
     SatoriConfigurationError,
@@ -68,7 +75,6 @@ from .exceptions import (
 )
 from .redaction import (
     AUTH_FIELDS,
-    MASK,
     SecretNeedles,
     for_log,
     install_log_filters,
@@ -186,15 +192,23 @@ class BulkStatus:
     response_summary: Any = field(default=None, repr=False)
 
 
-@dataclass(frozen=True)
+# Slots: error trackers walk a local's ``__dict__``; ``raw`` and ``payload`` may echo
+# the keys, and only the repr (which leaves them out) is there to see.
+@dataclass(frozen=True, slots=True)
 class SatoriReply:
-    """A successful reply: the JSON, its status and where its payload sits."""
+    """A successful reply: its status, where its payload sits, and the JSON.
+
+    ``payload`` and ``raw`` are the reply as SATORI sent it, for reading values
+    (a hashcode, a process code) that must not be altered; ``data`` and
+    ``message`` have the keys scrubbed out, for storing and showing.
+    """
 
     status: int
     message: Any
-    payload: dict[str, Any]
+    payload: dict[str, Any] = field(repr=False)
     data: dict[str, Any]
     http_status: int
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -206,14 +220,27 @@ def parse_response(
     headers: Mapping[str, str] | None = None,
     *,
     needles: Iterable[str] = (),
+    status_classes: Mapping[int, str] | None = None,
+    message_classes: Sequence[tuple[re.Pattern[str], str]] = (),
 ) -> SatoriReply:
     """Turn one HTTP reply into a :class:`SatoriReply` or raise a typed error.
 
     Only :class:`SatoriError` subclasses ever leave this function, whatever the
     bytes. ``needles`` (from :func:`redaction.secret_needles`) are removed from
-    the parsed JSON and from any text quoted in an error.
+    what is kept for storing and showing (``data``, an error's text and
+    response), never from what is read: with short key values, scrubbing the
+    reply before reading it mangled every answer (``"status"`` holds an "a").
+    ``status_classes`` and ``message_classes`` classify refusals (see
+    :func:`error_for_status`).
     """
-    outcome = _parse(body, http_status, headers or {}, _as_needles(needles))
+    outcome = _parse(
+        body,
+        http_status,
+        headers or {},
+        _as_needles(needles),
+        status_classes,
+        message_classes,
+    )
     # The raw reply can echo the keys (an error page quoting the form, a
     # redirect's Location): error trackers record the locals of the frame that
     # raises, so the raw bytes and headers are gone from it first.
@@ -228,7 +255,12 @@ def _as_needles(needles: Iterable[str]) -> SecretNeedles:
 
 
 def _parse(
-    body: bytes, http_status: int, headers: Mapping[str, str], needles: SecretNeedles
+    body: bytes,
+    http_status: int,
+    headers: Mapping[str, str],
+    needles: SecretNeedles,
+    status_classes: Mapping[int, str] | None,
+    message_classes: Sequence[tuple[re.Pattern[str], str]],
 ) -> SatoriReply | SatoriError:
     """:func:`parse_response`'s work; returns the error instead of raising it (see there)."""
     content_type = _header(headers, "Content-Type")[:100]
@@ -247,6 +279,19 @@ def _parse(
         )
 
     raw, ok = _load_json(body)
+    if not ok and http_status in (401, 403):
+        # SATORI answers JSON; a page refusing the keys or the request comes from
+        # a proxy or firewall in between. Retrying cannot help: a person must look.
+        return SatoriConfigurationError(
+            _(
+                "The request was refused with HTTP %(code)s by something that is not SATORI "
+                "(the reply is not JSON, content type %(type)s): probably a proxy or firewall "
+                "between this server and SATORI. Check the outgoing proxy and firewall rules "
+                "and SATORI['BASE_URL']; this is not retried."
+            )
+            % {"code": http_status, "type": scrub(content_type or "none", needles)},
+            http_status=http_status,
+        )
     if not ok:
         return SatoriTransientError(
             ngettext(
@@ -265,9 +310,8 @@ def _parse(
             retry_after=retry_after,
         )
     data = scrub_data(raw, needles)
-    del raw
 
-    status = _coerce_status(data.get("status")) if isinstance(data, dict) else None
+    status = _coerce_status(raw.get("status")) if isinstance(raw, dict) else None
     if status is None:
         if 200 <= http_status < 300 or not 100 <= http_status < 600:
             return SatoriError(
@@ -281,19 +325,20 @@ def _parse(
             )
         status = http_status  # e.g. a gateway's JSON error: the HTTP code is all we have
 
-    message = data.get("message") if isinstance(data, dict) else None
-    if 200 <= status < 300 and isinstance(data, dict):
+    message = raw.get("message") if isinstance(raw, dict) else None
+    if 200 <= status < 300 and isinstance(raw, dict) and isinstance(data, dict):
         return SatoriReply(
             status=status,
-            message=message,
-            payload=_payload(data),
+            message=data.get("message"),
+            payload=_payload(raw),
             data=data,
             http_status=http_status,
+            raw=raw,
         )
 
-    payload = _payload(data) if isinstance(data, dict) else {}
+    payload = _payload(raw) if isinstance(raw, dict) else {}
     if retry_after is None:
-        retry_after = _retry_after_hint(payload, data)
+        retry_after = _retry_after_hint(payload, raw)
     return error_for_status(
         status,
         _message_text(message, needles)
@@ -302,6 +347,8 @@ def _parse(
         response=data,
         retry_after=retry_after,
         field=_field_from_message(message),
+        status_classes=status_classes,
+        message_classes=message_classes,
     )
 
 
@@ -313,8 +360,17 @@ def error_for_status(
     response: Any = None,
     retry_after: float | None = None,
     field: str | None = None,
+    status_classes: Mapping[int, str] | None = None,
+    message_classes: Sequence[tuple[re.Pattern[str], str]] = (),
 ) -> SatoriError:
-    """The error class for a non-success SATORI status (JSON status, or HTTP code)."""
+    """The error class for a non-success SATORI status (JSON status, or HTTP code).
+
+    The first of ``message_classes`` (pattern, class) whose pattern is found in
+    ``message`` decides; otherwise ``status_classes`` (default: 401
+    authentication, 403 permission, 404 not found, 429 slow down, 408/425
+    transient), then 5xx transient and any other 4xx validation. SATORI's list
+    of codes is not published, hence ANSWER_STATUS_CLASSES / ANSWER_MESSAGE_CLASSES.
+    """
     # ``field`` goes on every class: a 404 or 403 naming customer[email] says which identity.
     common: dict[str, Any] = {
         "status": status,
@@ -322,19 +378,48 @@ def error_for_status(
         "response": response,
         "field": field,
     }
-    if status == 401:
+    kind = next((name for pattern, name in message_classes if pattern.search(message)), None)
+    if kind is None:
+        kind = (DEFAULT_ANSWER_STATUS_CLASSES if status_classes is None else status_classes).get(
+            status
+        )
+    if kind is None and 500 <= status < 600:
+        kind = "transient"
+    elif kind is None and 400 <= status < 500:
+        kind = "validation"
+    if kind == "authentication":
         return SatoriAuthenticationError(message, **common)
-    if status == 403:
+    if kind == "permission":
         return SatoriPermissionError(message, **common)
-    if status == 404:
+    if kind == "not_found":
         return SatoriNotFoundError(message, **common)
-    if status == 429:
+    if kind == "slow_down":
         return SatoriRateLimitError(message, retry_after=retry_after, **common)
-    if status in (408, 425) or 500 <= status < 600:
+    if kind == "transient":
         return SatoriTransientError(message, retry_after=retry_after, **common)
-    if 400 <= status < 500:
+    if kind == "validation":
         return SatoriValidationError(message, **common)
     return SatoriError(message, **common)
+
+
+def compile_message_classes(value: Any) -> list[tuple[re.Pattern[str], str]]:
+    """ANSWER_MESSAGE_CLASSES as compiled ``(pattern, class)`` pairs; unusable entries
+    are left out (system check E011 names them)."""
+    compiled: list[tuple[re.Pattern[str], str]] = []
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        return compiled
+    for entry in value:
+        if (
+            isinstance(entry, list | tuple)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and entry[1] in ANSWER_CLASSES
+        ):
+            try:
+                compiled.append((re.compile(entry[0]), entry[1]))
+            except re.error:
+                continue
+    return compiled
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
@@ -792,9 +877,11 @@ class SatoriClient:
     __slots__ = (
         "_base_url",
         "_max_bytes",
+        "_message_classes",
         "_needles",
         "_owns_session",
         "_session",
+        "_status_classes",
         "_timeout",
         "_total",
         "conf",
@@ -824,6 +911,8 @@ class SatoriClient:
             for name in ("TOTAL_TIMEOUT", "BULK_UPLOAD_TIMEOUT")
         }
         self._max_bytes = _positive_int(self.conf.MAX_RESPONSE_BYTES)
+        self._status_classes = answer_status_classes(self.conf)
+        self._message_classes = compile_message_classes(self.conf.ANSWER_MESSAGE_CLASSES)
 
     def __repr__(self) -> str:
         parts = urlsplit(self._base_url)
@@ -911,27 +1000,42 @@ class SatoriClient:
     ) -> CustomerResult:
         """Record a user-defined action on a customer's timeline.
 
-        The path and parameter names come from ``ACTION_PATH`` / ``ACTION_PARAMS``
-        because SATORI's documentation for this API could not be verified.
-        ``occurred_at`` is sent in ``ACTION_TIMEZONE``; naive values are taken
-        to be in that zone already; the default is now.
+        The path and parameter names come from ``ACTION_PATH``, ``ACTION_PARAMS``
+        and ``ACTION_IDENTITY_PARAMS``, fixed extra fields from
+        ``ACTION_EXTRA_PARAMS``, because SATORI's documentation for this API could
+        not be verified. ``occurred_at`` is sent in ``ACTION_TIMEZONE`` as
+        ``ACTION_DATE_FORMAT`` (unless ``ACTION_SEND_DATE`` is off); naive values
+        are taken to be in that zone already; the default is now.
         """
         self._check_configuration()
         identity_type, value = self._identity(email, hashcode)
         params = self.conf.ACTION_PARAMS
+        ids = self.conf.ACTION_IDENTITY_PARAMS
         title = "" if name is None else str(name).strip()
         if not title:
             raise SatoriValidationError(_("An action needs a name."), field="name")
         pairs: list[tuple[str, str]] = [
-            ("customer[identity_type]", identity_type),
-            (f"customer[{identity_type}]", value),
+            (ids["identity_type"], identity_type),
+            (ids[identity_type], value),
             (params["name"], _no_nul(title, "name")),
         ]
         if content:
             pairs.append((params["content"], _no_nul(str(content), "content")))
         if url:
             pairs.append((params["url"], _absolute_url(str(url))))
-        pairs.append((params["date"], self._action_time(occurred_at)))
+        if self.conf.ACTION_SEND_DATE:
+            pairs.append((params["date"], self._action_time(occurred_at)))
+        pairs.extend((str(k), str(v)) for k, v in self.conf.ACTION_EXTRA_PARAMS.items())
+        names = [wire for wire, _value in pairs]
+        if set(names) & set(AUTH_FIELDS) or len(set(names)) != len(names):
+            # The keys are ours to send; a setting naming one would replace or repeat it.
+            raise SatoriConfigurationError(
+                _(
+                    "The action call's parameter names (SATORI['ACTION_PARAMS'], "
+                    "['ACTION_IDENTITY_PARAMS'], ['ACTION_EXTRA_PARAMS']) must be distinct and "
+                    "must not name one of the four keys."
+                )
+            )
         path = "/" + str(self.conf.ACTION_PATH).lstrip("/")
         wire = self._form_wire(
             ACTION_ENDPOINT, "POST", path, pairs, visible=(params["name"], params["date"])
@@ -954,7 +1058,7 @@ class SatoriClient:
             raise SatoriValidationError(_("occurred_at must be a datetime."), field="date")
         elif occurred_at.tzinfo is not None and occurred_at.utcoffset() is not None:
             occurred_at = occurred_at.astimezone(zone)
-        return occurred_at.strftime("%Y-%m-%d %H:%M:%S")
+        return occurred_at.strftime(str(self.conf.ACTION_DATE_FORMAT))
 
     # ---------------------------------------------------------------- bulk
 
@@ -1002,7 +1106,7 @@ class SatoriClient:
                 file.close()
         process_code = _text_or_none(reply.payload.get("process_code"))
         if process_code is None:
-            process_code = _text_or_none(reply.data.get("process_code"))
+            process_code = _text_or_none(reply.raw.get("process_code"))
         if process_code is None:
             # Accepted or not? Unknown. Not retryable: a second upload may duplicate the job.
             error = SatoriError(
@@ -1033,19 +1137,19 @@ class SatoriClient:
             raise SatoriValidationError(_("A process_code is required."), field="process_code")
         wire = self._status_wire(code)
         reply, elapsed = self._call(wire)
-        payload = reply.payload
-        process_status = _text_or_none(payload.get("process_status")) or ""
-        try:
-            failed_rows = _failed_rows(payload.get("failed_rows"))
-        except SatoriError as error:
-            error.status, error.http_status, error.response = (
+        # reply.payload is read in place, never bound to a local: it is the reply as
+        # SATORI sent it, and an error raised here has this frame's locals recorded.
+        process_status = _text_or_none(reply.payload.get("process_status")) or ""
+        failed_rows = _failed_rows(reply.payload.get("failed_rows"), self._needles)
+        if isinstance(failed_rows, SatoriError):
+            failed_rows.status, failed_rows.http_status, failed_rows.response = (
                 reply.status,
                 reply.http_status,
                 reply.data,
             )
-            self._annotate(error, wire, reply.data)
-            raise
-        succeeded = payload.get("succeeded_rows")
+            self._annotate(failed_rows, wire, reply.data)
+            raise failed_rows
+        succeeded = _payload(reply.data).get("succeeded_rows")
         return BulkStatus(
             process_code=code,
             process_status=process_status,
@@ -1177,7 +1281,12 @@ class SatoriClient:
             raise outcome
         try:
             reply = parse_response(
-                outcome.body, outcome.status, outcome.headers, needles=self._needles
+                outcome.body,
+                outcome.status,
+                outcome.headers,
+                needles=self._needles,
+                status_classes=self._status_classes,
+                message_classes=self._message_classes,
             )
         except SatoriError as error:
             self._annotate(error, wire, error.response)
@@ -1296,11 +1405,9 @@ class SatoriClient:
             failure.transport = transport
             return failure
         assert http_response is not None
-        return _RawReply(
-            http_response.status_code,
-            http_response.headers,
-            _without_needles(body, self._needles),
-        )
+        # Not scrubbed here: the keys are taken out of what is stored and shown
+        # (parse_response), never out of what is read.
+        return _RawReply(http_response.status_code, http_response.headers, body)
 
     @staticmethod
     def _read_body(http_response: requests.Response, limit: int) -> bytes:
@@ -1370,17 +1477,6 @@ class _TooLarge(Exception):
     """The reply passed MAX_RESPONSE_BYTES (internal: becomes SatoriResponseTooLargeError)."""
 
 
-def _without_needles(body: bytes, needles: SecretNeedles) -> bytes:
-    """The raw reply with the keys (raw or percent-encoded, as UTF-8) cut out.
-
-    Done before the bytes are bound anywhere an error report could see them;
-    keys escaped inside JSON strings are removed after parsing (scrub_data).
-    """
-    for needle in needles:
-        body = body.replace(needle.encode("utf-8"), MASK.encode("ascii"))
-    return body
-
-
 def _seconds(value: Any) -> float | None:
     if isinstance(value, bool):
         return None
@@ -1433,7 +1529,7 @@ def _text_or_none(value: Any) -> str | None:
 
 
 def _hashcode(reply: SatoriReply) -> str | None:
-    for source in (reply.payload, reply.data):
+    for source in (reply.payload, reply.raw):
         for key in ("customer[hashcode]", "hashcode"):
             found = _text_or_none(source.get(key))
             if found:
@@ -1446,11 +1542,12 @@ def _hashcode(reply: SatoriReply) -> str | None:
     return None
 
 
-def _failed_rows(value: Any) -> list[FailedRow]:
+def _failed_rows(value: Any, needles: SecretNeedles) -> list[FailedRow] | SatoriError:
+    """The refused rows, or the error (returned: this frame holds the unscrubbed reply)."""
     if value is None:
         return []
     if not isinstance(value, list):
-        raise SatoriError(_("SATORI's failed_rows is not a list."))
+        return SatoriError(_("SATORI's failed_rows is not a list."))
     rows = []
     for item in value:
         number = item.get("row_number") if isinstance(item, dict) else None
@@ -1458,12 +1555,15 @@ def _failed_rows(value: Any) -> list[FailedRow]:
             number = int(number.strip())
         if isinstance(number, bool) or not isinstance(number, int):
             # Guessing would count a refused row as sent; better to stop and say so.
-            raise SatoriError(_("SATORI's failed_rows has an entry without a row_number."))
+            return SatoriError(_("SATORI's failed_rows has an entry without a row_number."))
         message = item.get("message") if isinstance(item, dict) else None
         rows.append(
             FailedRow(
                 row_number=number,
-                message=message if isinstance(message, str) else _message_text(message, ()),
+                # Stored with the row's error: scrubbed like every text kept from SATORI.
+                message=scrub(message, needles)
+                if isinstance(message, str)
+                else _message_text(message, needles),
             )
         )
     return rows

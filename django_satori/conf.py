@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -27,6 +27,33 @@ DEFAULT_ACTION_PARAMS: dict[str, str] = {
     "url": "action[url]",
     "date": "action[date]",
 }
+
+DEFAULT_ACTION_IDENTITY_PARAMS: dict[str, str] = {
+    "identity_type": "customer[identity_type]",
+    "email": "customer[email]",
+    "hashcode": "customer[hashcode]",
+}
+DEFAULT_ACTION_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+#: How SATORI's answers are classified by status (ANSWER_STATUS_CLASSES merges over this);
+#: codes not listed: 5xx transient, other 4xx validation.
+ANSWER_CLASSES: tuple[str, ...] = (
+    "authentication",
+    "permission",
+    "not_found",
+    "validation",
+    "transient",
+    "slow_down",
+)
+DEFAULT_ANSWER_STATUS_CLASSES: dict[int, str] = {
+    401: "authentication",
+    403: "permission",
+    404: "not_found",
+    408: "transient",
+    425: "transient",
+    429: "slow_down",
+}
+EXTRA_ITEM_TYPES: tuple[str, ...] = ("text", "integer", "date")
 
 DEFAULT_DELIVERY_PERMISSION_LABELS: dict[str, str] = {
     "許可": "approval",
@@ -53,6 +80,8 @@ class SatoriSettings:
     TOTAL_TIMEOUT: float = 30.0
     #: The same for a bulk CSV upload, which sends up to 10,000 rows.
     BULK_UPLOAD_TIMEOUT: float = 300.0
+    #: Upload attempts of one bulk part (network errors, timeouts, 5xx) before it fails.
+    BULK_UPLOAD_ATTEMPTS: int = 4
     #: A reply longer than this many bytes is abandoned unread.
     MAX_RESPONSE_BYTES: int = 10 * 1024 * 1024
 
@@ -84,10 +113,24 @@ class SatoriSettings:
     CUSTOM_FIELDS: Mapping[str, Any] = field(default_factory=dict)
     #: How several tags are joined in ``append_tags`` / ``delete_tags`` (unverified).
     TAG_SEPARATOR: str = ","
+    #: Send e-mail addresses in lower case (SATORI's case rules are unknown).
+    EMAIL_LOWERCASE: bool = True
+    #: "hashcode" (when known) or "email": how deletes and e-mail changes name the customer.
+    DELETE_IDENTITY: str = "hashcode"
+    #: {"key": {"type": "text" | "integer" | "date", "max_length": N}}: standard items
+    #: SATORI accepts that the app does not know (役職, FAX, ...).
+    EXTRA_STANDARD_ITEMS: Mapping[str, Any] = field(default_factory=dict)
+    #: {status code: class}, merged over DEFAULT_ANSWER_STATUS_CLASSES.
+    ANSWER_STATUS_CLASSES: Mapping[int, str] = field(default_factory=dict)
+    #: [[regex, class], ...] tried on SATORI's message before the status decides.
+    ANSWER_MESSAGE_CLASSES: Sequence[Sequence[str]] = field(default_factory=list)
 
     # Bulk CSV API
     BULK_CHUNK_SIZE: int = 10_000
     BULK_DEFAULT_COLLECTION_ROUTE: str = ""
+    #: "filled": the columns at least one row of the part fills (plus email and
+    #: collection_route); or an explicit list of column names.
+    BULK_CSV_COLUMNS: str | Sequence[str] = "filled"
     BULK_POLL_INTERVAL_SECONDS: float = 5.0
     BULK_POLL_MAX_INTERVAL_SECONDS: float = 120.0
     BULK_DEADLINE_SECONDS: float = 6 * 3600.0
@@ -108,6 +151,15 @@ class SatoriSettings:
     ACTION_PATH: str = "/api/v4/public/customer/add_action.json"
     ACTION_PARAMS: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ACTION_PARAMS))
     ACTION_TIMEZONE: str = "Asia/Tokyo"
+    #: Wire names of the customer identity in an action call.
+    ACTION_IDENTITY_PARAMS: Mapping[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_ACTION_IDENTITY_PARAMS)
+    )
+    ACTION_DATE_FORMAT: str = DEFAULT_ACTION_DATE_FORMAT
+    #: False: the action call carries no date (SATORI then uses the time it receives it).
+    ACTION_SEND_DATE: bool = True
+    #: Fixed extra form fields of every action call (never one of the four keys).
+    ACTION_EXTRA_PARAMS: Mapping[str, str] = field(default_factory=dict)
 
     # Logs and the admin
     REDACT_PERSONAL_DATA: bool = True
@@ -142,6 +194,17 @@ class SatoriSettings:
         return f"SatoriSettings({shown!r})"
 
 
+def answer_status_classes(conf: SatoriSettings) -> dict[int, str]:
+    """The status classification in force: the defaults with ANSWER_STATUS_CLASSES over them."""
+    classes = dict(DEFAULT_ANSWER_STATUS_CLASSES)
+    if isinstance(conf.ANSWER_STATUS_CLASSES, Mapping):
+        for code, kind in conf.ANSWER_STATUS_CLASSES.items():
+            # Accept "403" too: settings read from JSON or the environment have string keys.
+            if str(code).strip().isdigit():
+                classes[int(str(code).strip())] = str(kind)
+    return classes
+
+
 SETTING_NAMES: frozenset[str] = frozenset(f.name for f in dataclasses.fields(SatoriSettings))
 
 
@@ -159,6 +222,11 @@ def get_settings() -> SatoriSettings:
         known["TIMEOUT"] = tuple(known["TIMEOUT"])
     if "ACTION_PARAMS" in known and isinstance(known["ACTION_PARAMS"], Mapping):
         known["ACTION_PARAMS"] = {**DEFAULT_ACTION_PARAMS, **known["ACTION_PARAMS"]}
+    if "ACTION_IDENTITY_PARAMS" in known and isinstance(known["ACTION_IDENTITY_PARAMS"], Mapping):
+        known["ACTION_IDENTITY_PARAMS"] = {
+            **DEFAULT_ACTION_IDENTITY_PARAMS,
+            **known["ACTION_IDENTITY_PARAMS"],
+        }
     return SatoriSettings(**known)
 
 

@@ -186,6 +186,8 @@ class Report:
         current = self.suggested.get(setting)
         if isinstance(current, dict) and isinstance(value, dict):
             self.suggested[setting] = {**current, **value}
+        elif isinstance(current, list) and isinstance(value, list):
+            self.suggested[setting] = current + [item for item in value if item not in current]
         else:
             self.suggested[setting] = value
 
@@ -947,7 +949,7 @@ def _suggest_not_found(report: Report, error: SatoriError, identity: str = "") -
         pattern = re.escape(error.message[:80])
         if identity:
             pattern = pattern.replace(re.escape(identity), ".+")
-        report.suggest("ANSWER_MESSAGE_CLASSES", {pattern: "not_found"})
+        report.suggest("ANSWER_MESSAGE_CLASSES", [[pattern, "not_found"]])
 
 
 # --------------------------------------------------------------------------- write test

@@ -12,6 +12,8 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.translation import gettext as _
 
+from .permissions import operation_for_endpoint, refusal_text
+
 
 class SatoriError(Exception):
     """Base class: something went wrong talking to SATORI (or before it)."""
@@ -101,7 +103,21 @@ class SatoriPermissionError(SatoriAuthenticationError):
     SATORI's "own records only" rule means valid keys can be refused for some
     customers (those created by another user or key), so this is reported per
     customer and never retried.
+
+    Shown as a permission problem naming the rule item to enable (from the
+    endpoint the client notes on the error), not as a problem with a field:
+    SATORI's message names the customer's identity, which is not what is wrong.
     """
+
+    def __str__(self) -> str:
+        try:
+            text = refusal_text(operation_for_endpoint(self.endpoint), self.message)
+            status_text = _("SATORI status %(status)s")
+        except ImproperlyConfigured:  # no settings yet: str() of an error must still work
+            text, status_text = self.message, "SATORI status %(status)s"
+        if self.status is None:
+            return text
+        return f"{status_text % {'status': self.status}}: {text}"
 
 
 class SatoriValidationError(SatoriError, ValueError):

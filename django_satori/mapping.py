@@ -84,7 +84,9 @@ class ModelMapping:
         custom: dict[str, Any] = {}
         for key, get in self.fields.items():
             value = get(instance)
-            if key.startswith(CUSTOM_PREFIX):
+            if key.startswith(CUSTOM_PREFIX) or key not in STANDARD_FIELDS:
+                # Custom fields and EXTRA_STANDARD_ITEMS: Customer has no column for
+                # them, so they travel in its custom_fields, under their wire key.
                 if value not in (None, ""):
                     custom[key] = value
             else:
@@ -150,7 +152,10 @@ def _load_entry(
 
     fields: dict[str, Getter] = {}
     for key, spec in (entry.get("fields") or {}).items():
-        if key in _NOT_MAPPABLE or not (key in STANDARD_FIELDS or key.startswith(CUSTOM_PREFIX)):
+        extra = conf.EXTRA_STANDARD_ITEMS if isinstance(conf.EXTRA_STANDARD_ITEMS, Mapping) else {}
+        if key in _NOT_MAPPABLE or not (
+            key in STANDARD_FIELDS or key.startswith(CUSTOM_PREFIX) or key in extra
+        ):
             found.append(f"{where}['fields']: {key!r} is not a SATORI customer item.")
             continue
         if key.startswith(CUSTOM_PREFIX) and key[len(CUSTOM_PREFIX) :] not in conf.CUSTOM_FIELDS:

@@ -1,18 +1,34 @@
-"""SATORI's permission-rule items (権限ルール) that each API operation needs.
+"""Which item of SATORI's permission rules each API operation needs.
 
-Since 2025-10-21 SATORI applies the key owner's permission rules to API
-calls. A refusal names no rule, so we name the item the key's owner must
-enable, with the labels of SATORI's help article on permission rules.
+Since 2025-10-21 SATORI applies the permission rule (権限ルール) of the user
+who owns the API keys to API calls. A refusal is only useful when it says which
+item to enable, so the labels here are those of SATORI's help article, in
+Japanese as SATORI's admin screen shows them (it has no English screen). Shared
+by the error text the admin shows
+(:class:`~django_satori.exceptions.SatoriPermissionError`) and by
+``satori_doctor``.
 """
 
 from __future__ import annotations
 
+from django.utils.translation import gettext as _
 from django.utils.translation import gettext as translate_marked
 from django.utils.translation import gettext_noop
 
-#: operation -> the rule item, as labelled in SATORI's screen (the Japanese label
-#: stays in the English text: SATORI's screen shows only that one). Message ids:
-#: stored diagnoses keep them and word them when shown.
+#: Operation -> the item's label on SATORI's screen.
+RULE_LABELS: dict[str, str] = {
+    "upsert": "カスタマー情報の編集",
+    "registration": "新規登録の実行",
+    "delete": "カスタマーの削除",
+    "action": "カスタマーのユーザー定義アクション",
+    "bulk_upload": "カスタマーの一括登録",
+    "bulk_status": "カスタマーステータスの一括取得",
+}
+OPERATIONS: tuple[str, ...] = tuple(RULE_LABELS)
+
+#: Operation -> message id naming the item for a reader: in English a gloss with the
+#: label, in Japanese the bare label. Message ids, so a stored diagnosis is worded
+#: when it is shown.
 RULE_ITEMS: dict[str, str] = {
     "upsert": gettext_noop("Edit customer information (カスタマー情報の編集)"),
     "registration": gettext_noop("Register new customers (新規登録の実行)"),
@@ -30,7 +46,41 @@ OWN_ONLY_NOTE = gettext_noop(
     "customers it registered itself."
 )
 
+#: The client's endpoint names (client.ENDPOINTS, ACTION_ENDPOINT) -> operation.
+ENDPOINT_OPERATIONS: dict[str, str] = {
+    "customer/registration": "registration",
+    "customer/upsert": "upsert",
+    "customer/delete": "delete",
+    "customer/add_action": "action",
+    "bulk/registration": "bulk_upload",
+    "bulk/upsert": "bulk_upload",
+    "bulk/status": "bulk_status",
+}
+
 
 def rule_item(operation: str) -> str:
     """The rule item ``operation`` needs, in the active language (KeyError if unknown)."""
     return translate_marked(RULE_ITEMS[operation])  # marked with gettext_noop above
+
+
+def operation_for_endpoint(endpoint: str | None) -> str | None:
+    """The operation of a client endpoint name, or None when it is not one."""
+    return ENDPOINT_OPERATIONS.get(endpoint or "")
+
+
+def own_only_note() -> str:
+    """SATORI's note on 「自分のみ」 rules, as the fix to look for besides the item."""
+    return translate_marked(OWN_ONLY_NOTE)  # marked with gettext_noop above
+
+
+def refusal_text(operation: str | None, message: str) -> str:
+    """A permission refusal worded as one: the item to enable, the own-only note, SATORI's words."""
+    if operation is None or operation not in RULE_LABELS:
+        return _(
+            "SATORI refused this for lack of permission: check the permission rule of the "
+            "SATORI user who owns the API keys. %(note)s SATORI said: %(message)s"
+        ) % {"note": own_only_note(), "message": message}
+    return _(
+        "SATORI refused this for lack of permission: enable 「%(item)s」 in the permission "
+        "rule of the SATORI user who owns the API keys. %(note)s SATORI said: %(message)s"
+    ) % {"item": RULE_LABELS[operation], "note": own_only_note(), "message": message}

@@ -15,6 +15,7 @@ from typing import Any
 
 from django.utils.translation import gettext as _
 
+from .conf import get_settings
 from .exceptions import SatoriValidationError
 
 #: Standard customer items, in the order we write them (key inside ``customer[...]``
@@ -63,11 +64,19 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _CUSTOM_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")
 
 
-def normalize_email(value: Any, field: str = "email") -> str:
-    """Trim, NFKC (full-width to ASCII) and lower-case; refuse what SATORI would refuse."""
+def normalize_email(value: Any, field: str = "email", *, lowercase: bool | None = None) -> str:
+    """Trim, NFKC (full-width to ASCII) and lower-case; refuse what SATORI would refuse.
+
+    ``lowercase`` defaults to ``SATORI['EMAIL_LOWERCASE']``: SATORI's case rules
+    are unknown, and with it off an address is sent as the person typed it.
+    """
     if value is None or not str(value).strip():
         raise SatoriValidationError(_("An e-mail address is required."), field=field)
-    email = unicodedata.normalize("NFKC", str(value)).strip().lower()
+    if lowercase is None:
+        lowercase = get_settings().EMAIL_LOWERCASE is not False
+    email = unicodedata.normalize("NFKC", str(value)).strip()
+    if lowercase:
+        email = email.lower()
     if len(email) > EMAIL_MAX_LENGTH:
         raise SatoriValidationError(
             _("The e-mail address is longer than %(max)d characters.") % {"max": EMAIL_MAX_LENGTH},
@@ -169,6 +178,22 @@ def _clean_custom(identifier: str, value: Any, definitions: Mapping[str, Any]) -
             field=key,
         )
     kind, choices = custom_field_type(definitions[identifier])
+    text = _clean_typed(kind, key, value)
+    if kind == "select" and choices and text not in choices:
+        raise SatoriValidationError(
+            _("%(key)s must be one of: %(choices)s.") % {"key": key, "choices": ", ".join(choices)},
+            field=key,
+        )
+    return text
+
+
+def _clean_text(value: Any, field: str) -> str:
+    return refuse_unencodable(str(value), field)
+
+
+def _clean_typed(kind: str, key: str, value: Any) -> str:
+    """A custom field's or extra item's value as its wire string: whole numbers as
+    digits, dates as ``YYYY-MM-DD``, anything else as text."""
     if kind == "integer":
         text = str(value).strip()
         if isinstance(value, bool) or not re.fullmatch(r"-?\d+", text):
@@ -180,17 +205,28 @@ def _clean_custom(identifier: str, value: Any, definitions: Mapping[str, Any]) -
         return text
     if kind == "date":
         return format_date(value, key)
-    text = _clean_text(value, key)
-    if kind == "select" and choices and text not in choices:
+    return _clean_text(value, key)
+
+
+def extra_items() -> Mapping[str, Any]:
+    """``SATORI['EXTRA_STANDARD_ITEMS']``: standard items we do not know, by wire key."""
+    items = get_settings().EXTRA_STANDARD_ITEMS
+    return items if isinstance(items, Mapping) else {}
+
+
+def clean_extra_item(key: str, value: Any, definition: Any) -> str:
+    """One EXTRA_STANDARD_ITEMS value as its wire string, by the declared type and length."""
+    kind = str(definition.get("type", "text")) if isinstance(definition, Mapping) else "text"
+    text = _clean_typed(kind, key, value)
+    if kind != "text":
+        return text
+    limit = definition.get("max_length") if isinstance(definition, Mapping) else None
+    if isinstance(limit, int) and not isinstance(limit, bool) and len(text) > limit:
         raise SatoriValidationError(
-            _("%(key)s must be one of: %(choices)s.") % {"key": key, "choices": ", ".join(choices)},
+            _("%(key)s is longer than %(max)d characters.") % {"key": key, "max": limit},
             field=key,
         )
     return text
-
-
-def _clean_text(value: Any, field: str) -> str:
-    return refuse_unencodable(str(value), field)
 
 
 def check_tags(value: Any, separator: str, field: str = "tags") -> list[str]:
@@ -247,11 +283,14 @@ def clean_customer(
     the first bad field.
     """
     cleaned: dict[str, str] = {}
+    extra = extra_items()
     for key, value in values.items():
         if value is None or (isinstance(value, str) and value == ""):
             continue
         if key.startswith(CUSTOM_PREFIX):
             cleaned[key] = _clean_custom(key[len(CUSTOM_PREFIX) :], value, custom_fields)
+        elif key in extra and key not in STANDARD_FIELDS:
+            cleaned[key] = clean_extra_item(key, value, extra[key])
         elif key not in STANDARD_FIELDS:
             raise SatoriValidationError(
                 _("Unknown SATORI customer field %(key)r.") % {"key": key}, field=key

@@ -113,9 +113,9 @@ def test_csv_has_the_api_header_rfc4180_quoting_and_reaches_satori_intact(satori
     data = stored_bytes(part)
     assert not data.startswith(b"\xef\xbb\xbf")  # UTF-8 without a BOM
     header_line = data.split(b"\n", 1)[0].decode()
+    # Only the columns some row fills (BULK_CSV_COLUMNS = "filled"), in the usual order.
     assert header_line == (
-        "email,last_name,first_name,last_name_reading,first_name_reading,lead_company_name,"
-        "department,phone_number,mobile_phone_number,address,memo,collection_route,"
+        "email,last_name,first_name,lead_company_name,address,memo,collection_route,"
         "collection_date,delivery_permission,custom:plan,custom:age,custom:birthday,append_tags"
     )
     # Quotes doubled, the cell with the comma quoted, the CRLF kept inside the quotes.

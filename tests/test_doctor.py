@@ -13,8 +13,10 @@ from typing import Any, ClassVar
 
 import pytest
 from celery import current_app
+from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.core.cache import caches
+from django.core.checks import run_checks
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.test import Client, override_settings
@@ -43,7 +45,6 @@ LEAKY_KEYS = {
 
 
 def satori(**changes):
-    from django.conf import settings
 
     return override_settings(SATORI={**settings.SATORI, **changes})
 
@@ -430,7 +431,6 @@ def test_the_page_shows_the_last_diagnosis_in_japanese_without_keys(client, sato
         assert text in html, text
     english = client.get(reverse(PAGE), HTTP_ACCEPT_LANGUAGE="en").content.decode()
     assert "Bulk retrieval of customer status" in english
-    from django.conf import settings
 
     for name in AUTH_KEYS:
         assert settings.SATORI[name] not in html + english
@@ -515,8 +515,11 @@ def test_what_satori_answers_otherwise_becomes_a_snippet_to_paste(other_satori):
     suggested = namespace["SATORI"]
     assert suggested["ANSWER_STATUS_CLASSES"] == {422: "not_found"}
     assert suggested["DELETE_IDENTITY"] == "email"
-    ((pattern, kind),) = suggested["ANSWER_MESSAGE_CLASSES"].items()
+    ((pattern, kind),) = suggested["ANSWER_MESSAGE_CLASSES"]
     assert kind == "not_found" and re.fullmatch(pattern, "customer not found: another@example.jp")
+    # What it suggests is accepted by the system checks as it stands.
+    with override_settings(SATORI={**settings.SATORI, **suggested}):
+        assert [m.id for m in run_checks() if m.id.startswith("django_satori")] == []
     assert Diagnosis.objects.get().suggested["DELETE_IDENTITY"] == "email"
 
 

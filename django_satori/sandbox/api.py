@@ -151,18 +151,47 @@ def _action(
     rest: Mapping[str, str], user_key: str, config: SandboxConfig, state: SandboxState
 ) -> dict[str, Any]:
     wires = dict(config.action_params)
-    identity_type, items, values = _customer_items(rest, {w: n for n, w in wires.items()})
-    data = parse_customer(items, identity_type, config, label=_wrap, identity_only=True)
+    names = {w: n for n, w in wires.items()}
+    ids = dict(config.action_identity_params)
+    identity_names = {w: n for n, w in ids.items()}
+    required = dict(config.action_required_params)
+    identity_type = ""
+    items: dict[str, str] = {}
+    values: dict[str, str] = {}
+    for name, value in rest.items():
+        if identity_names.get(name) == "identity_type":
+            identity_type = value
+        elif name in identity_names:
+            items[identity_names[name]] = value
+        elif name in names and not (names[name] == "date" and config.action_refuse_date):
+            values[names[name]] = value
+        elif name in required:
+            if value != required[name]:
+                raise bad(name, f"値が正しくありません (expected {required[name]!r})")
+        else:
+            raise bad(name, "不明なパラメータです (unknown parameter)")
+    if not identity_type:
+        raise bad(ids["identity_type"], "必須項目です (required)")
+    for name in required:
+        if name not in rest:
+            raise bad(name, "必須項目です (required)")
+
+    def label(key: str) -> str:
+        return ids.get(key, _wrap(key))
+
+    data = parse_customer(items, identity_type, config, label=label, identity_only=True)
     if not values.get("name"):
         raise bad(wires["name"], "必須項目です (required)")
     action = Action(
         name=check_text(wires["name"], values["name"]),
         content=check_text(wires["content"], values.get("content", "")),
         url=check_url(wires["url"], values["url"]) if values.get("url") else "",
-        date=check_datetime(wires["date"], values["date"]) if values.get("date") else "",
+        date=check_datetime(wires["date"], values["date"], config.action_date_format)
+        if values.get("date")
+        else "",
         created_by=user_key,
     )
-    customer = state.add_action(data, action, config, label=_wrap)
+    customer = state.add_action(data, action, config, label=label)
     return {"status": 200, "message": {"customer[hashcode]": customer.hashcode}}
 
 

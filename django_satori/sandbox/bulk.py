@@ -72,6 +72,8 @@ def _check_header(header: list[str], identity_type: str, config: SandboxConfig) 
         if name == "":
             raise bad(FILE_FIELD, "空のヘッダーがあります (empty column name)")
         check_header_item(name, name, config)
+        if name in config.refused_columns:
+            raise bad(name, "この項目は一括登録できません (column not accepted by the bulk API)")
     if identity_type in ("email", "hashcode") and identity_type not in seen:
         raise bad(
             identity_type,
@@ -120,7 +122,7 @@ def apply_job(state: SandboxState, job: BulkJob) -> None:
                 )
             values = dict(zip(job.header, cells, strict=True))
             identity = values.get(job.identity_type, "")
-            key = identity.lower() if job.identity_type == "email" else identity
+            key = state.key(identity) if job.identity_type == "email" else identity
             if key and key in seen:
                 raise bad(
                     job.identity_type,

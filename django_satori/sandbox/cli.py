@@ -12,7 +12,14 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import DEFAULT_ACTION_PATH, ENVELOPES, OPERATIONS, SandboxKeys
+from .config import (
+    ANSWER_KINDS,
+    DEFAULT_ACTION_DATE_FORMAT,
+    DEFAULT_ACTION_PATH,
+    ENVELOPES,
+    OPERATIONS,
+    SandboxKeys,
+)
 from .faults import FAULT_KINDS
 from .i18n import _
 
@@ -40,6 +47,27 @@ def _action_param(text: str) -> tuple[str, str]:
             _("expected NAME=PARAMETER, got %(value)r") % {"value": text}
         )
     return name, wire
+
+
+def _answer_status(text: str) -> tuple[str, int]:
+    kind, sep, code = text.partition("=")
+    if not sep or kind not in ANSWER_KINDS or not code.strip().isdigit():
+        raise argparse.ArgumentTypeError(
+            _("expected KIND=CODE with KIND one of %(kinds)s, got %(value)r")
+            % {"kinds": ", ".join(ANSWER_KINDS), "value": text}
+        )
+    return kind, int(code)
+
+
+def _extra_item(text: str) -> tuple[str, dict[str, Any]]:
+    """``position:text:50``, ``fax:text``, ``employees:integer``."""
+    key, _sep, rest = text.partition(":")
+    kind, _sep, length = rest.partition(":")
+    if not key or (length and not length.isdigit()):
+        raise argparse.ArgumentTypeError(
+            _("expected KEY:TYPE or KEY:TYPE:MAX_LENGTH, got %(value)r") % {"value": text}
+        )
+    return key, {"type": kind or "text", "max_length": int(length) if length else None}
 
 
 def _comma_list(text: str) -> list[str]:
@@ -122,6 +150,77 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="OPS",
         help=_("Comma-separated operations to refuse with 403 (%(ops)s).")
         % {"ops": ", ".join(OPERATIONS)},
+    )
+    parser.add_argument(
+        "--refuse-column",
+        dest="refused_columns",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help=_("Refuse bulk CSV files with this column (400 naming it). Repeat for more."),
+    )
+    parser.add_argument(
+        "--answer-status",
+        dest="answer_status",
+        action="append",
+        type=_answer_status,
+        default=None,
+        metavar="KIND=CODE",
+        help=_(
+            "Answer refusals of KIND (%(kinds)s) with this status code instead. Repeat for more."
+        )
+        % {"kinds": ", ".join(ANSWER_KINDS)},
+    )
+    parser.add_argument(
+        "--email-case-sensitive",
+        action="store_true",
+        default=False,
+        help=_("Addresses that differ only in case are different customers."),
+    )
+    parser.add_argument(
+        "--no-hashcode-identity",
+        action="store_true",
+        default=False,
+        help=_("Refuse identity_type=hashcode (customers are named by e-mail only)."),
+    )
+    parser.add_argument(
+        "--action-identity-param",
+        dest="action_identity_params",
+        action="append",
+        type=_action_param,
+        metavar="NAME=PARAMETER",
+        help=_("Wire name of an action's identity parameter (identity_type, email, hashcode)."),
+    )
+    parser.add_argument(
+        "--action-date-format",
+        default=None,
+        metavar="FORMAT",
+        help=_("strftime format the action date must have (default %%Y-%%m-%%d %%H:%%M:%%S)."),
+    )
+    parser.add_argument(
+        "--action-refuse-date",
+        action="store_true",
+        default=False,
+        help=_("Refuse the action's date parameter as unknown."),
+    )
+    parser.add_argument(
+        "--action-require-param",
+        dest="action_required_params",
+        action="append",
+        type=_action_param,
+        metavar="NAME=VALUE",
+        help=_("A fixed field every action call must carry with this value. Repeat for more."),
+    )
+    parser.add_argument(
+        "--extra-item",
+        dest="extra_items",
+        action="append",
+        type=_extra_item,
+        metavar="KEY:TYPE[:MAX]",
+        help=_(
+            "Accept a further standard customer item (text, integer, date; optional maximum "
+            "length). Repeat for more."
+        ),
     )
     parser.add_argument(
         "--fail-first",
@@ -240,6 +339,21 @@ def build_server(options: Mapping[str, Any], defaults: Mapping[str, Any] | None 
         deny_operations=options.get("deny") or (),
         allow_remote=bool(options.get("allow_remote")),
         allowed_hosts=options.get("allowed_hosts") or (),
+        refused_columns=frozenset(options.get("refused_columns") or ()),
+        answer_status=dict(options.get("answer_status") or ()),
+        email_case_sensitive=bool(options.get("email_case_sensitive")),
+        hashcode_identity=not options.get("no_hashcode_identity"),
+        action_identity_params={
+            **dict(defaults.get("action_identity_params") or {}),
+            **dict(options.get("action_identity_params") or ()),
+        },
+        action_date_format=pick("action_date_format", DEFAULT_ACTION_DATE_FORMAT),
+        action_refuse_date=bool(options.get("action_refuse_date")),
+        action_required_params=dict(options.get("action_required_params") or ()),
+        extra_items={
+            **dict(defaults.get("extra_items") or {}),
+            **dict(options.get("extra_items") or ()),
+        },
     )
     faults = server.faults
     faults.delay = float(options.get("delay") or 0.0)

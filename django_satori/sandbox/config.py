@@ -13,8 +13,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from django_satori.conf import DEFAULT_ACTION_PARAMS, SatoriSettings
-from django_satori.schema import CUSTOM_FIELD_TYPES, custom_field_type
+from django_satori.conf import (
+    DEFAULT_ACTION_DATE_FORMAT,
+    DEFAULT_ACTION_IDENTITY_PARAMS,
+    DEFAULT_ACTION_PARAMS,
+    EXTRA_ITEM_TYPES,
+    SatoriSettings,
+)
+from django_satori.schema import CUSTOM_FIELD_TYPES, STANDARD_FIELDS, custom_field_type
 
 from .i18n import _
 
@@ -40,7 +46,24 @@ OPERATIONS: tuple[str, ...] = (
     "edit",
 )
 
+#: Kinds of refusal whose status ``answer_status`` can change (the sandbox's own codes:
+#: 401, 403, 404, 400), to play a SATORI that answers with other codes than we assume.
+ANSWER_KINDS: dict[str, int] = {
+    "authentication": 401,
+    "permission": 403,
+    "not_found": 404,
+    "validation": 400,
+}
+
 _CUSTOM_ID_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclass(frozen=True)
+class ExtraItem:
+    """A standard customer item the sandbox accepts besides the known ones."""
+
+    kind: str = "text"
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,24 @@ class SandboxConfig:
     envelope: str = "body"
     own_only: bool = False
     deny_operations: frozenset[str] = frozenset()
+    #: Bulk CSV columns refused as "not accepted" (a SATORI that does not take them).
+    refused_columns: frozenset[str] = frozenset()
+    #: {kind: status}: refusals of that kind answered with this code (see ANSWER_KINDS).
+    answer_status: Mapping[str, int] = field(default_factory=dict)
+    #: Addresses that differ in case are different customers.
+    email_case_sensitive: bool = False
+    #: False: ``identity_type=hashcode`` is refused (a SATORI that takes e-mail only).
+    hashcode_identity: bool = True
+    action_identity_params: Mapping[str, str] = field(
+        default_factory=lambda: dict(DEFAULT_ACTION_IDENTITY_PARAMS)
+    )
+    action_date_format: str = DEFAULT_ACTION_DATE_FORMAT
+    #: True: the action's date parameter is refused as unknown.
+    action_refuse_date: bool = False
+    #: Fixed fields an action call must carry, with their values.
+    action_required_params: Mapping[str, str] = field(default_factory=dict)
+    #: Standard items accepted besides the known ones (役職, FAX, ...).
+    extra_items: Mapping[str, ExtraItem] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> SandboxConfig:
         return build_config(self, **changes)
@@ -127,7 +168,57 @@ def _custom_fields(value: Any) -> dict[str, CustomField] | None:
     return result
 
 
-def _action_params(value: Mapping[str, str] | None) -> dict[str, str]:
+def _answer_status(value: Mapping[str, Any] | None) -> dict[str, int]:
+    result: dict[str, int] = {}
+    for kind, code in (value or {}).items():
+        if kind not in ANSWER_KINDS:
+            raise ValueError(
+                _("Unknown answer kind %(kind)r; known: %(kinds)s.")
+                % {"kind": kind, "kinds": ", ".join(ANSWER_KINDS)}
+            )
+        if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code < 600:
+            raise ValueError(_("An answer status must be a code from 400 to 599."))
+        result[str(kind)] = code
+    return result
+
+
+def _identity_params(value: Mapping[str, str] | None) -> dict[str, str]:
+    params = dict(DEFAULT_ACTION_IDENTITY_PARAMS)
+    for name, wire in (value or {}).items():
+        if name not in DEFAULT_ACTION_IDENTITY_PARAMS or not isinstance(wire, str) or not wire:
+            raise ValueError(
+                _("Unknown action identity parameter %(name)r (identity_type, email, hashcode).")
+                % {"name": name}
+            )
+        params[name] = wire
+    return params
+
+
+def _extra_items(value: Mapping[str, Any] | None) -> dict[str, ExtraItem]:
+    result: dict[str, ExtraItem] = {}
+    for key, definition in (value or {}).items():
+        if not _CUSTOM_ID_RE.match(str(key)) or key in STANDARD_FIELDS:
+            raise ValueError(_("Invalid extra item key %(key)r.") % {"key": key})
+        if isinstance(definition, ExtraItem):
+            item = definition
+        elif isinstance(definition, Mapping):
+            item = ExtraItem(
+                str(definition.get("type", "text")), definition.get("max_length") or None
+            )
+        else:
+            item = ExtraItem(str(definition))
+        if item.kind not in EXTRA_ITEM_TYPES:
+            raise ValueError(
+                _("Extra item %(key)s has unknown type %(kind)r (expected one of %(kinds)s).")
+                % {"key": key, "kind": item.kind, "kinds": ", ".join(EXTRA_ITEM_TYPES)}
+            )
+        result[str(key)] = item
+    return result
+
+
+def _action_params(
+    value: Mapping[str, str] | None, identity: Mapping[str, str] | None = None
+) -> dict[str, str]:
     params = dict(DEFAULT_ACTION_PARAMS)
     for name, wire in (value or {}).items():
         if name not in DEFAULT_ACTION_PARAMS:
@@ -137,7 +228,7 @@ def _action_params(value: Mapping[str, str] | None) -> dict[str, str]:
                 _("Action parameter %(name)r needs a non-empty wire name.") % {"name": name}
             )
         params[name] = wire
-    reserved = {*AUTH_FIELDS, "customer[identity_type]", "customer[email]", "customer[hashcode]"}
+    reserved = {*AUTH_FIELDS, *(identity or DEFAULT_ACTION_IDENTITY_PARAMS).values()}
     wires = list(params.values())
     if len(set(wires)) != len(wires) or reserved & set(wires):
         raise ValueError(
@@ -195,6 +286,10 @@ def build_config(base: SandboxConfig | None = None, **changes: Any) -> SandboxCo
             _("action_path must be an absolute path such as %(path)s.")
             % {"path": DEFAULT_ACTION_PATH}
         )
+    identity = _identity_params(values.get("action_identity_params"))
+    date_format = values.get("action_date_format") or DEFAULT_ACTION_DATE_FORMAT
+    if not isinstance(date_format, str) or "%" not in date_format:
+        raise ValueError(_("action_date_format must be a strftime format."))
     processing = float(values.get("bulk_processing_seconds", 1.0))
     ttl = float(values.get("process_code_ttl", 3600.0))
     if processing < 0 or ttl < 0:
@@ -206,8 +301,19 @@ def build_config(base: SandboxConfig | None = None, **changes: Any) -> SandboxCo
         process_code_ttl=ttl,
         tag_separator=separator,
         action_path=action_path,
-        action_params=_action_params(values.get("action_params")),
+        action_params=_action_params(values.get("action_params"), identity),
         envelope=envelope,
         own_only=bool(values.get("own_only", False)),
         deny_operations=_operations(values.get("deny_operations") or ()),
+        refused_columns=frozenset(values.get("refused_columns") or ()),
+        answer_status=_answer_status(values.get("answer_status")),
+        email_case_sensitive=bool(values.get("email_case_sensitive", False)),
+        hashcode_identity=bool(values.get("hashcode_identity", True)),
+        action_identity_params=identity,
+        action_date_format=date_format,
+        action_refuse_date=bool(values.get("action_refuse_date", False)),
+        action_required_params={
+            str(k): str(v) for k, v in dict(values.get("action_required_params") or {}).items()
+        },
+        extra_items=_extra_items(values.get("extra_items")),
     )

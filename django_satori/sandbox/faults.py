@@ -18,6 +18,7 @@ from .i18n import _
 #: "500"/"503": JSON error; "429": with ``Retry-After``; "timeout": answer only
 #: after ``timeout_seconds``; "drop": close the connection without a reply;
 #: "html": HTTP 502 with an HTML page, as a proxy in front of SATORI would send;
+#: "html_403": HTTP 403 with an HTML page, as a proxy or firewall refusing the request would;
 #: "dribble": a JSON 503 whose body comes one byte every ``dribble_seconds``
 #: (each read is quick, the whole reply is not); "oversized": a JSON 503 of
 #: ``oversized_bytes`` bytes. Neither processes the request. "lost_answer": the
@@ -30,6 +31,7 @@ FAULT_KINDS: tuple[str, ...] = (
     "timeout",
     "drop",
     "html",
+    "html_403",
     "dribble",
     "oversized",
     "lost_answer",

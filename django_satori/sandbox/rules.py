@@ -21,7 +21,7 @@ from django_satori.schema import (
     STANDARD_FIELDS,
 )
 
-from .config import SandboxConfig
+from .config import ANSWER_KINDS, SandboxConfig
 
 #: Items kept in ``Customer.fields`` (identity and tag operations are handled apart).
 PLAIN_FIELDS: tuple[str, ...] = tuple(
@@ -50,6 +50,13 @@ class SandboxError(Exception):
         self.status = status
         self.message = message
         self.headers = dict(headers or {})
+
+    def answered_as(self, codes: Mapping[str, int]) -> SandboxError:
+        """This refusal with the status ``codes`` (kind -> code, see ANSWER_KINDS) gives it."""
+        for kind, default in ANSWER_KINDS.items():
+            if self.status == default and kind in codes:
+                return SandboxError(codes[kind], self.message, self.headers)
+        return self
 
 
 def bad(name: str, text: str) -> SandboxError:
@@ -99,7 +106,15 @@ def check_date(name: str, value: str) -> str:
     raise bad(name, "日付は YYYY-MM-DD 形式で入力してください (date must be YYYY-MM-DD)")
 
 
-def check_datetime(name: str, value: str) -> str:
+def check_datetime(name: str, value: str, date_format: str = "%Y-%m-%d %H:%M:%S") -> str:
+    if date_format != "%Y-%m-%d %H:%M:%S":
+        try:
+            dt.datetime.strptime(value, date_format)
+        except ValueError:
+            raise bad(
+                name, f"日時の形式が正しくありません (date-time must be {date_format})"
+            ) from None
+        return value
     if _DATETIME_RE.match(value):
         try:
             dt.datetime.strptime(value, "%Y-%m-%d %H:%M:%S")
@@ -154,10 +169,26 @@ def check_custom(name: str, identifier: str, value: str, config: SandboxConfig) 
     return value
 
 
-def is_known_item(key: str) -> bool:
+def is_known_item(key: str, config: SandboxConfig | None = None) -> bool:
     if key.startswith(CUSTOM_PREFIX):
         return True
-    return key in STANDARD_FIELDS
+    return key in STANDARD_FIELDS or (config is not None and key in config.extra_items)
+
+
+def check_extra_item(name: str, key: str, value: str, config: SandboxConfig) -> str:
+    item = config.extra_items[key]
+    check_text(name, value)
+    if item.kind == "integer" and not _INTEGER_RE.match(value):
+        raise bad(name, "整数で入力してください (integer expected)")
+    if item.kind == "date":
+        check_date(name, value)
+    if item.max_length is not None and len(value) > item.max_length:
+        raise bad(
+            name,
+            f"{item.max_length}文字以内で入力してください "
+            f"(longer than {item.max_length} characters)",
+        )
+    return value
 
 
 def check_header_item(name: str, key: str, config: SandboxConfig) -> None:
@@ -168,7 +199,7 @@ def check_header_item(name: str, key: str, config: SandboxConfig) -> None:
             config.custom_fields is not None and identifier not in config.custom_fields
         ):
             raise bad(name, "存在しないカスタム項目です (unknown custom field)")
-    elif key not in STANDARD_FIELDS:
+    elif key not in STANDARD_FIELDS and key not in config.extra_items:
         raise bad(name, "不明な項目です (unknown parameter)")
 
 
@@ -190,10 +221,15 @@ def parse_customer(
             label("identity_type"),
             "email または hashcode を指定してください (must be email or hashcode)",
         )
+    if identity_type == "hashcode" and not config.hashcode_identity:
+        raise bad(
+            label("identity_type"),
+            "hashcode は指定できません (identity_type hashcode is not accepted)",
+        )
     data = CustomerInput(identity_type=identity_type)
     for key, value in items.items():
         name = label(key)
-        if not is_known_item(key):
+        if not is_known_item(key, config):
             raise bad(name, "不明な項目です (unknown parameter)")
         if identity_only and key not in ("email", "hashcode"):
             raise bad(name, "この操作では指定できません (not accepted by this operation)")
@@ -211,6 +247,8 @@ def parse_customer(
             data.custom[key[len(CUSTOM_PREFIX) :]] = check_custom(
                 name, key[len(CUSTOM_PREFIX) :], value, config
             )
+        elif key in config.extra_items and key not in STANDARD_FIELDS:
+            data.fields[key] = check_extra_item(name, key, value, config)
         elif key == "collection_date":
             data.fields[key] = check_date(name, value)
         elif key == "delivery_permission":

@@ -53,6 +53,12 @@ _HTML_502 = (
 )
 
 
+_HTML_403 = (
+    "<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head>"
+    "<body><h1>Forbidden</h1><p>Access denied by the proxy.</p></body></html>\n"
+)
+
+
 def check_host(host: str, allow_remote: bool) -> None:
     """Refuse a non-loopback address unless ``allow_remote`` (ValueError)."""
     if allow_remote or host == "localhost":
@@ -298,7 +304,11 @@ class _Handler(BaseHTTPRequestHandler):
             if error is not None:
                 raise error
             assert request is not None
-            status, payload = 200, handle(request, config, sandbox.state)
+            try:
+                status, payload = 200, handle(request, config, sandbox.state)
+            except SandboxError as exc:
+                # A refusal of the API (not of the route) in the code this SATORI uses.
+                raise exc.answered_as(config.answer_status) from None
             headers: Mapping[str, str] = {}
         except SandboxError as exc:
             status, payload = exc.status, {"status": exc.status, "message": exc.message}
@@ -328,6 +338,10 @@ class _Handler(BaseHTTPRequestHandler):
         if kind == "html":
             record.status = 502
             self._send(502, _HTML_502.encode(), "text/html; charset=utf-8")
+            return True
+        if kind == "html_403":
+            record.status = 403
+            self._send(403, _HTML_403.encode(), "text/html; charset=utf-8")
             return True
         if kind == "dribble":
             record.status = 503
@@ -446,7 +460,12 @@ class SandboxServer:
         deny_operations: Iterable[str] = (),
         allow_remote: bool = False,
         allowed_hosts: Iterable[str] = (),
+        **facts: Any,
     ) -> None:
+        """``facts``: the options that play a SATORI unlike our assumptions
+        (``refused_columns``, ``answer_status``, ``email_case_sensitive``,
+        ``hashcode_identity``, ``action_identity_params``, ``action_date_format``,
+        ``action_refuse_date``, ``action_required_params``, ``extra_items``)."""
         check_host(host, allow_remote)
         self.host = host
         self.port = port
@@ -464,8 +483,10 @@ class SandboxServer:
             envelope=envelope,
             own_only=own_only,
             deny_operations=frozenset(deny_operations),
+            **facts,
         )
         self.state = SandboxState()
+        self.state.email_case_sensitive = self._config.email_case_sensitive
         self.faults = Faults()
         self._httpd: _HTTPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -505,6 +526,7 @@ class SandboxServer:
         if not isinstance(value, SandboxConfig):
             raise TypeError("config must be a SandboxConfig")
         self._config = value
+        self.state.email_case_sensitive = value.email_case_sensitive
 
     @property
     def keys(self) -> SandboxKeys:
@@ -515,6 +537,7 @@ class SandboxServer:
         with self._lock:
             previous = self._config
             self._config = build_config(previous, **changes)
+            self.state.email_case_sensitive = self._config.email_case_sensitive
             return previous
 
     def describe(self) -> dict[str, Any]:
@@ -536,6 +559,18 @@ class SandboxServer:
             "envelope": config.envelope,
             "own_only": config.own_only,
             "deny_operations": sorted(config.deny_operations),
+            "refused_columns": sorted(config.refused_columns),
+            "answer_status": dict(config.answer_status),
+            "email_case_sensitive": config.email_case_sensitive,
+            "hashcode_identity": config.hashcode_identity,
+            "action_identity_params": dict(config.action_identity_params),
+            "action_date_format": config.action_date_format,
+            "action_refuse_date": config.action_refuse_date,
+            "action_required_params": dict(config.action_required_params),
+            "extra_items": {
+                k: {"type": v.kind, "max_length": v.max_length}
+                for k, v in config.extra_items.items()
+            },
         }
 
     # -- lifecycle -------------------------------------------------------------

@@ -194,6 +194,12 @@ class SandboxState:
         self.faults_injected = 0
         self.faults_by_kind: dict[str, int] = {}
         self._hash_index: dict[str, str] = {}
+        #: Set from the config by the server: addresses differing in case are two customers.
+        self.email_case_sensitive = False
+
+    def key(self, email: str) -> str:
+        """Where a customer with this address is kept (SATORI's case rule is unknown)."""
+        return email if self.email_case_sensitive else email.lower()
 
     def reset(self) -> None:
         with self.lock:
@@ -207,9 +213,9 @@ class SandboxState:
     # -- lookups ---------------------------------------------------------------
 
     def customer(self, email: str) -> Customer | None:
-        """The customer with this e-mail (any case), or None."""
+        """The customer with this e-mail (any case unless case-sensitive), or None."""
         with self.lock:
-            return self.customers.get(email.lower())
+            return self.customers.get(self.key(email))
 
     def by_hashcode(self, hashcode: str) -> Customer | None:
         with self.lock:
@@ -229,7 +235,7 @@ class SandboxState:
 
     def _find(self, data: CustomerInput, label: Callable[[str], str]) -> Customer | None:
         if data.identity_type == "email":
-            return self.customers.get(data.email.lower())
+            return self.customers.get(self.key(data.email))
         found = self.by_hashcode(data.hashcode)
         if found is None:
             raise _not_found(label("hashcode"))
@@ -262,7 +268,7 @@ class SandboxState:
         if unknown:
             raise ValueError(f"unknown customer field(s): {', '.join(sorted(unknown))}")
         with self.lock:
-            if email.lower() in self.customers:
+            if self.key(email) in self.customers:
                 raise ValueError("a customer with this e-mail already exists")
             customer = Customer(
                 email=email,
@@ -272,7 +278,7 @@ class SandboxState:
                 custom=dict(custom or {}),
                 created_by=created_by,
             )
-            self.customers[email.lower()] = customer
+            self.customers[self.key(email)] = customer
             return customer
 
     def write_customer(
@@ -300,14 +306,14 @@ class SandboxState:
                     created_at=now,
                     updated_at=now,
                 )
-                self.customers[data.email.lower()] = customer
+                self.customers[self.key(data.email)] = customer
                 return customer
             _check_owner(config, existing, user_key, label(data.identity_type))
             check_allowed(config, "edit")
             overwrite = operation == "upsert"
             new_email = existing.email
-            if overwrite and data.email and data.email.lower() != existing.email.lower():
-                other = self.customers.get(data.email.lower())
+            if overwrite and data.email and self.key(data.email) != self.key(existing.email):
+                other = self.customers.get(self.key(data.email))
                 if other is not None and other is not existing:
                     raise bad(
                         label("email"),
@@ -327,9 +333,9 @@ class SandboxState:
                 # registration "can only add tags" (SATORI's v3 rule, assumed for v4)
                 existing.tags.difference_update(data.delete_tags)
             if new_email != existing.email:
-                del self.customers[existing.email.lower()]
+                del self.customers[self.key(existing.email)]
                 existing.email = new_email
-                self.customers[new_email.lower()] = existing
+                self.customers[self.key(new_email)] = existing
             existing.updated_at = now
             return existing
 
@@ -346,7 +352,7 @@ class SandboxState:
             if existing is None:
                 raise _not_found(label(data.identity_type))
             _check_owner(config, existing, user_key, label(data.identity_type))
-            del self.customers[existing.email.lower()]
+            del self.customers[self.key(existing.email)]
             return existing
 
     def add_action(

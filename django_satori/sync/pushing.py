@@ -180,18 +180,37 @@ def _why_not_claimed(state_id: int, now: dt.datetime) -> PushResult:
 
 
 def build_payload(customer: Customer, state: SyncState, conf: SatoriSettings) -> dict[str, Any]:
-    """The SATORI items for ``customer`` (wire keys), before validation."""
+    """The SATORI items for ``customer`` (wire keys), before validation.
+
+    BULK_DEFAULT_COLLECTION_ROUTE is not used here: it fills bulk rows only (the
+    bulk API requires the column), while a single upsert without a route leaves
+    the one SATORI holds alone. ``delete_tags`` goes to ``upsert.json`` only:
+    ``registration.json`` only adds tags (see :func:`tags_left_in_satori`).
+    """
     payload: dict[str, Any] = {"email": customer.email}
     for name in DATA_FIELDS:
         payload[name] = getattr(customer, name)
-    if not payload.get("collection_route") and conf.BULK_DEFAULT_COLLECTION_ROUTE:
-        payload["collection_route"] = conf.BULK_DEFAULT_COLLECTION_ROUTE
+    # Custom fields and EXTRA_STANDARD_ITEMS, under their wire keys.
     payload.update(customer.custom_fields or {})
     tags = [str(t) for t in (customer.tags or [])]
     payload["append_tags"] = join_tags(tags, conf.TAG_SEPARATOR)
-    removed = [t for t in (state.sent_tags or []) if t not in tags]
-    payload["delete_tags"] = join_tags(removed, conf.TAG_SEPARATOR)
+    if conf.PUSH_ENDPOINT != "registration":
+        removed = [t for t in (state.sent_tags or []) if t not in tags]
+        payload["delete_tags"] = join_tags(removed, conf.TAG_SEPARATOR)
     return payload
+
+
+def tags_left_in_satori(customer: Customer, state: SyncState, conf: SatoriSettings) -> list[str]:
+    """Tags SATORI may hold that the customer no longer has and this push cannot remove.
+
+    With PUSH_ENDPOINT "registration" that is every dropped tag: the endpoint only
+    adds tags. Such a push is not *synced* (SATORI may differ): the row ends
+    failed, naming the tags, on every push until one with upsert removes them.
+    """
+    if conf.PUSH_ENDPOINT != "registration":
+        return []
+    tags = [str(t) for t in (customer.tags or [])]
+    return [t for t in (state.sent_tags or []) if t not in tags]
 
 
 def fingerprint(payload: dict[str, str]) -> str:
@@ -239,7 +258,7 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
     except SatoriValidationError as exc:
         return _failed(state, token, endpoint, exc, conf, customer, summary={})
     identity = "email"
-    if state.previous_email and state.hashcode:
+    if state.previous_email and state.hashcode and conf.DELETE_IDENTITY != "email":
         identity, wire["hashcode"] = "hashcode", state.hashcode
     digest = fingerprint(wire)
     summary = _summary(endpoint, wire, conf)
@@ -285,6 +304,7 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
         return _failed(
             state, token, endpoint, exc, conf, customer, summary=summary, started=started
         )
+    left = tags_left_in_satori(customer, state, conf)
     history.log(
         endpoint,
         SyncLog.Outcome.OK,
@@ -294,7 +314,10 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
         response=getattr(result, "response_summary", {}),
         attempt=state.attempts + 1,
         started=started,
+        message=_tags_left_message(left) if left else "",
     )
+    if left:
+        return _tags_left(state, token, customer, result, left)
     return _Answered(
         state,
         SyncStatus.SYNCED,
@@ -312,13 +335,47 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
     )
 
 
+def _tags_left_message(tags: list[str]) -> str:
+    return _(
+        "SATORI took the push, but registration.json cannot remove tags: %(tags)s may still "
+        "be on the customer in SATORI, so it is not synced. A push with "
+        "SATORI['PUSH_ENDPOINT'] = 'upsert' removes them; until then every push of this "
+        "customer ends here."
+    ) % {"tags": ", ".join(tags)}
+
+
+def _tags_left(
+    state: SyncState, token: str, customer: Customer, result: Any, tags: list[str]
+) -> PushResult:
+    """A registration push SATORI accepted that leaves dropped tags in SATORI: not synced."""
+    outbox.release(
+        state,
+        token,
+        status=SyncStatus.FAILED,
+        attempts=state.attempts + 1,
+        last_error=_tags_left_message(tags),
+        last_error_at=timezone.now(),
+        # The next push sends everything again, and still knows these tags may be there.
+        fingerprint="",
+        sent_tags=list(customer.tags or []) + tags,
+        in_satori=True,
+        hashcode=result.hashcode or state.hashcode,
+        previous_email="",
+    )
+    return PushOutcome.FAILED, None
+
+
 def _send_delete(state: SyncState, token: str, conf: SatoriSettings) -> PushResult | _Answered:
     endpoint = "customer/delete.json"
     if not state.in_satori and not state.hashcode:
         # Never reached SATORI (or already deleted there): nothing to delete.
         outbox.release(state, token, status=SyncStatus.DELETED, synced_version=state.version)
         return PushOutcome.DELETED, None
-    identity = {"hashcode": state.hashcode} if state.hashcode else {"email": state.email}
+    identity = (
+        {"hashcode": state.hashcode}
+        if state.hashcode and conf.DELETE_IDENTITY != "email"
+        else {"email": state.email}
+    )
     summary = _summary(endpoint, {"email": state.email, **identity}, conf)
     if conf.DRY_RUN:
         outbox.release(state, token, status=SyncStatus.DRY_RUN)

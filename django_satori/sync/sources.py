@@ -84,13 +84,18 @@ def _refuse_shared_address(
 ) -> None:
     """Two local objects must not become one SATORI customer.
 
-    Addresses are compared as SATORI keys them (normalised: lower-cased), so
+    Addresses are compared as SATORI may key them (ignoring case), so
     ``OK.User@Example.jp`` and ``ok.user@example.jp`` are one customer there: the
     second would overwrite the first's data, and deleting it would delete the
     first one's customer. A Customer without a source (created directly, or whose
     object stopped syncing) is taken over instead, as before.
     """
-    others = Customer.objects.filter(email=email)
+    if get_settings().EMAIL_LOWERCASE:
+        others = Customer.objects.filter(email=email)  # stored normalised: the index serves
+    else:
+        # Stored as typed: SATORI may still see one customer in addresses that differ
+        # only in case, so connected objects stay unique regardless of case.
+        others = Customer.objects.filter(email__iexact=email)
     if mirror is not None:
         others = others.exclude(pk=mirror.pk)
     holder = others.values_list("source_model", "source_pk").first()
