@@ -16,10 +16,9 @@ from django.db import transaction
 from django.test.utils import override_settings
 from django.utils import timezone
 
-from django_satori import sync
 from django_satori.conf import get_settings
 from django_satori.models import Customer, SyncState
-from django_satori.sync import dispatch, history, outbox
+from django_satori.sync import dispatch, history, outbox, pushing
 from django_satori.tasks import push_many
 
 from . import data
@@ -86,7 +85,7 @@ def run(count: int = 1000) -> dict[str, Any]:
 
 
 def run_push(count: int, sandbox: str) -> dict[str, Any]:
-    """``sync.push_batch`` in this process (no Celery) for ``count`` pending customers in
+    """``pushing.push_batch`` in this process (no Celery) for ``count`` pending customers in
     batches of ``DISPATCH_BATCH`` (as the ``push_many`` task gets them), by step.
 
     The steps are timed by wrapping the functions ``push_batch`` calls; the
@@ -125,17 +124,17 @@ def run_push(count: int, sandbox: str) -> dict[str, Any]:
         setattr(owner, name, timed_call)
 
     wrap(client_module.SatoriClient, "_call", "HTTP call (requests + parse)")
-    wrap(sync, "_write_back", "_write_back: the answers, WRITE_BACK_BATCH at a time")
-    wrap(sync, "_send_upsert", "one row: payload, checks, call")
-    wrap(sync, "_write_logs", "SyncLog INSERT (one per batch)")
-    wrap(sync, "push_batch", "push_batch, total")
+    wrap(pushing, "_write_back", "_write_back: the answers, WRITE_BACK_BATCH at a time")
+    wrap(pushing, "_send_upsert", "one row: payload, checks, call")
+    wrap(history, "write", "SyncLog INSERT (one per batch)")
+    wrap(pushing, "push_batch", "push_batch, total")
     # One log INSERT per batch, at its end: outside the rows it would be counted in twice.
     history.LOG_BATCH = dispatch.DISPATCH_BATCH
-    sync.push_batch(ids[:1])  # the client's first connection is not what is measured
+    pushing.push_batch(ids[:1])  # the client's first connection is not what is measured
     totals.clear()
     rest = ids[1:]
     for start in range(0, len(rest), dispatch.DISPATCH_BATCH):  # as push_many messages carry them
-        sync.push_batch(rest[start : start + dispatch.DISPATCH_BATCH])
+        pushing.push_batch(rest[start : start + dispatch.DISPATCH_BATCH])
     if SyncState.objects.filter(status=SyncStatus.SYNCED).count() != len(ids):
         raise RuntimeError("not every push succeeded")
     n = len(rest)

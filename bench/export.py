@@ -22,10 +22,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 
-from django_satori import bulk, bulk_csv
+from django_satori import bulk, bulk_csv, bulk_files
 from django_satori.conf import get_settings
 from django_satori.models import BulkJob, BulkPart, BulkRowError, BulkState, Customer, SyncState
 from django_satori.schema import DATA_FIELDS
@@ -152,7 +151,7 @@ def _reset_bulk_state() -> None:
     BulkPart.objects.all().delete()
     BulkJob.objects.all().delete()
     data.mark_all_synced()
-    shutil.rmtree(Path(settings.MEDIA_ROOT) / "django_satori", ignore_errors=True)
+    shutil.rmtree(Path(bulk_files.private_dir()) / bulk_files.FOLDER, ignore_errors=True)
 
 
 def run(
@@ -200,5 +199,5 @@ def run(
 def _files(variant: str, out: Path) -> list[Path]:
     if not variant.startswith("satori"):
         return list(out.iterdir())
-    folder = Path(settings.MEDIA_ROOT) / "django_satori" / "bulk"
+    folder = Path(bulk_files.private_dir()) / bulk_files.FOLDER
     return [folder / name for name in os.listdir(folder)]

@@ -19,7 +19,8 @@ from typing import Any
 NOTES_MARKER = "<!-- notes: everything below this line is kept by bench.run -->"
 
 #: Targets of the issue: (label, comparison, threshold).
-SAVE_TARGET = 1.5
+#: Save overhead by model: a connected model (issue #18: <= 1.5x) and Customer (<= 1.3x).
+SAVE_TARGETS = {"member": 1.5, "customer": 1.3}
 SYNC_TARGET = 0.8
 EXPORT_PLAIN_TARGET = 0.8
 EXPORT_IE_TARGET = 7.0
@@ -287,9 +288,9 @@ def _saves(records: list[dict[str, Any]], summary: list[list[str]]) -> list[str]
                     summary.append(
                         [
                             f"save overhead, {model}, {db}",
-                            f"<= {SAVE_TARGET}x",
+                            f"<= {SAVE_TARGETS[model]}x",
                             f"{ratio:.2f}x",
-                            _ok(ratio <= SAVE_TARGET),
+                            _ok(ratio <= SAVE_TARGETS[model]),
                         ]
                     )
     lines += _table(

@@ -934,16 +934,23 @@ class SatoriClient:
     # ---------------------------------------------------------------- single customer
 
     def register_customer(
-        self, customer: Mapping[str, Any], *, identity_type: str = "email"
+        self, customer: Mapping[str, Any], *, identity_type: str = "email", cleaned: bool = False
     ) -> CustomerResult:
-        """Create the customer, or only fill blanks / add tags if it exists."""
-        return self._customer_call("customer/registration", customer, identity_type)
+        """Create the customer, or only fill blanks / add tags if it exists.
+
+        ``cleaned``: ``customer`` is what :func:`~django_satori.schema.clean_customer`
+        returned for this client's settings; it is sent without checking it again.
+        """
+        return self._customer_call("customer/registration", customer, identity_type, cleaned)
 
     def upsert_customer(
-        self, customer: Mapping[str, Any], *, identity_type: str = "email"
+        self, customer: Mapping[str, Any], *, identity_type: str = "email", cleaned: bool = False
     ) -> CustomerResult:
-        """Create or overwrite the customer. Unknown e-mail addresses are created."""
-        return self._customer_call("customer/upsert", customer, identity_type)
+        """Create or overwrite the customer. Unknown e-mail addresses are created.
+
+        ``cleaned``: as for :meth:`register_customer`.
+        """
+        return self._customer_call("customer/upsert", customer, identity_type, cleaned)
 
     def delete_customer(
         self, *, email: str | None = None, hashcode: str | None = None
@@ -953,15 +960,16 @@ class SatoriClient:
         return self._customer_call("customer/delete", {identity_type: value}, identity_type)
 
     def _customer_call(
-        self, endpoint: str, customer: Mapping[str, Any], identity_type: str
+        self, endpoint: str, customer: Mapping[str, Any], identity_type: str, cleaned: bool = False
     ) -> CustomerResult:
         self._check_configuration()
         values = dict(customer)
-        for key in ("append_tags", "delete_tags"):
-            if isinstance(values.get(key), list | tuple | set | frozenset):
-                values[key] = self._join_tags(values[key], key)
-        cleaned = clean_customer(values, custom_fields=self.conf.CUSTOM_FIELDS)
-        pairs = customer_form_fields(identity_type, cleaned)
+        if not cleaned:
+            for key in ("append_tags", "delete_tags"):
+                if isinstance(values.get(key), list | tuple | set | frozenset):
+                    values[key] = self._join_tags(values[key], key)
+            values = clean_customer(values, custom_fields=self.conf.CUSTOM_FIELDS)
+        pairs = customer_form_fields(identity_type, values)
         method, path = ENDPOINTS[endpoint]
         wire = self._form_wire(endpoint, method, path, pairs)
         return self._customer_result(wire, *self._call(wire))

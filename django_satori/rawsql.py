@@ -137,9 +137,16 @@ def insert_from(
 
 
 def update_rows(
-    model: type[models.Model], fields: Sequence[str], rows: Sequence[Mapping[str, Any]]
+    model: type[models.Model],
+    fields: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    where: Mapping[str, str] | None = None,
 ) -> None:
-    """UPDATE ``fields`` (attnames) of each row, found by its ``"pk"`` key."""
+    """UPDATE ``fields`` (attnames) of each row, found by its ``"pk"`` key.
+
+    ``where``: text columns (attnames) each row must also hold, given the same value
+    for every row (a row that does not is left alone).
+    """
     if not rows:
         return
     db = router.db_for_write(model)
@@ -149,9 +156,13 @@ def update_rows(
     targets = [_field(model, name) for name in fields]
     preps = [_prep(field, connection) for field in targets]
     assignments = ", ".join(f"{qn(_column(field))} = %s" for field in targets)
-    sql = f"UPDATE {qn(opts.db_table)} SET {assignments} WHERE {qn(_column(opts.pk))} = %s"
+    conditions = [f"{qn(_column(opts.pk))} = %s"]
+    conditions += [f"{qn(_column(_field(model, name)))} = %s" for name in where or {}]
+    sql = f"UPDATE {qn(opts.db_table)} SET {assignments} WHERE {' AND '.join(conditions)}"
+    also = list((where or {}).values())
     params = [
-        [prep(row[field.attname]) for field, prep in zip(targets, preps, strict=True)] + [row["pk"]]
+        [prep(row[field.attname]) for field, prep in zip(targets, preps, strict=True)]
+        + [row["pk"], *also]
         for row in rows
     ]
     executemany(connection, sql, params)

@@ -995,3 +995,91 @@ def test_a_tag_added_by_a_push_whose_worker_died_is_removed_later(satori_sandbox
         customer.save()
         drain()
     assert satori_sandbox.state.customer(customer.email).tags == {"x"}
+
+
+def test_a_connected_save_updates_only_the_mirror_columns_that_changed(satori_sandbox):
+    """Building and sending the UPDATE of every column was a third of what a connected
+    save added; what did not change is not written (and the mirror read back is exact)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    member = Member.objects.create(
+        email="taro@example.jp", family_name="山田", given_name="太郎", tags="vip"
+    )
+    drain()
+    member.given_name = "次郎"
+    with CaptureQueriesContext(connection) as queries:
+        member.save()
+    table = Customer._meta.db_table
+    updates = [q["sql"] for q in queries if q["sql"].startswith(f'UPDATE "{table}"')]
+    assert len(updates) == 1, updates
+    assert '"first_name"' in updates[0] and '"updated_at"' in updates[0]
+    assert '"last_name"' not in updates[0] and '"tags"' not in updates[0]
+    mirror = Customer.objects.get()
+    assert (mirror.first_name, mirror.last_name, mirror.tags) == ("次郎", "山田", ["vip"])
+    assert SyncState.objects.get().status == SyncStatus.PENDING
+    # The mirror as the save read it (its own SELECT) equals what the ORM reads.
+    found = sources._mirror(get_mappings_for_member(), str(member.pk))
+    assert found is not None
+    for field in Customer._meta.concrete_fields:
+        assert getattr(found, field.attname) == getattr(mirror, field.attname), field.name
+    assert found._loaded_email == mirror.email
+    assert sources._mirror(get_mappings_for_member(), "no-such-member") is None
+
+
+def get_mappings_for_member():
+    from django_satori.mapping import get_mappings
+
+    return get_mappings()[Member]
+
+
+def test_a_push_is_validated_once(satori_sandbox, monkeypatch):
+    """The engine checks the payload against SATORI's rules; the client took the
+    checked payload and checked it again."""
+    from django_satori import client as client_module
+    from django_satori import schema
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return schema.clean_customer(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "clean_customer", counting)
+    monkeypatch.setattr(pushing, "clean_customer", counting)
+    make_customer(tags=["x"])
+    drain()
+    assert len(calls) == 1
+    assert satori_sandbox.state.customer("taro@example.jp").tags == {"x"}
+
+
+def test_a_batch_records_the_tags_it_will_add_with_one_statement_before_its_first_call(
+    satori_sandbox, monkeypatch
+):
+    """Each push wrote its new tags to its row before its call: one UPDATE each. The
+    batch writes them all at once, still before any call (a worker dying after SATORI
+    applied a call leaves the tags known, so a later removal is sent)."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    emails = [f"tag{i}@example.jp" for i in range(3)]
+    for email in emails:
+        make_customer(email=email, tags=["a", "b"])
+    ids = list(SyncState.objects.order_by("pk").values_list("pk", flat=True))
+    seen_at_call: list[list[str]] = []
+    real = pushing.get_client
+
+    class Watching:
+        def upsert_customer(self, wire, **kwargs):
+            state = SyncState.objects.get(email=wire["email"])
+            seen_at_call.append(list(state.sent_tags))
+            return real().upsert_customer(wire, **kwargs)
+
+    monkeypatch.setattr(pushing, "get_client", Watching)
+    with CaptureQueriesContext(connection) as queries:
+        results = pushing.push_batch(ids, ignore_window=True)
+    assert {outcome for outcome, _delay in results.values()} == {pushing.PushOutcome.SYNCED}
+    assert seen_at_call == [["a", "b"]] * 3
+    # One statement records them for the whole batch (before: one per push).
+    assert len([q for q in queries if 'SET "sent_tags" = ' in q["sql"]]) == 1
+    assert all(satori_sandbox.state.customer(e).tags == {"a", "b"} for e in emails)

@@ -432,6 +432,28 @@ def note_tags_sent(state: SyncState, token: str) -> None:
     SyncState.objects.filter(pk=state.pk, lease_token=token).update(sent_tags=state.sent_tags)
 
 
+def note_tags_to_send(states: Iterable[SyncState], token: str) -> None:
+    """:func:`note_tags_sent` for the rows a batch is about to send, before its first call:
+    one round trip instead of one UPDATE per push (pipelined on PostgreSQL).
+
+    A row that then is not sent (vetoed, rate-limited, failed) keeps the tags in
+    ``sent_tags`` although SATORI may not have them: its next push sends them in
+    ``delete_tags`` if they are dropped meanwhile, which SATORI takes harmlessly
+    (docs/satori-facts.md), and the push after a success writes the tags sent.
+    """
+    rows = []
+    for state in states:
+        customer = state.customer
+        if state.operation != Operation.UPSERT or customer is None:
+            continue
+        sent = list(state.sent_tags or [])
+        added = [tag for tag in customer.tags or [] if tag not in sent]
+        if added:
+            state.sent_tags = sent + added
+            rows.append({"pk": state.pk, "sent_tags": state.sent_tags})
+    update_rows(SyncState, ["sent_tags"], rows, where={"lease_token": token})
+
+
 def outcome_unknown(state: SyncState, tags_sent: list[str]) -> dict[str, Any]:
     """Fields for a row whose call may have been applied although no answer came.
 

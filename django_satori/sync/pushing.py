@@ -106,6 +106,8 @@ def push_batch(state_ids: list[int], *, ignore_window: bool = False) -> dict[int
     # A long batch renews its claim on the rows still to come before it runs out.
     renew_at = time.monotonic() + conf.LEASE_SECONDS / 2
     try:
+        if not conf.DRY_RUN:
+            outbox.note_tags_to_send(claimed.values(), token)
         with history.together():
             for state_id in state_ids:
                 state = claimed.get(state_id)
@@ -299,7 +301,7 @@ def _send_upsert(state: SyncState, token: str, conf: SatoriSettings) -> PushResu
     )
     started = time.monotonic()
     try:
-        result = send(wire, identity_type=identity)
+        result = send(wire, identity_type=identity, cleaned=True)  # checked above
     except SatoriError as exc:
         return _failed(
             state, token, endpoint, exc, conf, customer, summary=summary, started=started
