@@ -173,3 +173,11 @@ def test_render_without_times_or_rows():
     assert "plan: (type: select; choices: a)" in html
     assert japan_time(None) == "" and japan_time("not a time") == "not a time"
     assert japan_time("2026-12-31T15:00:00") == "2027-01-01 00:00:00"  # naive means UTC
+
+
+def test_every_option_on_the_page_is_described(sandbox: SandboxServer) -> None:
+    from django_satori.sandbox.page import _config_rows
+
+    rows = _config_rows(sandbox.describe())
+    undescribed = [key for label, key, _value in rows if label == key]
+    assert undescribed == []

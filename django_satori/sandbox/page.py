@@ -119,6 +119,15 @@ def _config_rows(settings: Mapping[str, Any]) -> list[list[str]]:
         "envelope": _("Bulk API envelope"),
         "own_only": _("Only customers created with these keys can be changed"),
         "deny_operations": _("Refused operations"),
+        "refused_columns": _("Bulk CSV columns refused"),
+        "answer_status": _("Status codes used for refusals, by kind"),
+        "email_case_sensitive": _("E-mail addresses compared with case"),
+        "hashcode_identity": _("Customers can be named by hashcode"),
+        "action_identity_params": _("Action API identity parameter names"),
+        "action_date_format": _("Action date format"),
+        "action_refuse_date": _("Action calls with a date are refused"),
+        "action_required_params": _("Parameters every action call must carry"),
+        "extra_items": _("Further standard items accepted"),
     }
     return [[described.get(key, key), key, _config_value(value)] for key, value in settings.items()]
 
