@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from django_satori.sandbox import SandboxServer
-from django_satori.sandbox.page import japan_time, render
+from django_satori.sandbox.page import _config_rows, japan_time, render
 
 AUTH = {
     "user_key": "sandbox-user-key",
@@ -176,8 +176,6 @@ def test_render_without_times_or_rows():
 
 
 def test_every_option_on_the_page_is_described(sandbox: SandboxServer) -> None:
-    from django_satori.sandbox.page import _config_rows
-
     rows = _config_rows(sandbox.describe())
     undescribed = [key for label, key, _value in rows if label == key]
     assert undescribed == []
