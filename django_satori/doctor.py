@@ -1176,11 +1176,13 @@ class WriteTest:
         except SatoriError as error:
             if by_email or not isinstance(error, SatoriNotFoundError | SatoriValidationError):
                 self._refused("write.delete", error, ("delete",), own_only=True)
+                self._left_behind()
                 return
             try:  # SATORI may not take a hashcode for deletes: try the e-mail.
                 result = self.client.delete_customer(email=self.email)
             except SatoriError as second:
                 self._refused("write.delete", second, ("delete",), own_only=True)
+                self._left_behind()
                 return
             self.report.add(
                 Check(
@@ -1206,6 +1208,26 @@ class WriteTest:
                 _seen(status=result.status, http_status=result.http_status, by_email=by_email),
             )
         self.delete_unknown()
+
+    def _left_behind(self) -> None:
+        # The operator gave this address for the test: naming it is what lets them find it.
+        self.report.add(
+            Check(
+                "write.left_behind",
+                WARN,
+                Text(
+                    gettext_noop("The test customer %(email)s (tag %(tag)s) is still in SATORI."),
+                    email=self.email,
+                    tag=MARKER_TAG,
+                ),
+                Text(
+                    gettext_noop(
+                        "Delete it in SATORI's customer screen, or run the write test again "
+                        "once the delete is allowed."
+                    )
+                ),
+            )
+        )
 
     def delete_unknown(self) -> None:
         """Delete the same customer again: how does SATORI say "unknown customer"?"""

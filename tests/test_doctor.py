@@ -319,6 +319,11 @@ def test_a_denied_operation_names_the_permission_rule_item(flags, step, operatio
     fix = out.split(line, 1)[1].splitlines()[1]
     assert fix.lstrip().startswith("Fix:") and rule_item(operation) in fix
     assert not Customer.objects.exists() and not SyncState.objects.exists()
+    # A test customer the doctor could not delete is named, so a person can remove it.
+    left = lines(out, "write.left_behind")
+    assert bool(left) == (operation == "delete")
+    if left:
+        assert "doctor@example.jp" in left[0] and "satori_doctor" in left[0]
 
 
 def test_own_only_names_the_rule_item_and_its_note_and_never_deletes_their_customer():
