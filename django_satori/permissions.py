@@ -13,7 +13,17 @@ from __future__ import annotations
 
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext as translate_marked
-from django.utils.translation import gettext_noop
+
+
+def gettext_noop(message: str) -> str:
+    """Mark ``message`` for makemessages (which looks for this name) and return it.
+
+    Not Django's own: that one reads settings.USE_I18N, and the standalone sandbox
+    (``python -m django_satori.sandbox``) imports this module (through exceptions)
+    without Django settings.
+    """
+    return message
+
 
 #: Operation -> the item's label on SATORI's screen.
 RULE_LABELS: dict[str, str] = {

@@ -1430,3 +1430,20 @@ def test_jobs_can_be_waited_for_or_finished_from_python(sandbox):
     assert sandbox.finish_bulk_jobs() == 1
     assert status(sandbox, code).json()["body"]["process_status"] == "finished"
     assert sandbox.state.customer("b@example.jp") is not None
+
+
+def test_the_standalone_sandbox_starts_without_django_settings():
+    # `python -m django_satori.sandbox` outside any project: no settings module, so
+    # nothing it imports may read Django settings at import time.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    result = subprocess.run(
+        [sys.executable, "-m", "django_satori.sandbox", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO_ROOT,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--own-only" in result.stdout
