@@ -153,7 +153,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 obj="SATORI['BASE_URL']",
             )
         )
-    elif url.scheme != "https" and not django_settings.DEBUG and not _is_loopback(url.hostname):
+    elif url.scheme != "https" and not django_settings.DEBUG and not is_loopback(url.hostname):
         messages.append(
             Error(
                 "SATORI['BASE_URL'] must use https outside DEBUG: the API keys travel in "
@@ -174,7 +174,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     return messages
 
 
-def _is_loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     # Plain http to this machine (the sandbox) never carries the keys over a network.
     if host == "localhost":
         return True

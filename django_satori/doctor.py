@@ -46,7 +46,7 @@ from django.utils.translation import gettext_noop
 from . import status as sync_status
 from .beat import BEAT_SCHEDULE
 from .bulk_csv import header as bulk_header
-from .checks import _is_loopback
+from .checks import is_loopback
 from .client import SatoriClient
 from .conf import AUTH_KEYS, SatoriSettings, get_settings
 from .exceptions import (
@@ -666,7 +666,7 @@ def check_sandbox_keys(report: Report, conf: SatoriSettings) -> None:
     ]
     host = urlsplit(str(conf.BASE_URL or "")).hostname or ""
     details = {"host": host}
-    if sandbox and not _is_loopback(host):
+    if sandbox and not is_loopback(host):
         report.add(
             Check(
                 "sandbox_keys",
@@ -688,7 +688,7 @@ def check_sandbox_keys(report: Report, conf: SatoriSettings) -> None:
                 details,
             )
         )
-    elif _is_loopback(host):
+    elif is_loopback(host):
         report.add(
             Check(
                 "sandbox_keys",
