@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 #: Public name -> the module that defines it.
 _PUBLIC = {
     "add_action": "django_satori.sync",
+    "apply_source_changes": "django_satori.sync",
     "mark_for_sync": "django_satori.sync",
     "push": "django_satori.sync",
     "PushOutcome": "django_satori.sync",
@@ -35,6 +36,7 @@ __all__ = [
     "SatoriValidationError",
     "__version__",
     "add_action",
+    "apply_source_changes",
     "cancel_job",
     "get_client",
     "mark_for_sync",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .sync import (
         PushOutcome,
         add_action,
+        apply_source_changes,
         mark_for_sync,
         pending_counts,
         push,

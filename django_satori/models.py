@@ -120,14 +120,20 @@ class Customer(models.Model):
         return self.email
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        self.email = normalize_email(self.email)
-        self.tags = check_tags(self.tags, get_settings().TAG_SEPARATOR)
-        self._refuse_unencodable()
+        self.refuse_invalid()
         # One transaction for the row and its outbox entry (written by the post_save
         # receiver, sync.sources): the intent to sync is committed exactly when the
         # change is, or not at all.
         with transaction.atomic(using=kwargs.get("using") or router.db_for_write(Customer)):
             super().save(*args, **kwargs)
+
+    def refuse_invalid(self) -> None:
+        """What ``save()`` refuses, naming the field (:class:`SatoriValidationError`):
+        an address SATORI cannot take, tags of the wrong shape, NUL or a lone surrogate.
+        Normalises ``email`` and ``tags`` on the way."""
+        self.email = normalize_email(self.email)
+        self.tags = check_tags(self.tags, get_settings().TAG_SEPARATOR)
+        self._refuse_unencodable()
 
     def _refuse_unencodable(self) -> None:
         # PostgreSQL refuses NUL in text and JSON with a DataError that names no
@@ -651,3 +657,36 @@ class Diagnosis(models.Model):
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.created_at:%Y-%m-%d %H:%M}"
+
+
+class SourceChange(models.Model):
+    """A save of a connected object (``SATORI['MAPPINGS']``) that its mirror has not taken yet.
+
+    The save writes only this row (one INSERT, in the save's transaction); a
+    worker builds the mirrored :class:`Customer` from the object as it is then,
+    and deletes the rows it covered. A row with an ``error`` could not be taken
+    (say, another object already uses the address): it stays until the object
+    is saved again or an operator retries it from the admin.
+    """
+
+    source_model = models.CharField(_("source model"), max_length=100)
+    source_pk = models.CharField(_("source object id"), max_length=64)
+    #: The address the save gave (an action for it waits until the mirror is built).
+    email = models.CharField(_("e-mail"), max_length=254, blank=True, default="")
+    created_at = models.DateTimeField(_("saved at"), default=timezone.now)
+    #: Set by the sweep when it queues a change whose message was lost.
+    dispatched_at = models.DateTimeField(_("queued again at"), null=True, blank=True)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    error = models.TextField(_("error"), blank=True, default="")
+
+    class Meta:
+        verbose_name = _("connected object change")
+        verbose_name_plural = _("connected object changes")
+        ordering = ["id"]
+        indexes = [
+            models.Index(fields=["source_model", "source_pk"], name="django_satori_change_source")
+        ]
+        default_permissions = ("view", "change", "delete")
+
+    def __str__(self) -> str:
+        return f"{self.source_model} {self.source_pk}"

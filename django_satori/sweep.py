@@ -3,7 +3,8 @@ every minute (``django_satori.beat.BEAT_SCHEDULE``), and ``manage.py satori_sync
 runs it by hand.
 
 It gives back claims of workers that died, re-dispatches what stayed pending
-(a lost task, a broker outage), routes a large backlog through a bulk job,
+(a lost task, a broker outage; connected object changes whose mirror was not
+built), routes a large backlog through a bulk job,
 re-dispatches lost actions and finds bulk steps whose task was lost.
 """
 
@@ -19,7 +20,7 @@ from . import bulk
 from .conf import get_settings
 from .models import BulkJob, Customer, SyncState
 from .status import record_sweep
-from .sync import actions, dispatch, outbox
+from .sync import actions, dispatch, outbox, sources
 
 
 def sweep(*, limit: int = 5000) -> dict[str, int]:
@@ -31,9 +32,13 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
     conf = get_settings()
     now = timezone.now()
     stale = now - dt.timedelta(seconds=conf.SWEEP_AFTER_SECONDS)
-    counts = {"reclaimed": 0, "dispatched": 0, "bulk": 0, "actions": 0}
+    counts = {"reclaimed": 0, "dispatched": 0, "bulk": 0, "actions": 0, "source_changes": 0}
     if not conf.SYNC_ENABLED:
         return counts
+    # First, so the mirrors they build are pending in time for the rest of this sweep.
+    counts["source_changes"] = dispatch.dispatch_source_changes(
+        sources.overdue_source_changes(stale, limit)
+    )
     counts["reclaimed"] = outbox.reclaim_expired(now)
     due = outbox.overdue(now, stale)
     upserts = outbox.bulk_candidates(due)

@@ -18,7 +18,7 @@ from django.db import DatabaseError, close_old_connections
 
 from . import bulk, retention
 from . import sweep as safety_net
-from .sync import actions, dispatch, pushing
+from .sync import actions, dispatch, pushing, sources
 
 _COMMON = {
     "acks_late": True,
@@ -57,6 +57,13 @@ def push_many(self: Task, state_ids: list[int]) -> dict[str, int]:
     for delay, ids in again.items():
         dispatch.dispatch_many(ids, delay)
     return outcomes
+
+
+@shared_task(name="django_satori.tasks.apply_source_changes", **_COMMON)
+def apply_source_changes(change_ids: list[int]) -> int:
+    """Build the mirrors of connected objects whose saves recorded these changes."""
+    _fresh_connections()
+    return sources.apply_source_changes(change_ids)
 
 
 @shared_task(name="django_satori.tasks.send_action", bind=True, **_COMMON)

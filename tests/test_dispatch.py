@@ -106,7 +106,7 @@ def test_ids_still_queued_at_exit_reach_the_broker(redis_server, tmp_path: Path)
     script = (
         "import django; django.setup()\n"
         "from django_satori.sync import dispatch\n"
-        "dispatch._publisher.put(4242, 0)\n"
+        "dispatch._publisher.put(dispatch.PUSH, 4242, 0)\n"
     )
     env = {
         **os.environ,
@@ -134,7 +134,7 @@ def test_ids_still_queued_at_exit_reach_the_broker(redis_server, tmp_path: Path)
 def test_a_forked_child_starts_its_own_publisher(monkeypatch):
     held = threading.Event()
     monkeypatch.setattr(dispatch, "dispatch_many", lambda ids, countdown=0: held.wait(10))
-    dispatch._publisher.put(1, 0)  # the parent's thread is busy and owes one id
+    dispatch._publisher.put(dispatch.PUSH, 1, 0)  # the parent's thread is busy and owes one id
     reader, writer = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: a fresh queue, no thread, nothing owed
@@ -351,7 +351,7 @@ def test_under_uwsgi_without_threads_a_save_publishes_inline(monkeypatch, option
     monkeypatch.setattr(dispatch, "dispatch_many", lambda ids, countdown=0: published.append(ids))
     try:
         assert dispatch.threads_run() is threaded
-        dispatch._publisher.put(7, 0)
+        dispatch._publisher.put(dispatch.PUSH, 7, 0)
         if not threaded:
             assert published == [[7]]  # already sent when put() returns
         assert sync.wait_for_dispatch()

@@ -180,12 +180,14 @@ from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.test.utils import setup_test_environment
 from django.utils import translation
+from django_satori import apply_source_changes
 from django_satori.models import SyncState
 from example_project.members.forms import MemberAdminForm, SignupForm
 from example_project.members.models import Member
 
 setup_test_environment()
 member = Member.objects.create(email="m@example.jp", family_name="山田", given_name="太郎")
+apply_source_changes()  # no worker here: build its SATORI customer now
 version = lambda: SyncState.objects.get(email="m@example.jp").version
 out = {}
 for name, codenames in (("viewer", ["view_member"]), ("changer", ["view_member", "change_member"])):

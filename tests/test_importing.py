@@ -574,6 +574,7 @@ def plant_differences(tmp_path: Path, count: int = 20, encoding: str = "utf-8") 
         plan="gold",
         tags="展示会 資料請求",
     )
+    sync.apply_source_changes()  # the worker's part: build its mirror
     expected = {
         ("only_in_django", local_only.email, "", "", ""),
         ("different", "user1@example.jp", "first_name", "一郎", "太郎1"),

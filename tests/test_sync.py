@@ -498,6 +498,8 @@ def test_a_connected_model_save_updates_its_customer_in_the_same_transaction(sat
             plan="gold",
             tags="vip newsletter",
         )
+        assert not Customer.objects.exists()  # the save records the change only
+    assert sync.apply_source_changes() == 1  # the worker's part, after commit
     customer = Customer.objects.get()
     assert customer.email == "hanako@example.jp"
     assert (customer.source_model, customer.source_pk) == ("testapp.member", str(member.pk))
@@ -508,6 +510,7 @@ def test_a_connected_model_save_updates_its_customer_in_the_same_transaction(sat
     assert remote.fields["lead_company_name"] == "佐藤商事"
     member.email = "hanako.sato@example.jp"
     member.save()
+    sync.apply_source_changes()
     assert Customer.objects.get().email == "hanako.sato@example.jp"
     drain()
     assert satori_sandbox.state.customer("hanako.sato@example.jp") is not None
@@ -710,15 +713,18 @@ def test_a_connected_save_that_changes_nothing_mapped_writes_nothing(satori_sand
     state = SyncState.objects.get()
     assert state.status == SyncStatus.SYNCED
     member.save()  # e.g. a field SATORI does not get: nothing to send
+    sync.apply_source_changes()
     assert SyncState.objects.get().version == state.version
     member.given_name = "次郎"
     member.save()
+    sync.apply_source_changes()
     changed = SyncState.objects.get()
     assert (changed.version, changed.status) == (state.version + 1, SyncStatus.PENDING)
     drain()
     # A failed mirror is marked again by any save, so saving can restart it.
     SyncState.objects.update(status=SyncStatus.FAILED)
     member.save()
+    sync.apply_source_changes()
     assert SyncState.objects.get().status == SyncStatus.PENDING
     # mark_for_sync() marks even when nothing changed.
     drain()
@@ -786,6 +792,7 @@ def test_two_members_whose_addresses_differ_only_in_case_are_not_one_customer(sa
     # A customer made directly (no connected object) is still taken over by a member.
     Customer.objects.create(email="plain@example.jp", last_name="三郎")
     third = Member.objects.create(email="Plain@Example.jp", family_name="三郎")
+    sync.apply_source_changes()
     assert Customer.objects.get(email="plain@example.jp").source_pk == str(third.pk)
 
 
@@ -1008,8 +1015,9 @@ def test_a_connected_save_updates_only_the_mirror_columns_that_changed(satori_sa
     )
     drain()
     member.given_name = "次郎"
+    member.save()
     with CaptureQueriesContext(connection) as queries:
-        member.save()
+        assert sync.apply_source_changes() == 1
     table = Customer._meta.db_table
     updates = [q["sql"] for q in queries if q["sql"].startswith(f'UPDATE "{table}"')]
     assert len(updates) == 1, updates

@@ -18,7 +18,7 @@ from ..exceptions import SatoriError, SatoriValidationError
 from ..models import ActionStatus, Customer, CustomerAction, SyncLog, SyncState
 from ..redaction import redact_form
 from ..schema import normalize_email
-from . import dispatch, history, outbox
+from . import dispatch, history, outbox, sources
 
 
 def add_action(
@@ -78,6 +78,11 @@ def send_action(action_id: int) -> tuple[str, float | None]:
         customer_state
         and not customer_state["in_satori"]
         and customer_state["status"] in outbox.ON_ITS_WAY
+    ) or (
+        # A connected object just saved (a sign-up): its customer is not even pending
+        # until a worker has built the mirror.
+        not (customer_state and customer_state["in_satori"])
+        and sources.change_on_its_way(action.email)
     ):
         # An action for a customer SATORI does not have yet would be refused.
         delay = max(conf.COALESCE_SECONDS, 5.0)

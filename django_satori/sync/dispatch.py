@@ -5,9 +5,10 @@ pauses publishing in this process for :data:`BROKER_PAUSE_SECONDS`, so a save
 does not wait for its own failed attempt during an outage; nothing is lost,
 because the work is in the database and the sweep queues it again.
 
-After-commit dispatches of pushes go through a per-process publisher thread
-(:class:`_Publisher`), which sends the ids that gathered as one ``push_many``
-message: building a Celery message was a large part of what sync added to a save.
+After-commit dispatches of pushes and of connected object changes go through a
+per-process publisher thread (:class:`_Publisher`), which sends the ids that
+gathered as one ``push_many`` (or ``apply_source_changes``) message: building a
+Celery message was a large part of what sync added to a save.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ DISPATCH_LINGER_SECONDS = 0.05
 DISPATCH_EXIT_WAIT_SECONDS = 5.0
 
 _paused_until = 0.0
+#: The tasks the publisher thread sends, by name.
+PUSH, SOURCE_CHANGES = "push_many", "apply_source_changes"
 
 
 def _task(name: str) -> Any:
@@ -85,14 +88,33 @@ def dispatch_many(state_ids: list[int], countdown: float = 0) -> int:
     queued = 0
     for start in range(0, len(state_ids), DISPATCH_BATCH):
         ids = state_ids[start : start + DISPATCH_BATCH]
-        if publish("push_many", (ids,), countdown, what=f"the push of {len(ids)} sync state(s)"):
+        if publish(PUSH, (ids,), countdown, what=f"the push of {len(ids)} sync state(s)"):
             queued += len(ids)
     return queued
 
 
 def dispatch_on_commit(state_id: int, countdown: float) -> None:
     """Push ``state_id`` once the caller's transaction commits (through the publisher)."""
-    transaction.on_commit(lambda: _publisher.put(state_id, countdown))
+    transaction.on_commit(lambda: _publisher.put(PUSH, state_id, countdown))
+
+
+def dispatch_source_changes(change_ids: list[int]) -> int:
+    """Queue ``apply_source_changes`` for ``change_ids``, ``DISPATCH_BATCH`` to a message;
+    returns how many were queued."""
+    queued = 0
+    for start in range(0, len(change_ids), DISPATCH_BATCH):
+        ids = change_ids[start : start + DISPATCH_BATCH]
+        if publish(
+            SOURCE_CHANGES, (ids,), what=f"the mirror update of {len(ids)} connected object(s)"
+        ):
+            queued += len(ids)
+    return queued
+
+
+def dispatch_source_change_on_commit(change_id: int, using: str | None = None) -> None:
+    """Apply the connected object change ``change_id`` once the caller's transaction
+    commits (through the publisher)."""
+    transaction.on_commit(lambda: _publisher.put(SOURCE_CHANGES, change_id, 0.0), using=using)
 
 
 def dispatch_many_on_commit(state_ids: list[int]) -> None:
@@ -143,14 +165,14 @@ class _Publisher:
     """
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[int, float]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, int, float]] = queue.SimpleQueue()
         self._unsent = 0
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def put(self, state_id: int, countdown: float) -> None:
+    def put(self, task_name: str, row_id: int, countdown: float) -> None:
         if _eager() or not threads_run():
-            dispatch_many([state_id], countdown)
+            _send(task_name, [row_id], countdown)
             return
         with self._changed:
             self._unsent += 1
@@ -159,7 +181,7 @@ class _Publisher:
                     target=self._run, daemon=True, name="django-satori-publisher"
                 )
                 self._thread.start()
-        self._queue.put((state_id, countdown))
+        self._queue.put((task_name, row_id, countdown))
 
     def wait(self, timeout: float) -> bool:
         with self._changed:
@@ -179,11 +201,11 @@ class _Publisher:
                 time.sleep(DISPATCH_LINGER_SECONDS)
                 self._take_queued(batch)
             try:
-                by_countdown: dict[float, list[int]] = {}
-                for state_id, countdown in batch:
-                    by_countdown.setdefault(countdown, []).append(state_id)
-                for countdown, ids in by_countdown.items():
-                    dispatch_many(ids, countdown)
+                grouped: dict[tuple[str, float], list[int]] = {}
+                for task_name, row_id, countdown in batch:
+                    grouped.setdefault((task_name, countdown), []).append(row_id)
+                for (task_name, countdown), ids in grouped.items():
+                    _send(task_name, ids, countdown)
             except Exception:  # keep the thread alive; the sweep sends what was missed
                 log.exception("Could not queue SATORI pushes; the periodic sweep will send them.")
             finally:
@@ -191,12 +213,19 @@ class _Publisher:
                     self._unsent -= len(batch)
                     self._changed.notify_all()
 
-    def _take_queued(self, batch: list[tuple[int, float]]) -> None:
+    def _take_queued(self, batch: list[tuple[str, int, float]]) -> None:
         while len(batch) < DISPATCH_BATCH:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 return
+
+
+def _send(task_name: str, ids: list[int], countdown: float) -> None:
+    if task_name == SOURCE_CHANGES:
+        dispatch_source_changes(ids)
+    else:
+        dispatch_many(ids, countdown)
 
 
 _publisher = _Publisher()
@@ -219,4 +248,4 @@ def threads_run() -> bool:
 
 
 def _eager() -> bool:
-    return bool(_task("push_many").app.conf.task_always_eager)
+    return bool(_task(PUSH).app.conf.task_always_eager)

@@ -1,27 +1,34 @@
 """What starts a sync: saves and deletes of ``Customer`` and of connected models.
 
 A connected model (``SATORI['MAPPINGS']``, say the project's ``Member``) is
-mirrored into a :class:`~django_satori.models.Customer` in the same
-transaction as its own save; the mirror's save marks the outbox row.
+mirrored into a :class:`~django_satori.models.Customer`. Its save checks what
+the mirror would refuse and records a :class:`~django_satori.models.SourceChange`
+(one INSERT, in the save's transaction); after commit a worker builds the mirror
+from the object as it is then (:func:`apply_source_changes`), and the mirror's
+save marks the outbox row. Deletes update the mirror at once.
 :func:`connect_signals` wires the receivers at start-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import logging
+from collections.abc import Iterable
 from typing import Any
 
-from django.db import connections, models, router
-from django.db.models import BooleanField, F, Func
+from django.db import DatabaseError, IntegrityError, connections, models, router, transaction
+from django.db.models import BooleanField, F, Func, Q
 from django.db.models.signals import post_delete, post_save
+from django.utils import timezone
 from django.utils.translation import gettext as _
 
 from ..conf import get_settings
 from ..exceptions import SatoriValidationError
 from ..mapping import MappingError, ModelMapping, get_mappings
-from ..models import Customer
+from ..models import Customer, SourceChange
 from ..schema import normalize_email
-from . import outbox
+from . import dispatch, outbox
 
 log = logging.getLogger("django_satori.sync")
 
@@ -83,6 +90,187 @@ def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) ->
     # column was a third of what a connected save added.
     customer.save(update_fields=[*changed, "updated_at"] if changed else None)
     return True
+
+
+# Connected objects: the save records the change, a worker builds the mirror --------
+
+
+def record_source_change(mapping: ModelMapping, instance: Any) -> int:
+    """Record that the connected ``instance`` changed; its mirror is built after commit.
+
+    Runs in the save's transaction, so the record commits exactly with the
+    change. What the mirror's save would refuse is refused here, naming the
+    field (an address SATORI cannot take, tags of the wrong shape, an address
+    another connected object already uses): the object's own save fails, as it
+    did when the mirror was written in the request. Returns the record's id.
+    """
+    pk = str(instance.pk)
+    email = None
+    if mapping.wants_sync(instance):
+        probe = Customer(**mapping.customer_values(instance))
+        probe.refuse_invalid()
+        email = probe.email
+    alias = router.db_for_write(SourceChange)
+    connection = connections[alias]
+    change_id = None
+    if get_settings().EMAIL_LOWERCASE and outbox.can_update_returning(connection):
+        change_id = _insert_unless_shared(connection, mapping.label, pk, email)
+    if change_id is None:
+        # The address is taken (the statement inserted nothing), or a database without
+        # INSERT ... RETURNING, or addresses compared ignoring case: check, then insert.
+        if email is not None:
+            _refuse_shared_address(mapping, instance, _mirror(mapping, pk), email)
+        change_id = SourceChange.objects.create(
+            source_model=mapping.label, source_pk=pk, email=email or ""
+        ).pk
+    dispatch.dispatch_source_change_on_commit(change_id, using=alias)
+    return change_id
+
+
+#: The change record and the address check in one statement: a second statement was
+#: most of what sync added to a connected save. Inserts nothing if another object's
+#: mirror holds the address, or a customer made directly holds it while this object
+#: already has a mirror (see _refuse_shared_address, which then says why).
+_RECORD_SQL = (
+    "INSERT INTO {change} (source_model, source_pk, email, created_at, attempts, error) "
+    "SELECT %(label)s, %(pk)s, %(address)s, %(now)s, 0, '' WHERE NOT EXISTS ("
+    "SELECT 1 FROM {customer} c WHERE c.email = %(email)s "
+    "AND NOT (c.source_model = %(label)s AND c.source_pk = %(pk)s) "
+    "AND (NOT (c.source_model = '') OR EXISTS (SELECT 1 FROM {customer} m "
+    "WHERE m.source_model = %(label)s AND m.source_pk = %(pk)s AND NOT (m.source_model = ''))"
+    ")) RETURNING id"
+)
+
+
+def _insert_unless_shared(connection: Any, label: str, pk: str, email: str | None) -> int | None:
+    quote = connection.ops.quote_name
+    sql = _RECORD_SQL.format(
+        change=quote(SourceChange._meta.db_table), customer=quote(Customer._meta.db_table)
+    )
+    params = {
+        "label": label,
+        "pk": pk,
+        "now": connection.ops.adapt_datetimefield_value(timezone.now()),
+        "email": email,
+        "address": email or "",
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        row = cursor.fetchone()
+    return None if row is None else int(row[0])
+
+
+def apply_source_changes(change_ids: Iterable[int] | None = None) -> int:
+    """Build the mirrors of the recorded changes ``change_ids`` (the worker's task);
+    returns how many objects were handled.
+
+    ``None`` applies every recorded change that has no error, at once: for tests
+    and scripts that need the mirrors now (a save leaves them to the worker).
+    """
+    changes = SourceChange.objects.all()
+    if change_ids is None:
+        changes = changes.filter(error="")
+    else:
+        changes = changes.filter(pk__in=list(change_ids))
+    objects = dict.fromkeys(changes.order_by("id").values_list("source_model", "source_pk"))
+    by_label = {mapping.label: mapping for mapping in get_mappings().values()}
+    return sum(_apply(by_label.get(label), label, pk) for label, pk in objects)
+
+
+def _apply(mapping: ModelMapping | None, label: str, pk: str) -> bool:
+    """Bring the mirror of one object up to date with the object as it is now."""
+    alias = router.db_for_write(Customer)
+    changes = SourceChange.objects.using(alias).filter(source_model=label, source_pk=pk)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(transaction.atomic(using=alias))
+        source_alias = router.db_for_write(mapping.model) if mapping else alias
+        if source_alias != alias:
+            stack.enter_context(transaction.atomic(using=source_alias))
+        ids = _take(changes, connections[alias])
+        if not ids:
+            return False  # another worker took them
+        taken = changes.filter(pk__in=ids)
+        # The object is locked while its mirror is written: a delete waits, and so
+        # does another worker's read, so an older state never overwrites a newer one.
+        instance = (
+            None
+            if mapping is None
+            else mapping.model._base_manager.using(source_alias)
+            .select_for_update()
+            .filter(pk=pk)
+            .first()
+        )
+        if mapping is None or instance is None:
+            # No longer connected, or deleted since: its delete took care of the mirror.
+            taken.delete()
+            return True
+        try:
+            with transaction.atomic(using=alias):
+                sync_source(mapping, instance)
+        except SatoriValidationError as exc:
+            _keep_error(
+                taken, ids, exc.message if exc.field is None else f"{exc.field}: {exc.message}"
+            )
+            return True
+        except IntegrityError as exc:  # an address taken by a concurrent save
+            _keep_error(
+                taken,
+                ids,
+                _("Another customer has this e-mail address: %(error)s") % {"error": exc},
+            )
+            return True
+        except DatabaseError:
+            raise  # a lost connection, a lock: rolled back, the task tries again
+        except Exception as exc:  # the project's mapping failed on this object
+            log.exception("Could not build the SATORI customer of %s %s", label, pk)
+            _keep_error(taken, ids, f"{type(exc).__name__}: {exc}")
+            return True
+        taken.delete()
+    return True
+
+
+def _take(changes: models.QuerySet[SourceChange], connection: Any) -> list[int]:
+    """Lock the object's recorded changes and return their ids. Only these are
+    deleted afterwards: a change recorded meanwhile is applied by its own task."""
+    if connection.features.has_select_for_update:
+        ids = list(changes.select_for_update().values_list("id", flat=True))
+        changes.filter(pk__in=ids).update(attempts=F("attempts") + 1)
+        return ids
+    # SQLite: write first, so this transaction holds the write lock before it reads
+    # anything (reading first, its snapshot could be outdated by the time it writes).
+    changes.update(attempts=F("attempts") + 1)
+    return list(changes.values_list("id", flat=True))
+
+
+def _keep_error(taken: models.QuerySet[SourceChange], ids: list[int], error: str) -> None:
+    """Keep the newest change with its error (shown in the admin), drop the rest."""
+    newest = max(ids)
+    taken.exclude(pk=newest).delete()
+    taken.filter(pk=newest).update(error=error[:2000])
+    log.warning("The SATORI customer of a connected object was not updated: %s", error)
+
+
+def change_on_its_way(email: str) -> bool:
+    """Whether a connected object's save for ``email`` waits for its mirror to be built."""
+    return SourceChange.objects.filter(email=email, error="").exists()
+
+
+def retry_source_changes(changes: models.QuerySet[SourceChange]) -> int:
+    """Clear the errors of ``changes`` and queue them again (the admin's retry)."""
+    ids = list(changes.values_list("pk", flat=True))
+    SourceChange.objects.filter(pk__in=ids).update(error="", dispatched_at=timezone.now())
+    return dispatch.dispatch_source_changes(ids)
+
+
+def overdue_source_changes(stale: dt.datetime, limit: int) -> list[int]:
+    """Recorded changes whose task was lost (a crash, a broker outage); marks them queued."""
+    ids = list(
+        SourceChange.objects.filter(error="")
+        .filter(Q(dispatched_at__isnull=True, created_at__lt=stale) | Q(dispatched_at__lt=stale))
+        .values_list("pk", flat=True)[:limit]
+    )
+    SourceChange.objects.filter(pk__in=ids).update(dispatched_at=timezone.now())
+    return ids
 
 
 def _mirror(mapping: ModelMapping, pk: str) -> Customer | None:
@@ -199,7 +387,7 @@ def _customer_deleted(sender: Any, instance: Customer, **kwargs: Any) -> None:
 def _source_saved(sender: Any, instance: Any, raw: bool = False, **kwargs: Any) -> None:
     mapping = get_mappings().get(sender)
     if mapping is not None and not raw and get_settings().SYNC_ENABLED:
-        sync_source(mapping, instance)
+        record_source_change(mapping, instance)
 
 
 def _source_deleted(sender: Any, instance: Any, **kwargs: Any) -> None:

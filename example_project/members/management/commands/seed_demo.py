@@ -17,6 +17,7 @@ from django.db import transaction
 from django.utils.translation import gettext as _
 from django.utils.translation import ngettext
 
+from django_satori import apply_source_changes
 from django_satori.models import Customer
 
 from ...models import Company, Member
@@ -165,6 +166,9 @@ class Command(BaseCommand):
                 if not Customer.objects.filter(email=email).exists():
                     Customer.objects.create(email=email, **values)
                     created_leads += 1
+        # A member's save leaves its SATORI customer to the worker; a seeding script
+        # builds them now, so the counts below (and the admin) show them at once.
+        apply_source_changes()
         total_members, total_customers = Member.objects.count(), Customer.objects.count()
         # Four counted nouns in one sentence: each is worded for its own number first.
         self.stdout.write(
