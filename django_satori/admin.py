@@ -56,6 +56,7 @@ from .models import (
     Customer,
     CustomerAction,
     ImportRun,
+    SourceChange,
     SyncLog,
     SyncState,
     SyncStatus,
@@ -860,6 +861,37 @@ class SyncLogAdmin(ReadOnlyMixin, admin.ModelAdmin):
     @admin.display(description=gettext_lazy("response (redacted)"))
     def response(self, obj: SyncLog) -> str:
         return format_html("<pre>{}</pre>", safe_summary(obj.response_summary))
+
+
+@admin.register(SourceChange)
+class SourceChangeAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    """Saves of connected objects whose SATORI customer is not built yet, or could not be."""
+
+    list_display = ("created_at", "source_model", "source_pk", "email", "attempts", "short_error")
+    list_filter = ("source_model", ("error", admin.EmptyFieldListFilter))
+    search_fields = ("source_pk", "email", "error")
+    actions = ("retry",)
+
+    class Media:
+        css = CSS
+        js = LIST_JS
+
+    @admin.display(description=gettext_lazy("error"))
+    def short_error(self, obj: SourceChange) -> str:
+        return cut(obj.error, "satori-cut-error")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("django_satori.sync_customer")
+
+    @admin.action(description=gettext_lazy("Try again"), permissions=["retry"])
+    def retry(self, request: HttpRequest, queryset: models.QuerySet[SourceChange]) -> None:
+        queued = sync.retry_source_changes(queryset)
+        self.message_user(
+            request,
+            ngettext("%(count)d change queued again.", "%(count)d changes queued again.", queued)
+            % {"count": queued},
+            messages.SUCCESS,
+        )
 
 
 @admin.register(CustomerAction)

@@ -27,7 +27,7 @@ from django.utils.translation import gettext as _
 
 from .admin_status import duration_text, job_progress
 from .conf import get_settings
-from .models import BulkJob, Customer, ImportRun, SyncLog, SyncState, SyncStatus
+from .models import BulkJob, Customer, ImportRun, SourceChange, SyncLog, SyncState, SyncStatus
 from .status import last_sweep
 
 #: The statuses always shown, even at zero, in this order; the rest only when present.
@@ -410,6 +410,30 @@ def charts(now: dt.datetime) -> list[Chart]:
     ]
 
 
+@dataclasses.dataclass
+class SourceChanges:
+    waiting: int
+    failed: int
+    url: str
+    failed_url: str
+
+
+def source_changes() -> SourceChanges | None:
+    """Connected objects saved whose customer is not built yet (or could not be)."""
+    counts = SourceChange.objects.aggregate(
+        waiting=Count("pk", filter=Q(error="")), failed=Count("pk", filter=~Q(error=""))
+    )
+    if not counts["waiting"] and not counts["failed"]:
+        return None
+    url = reverse("admin:django_satori_sourcechange_changelist")
+    return SourceChanges(
+        waiting=counts["waiting"],
+        failed=counts["failed"],
+        url=url,
+        failed_url=f"{url}?{urlencode({'error__isempty': '0'})}",
+    )
+
+
 # --------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------
@@ -428,6 +452,7 @@ def dashboard_context() -> dict[str, Any]:
         "status_counts": status_counts(changelist),
         "customer_total": Customer.objects.count(),
         "oldest_pending": oldest_pending(now),
+        "source_changes": source_changes(),
         "worker": worker,
         "ping_seconds": f"{time.monotonic() - started:.1f}",
         "sweep": sweep_health(now),

@@ -8,7 +8,7 @@ answer is written back to the same row and to :class:`SyncLog`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from django.conf import settings
@@ -133,38 +133,13 @@ class Customer(models.Model):
         Normalises ``email`` and ``tags`` on the way."""
         self.email = normalize_email(self.email)
         self.tags = check_tags(self.tags, get_settings().TAG_SEPARATOR)
-        self._refuse_unencodable()
-
-    def _refuse_unencodable(self) -> None:
-        # PostgreSQL refuses NUL in text and JSON with a DataError that names no
-        # field, SQLite stores it and the push fails later; a lone surrogate fails
-        # in the driver with a bare UnicodeEncodeError: refuse both here, alike.
         for _model_field, problem in self._unencodable():
             raise problem
 
     def _unencodable(self) -> Iterator[tuple[str, SatoriValidationError]]:
-        """(model field, error naming the SATORI key) for values with NUL or a lone surrogate."""
-        for field in self._meta.concrete_fields:
-            value = getattr(self, field.attname)
-            if field.name == "custom_fields" and isinstance(value, dict):
-                for key, item in value.items():
-                    try:
-                        refuse_unencodable(str(key), str(key))
-                        refuse_unencodable(str(item), str(key))
-                    except SatoriValidationError as exc:
-                        yield field.name, exc
-            elif field.name == "tags" and isinstance(value, list):
-                for tag in value:
-                    try:
-                        refuse_unencodable(str(tag), "append_tags")
-                    except SatoriValidationError as exc:
-                        yield field.name, exc
-                        break
-            elif isinstance(value, str):
-                try:
-                    refuse_unencodable(value, field.name)
-                except SatoriValidationError as exc:
-                    yield field.name, exc
+        return unencodable(
+            (field.name, getattr(self, field.attname)) for field in self._meta.concrete_fields
+        )
 
     def clean(self) -> None:
         """Form validation (admin, ModelForms): SATORI's rules, reported on the field."""
@@ -209,6 +184,47 @@ class Customer(models.Model):
     def hashcode(self) -> str:
         state = getattr(self, "sync_state", None)
         return state.hashcode if state else ""
+
+
+def refuse_invalid_values(values: dict[str, Any]) -> None:
+    """:meth:`Customer.refuse_invalid` for Customer field values not in a model
+    instance (a connected object's, checked at its save); normalises ``values``."""
+    values["email"] = normalize_email(values["email"])
+    if "tags" in values:
+        values["tags"] = check_tags(values["tags"], get_settings().TAG_SEPARATOR)
+    for _model_field, problem in unencodable(values.items()):
+        raise problem
+
+
+def unencodable(
+    values: Iterable[tuple[str, Any]],
+) -> Iterator[tuple[str, SatoriValidationError]]:
+    """(Customer field, error naming the SATORI key) for values with NUL or a lone surrogate.
+
+    PostgreSQL refuses NUL in text and JSON with a DataError that names no field,
+    SQLite stores it and the push fails later; a lone surrogate fails in the driver
+    with a bare UnicodeEncodeError: both are refused before, alike.
+    """
+    for name, value in values:
+        if name == "custom_fields" and isinstance(value, dict):
+            for key, item in value.items():
+                try:
+                    refuse_unencodable(str(key), str(key))
+                    refuse_unencodable(str(item), str(key))
+                except SatoriValidationError as exc:
+                    yield name, exc
+        elif name == "tags" and isinstance(value, list):
+            for tag in value:
+                try:
+                    refuse_unencodable(str(tag), "append_tags")
+                except SatoriValidationError as exc:
+                    yield name, exc
+                    break
+        elif isinstance(value, str):
+            try:
+                refuse_unencodable(value, name)
+            except SatoriValidationError as exc:
+                yield name, exc
 
 
 class SyncState(models.Model):

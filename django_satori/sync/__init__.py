@@ -23,7 +23,7 @@ from .actions import add_action, send_action
 from .dispatch import dispatch_action, dispatch_many, wait_for_dispatch
 from .outbox import backoff, pending_counts
 from .pushing import PushOutcome, PushResult, build_payload, fingerprint, push, push_batch
-from .sources import apply_source_changes, connect_signals, mark_for_sync
+from .sources import apply_source_changes, connect_signals, mark_for_sync, retry_source_changes
 
 __all__ = [
     "PushOutcome",
@@ -40,6 +40,7 @@ __all__ = [
     "pending_counts",
     "push",
     "push_batch",
+    "retry_source_changes",
     "send_action",
     "wait_for_dispatch",
 ]
