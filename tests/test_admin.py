@@ -270,7 +270,7 @@ def one_of_each() -> dict[type, Any]:
     """A row for every model django_satori's admin shows (states come with the customer)."""
     from django.utils import timezone
 
-    from django_satori.models import CustomerAction, ImportRun
+    from django_satori.models import CustomerAction, ImportRun, SourceChange
 
     customer = make("a@example.jp")
     job = BulkJob.objects.create(mode="upsert", state=BulkState.FINISHED)
@@ -284,6 +284,9 @@ def one_of_each() -> dict[type, Any]:
         BulkJob: job,
         BulkRowError: BulkRowError.objects.create(job=job, email=customer.email, message="x"),
         ImportRun: ImportRun.objects.create(started_at=timezone.now()),
+        SourceChange: SourceChange.objects.create(
+            source_model="testapp.member", source_pk="1", error="x"
+        ),
     }
 
 
@@ -304,6 +307,7 @@ SATORI_ADMINS = (
     "bulkjob",
     "bulkrowerror",
     "importrun",
+    "sourcechange",
 )
 
 

@@ -8,6 +8,7 @@ customer) must still hold when the mirror is built later, by another process.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import threading
 import time
 
@@ -232,3 +233,14 @@ def test_a_delete_waits_for_the_worker_building_the_mirror(postgres_only, monkey
     assert deleted.is_set()
     assert not Customer.objects.exists()  # the delete removed the mirror the worker built
     assert SyncState.objects.get().operation == "delete"
+
+
+def test_satori_sync_now_builds_and_sends_connected_objects(satori_sandbox):
+    """What docs/testing.md shows a project's own test doing, without a worker."""
+    from django.core.management import call_command
+
+    member("taro@example.jp", family_name="山田", plan="premium")
+    call_command("satori_sync", "--now", stdout=io.StringIO(), stderr=io.StringIO())
+    customer = satori_sandbox.state.customer("taro@example.jp")
+    assert customer.fields["last_name"] == "山田"
+    assert customer.custom["plan"] == "premium"

@@ -3,8 +3,10 @@
 * no option: run the sweep once (what beat runs every minute) and print its counts;
 * ``--retry-failed``: mark every failed customer for sync first;
 * ``--all``: mark every customer for sync first (a large number goes through bulk jobs);
-* ``--now``: send the pending customers in this process, one call each, keeping
-  to ``RATE_LIMIT_PER_MINUTE`` (waiting here, in the command, when it is reached).
+* ``--now``: build the customers of connected objects saved since (what the
+  worker does), then send the pending customers in this process, one call each,
+  keeping to ``RATE_LIMIT_PER_MINUTE`` (waiting here, in the command, when it is
+  reached).
 
 Exit codes: 0 done, 1 some customers ended failed (``--now``) or time ran out,
 2 wrong usage.
@@ -99,6 +101,8 @@ class Command(BaseCommand):
                 _("SATORI['SYNC_ENABLED'] is False: nothing is sent."), returncode=FAILURE
             )
         started = time.monotonic()
+        # Saves of connected models first: their customers are built by this step.
+        sync.apply_source_changes()
         outcomes: dict[str, int] = {}
         failed_ids: set[int] = set()
         pending = SyncState.objects.filter(status=SyncStatus.PENDING, bulk_part__isnull=True)
