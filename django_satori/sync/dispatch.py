@@ -248,4 +248,11 @@ def threads_run() -> bool:
 
 
 def _eager() -> bool:
-    return bool(_task(PUSH).app.conf.task_always_eager)
+    # Read at every dispatch (tests switch eager mode on and off), from the settings
+    # object found once: finding it through the task's app proxy cost as much again.
+    return bool(_celery_conf().get("task_always_eager"))
+
+
+@functools.cache
+def _celery_conf() -> Any:
+    return _task(PUSH).app.conf
