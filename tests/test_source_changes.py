@@ -244,3 +244,23 @@ def test_satori_sync_now_builds_and_sends_connected_objects(satori_sandbox):
     customer = satori_sandbox.state.customer("taro@example.jp")
     assert customer.fields["last_name"] == "山田"
     assert customer.custom["plan"] == "premium"
+
+
+def test_a_worker_dying_while_building_leaves_the_change_for_the_next_attempt(monkeypatch):
+    """Killed mid-way (here: an exception no handler takes), the worker's transaction
+    rolls back: no half-built customer, and the change is still there to apply."""
+    member()
+
+    def killed(mapping, instance, **kwargs):
+        Customer.objects.create(email="half@example.jp", source_model="testapp.member")
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(sources, "sync_source", killed)
+    with pytest.raises(SystemExit):
+        sync.apply_source_changes()
+    change = SourceChange.objects.get()
+    assert (change.error, change.attempts) == ("", 0)
+    assert not Customer.objects.exists()
+    monkeypatch.undo()
+    assert sync.apply_source_changes() == 1
+    assert Customer.objects.get().email == "hanako@example.jp"
