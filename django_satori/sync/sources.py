@@ -57,9 +57,10 @@ def mark_for_sync(queryset: models.QuerySet[Any], *, full: bool = False) -> int:
 
 
 def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) -> bool:
-    """Update (or create) the Customer that mirrors ``instance``; its save records the change.
+    """Update (or create) the Customer that mirrors ``instance``; its save marks the outbox.
 
-    A save that changed nothing SATORI gets (a login updating ``last_login``,
+    The worker calls it for recorded changes (:func:`apply_source_changes`),
+    ``mark_for_sync`` directly. A save that changed nothing SATORI gets (a login updating ``last_login``,
     say) writes nothing, unless ``force`` (``mark_for_sync``).
     """
     pk = str(instance.pk)
@@ -87,7 +88,7 @@ def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) ->
     for name, value in values.items():
         setattr(customer, name, value)
     # An existing mirror writes only what changed: building the UPDATE of every
-    # column was a third of what a connected save added.
+    # column was a third of what updating a mirror cost.
     customer.save(update_fields=[*changed, "updated_at"] if changed else None)
     return True
 
