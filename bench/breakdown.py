@@ -17,9 +17,11 @@ from django.test.utils import override_settings
 from django.utils import timezone
 
 from django_satori.conf import get_settings
-from django_satori.models import Customer, SyncState
-from django_satori.sync import dispatch, history, outbox, pushing
+from django_satori.mapping import get_mappings
+from django_satori.models import Customer, SourceChange, SyncState
+from django_satori.sync import dispatch, history, outbox, pushing, sources
 from django_satori.tasks import push_many
+from tests.testapp.models import Member
 
 from . import data
 from .measure import cpu_seconds
@@ -68,6 +70,25 @@ def run(count: int = 1000) -> dict[str, Any]:
         )
     finally:
         outbox.can_update_returning = can_return  # type: ignore[assignment]
+
+    members = list(Member.objects.order_by("pk")[: count + 1])
+    mapping = get_mappings()[Member]
+
+    def save_member(i: int) -> None:
+        members[i].given_name = f"breakdown-{i}"
+        members[i].save()
+
+    with override_settings(SATORI={**settings.SATORI, "SYNC_ENABLED": False}):
+        steps["Member.save(), sync off"] = _measure(save_member, count)
+    steps["sources.record_source_change (one INSERT ... SELECT with the address check)"] = _measure(
+        lambda i: sources.record_source_change(mapping, members[i]), count
+    )
+    # The changes just recorded: each member's given_name differs from its mirror's.
+    changes = list(SourceChange.objects.order_by("pk").values_list("pk", flat=True))
+    steps["the worker: apply_source_changes, one object (mirror UPDATE, outbox mark)"] = _measure(
+        lambda i: sources.apply_source_changes([changes[i]]), count
+    )
+    data.mark_all_synced()
 
     broker.flushdb()
     steps["push_many.apply_async() (one message; the publisher thread's work)"] = _measure(
