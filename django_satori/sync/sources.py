@@ -60,8 +60,8 @@ def sync_source(mapping: ModelMapping, instance: Any, *, force: bool = False) ->
     """Update (or create) the Customer that mirrors ``instance``; its save marks the outbox.
 
     The worker calls it for recorded changes (:func:`apply_source_changes`),
-    ``mark_for_sync`` directly. A save that changed nothing SATORI gets (a login updating ``last_login``,
-    say) writes nothing, unless ``force`` (``mark_for_sync``).
+    ``mark_for_sync`` directly. A save that changed nothing SATORI gets (a login
+    updating ``last_login``, say) writes nothing, unless ``force`` (``mark_for_sync``).
     """
     pk = str(instance.pk)
     customer = _mirror(mapping, pk)
