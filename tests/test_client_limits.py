@@ -344,3 +344,54 @@ def test_https_pools_report_their_connections_too() -> None:
         pool = adapter.get_connection_with_tls_context(request, verify=True)
         assert issubclass(pool.ConnectionCls, _WatchedConnection), url
     adapter.close()
+
+
+def test_deadlines_share_one_watchdog_thread_and_a_shorter_one_is_not_held_up():
+    """A thread per call (threading.Timer) cost a fifth of a push; one thread serves all,
+    and a deadline earlier than the one it waits for still fires on time."""
+    import socket
+    import threading
+
+    from django_satori import client as client_module
+
+    for _ in range(200):
+        with client_module._Deadline(30):
+            pass
+    watchdogs = [t for t in threading.enumerate() if t.name == "django-satori-deadlines"]
+    assert len(watchdogs) == 1
+    assert not [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+
+    left, right = socket.socketpair()
+    spare = socket.socket()
+    try:
+        with client_module._Deadline(60) as long_one:  # the thread now waits a minute
+            long_one.attach(None, spare)
+            started = time.monotonic()
+            with client_module._Deadline(0.3) as short:
+                short.attach(None, left)
+                left.settimeout(5)
+                assert left.recv(1) == b""  # woken by the shutdown, not the 5 s timeout
+            assert short.expired and time.monotonic() - started < 2
+            assert not long_one.expired
+    finally:
+        for sock in (left, right, spare):
+            sock.close()
+
+
+def test_a_forked_child_starts_its_own_watchdog():
+    import os
+
+    from django_satori import client as client_module
+
+    with client_module._Deadline(30):
+        pass
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's thread is not here; a new one must serve it
+        try:
+            with client_module._Deadline(0.2) as deadline:
+                time.sleep(0.6)
+            os._exit(0 if deadline.expired else 1)
+        except BaseException:
+            os._exit(2)
+    _pid, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
