@@ -8,14 +8,25 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import threading
+import time
 
 import pytest
-from django.db import connection
+from django.db import connection, connections, transaction
 from django.db.models import Count, Value
 
 from django_satori import bulk, bulk_csv
 from django_satori.conf import get_settings
-from django_satori.models import Customer, CustomerAction
+from django_satori.models import (
+    BulkMode,
+    BulkPart,
+    BulkState,
+    Customer,
+    CustomerAction,
+    SyncState,
+    SyncStatus,
+)
+from django_satori.sync import outbox
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -151,3 +162,103 @@ def test_a_part_is_written_once_with_the_columns_it_keeps(keep):
     assert data == written_the_old_way(columns, rows[:4], keep)
     if keep == "filled":
         assert "last_name" in writer.columns and "department" not in writer.columns
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def pending_customers(n: int) -> list[Customer]:
+    people = Customer.objects.bulk_create(
+        [
+            Customer(email=f"claim{i}@example.jp", last_name="山田", collection_route="web")
+            for i in range(n)
+        ]
+    )
+    SyncState.objects.bulk_create(
+        [
+            SyncState(
+                email=c.email, customer=c, status=SyncStatus.PENDING, version=2, synced_version=1
+            )
+            for c in people
+        ]
+    )
+    return people
+
+
+def test_an_export_that_stops_between_parts_leaves_customers_only_to_parts_handed_over():
+    pending_customers(5)
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT, chunk_size=2)
+
+    def progress(job, seen):
+        if seen == 3:  # part 1 is claimed and handed over, part 2 is being written
+            raise RuntimeError("the worker is going away")
+
+    with pytest.raises(RuntimeError):
+        bulk.run_job(
+            job.pk, on_part_ready=lambda part_id: None, progress=progress, progress_every=1
+        )
+    # Only a part that was handed over keeps customers; the rest are still pending.
+    holders = SyncState.objects.exclude(bulk_part=None).values_list("bulk_part__state", flat=True)
+    assert list(holders) == [BulkState.UPLOADING] * 2
+    assert set(SyncState.objects.filter(bulk_part=None).values_list("status", flat=True)) <= {
+        SyncStatus.PENDING
+    }
+    assert not BulkPart.objects.filter(state=BulkState.EXPORTING).exists()
+
+
+def test_an_export_run_inside_a_transaction_claims_in_that_transaction():
+    with transaction.atomic():
+        pending_customers(3)
+        job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT, run_here=True)
+        done = bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+        assert (done.row_count, done.skipped_count) == (3, 0)
+    assert SyncState.objects.filter(bulk_part__isnull=False).count() == 3
+
+
+@pytest.mark.postgres
+def test_a_save_while_its_part_is_being_claimed_stays_pending_for_its_newer_version(
+    monkeypatch,
+):
+    people = pending_customers(3)
+    saved = people[1]
+    real = outbox.claim_for_part
+    saving: list[threading.Thread] = []
+
+    def claim_then_save(part, members, conf):
+        claimed = real(part, members, conf)
+        # The claim holds the rows until it commits: a save now waits for it, then makes
+        # the row pending with a newer version.
+        thread = threading.Thread(target=save_one)
+        thread.start()
+        saving.append(thread)
+        time.sleep(0.3)
+        return claimed
+
+    def save_one():
+        try:
+            customer = Customer.objects.get(pk=saved.pk)
+            customer.last_name = "佐藤"
+            customer.save()
+        finally:
+            connections.close_all()
+
+    monkeypatch.setattr(outbox, "claim_for_part", claim_then_save)
+    job = bulk.start_bulk_job(Customer.objects.all(), mode=BulkMode.UPSERT)
+    bulk.run_job(job.pk, on_part_ready=lambda part_id: None)
+    saving[0].join(10)
+    part = job.parts.get()
+    row = SyncState.objects.get(email=saved.email)
+    assert (row.bulk_part_id, row.status, row.bulk_version, row.version) == (
+        part.pk,
+        SyncStatus.PENDING,
+        2,
+        3,
+    )
+    BulkPart.objects.filter(pk=part.pk).update(state=BulkState.PROCESSING)
+    with transaction.atomic():
+        pending = outbox.write_part_results(part, outbox.part_members(part), {}, {})
+    assert pending == [row.pk]
+    row.refresh_from_db()
+    assert (row.status, row.synced_version, row.version) == (SyncStatus.PENDING, 2, 3)
+    others = SyncState.objects.exclude(pk=row.pk)
+    assert set(others.values_list("status", "synced_version")) == {(SyncStatus.SYNCED, 2)}
