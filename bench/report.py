@@ -426,7 +426,8 @@ def _coalesce(records: list[dict[str, Any]], summary: list[list[str]]) -> list[s
         "## 5. Coalescing",
         "",
         "1,000 saves spread round-robin over 10 customers as fast as the loop goes, with "
-        "the default `COALESCE_SECONDS`, one worker and the sandbox; calls are counted by "
+        "the default `COALESCE_SECONDS`, the rate limit off (its budget would outlive a run), "
+        "one worker and the sandbox; calls are counted by "
         "the sandbox after every push has settled and one more window has passed.",
         "",
     ]

@@ -59,6 +59,10 @@ IMPORT_SATORI = {"CUSTOM_FIELDS": {**CUSTOM_FIELDS, "birthday": "date"}}
 COALESCE_SAVES, COALESCE_CUSTOMERS = 1000, 10
 #: Single pushes without the rate limit and without bulk routing (the issue's setup).
 SYNC_SATORI = {"RATE_LIMIT_PER_MINUTE": None, "BULK_THRESHOLD": 1_000_000_000}
+#: Coalescing with its defaults, but without the rate limit: the worker's budget of 30
+#: calls a minute outlives a run, so a third run within the minute waited for it (a
+#: "retry" and a minute to settle), which is not what the group measures.
+COALESCE_SATORI = {"RATE_LIMIT_PER_MINUTE": None}
 #: The bulk path with the default settings: the sweep that mark_for_sync() queues routes
 #: the backlog at once (mark_for_sync leaves dispatched_at empty).
 BULK_SATORI: dict[str, Any] = {}
@@ -257,11 +261,11 @@ class Runner:
                         "sandbox": url,
                         "proposal": COALESCE_PROPOSALS.get(variant, ""),
                     },
-                    satori={"BASE_URL": url},
+                    satori={**COALESCE_SATORI, "BASE_URL": url},
                 )
                 self.record("coalesce", db, "coalesce", variant, run, result)
 
-        self.with_worker(db, body)
+        self.with_worker(db, body, COALESCE_SATORI)
 
     def bulk(self, db: Database) -> None:
         count = self.size(BULK_COUNT)
