@@ -35,7 +35,7 @@ def sweep(*, limit: int = 5000) -> dict[str, int]:
     counts = {"reclaimed": 0, "dispatched": 0, "bulk": 0, "actions": 0, "source_changes": 0}
     if not conf.SYNC_ENABLED:
         return counts
-    # First, so the mirrors they build are pending in time for the rest of this sweep.
+    # Saves of connected objects whose task was lost: the worker builds their mirrors.
     counts["source_changes"] = dispatch.dispatch_source_changes(
         sources.overdue_source_changes(stale, limit)
     )

@@ -207,7 +207,7 @@ class _Publisher:
                 for (task_name, countdown), ids in grouped.items():
                     _send(task_name, ids, countdown)
             except Exception:  # keep the thread alive; the sweep sends what was missed
-                log.exception("Could not queue SATORI pushes; the periodic sweep will send them.")
+                log.exception("Could not queue SATORI work; the periodic sweep will queue it.")
             finally:
                 with self._changed:
                     self._unsent -= len(batch)
