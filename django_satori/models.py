@@ -688,7 +688,9 @@ class SourceChange(models.Model):
     source_model = models.CharField(_("source model"), max_length=100)
     source_pk = models.CharField(_("source object id"), max_length=64)
     #: The address the save gave (an action for it waits until the mirror is built).
-    email = models.CharField(_("e-mail"), max_length=254, blank=True, default="")
+    email = models.CharField(
+        _("e-mail address"), max_length=EMAIL_MAX_LENGTH, blank=True, default=""
+    )
     created_at = models.DateTimeField(_("saved at"), default=timezone.now)
     #: Set by the sweep when it queues a change whose message was lost.
     dispatched_at = models.DateTimeField(_("queued again at"), null=True, blank=True)

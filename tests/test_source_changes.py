@@ -28,6 +28,7 @@ from django_satori.models import (
     SyncState,
     SyncStatus,
 )
+from django_satori.schema import normalize_email
 from django_satori.sync import dispatch, sources
 from tests.syncing import drain
 from tests.testapp.models import Member
@@ -264,3 +265,15 @@ def test_a_worker_dying_while_building_leaves_the_change_for_the_next_attempt(mo
     monkeypatch.undo()
     assert sync.apply_source_changes() == 1
     assert Customer.objects.get().email == "hanako@example.jp"
+
+
+def test_an_address_of_the_longest_length_satori_takes_is_recorded():
+    """255 characters pass the address check, and a project's own field may hold them
+    (the test app's EmailField holds 254): the change row must take them too. PostgreSQL
+    refused the INSERT, naming no field, when its column was shorter than Customer's."""
+    longest = "a" * 64 + "@" + ".".join(["b" * 60] * 3) + "." + "c" * 7
+    assert len(longest) == 255 and normalize_email(longest) == longest
+    change_id = sources.record_source_change(
+        sources.get_mappings()[Member], Member(pk=7, email=longest, family_name="長")
+    )
+    assert SourceChange.objects.get(pk=change_id).email == longest

@@ -17,7 +17,7 @@ class Migration(migrations.Migration):
                 ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
                 ('source_model', models.CharField(max_length=100, verbose_name='source model')),
                 ('source_pk', models.CharField(max_length=64, verbose_name='source object id')),
-                ('email', models.CharField(blank=True, default='', max_length=254, verbose_name='e-mail')),
+                ('email', models.CharField(blank=True, default='', max_length=255, verbose_name='e-mail address')),
                 ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='saved at')),
                 ('dispatched_at', models.DateTimeField(blank=True, null=True, verbose_name='queued again at')),
                 ('attempts', models.PositiveIntegerField(default=0, verbose_name='attempts')),
